@@ -1,0 +1,126 @@
+"""The contract between the operator and the trainer pods.
+
+1. **Config snapshot** (`TrainerConfig`): the operator resolves a FineTuneJob (defaults filled in, `auto`
+   resolved, the plan attached) and stores it as JSON in a ConfigMap mounted at `CONFIG_PATH`. Later edits
+   of the FineTuneJob cannot change a running job.
+2. **World** (environment): `ENV_*` names below. The machine rank comes from `JOB_COMPLETION_INDEX` of the
+   Indexed Job; the main address is pod 0's stable DNS name through the headless Service.
+3. **Progress report** (`TrainerReport`): rank 0 writes `<output.uri>/REPORT_KEY` (JSON) after every
+   logging step, checkpoint and phase change. It lives next to the checkpoints, so it survives pod and
+   operator restarts; the operator reads it to fill `status.progress`, `checkpoints`, `artifacts` and
+   `evaluation`. `finetune run --local` renders its progress bar from the same object.
+4. **Exit codes** (`EXIT_*`): the Job's podFailurePolicy fails the job at once on `EXIT_CONFIG_ERROR` and
+   `EXIT_GATES_FAILED` (retrying cannot help), and retries anything else within backoffLimit.
+5. **Completion markers**: a checkpoint or the final artifact set is complete only when its marker object
+   (`MARKER_NAME`) exists; markers are written last.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field
+
+from finetune_operator.spec import (
+    CheckpointRecord,
+    EvaluationStatus,
+    FineTuneJob,
+    FineTuneJobSpec,
+    Plan,
+    ResolvedMethod,
+    _Model,
+)
+
+CONFIG_PATH = "/etc/finetune/job.json"
+CONFIG_KEY = "job.json"
+
+ENV_CONFIG = "FT_CONFIG"
+ENV_NUM_MACHINES = "FT_NUM_MACHINES"
+ENV_MACHINE_RANK = "JOB_COMPLETION_INDEX"  # set by Kubernetes on Indexed Job pods
+ENV_MAIN_ADDRESS = "FT_MAIN_ADDRESS"
+ENV_MAIN_PORT = "FT_MAIN_PORT"
+ENV_PROCS_PER_MACHINE = "FT_PROCS_PER_MACHINE"
+ENV_OUTPUT_URI = "FT_OUTPUT_URI"
+ENV_CACHE_DIR = "FT_CACHE_DIR"
+#: Mount roots a `pvc://claim/path` URI resolves under (`<root>/<claim>/<path>`), and the roots `file://`
+#: paths must stay inside.
+ENV_PVC_ROOT = "FT_PVC_ROOT"
+ENV_ALLOWED_ROOTS = "FT_ALLOWED_ROOTS"
+DEFAULT_PVC_ROOT = "/mnt/pvc"
+DEFAULT_MAIN_PORT = 29500
+
+REPORT_KEY = "status/report.json"
+CHECKPOINTS_PREFIX = "checkpoints/"
+MARKER_NAME = "_COMPLETE"
+
+EXIT_OK = 0
+EXIT_CONFIG_ERROR = 3  # bad spec, data, credentials or missing object: do not retry
+EXIT_GATES_FAILED = 4  # evaluation gates missed: do not retry
+EXIT_PREEMPTED = 143  # SIGTERM handled: checkpoint saved, pod may be rescheduled
+
+TrainerPhase = Literal["starting", "training", "evaluating", "uploading", "complete", "failed"]
+
+
+class TrainerConfig(_Model):
+    """What the trainer runs: the resolved job, frozen when the workload was created."""
+
+    name: str = Field(description="FineTuneJob name.")
+    namespace: str = Field(default="default", description="FineTuneJob namespace.")
+    uid: str | None = Field(default=None, description="FineTuneJob UID (recorded in provenance).")
+    generation: int | None = Field(default=None, description="Spec generation the snapshot was taken from.")
+    method: ResolvedMethod = Field(description="Resolved training method.")
+    plan: Plan = Field(description="The sizing plan.")
+    spec: FineTuneJobSpec = Field(description="The full spec with every default filled in.")
+    image: str | None = Field(default=None, description="Trainer image (recorded in provenance).")
+
+
+class TrainerError(_Model):
+    reason: str = Field(description="CamelCase reason, e.g. InvalidData, MissingObject, GatesFailed.")
+    message: str = Field(description="What went wrong and how to fix it.")
+
+
+class TrainerReport(_Model):
+    """The progress object rank 0 keeps at `<output.uri>/status/report.json`."""
+
+    phase: TrainerPhase = Field(description="Where the trainer is.")
+    step: int = 0
+    total_steps: int = 0
+    epoch: float | None = None
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: int | None = None
+    world_size: int | None = None
+    resumed_from_step: int | None = None
+    checkpoints: list[CheckpointRecord] = Field(default_factory=list)
+    artifacts: dict[str, str] = Field(default_factory=dict)
+    evaluation: EvaluationStatus | None = None
+    error: TrainerError | None = None
+    updated_at: str = Field(description="RFC 3339 time of this report.")
+
+
+def resolve(job: FineTuneJob, plan: Plan, image: str | None = None) -> TrainerConfig:
+    """Freeze a job into the trainer's config snapshot."""
+    spec = job.spec.model_copy(deep=True)
+    spec.method = plan.method  # `auto` resolved once, here
+    if plan.method == "qlora" and spec.quantization is None:
+        spec.quantization = spec.resolved_quantization()
+    return TrainerConfig(
+        name=job.metadata.name,
+        namespace=job.metadata.namespace,
+        uid=job.metadata.uid,
+        generation=job.metadata.generation,
+        method=plan.method,
+        plan=plan,
+        spec=spec,
+        image=image or spec.image,
+    )
+
+
+def config_json(config: TrainerConfig) -> str:
+    """Stable JSON for the ConfigMap (sorted keys, so the rendered object is deterministic)."""
+    import json
+
+    data: dict[str, Any] = config.model_dump(by_alias=True, exclude_none=True, mode="json")
+    return json.dumps(data, sort_keys=True, indent=2)

@@ -1,0 +1,234 @@
+"""The FineTuneJob CustomResourceDefinition, generated from the spec model.
+
+`build_crd()` turns the pydantic JSON Schema of `FineTuneJobSpec` and `FineTuneJobStatus` into a
+structural OpenAPI v3 schema (refs inlined, nullables dropped, defaults moved into the descriptions the
+models already carry), then adds what only the API server can enforce: CEL rules for cross-field
+constraints and for immutability after creation, printer columns, the status subresource, the short name
+and categories. `crds/finetune.dev_finetunejobs.yaml` is this function's output (`make crd`); a test
+fails when they drift.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from finetune_operator import spec as api
+
+# The spec fields that may change after creation; every other top-level field is immutable.
+MUTABLE_SPEC_FIELDS = frozenset({"suspend"})
+
+PRINTER_COLUMNS: list[dict[str, Any]] = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
+    {"name": "Method", "type": "string", "jsonPath": ".status.plan.method", "description": "Resolved training method."},
+    {"name": "Model", "type": "string", "jsonPath": ".spec.baseModel.uri", "description": "Base model."},
+    {"name": "GPUs", "type": "integer", "jsonPath": ".status.plan.gpus", "description": "Planned GPUs."},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary", "description": "Training progress."},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest training loss."},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+_DROP = {"title", "default", "examples"}
+
+
+class _Converter:
+    def __init__(self, defs: dict[str, Any]):
+        self.defs = defs
+
+    def convert(self, schema: dict[str, Any]) -> dict[str, Any]:
+        schema = dict(schema)
+        description = schema.pop("description", None)
+        if "$ref" in schema:
+            target = self.defs[schema.pop("$ref").rsplit("/", 1)[-1]]
+            out = self.convert(target)
+        elif "anyOf" in schema:
+            options = [o for o in schema.pop("anyOf") if o.get("type") != "null"]
+            if len(options) == 1:
+                out = self.convert(options[0])
+            elif {o.get("type") for o in options} <= {"integer", "string"}:
+                out = {"x-kubernetes-int-or-string": True}
+            else:
+                raise ValueError(f"cannot express anyOf {options} structurally")
+        else:
+            out = self._plain(schema)
+        if description:
+            out["description"] = " ".join(description.split())
+        return out
+
+    def _plain(self, schema: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        kind = schema.get("type")
+        if "const" in schema:
+            out["enum"] = [schema["const"]]
+            kind = kind or type_of(schema["const"])
+        if kind:
+            out["type"] = kind
+        for key in ("enum", "pattern", "maxLength", "minLength", "maxItems", "minItems", "maxProperties", "format"):
+            if key in schema:
+                out[key] = schema[key]
+        # OpenAPI v3.0 (Kubernetes) spells exclusive bounds as booleans next to minimum/maximum.
+        for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
+            if exclusive in schema:
+                out[bound] = schema[exclusive]
+                out[exclusive] = True
+            elif bound in schema:
+                out[bound] = schema[bound]
+        if kind == "object":
+            props = schema.get("properties")
+            if props:
+                out["properties"] = {name: self.convert(p) for name, p in props.items()}
+                if schema.get("required"):
+                    out["required"] = list(schema["required"])
+            extra = schema.get("additionalProperties")
+            patterns = schema.get("patternProperties")
+            if patterns:
+                # Structural schemas have no patternProperties: values via additionalProperties, keys via CEL.
+                (key_pattern, value_schema), *more = patterns.items()
+                if more:
+                    raise ValueError("only one key pattern per map is supported")
+                out["additionalProperties"] = self.convert(value_schema)
+                out["x-kubernetes-validations"] = [
+                    _rule(f"self.all(k, k.matches(r'{key_pattern}'))", f"every key must match {key_pattern}")
+                ]
+            elif isinstance(extra, dict) and extra:
+                out["additionalProperties"] = self.convert(extra)
+            elif not props and extra in (None, True, {}):
+                out["x-kubernetes-preserve-unknown-fields"] = True
+        if kind == "array":
+            out["items"] = self.convert(schema["items"])
+        for key in _DROP:
+            out.pop(key, None)
+        return out
+
+
+def type_of(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    return "string"
+
+
+def model_schema(model: type[api._Model]) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation", ref_template="#/$defs/{model}")
+    defs = raw.pop("$defs", {})
+    return _Converter(defs).convert(raw)
+
+
+def _rule(rule: str, message: str, **extra: Any) -> dict[str, Any]:
+    return {"rule": rule, "message": message, **extra}
+
+
+def _add_rules(spec_schema: dict[str, Any]) -> None:
+    props = spec_schema["properties"]
+    spec_rules = [
+        _rule(
+            "!has(self.quantization) || (has(self.method) && self.method == 'qlora')",
+            "spec.quantization is only valid with method: qlora",
+            fieldPath=".quantization",
+            reason="FieldValueForbidden",
+        )
+    ]
+    for name in props:
+        if name in MUTABLE_SPEC_FIELDS:
+            continue
+        spec_rules.append(
+            _rule(
+                f"has(self.{name}) == has(oldSelf.{name}) && (!has(self.{name}) || self.{name} == oldSelf.{name})",
+                f"spec.{name} is immutable after creation; only spec.suspend may change. "
+                "Create a new FineTuneJob to change it.",
+                fieldPath=f".{name}",
+                reason="FieldValueForbidden",
+            )
+        )
+    spec_schema["x-kubernetes-validations"] = spec_rules
+    props["dataset"]["x-kubernetes-validations"] = [
+        _rule(
+            "!(has(self.validation) && has(self.validationSplit))",
+            "set at most one of spec.dataset.validation and spec.dataset.validationSplit",
+        )
+    ]
+    gate = props["evaluation"]["properties"]["gates"]["items"]
+    gate["x-kubernetes-validations"] = [
+        _rule("has(self.min) || has(self.max)", "a gate needs min or max"),
+        _rule("!has(self.min) || !has(self.max) || self.min <= self.max", "a gate's min must not exceed its max"),
+    ]
+
+
+def build_schema() -> dict[str, Any]:
+    spec_schema = model_schema(api.FineTuneJobSpec)
+    _add_rules(spec_schema)
+    status_schema = model_schema(api.FineTuneJobStatus)
+    return {
+        "type": "object",
+        "description": "FineTuneJob turns a base model, a dataset and an output location into a sized, "
+        "distributed, resumable fine-tuning run whose artifacts land in S3.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {
+                "type": "string",
+                "description": "Versioned schema of this object: finetune.dev/v1alpha1.",
+            },
+            "kind": {"type": "string", "description": "FineTuneJob."},
+            "metadata": {
+                "type": "object",
+                "description": f"Standard object metadata. The name is at most {api.MAX_NAME_LENGTH} characters.",
+            },
+            "spec": spec_schema,
+            "status": status_schema,
+        },
+        "x-kubernetes-validations": [
+            _rule(
+                f"self.metadata.name.size() <= {api.MAX_NAME_LENGTH}",
+                f"metadata.name must be at most {api.MAX_NAME_LENGTH} characters, so child names fit 63",
+            ),
+            _rule(
+                f"self.metadata.name.matches('{api.NAME_PATTERN}')",
+                "metadata.name must be a DNS label starting with a letter (it names a Service)",
+            ),
+        ],
+    }
+
+
+def build_crd() -> dict[str, Any]:
+    """The whole CRD object."""
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {
+            "name": f"{api.PLURAL}.{api.GROUP}",
+            "labels": {"app.kubernetes.io/name": "finetune-operator", "app.kubernetes.io/part-of": "finetune-operator"},
+        },
+        "spec": {
+            "group": api.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": list(api.SHORT_NAMES),
+                "categories": list(api.CATEGORIES),
+            },
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "schema": {"openAPIV3Schema": build_schema()},
+                }
+            ],
+        },
+    }
+
+
+HEADER = "# Generated from finetune_operator.spec by `make crd` (finetune crd). Do not edit by hand.\n"
+
+
+def crd_yaml() -> str:
+    return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=120)

@@ -1,0 +1,702 @@
+"""The FineTuneJob API (`finetune.dev/v1alpha1`), defined once.
+
+These pydantic models are the single source of truth: the CRD in `crds/` is generated from them
+(`finetune_operator.crd`), the CLI and the operator validate manifests with them, and the trainer reads
+its config snapshot through them. Every field carries a description (it becomes `kubectl explain`
+text) and every optional field a documented default.
+
+Field names are camelCase on the wire (`learningRate`) and snake_case in Python (`learning_rate`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+from finetune_operator import uris
+from finetune_operator.quantity import parse_gpu_memory_gib, parse_parameters
+
+GROUP = "finetune.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "FineTuneJob"
+PLURAL = "finetunejobs"
+SINGULAR = "finetunejob"
+SHORT_NAMES = ["ftj"]
+CATEGORIES = ["finetune", "ml"]
+
+#: Longest FineTuneJob name: children append at most 11 characters ("-config", pod index "-999")
+#: and Kubernetes caps pod host names and label values at 63.
+MAX_NAME_LENGTH = 52
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+
+Method = Literal["auto", "full", "lora", "qlora"]
+ResolvedMethod = Literal["full", "lora", "qlora"]
+DataFormat = Literal["auto", "instruction", "chat", "text"]
+Precision = Literal["bf16", "fp16", "fp32"]
+
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+DEFAULT_LEARNING_RATE = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+#: `method: auto` picks QLoRA below this many training examples, LoRA at or above it.
+AUTO_QLORA_BELOW_EXAMPLES = 10_000
+
+_K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_IMAGE = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$"
+_MODULE = r"^[A-Za-z_][A-Za-z0-9_.]*$"
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
+_LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
+_LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"
+
+
+class _Model(BaseModel):
+    """Base for every API object: camelCase aliases, unknown fields rejected (typos surface)."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+        frozen=False,
+    )
+
+    def wire(self) -> dict[str, Any]:
+        """The object as it appears in YAML: camelCase keys, unset optionals left out."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+def _uri_check(allowed: tuple[str, ...]) -> Any:
+    def check(value: str | None) -> str | None:
+        if value is None:
+            return value
+        uris.validate(value, allowed)
+        return value
+
+    return check
+
+
+class SecretRef(_Model):
+    """A Secret in the job's namespace whose keys become environment variables of the training pods."""
+
+    name: str = Field(
+        description="Name of a Secret in the FineTuneJob's namespace. Its keys are projected as environment "
+        "variables with `envFrom` (for S3: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, optionally "
+        "AWS_ENDPOINT_URL and AWS_REGION; for the Hugging Face hub: HF_TOKEN). Values never appear in "
+        "rendered objects, status or logs.",
+        min_length=1,
+        max_length=253,
+        pattern=_K8S_NAME,
+    )
+
+
+class BaseModelSpec(_Model):
+    """The pretrained model to fine-tune."""
+
+    uri: str = Field(
+        description="Where the base model lives: `hf://org/name` (Hugging Face hub), `s3://bucket/prefix/`, "
+        "`pvc://claim/path` (a PersistentVolumeClaim in the job's namespace) or `file:///path` (a path "
+        "inside the trainer image or local machine). The model size is read from the name when it "
+        "contains one (`Llama-2-7b-hf` -> 7B).",
+        min_length=1,
+        max_length=1024,
+    )
+    revision: str | None = Field(
+        default=None,
+        description="Git revision (branch, tag or commit) for `hf://` models. Defaults to `main`; pin a commit "
+        "for reproducible runs. Ignored for other schemes.",
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
+    )
+    parameters: str | None = Field(
+        default=None,
+        description="Parameter count used for sizing, such as `7B`, `13B`, `70B`, `1.1B` or `350M`. Required "
+        "when the size cannot be read from the URI. Defaults to the size in the model name.",
+        max_length=16,
+    )
+    secret_ref: SecretRef | None = Field(
+        default=None,
+        description="Credentials for reading the model (HF_TOKEN, or S3 keys). Defaults to none: public "
+        "models, or the pod's service account (IRSA) for S3.",
+    )
+
+    _check_uri = field_validator("uri")(_uri_check(("hf", "s3", "pvc", "file")))
+
+    @field_validator("parameters")
+    @classmethod
+    def _check_parameters(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_parameters(value)
+        return value
+
+    @model_validator(mode="after")
+    def _size_known(self) -> BaseModelSpec:
+        if self.parameters is None and uris.parameters_from_name(self.uri) is None:
+            raise ValueError(
+                f"the model size cannot be read from uri {self.uri!r}; set spec.baseModel.parameters, e.g. '7B'"
+            )
+        return self
+
+    def parameters_billion(self) -> float:
+        """Parameter count in billions: explicit `parameters` first, else the name."""
+        if self.parameters is not None:
+            return parse_parameters(self.parameters)
+        found = uris.parameters_from_name(self.uri)
+        assert found is not None  # guaranteed by _size_known
+        return found
+
+
+class LoraSpec(_Model):
+    """LoRA adapter settings (used by `lora` and `qlora`)."""
+
+    r: int = Field(default=16, ge=1, le=1024, description="Rank of the low-rank update matrices. Defaults to 16.")
+    alpha: int = Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="Scaling numerator: the update is scaled by alpha/r. Defaults to 32.",
+    )
+    dropout: float = Field(
+        default=0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input, in [0, 1). Defaults to 0.05."
+    )
+    target_modules: list[Annotated[str, Field(pattern=_MODULE, max_length=128)]] = Field(
+        default_factory=lambda: list(DEFAULT_TARGET_MODULES),
+        min_length=1,
+        max_length=64,
+        description="Module names that get adapters. Defaults to all attention projections: "
+        "q_proj, k_proj, v_proj, o_proj. Use `all-linear` for every linear layer.",
+    )
+
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _all_linear(cls, value: Any) -> Any:
+        return ["all_linear"] if value == ["all-linear"] or value == "all-linear" else value
+
+
+class QuantizationSpec(_Model):
+    """bitsandbytes quantization of the frozen base weights (QLoRA only)."""
+
+    bits: Literal[4, 8] = Field(default=4, description="Bits per base weight: 4 or 8. Defaults to 4.")
+    type: Literal["nf4", "fp4"] = Field(
+        default="nf4", description="4-bit data type: `nf4` (NormalFloat4) or `fp4`. Defaults to nf4."
+    )
+    double_quant: bool = Field(
+        default=True,
+        description="Quantize the quantization constants too (saves about 0.4 bits per weight). Defaults to true.",
+    )
+    compute_dtype: Literal["bfloat16", "float16", "float32"] = Field(
+        default="bfloat16",
+        description="Data type of the matmuls on dequantized weights. Defaults to bfloat16.",
+    )
+
+
+class DatasetSpec(_Model):
+    """Training (and validation) data."""
+
+    train: str = Field(
+        description="Training data: a JSON, JSONL or Parquet file or a prefix of such files, as `s3://`, "
+        "`pvc://` or `file://` URI.",
+        min_length=1,
+        max_length=1024,
+    )
+    validation: str | None = Field(
+        default=None,
+        description="Validation data in the same form as `train`. At most one of validation and "
+        "validationSplit. Defaults to none.",
+        max_length=1024,
+    )
+    validation_split: float | None = Field(
+        default=None,
+        gt=0.0,
+        le=0.5,
+        description="Fraction of the training data held out for validation, in (0, 0.5]. At most one of "
+        "validation and validationSplit. Defaults to none (no validation loss).",
+    )
+    format: DataFormat = Field(
+        default="auto",
+        description="Row format. `instruction`: instruction/input/output keys; `chat`: a `messages` list "
+        "of role/content; `text`: a `text` key. `auto` detects it from the keys. Defaults to auto.",
+    )
+    examples: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_000_000_000,
+        description="Number of training examples, when known before the data is read. `method: auto` "
+        "picks QLoRA below 10,000 and LoRA otherwise. Defaults to unknown (auto then picks LoRA).",
+    )
+    invalid_rows: Literal["fail", "skip"] = Field(
+        default="fail",
+        description="What a malformed row does: `fail` stops with the first offending rows named, `skip` "
+        "drops them and reports how many. Defaults to fail.",
+    )
+    secret_ref: SecretRef | None = Field(
+        default=None,
+        description="Credentials for reading the data. Defaults to the output's secretRef for S3, "
+        "or the pod's service account.",
+    )
+
+    _check_train = field_validator("train", "validation")(_uri_check(("s3", "pvc", "file")))
+
+    @model_validator(mode="after")
+    def _one_validation(self) -> DatasetSpec:
+        if self.validation is not None and self.validation_split is not None:
+            raise ValueError(
+                "set at most one of spec.dataset.validation and spec.dataset.validationSplit, not both"
+            )
+        return self
+
+
+class Hyperparameters(_Model):
+    """Optimization settings. Batch sizes are per process (per GPU)."""
+
+    epochs: float = Field(default=3, gt=0, le=1000, description="Passes over the training data. Defaults to 3.")
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=100_000_000,
+        description="Stop after this many optimizer steps, overriding epochs. Defaults to none.",
+    )
+    learning_rate: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Peak learning rate. Defaults to 2e-4 for lora and qlora, 2e-5 for full.",
+    )
+    batch_size: int = Field(default=4, ge=1, le=4096, description="Micro-batch per GPU. Defaults to 4.")
+    gradient_accumulation_steps: int = Field(
+        default=4, ge=1, le=4096, description="Micro-batches per optimizer step. Defaults to 4."
+    )
+    max_seq_length: int = Field(
+        default=2048,
+        ge=16,
+        le=1_048_576,
+        description="Longest tokenized example; longer ones are truncated. Defaults to 2048.",
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack several examples into each sequence (attention kept within each example). "
+        "When false, batches are length-grouped and padded only to their own longest row. Defaults to false.",
+    )
+    warmup_ratio: float = Field(
+        default=0.03, ge=0, le=1, description="Fraction of steps with linear warmup. Defaults to 0.03."
+    )
+    weight_decay: float = Field(default=0.0, ge=0, le=10, description="AdamW weight decay. Defaults to 0.")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field(
+        default="cosine", description="Learning-rate schedule after warmup. Defaults to cosine."
+    )
+    seed: int = Field(default=42, ge=0, le=2**31 - 1, description="Random seed for data order, init and dropout. Defaults to 42.")
+    precision: Precision = Field(
+        default="bf16", description="Training precision: bf16, fp16 or fp32. Defaults to bf16."
+    )
+    gradient_checkpointing: bool = Field(
+        default=True,
+        description="Recompute activations in the backward pass to save memory. Defaults to true.",
+    )
+
+    def learning_rate_for(self, method: ResolvedMethod) -> float:
+        return self.learning_rate if self.learning_rate is not None else DEFAULT_LEARNING_RATE[method]
+
+
+class Toleration(_Model):
+    """A pod toleration, as in core/v1."""
+
+    key: str | None = Field(default=None, max_length=317, description="Taint key to tolerate. Defaults to all keys (with operator Exists).")
+    operator: Literal["Exists", "Equal"] | None = Field(
+        default=None, description="`Exists` or `Equal`. Defaults to Equal."
+    )
+    value: str | None = Field(default=None, max_length=63, description="Taint value for `Equal`. Defaults to empty.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect to tolerate. Defaults to all effects."
+    )
+    toleration_seconds: int | None = Field(
+        default=None, ge=0, description="For NoExecute: how long the pod stays bound. Defaults to forever."
+    )
+
+
+class ResourcesSpec(_Model):
+    """Explicit resources. Unset fields come from the sizing plan (see status.plan)."""
+
+    gpus: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Total GPUs across all nodes. Defaults to the sizing plan.",
+    )
+    gpu_memory: str | None = Field(
+        default=None,
+        description="Memory per GPU, such as `24Gi` or `80GB`. Defaults to the sizing plan.",
+        max_length=16,
+    )
+    gpus_per_node: int = Field(
+        default=8, ge=1, le=64, description="Most GPUs one node (one training pod) holds. Defaults to 8."
+    )
+    gpu_resource_name: str = Field(
+        default="nvidia.com/gpu",
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?/[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$",
+        max_length=253,
+        description="Extended resource that requests a GPU. Defaults to nvidia.com/gpu.",
+    )
+    node_selector: dict[Annotated[str, Field(pattern=_LABEL_KEY, max_length=317)], Annotated[str, Field(pattern=_LABEL_VALUE, max_length=63)]] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="Node labels the training pods require. Defaults to none.",
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Taints the training pods tolerate. Defaults to none."
+    )
+    priority_class_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=_K8S_NAME,
+        description="PriorityClass of the training pods (and of the Kueue workload). Defaults to none.",
+    )
+    cpu: str | None = Field(
+        default=None,
+        max_length=16,
+        pattern=_QUANTITY,
+        description="CPU request per pod, a Kubernetes quantity. Defaults to 4 per GPU of the pod.",
+    )
+    memory: str | None = Field(
+        default=None,
+        max_length=16,
+        pattern=_QUANTITY,
+        description="Memory request per pod, a Kubernetes quantity. Defaults to 32Gi per GPU of the pod.",
+    )
+
+    @field_validator("gpu_memory")
+    @classmethod
+    def _check_gpu_memory(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_gpu_memory_gib(value)
+        return value
+
+
+class OutputSpec(_Model):
+    """Where artifacts go."""
+
+    uri: str = Field(
+        description="Artifact prefix: `s3://bucket/prefix/` or `pvc://claim/path`. Checkpoints go under "
+        "`checkpoints/`, the adapter or weights under `model/`.",
+        min_length=1,
+        max_length=1024,
+    )
+    secret_ref: SecretRef | None = Field(
+        default=None,
+        description="S3 credentials for writing (and by default reading data). Defaults to the pod's "
+        "service account (IRSA) or the operator's configured credentials.",
+    )
+    save_merged: bool = Field(
+        default=False,
+        description="Also write the base model merged with the adapter under `merged/`. Defaults to false.",
+    )
+
+    _check_uri = field_validator("uri")(_uri_check(("s3", "pvc")))
+
+
+class CheckpointSpec(_Model):
+    """Checkpointing for resume."""
+
+    every_steps: int = Field(default=500, ge=1, le=10_000_000, description="Optimizer steps between checkpoints. Defaults to 500.")
+    keep: int = Field(default=3, ge=1, le=100, description="Newest complete checkpoints kept. Defaults to 3.")
+
+
+GateMetric = Literal["accuracy", "terminology", "hallucination", "formatCompliance", "evalLoss", "perplexity"]
+
+
+class Gate(_Model):
+    """A threshold the fine-tuned model must meet, or the job fails."""
+
+    metric: GateMetric = Field(description="Evaluation score the gate checks.")
+    min: float | None = Field(default=None, description="Lowest acceptable value. Defaults to none.")
+    max: float | None = Field(default=None, description="Highest acceptable value. Defaults to none.")
+
+    @model_validator(mode="after")
+    def _bounds(self) -> Gate:
+        if self.min is None and self.max is None:
+            raise ValueError(f"gate for {self.metric!r} needs min or max")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"gate for {self.metric!r} has min {self.min} above max {self.max}")
+        return self
+
+
+class EvaluationSpec(_Model):
+    """Domain evaluation of the base and the fine-tuned model."""
+
+    enabled: bool = Field(default=True, description="Run the evaluation after training. Defaults to true.")
+    test_set: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Test examples in the training format. Defaults to the validation data, else a "
+        "held-out 5% of the training data.",
+    )
+    glossary: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Domain terms, one per line (or a JSON list), used by the terminology and "
+        "hallucination scores. Defaults to none (terms are then taken from the references).",
+    )
+    format_schema: str | None = Field(
+        default=None,
+        max_length=65536,
+        description="JSON Schema (as JSON text) every answer must satisfy, parsed as JSON, for format "
+        "compliance. Defaults to none. A string rather than an object keeps the CRD structural.",
+    )
+    format_regex: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Regular expression every answer must fully match for format compliance. Defaults to none.",
+    )
+    max_examples: int = Field(
+        default=200, ge=1, le=100_000, description="Most test examples generated and scored. Defaults to 200."
+    )
+    max_new_tokens: int = Field(
+        default=128, ge=1, le=8192, description="Longest generated answer, in tokens. Defaults to 128."
+    )
+    gates: list[Gate] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Thresholds on the fine-tuned scores; a miss fails the job naming the metric. Defaults to none.",
+    )
+
+    _check_uris = field_validator("test_set", "glossary")(_uri_check(("s3", "pvc", "file")))
+
+    @field_validator("format_schema")
+    @classmethod
+    def _schema_is_json(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"not valid JSON: {err.msg} at line {err.lineno} column {err.colno}") from None
+            if not isinstance(parsed, dict):
+                raise ValueError("must be a JSON object (a JSON Schema)")
+        return value
+
+    def format_schema_dict(self) -> dict[str, Any] | None:
+        return json.loads(self.format_schema) if self.format_schema else None
+
+    @field_validator("format_regex")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        if value is not None:
+            try:
+                re.compile(value)
+            except re.error as err:
+                raise ValueError(f"not a valid regular expression: {err}") from None
+        return value
+
+
+class ComplianceSpec(_Model):
+    """Regulatory requirements."""
+
+    provenance_required: bool = Field(
+        default=False,
+        description="Record the training-data provenance (hashes, sources, config) in the output before "
+        "the first training step; the run fails if it cannot. Defaults to false.",
+    )
+
+
+class FineTuneJobSpec(_Model):
+    """Desired fine-tuning run. Immutable after creation except `suspend`."""
+
+    base_model: BaseModelSpec = Field(description="The pretrained model to fine-tune.")
+    method: Method = Field(
+        default="auto",
+        description="`full` trains every weight; `lora` trains adapters; `qlora` trains adapters on a "
+        "4-bit base. `auto` picks qlora below 10,000 examples (dataset.examples), else lora. Defaults to auto.",
+    )
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings for lora and qlora. Defaults to r=16, alpha=32.")
+    quantization: QuantizationSpec | None = Field(
+        default=None,
+        description="Base-weight quantization; only with `method: qlora`. Defaults to 4-bit nf4 with double "
+        "quantization for qlora.",
+    )
+    dataset: DatasetSpec = Field(description="Training and validation data.")
+    hyperparameters: Hyperparameters = Field(
+        default_factory=Hyperparameters, description="Optimization settings. Defaults as documented per field."
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec,
+        description="GPUs and placement. Unset fields come from the sizing plan (status.plan).",
+    )
+    output: OutputSpec = Field(description="Where checkpoints and artifacts go.")
+    checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint cadence and retention.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Domain evaluation and quality gates.")
+    compliance: ComplianceSpec = Field(default_factory=ComplianceSpec, description="Provenance requirements.")
+    suspend: bool = Field(
+        default=False,
+        description="Pause the run: training pods stop after a checkpoint; unsetting resumes from the newest "
+        "checkpoint. The only field that may change after creation. Defaults to false.",
+    )
+    active_deadline_seconds: int | None = Field(
+        default=None,
+        ge=1,
+        le=31_536_000,
+        description="Wall-clock limit for the whole run; past it the job fails with DeadlineExceeded. "
+        "Defaults to none.",
+    )
+    backoff_limit: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="Pod failures tolerated before the job fails (preemptions and evictions do not count). "
+        "Defaults to 3.",
+    )
+    image: str | None = Field(
+        default=None,
+        max_length=512,
+        pattern=_IMAGE,
+        description="Trainer image. Defaults to the operator's configured trainer image.",
+    )
+    service_account_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=_K8S_NAME,
+        description="Service account of the training pods (for IRSA or workload identity). Defaults to the "
+        "namespace's default service account.",
+    )
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> FineTuneJobSpec:
+        if self.quantization is not None and self.method != "qlora":
+            raise ValueError(
+                f"spec.quantization is only valid with method 'qlora' (got method {self.method!r}); "
+                "set method: qlora or remove quantization"
+            )
+        return self
+
+    def resolved_quantization(self) -> QuantizationSpec:
+        return self.quantization or QuantizationSpec()
+
+
+class ObjectMeta(_Model):
+    """The subset of metadata a FineTuneJob manifest may carry."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    name: str = Field(
+        description="Name of the FineTuneJob; children are named after it.",
+        max_length=MAX_NAME_LENGTH,
+        pattern=NAME_PATTERN,
+    )
+    namespace: str = Field(default="default", max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+    uid: str | None = None
+    generation: int | None = None
+
+
+class FineTuneJob(_Model):
+    """A whole manifest: apiVersion, kind, metadata and spec (status is ignored on input)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    api_version: Literal["finetune.dev/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["FineTuneJob"]
+    metadata: ObjectMeta
+    spec: FineTuneJobSpec
+
+
+# --------------------------------------------------------------------------------------------------
+# Status: written by the operator only.
+# --------------------------------------------------------------------------------------------------
+
+Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
+
+
+class Plan(_Model):
+    """The sizing decision: how many GPUs of what memory, and why."""
+
+    method: ResolvedMethod = Field(description="The training method after resolving `auto`.")
+    gpus: int = Field(ge=1, description="Total GPUs requested across all nodes.")
+    gpu_memory_gib: int = Field(alias="gpuMemoryGiB", ge=1, description="Memory of each GPU, in GiB (a standard GPU class).")
+    nodes: int = Field(ge=1, description="Training pods (one per node): ceil(gpus / gpusPerNode).")
+    gpus_per_node: int = Field(ge=1, description="GPUs requested by each training pod.")
+    estimated_memory_gib: float = Field(
+        alias="estimatedMemoryGiB",
+        description="GPU memory the memory model predicts for the whole run, in GiB (all GPUs together).",
+    )
+    source: Literal["table", "estimate"] = Field(
+        description="`table`: the model-size table; `estimate`: the memory model (sizes not in the table)."
+    )
+    reason: str = Field(max_length=2048, description="Which rules fired, in words.")
+    warnings: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list, max_length=16, description="Problems with explicit resources, such as too little memory."
+    )
+
+
+class Condition(_Model):
+    """A metav1.Condition."""
+
+    type: str = Field(max_length=316, description="Condition type, such as Valid, Planned, Running, Complete, Failed.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(max_length=1024, description="CamelCase reason for the last transition.")
+    message: str = Field(default="", max_length=32768, description="Human-readable details.")
+    observed_generation: int | None = Field(default=None, ge=0, description="Spec generation the condition was set for.")
+    last_transition_time: str = Field(description="When the status last changed (RFC 3339).")
+
+
+class Progress(_Model):
+    """Training progress as reported by the trainer."""
+
+    step: int = Field(default=0, ge=0, description="Optimizer steps done.")
+    total_steps: int = Field(default=0, ge=0, description="Optimizer steps planned.")
+    percent: int = Field(default=0, ge=0, le=100, description="step / totalSteps, in percent.")
+    summary: str = Field(default="", max_length=64, description="Short progress text for `kubectl get`, like `45% 450/1000`.")
+    epoch: float | None = Field(default=None, description="Fractional epoch.")
+    loss: float | None = Field(default=None, description="Latest training loss.")
+    eval_loss: float | None = Field(default=None, description="Latest validation loss.")
+    tokens_per_second: float | None = Field(default=None, description="Training throughput, non-padding tokens per second.")
+    eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds until training ends.")
+    updated_at: str | None = Field(default=None, description="When the trainer last reported (RFC 3339).")
+
+
+class CheckpointRecord(_Model):
+    """A complete checkpoint in the output location."""
+
+    step: int = Field(ge=0, description="Optimizer step of the checkpoint.")
+    uri: str = Field(max_length=1024, description="Where it is.")
+
+
+class Scores(_Model):
+    """Evaluation scores of one model."""
+
+    accuracy: float | None = Field(default=None, description="Answer accuracy against the references (see accuracyMetric), 0..1.")
+    terminology: float | None = Field(default=None, description="Share of the references' glossary terms the answers use, 0..1.")
+    hallucination: float | None = Field(
+        default=None, description="Share of domain terms and numbers in the answers supported by neither input nor reference, 0..1 (lower is better)."
+    )
+    format_compliance: float | None = Field(default=None, description="Share of answers meeting the format schema or regex, 0..1.")
+    eval_loss: float | None = Field(default=None, description="Mean token loss on the test set.")
+    perplexity: float | None = Field(default=None, description="exp(evalLoss).")
+
+
+class EvaluationStatus(_Model):
+    """Scores of the base and the fine-tuned model on the test set."""
+
+    accuracy_metric: str = Field(default="", max_length=64, description="How accuracy is computed, e.g. rougeL.")
+    examples: int = Field(default=0, ge=0, description="Test examples scored.")
+    base: Scores = Field(default_factory=Scores, description="The base model's scores.")
+    tuned: Scores = Field(default_factory=Scores, description="The fine-tuned model's scores.")
+    gates_passed: bool | None = Field(default=None, description="Whether every gate held; unset without gates.")
+    failed_gates: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=16, description="Gates that were missed, each naming the metric.")
+
+
+class FineTuneJobStatus(_Model):
+    """Observed state, written by the operator."""
+
+    phase: Phase | None = Field(default=None, description="Pending, Queued, Running, Succeeded, Failed or Suspended.")
+    conditions: list[Condition] = Field(default_factory=list, max_length=32, description="Latest observations (metav1.Condition).")
+    plan: Plan | None = Field(default=None, description="The sizing plan the workload was created from.")
+    progress: Progress | None = Field(default=None, description="Training progress from the trainer.")
+    checkpoints: list[CheckpointRecord] = Field(default_factory=list, max_length=100, description="Complete checkpoints, newest last.")
+    artifacts: dict[str, Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=dict, max_length=32, description="Artifact URIs by kind: model, merged, metrics, evaluation, provenance, modelCard."
+    )
+    evaluation: EvaluationStatus | None = Field(default=None, description="Evaluation scores, base beside fine-tuned.")
+    restarts: int = Field(default=0, ge=0, description="Training pod restarts (failures and preemptions).")
+    start_time: str | None = Field(default=None, description="When training started (RFC 3339).")
+    completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
+    observed_generation: int | None = Field(default=None, ge=0, description="Spec generation the status reflects.")

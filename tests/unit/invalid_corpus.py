@@ -1,0 +1,129 @@
+"""A corpus of invalid FineTuneJobs: each a mutation of the healthcare example, the field path the error
+must name, and a fragment of the message. Shared by the manifest, CLI and CRD/CEL tests."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "healthcare-lora.yaml"
+DELETE = object()
+
+
+def base_manifest() -> dict[str, Any]:
+    return yaml.safe_load(EXAMPLE.read_text())
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    changes: dict[str, Any]  # dotted path -> new value (DELETE removes it)
+    path: str  # the field path the error must name
+    fragment: str  # part of the message
+
+    def manifest(self) -> dict[str, Any]:
+        doc = copy.deepcopy(base_manifest())
+        for dotted, value in self.changes.items():
+            if dotted == "":
+                return value
+            *parents, last = dotted.split(".")
+            node = doc
+            for part in parents:
+                node = node.setdefault(part, {})
+            if value is DELETE:
+                node.pop(last, None)
+            else:
+                node[last] = value
+        return doc
+
+
+CASES = [
+    Case("unknown-method", {"spec.method": "sft"}, "spec.method", "must be one of"),
+    Case("wrong-api-version", {"apiVersion": "finetune.dev/v1"}, "apiVersion", "must be finetune.dev/v1alpha1"),
+    Case("wrong-kind", {"kind": "TrainingJob"}, "kind", "must be FineTuneJob"),
+    Case("uppercase-name", {"metadata.name": "Healthcare"}, "metadata.name", "DNS label"),
+    Case("name-too-long", {"metadata.name": "a" * 60}, "metadata.name", "at most 52 characters"),
+    Case("shell-in-name", {"metadata.name": "x;rm-rf"}, "metadata.name", "DNS label"),
+    Case("missing-base-model", {"spec.baseModel": DELETE}, "spec.baseModel", "required"),
+    Case("ftp-model-uri", {"spec.baseModel.uri": "ftp://host/model"}, "spec.baseModel.uri", "unsupported URI"),
+    Case("traversal-model-uri", {"spec.baseModel.uri": "s3://models/../etc/passwd"}, "spec.baseModel.uri", "traversal"),
+    Case("shell-model-uri", {"spec.baseModel.uri": "hf://org/model;rm -rf /"}, "spec.baseModel.uri", "not allowed"),
+    Case("backtick-data-uri", {"spec.dataset.train": "s3://data/`id`.jsonl"}, "spec.dataset.train", "not allowed"),
+    Case("subshell-output-uri", {"spec.output.uri": "s3://out/$(whoami)/"}, "spec.output.uri", "not allowed"),
+    Case("bad-parameters", {"spec.baseModel.parameters": "seven"}, "spec.baseModel.parameters", "not a size"),
+    Case(
+        "unknown-size",
+        {"spec.baseModel.uri": "hf://org/mystery-model"},
+        "spec.baseModel",
+        "set spec.baseModel.parameters",
+    ),
+    Case("absurd-size", {"spec.baseModel.parameters": "50000B"}, "spec.baseModel.parameters", "larger than"),
+    Case("zero-rank", {"spec.lora.r": 0}, "spec.lora.r", "must be >= 1"),
+    Case("huge-rank", {"spec.lora.r": 100000}, "spec.lora.r", "must be <= 1024"),
+    Case("dropout-above-one", {"spec.lora.dropout": 1.5}, "spec.lora.dropout", "must be < 1"),
+    Case("no-target-modules", {"spec.lora.targetModules": []}, "spec.lora.targetModules", "at least 1"),
+    Case("shell-target-module", {"spec.lora.targetModules": ["q_proj; echo"]}, "spec.lora.targetModules[0]", "pattern"),
+    Case("quantization-with-lora", {"spec.quantization": {"bits": 4}}, "spec", "only valid with method 'qlora'"),
+    Case(
+        "bad-quant-type",
+        {"spec.method": "qlora", "spec.quantization": {"type": "nf8"}},
+        "spec.quantization.type",
+        "must be one of",
+    ),
+    Case(
+        "validation-and-split",
+        {"spec.dataset.validation": "s3://healthcare-data/val.jsonl"},
+        "spec.dataset",
+        "at most one",
+    ),
+    Case("split-too-large", {"spec.dataset.validationSplit": 0.9}, "spec.dataset.validationSplit", "must be <= 0.5"),
+    Case("unknown-format", {"spec.dataset.format": "csv"}, "spec.dataset.format", "must be one of"),
+    Case("missing-train", {"spec.dataset.train": DELETE}, "spec.dataset.train", "required"),
+    Case("relative-file-uri", {"spec.dataset.train": "file://data/train.jsonl"}, "spec.dataset.train", "absolute"),
+    Case("negative-examples", {"spec.dataset.examples": -5}, "spec.dataset.examples", "must be >= 1"),
+    Case("string-learning-rate", {"spec.hyperparameters.learningRate": "fast"}, "spec.hyperparameters.learningRate", "number"),
+    Case("negative-epochs", {"spec.hyperparameters.epochs": -1}, "spec.hyperparameters.epochs", "must be > 0"),
+    Case("fractional-batch", {"spec.hyperparameters.batchSize": 1.5}, "spec.hyperparameters.batchSize", "whole number"),
+    Case("int8-precision", {"spec.hyperparameters.precision": "int8"}, "spec.hyperparameters.precision", "must be one of"),
+    Case(
+        "typo-field",
+        {"spec.hyperparameters.learningRat": 0.1},
+        "spec.hyperparameters.learningRat",
+        "unknown field; allowed fields: epochs",
+    ),
+    Case("huge-seq-length", {"spec.hyperparameters.maxSeqLength": 10**9}, "spec.hyperparameters.maxSeqLength", "<="),
+    Case("zero-gpus", {"spec.resources": {"gpus": 0}}, "spec.resources.gpus", "must be >= 1"),
+    Case("bad-gpu-memory", {"spec.resources": {"gpuMemory": "lots"}}, "spec.resources.gpuMemory", "not a memory size"),
+    Case(
+        "uneven-gpus",
+        {"spec.resources": {"gpus": 11, "gpusPerNode": 8}},
+        "spec.resources.gpus",
+        "split evenly",
+    ),
+    Case("bad-node-selector-value", {"spec.resources": {"nodeSelector": {"gpu": "a b"}}}, "spec.resources.nodeSelector.gpu", "pattern"),
+    Case("bad-cpu-quantity", {"spec.resources": {"cpu": "four"}}, "spec.resources.cpu", "pattern"),
+    Case("hf-output", {"spec.output.uri": "hf://org/out"}, "spec.output.uri", "unsupported URI"),
+    Case("missing-output", {"spec.output": DELETE}, "spec.output", "required"),
+    Case("zero-checkpoint-steps", {"spec.checkpoint": {"everySteps": 0}}, "spec.checkpoint.everySteps", "must be >= 1"),
+    Case("gate-without-bounds", {"spec.evaluation.gates": [{"metric": "accuracy"}]}, "spec.evaluation.gates[0]", "needs min or max"),
+    Case(
+        "gate-min-above-max",
+        {"spec.evaluation.gates": [{"metric": "accuracy", "min": 0.9, "max": 0.1}]},
+        "spec.evaluation.gates[0]",
+        "above max",
+    ),
+    Case("unknown-gate-metric", {"spec.evaluation.gates": [{"metric": "bleu", "min": 1}]}, "spec.evaluation.gates[0].metric", "must be one of"),
+    Case("bad-format-regex", {"spec.evaluation.formatRegex": "("}, "spec.evaluation.formatRegex", "regular expression"),
+    Case("bad-format-schema", {"spec.evaluation.formatSchema": "{not json"}, "spec.evaluation.formatSchema", "not valid JSON"),
+    Case("shell-image", {"spec.image": "evil image; rm -rf /"}, "spec.image", "pattern"),
+    Case("string-deadline", {"spec.activeDeadlineSeconds": "soon"}, "spec.activeDeadlineSeconds", "whole number"),
+    Case("maybe-suspend", {"spec.suspend": "maybe"}, "spec.suspend", "true or false"),
+    Case("spec-is-a-list", {"spec": ["baseModel"]}, "spec", "must be an object"),
+    Case("bad-service-account", {"spec.serviceAccountName": "Admin!"}, "spec.serviceAccountName", "pattern"),
+    Case("bad-secret-name", {"spec.output.secretRef": {"name": "../secret"}}, "spec.output.secretRef.name", "pattern"),
+    Case("not-a-mapping", {"": ["just", "a", "list"]}, "(document)", "must be a mapping"),
+]

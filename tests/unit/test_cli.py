@@ -1,0 +1,119 @@
+"""`finetune plan` as a user runs it: the real console script, the examples, invalid manifests."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune_operator import cli
+
+from .invalid_corpus import CASES
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+FINETUNE = shutil.which("finetune", path=str(Path(sys.executable).parent)) or "finetune"
+
+# (method, parameters in the model name) -> (gpus, GiB): the model-size table.
+TABLE = {
+    ("full", "7B"): (4, 24),
+    ("lora", "7B"): (1, 24),
+    ("qlora", "7B"): (1, 12),
+    ("full", "13B"): (8, 24),
+    ("lora", "13B"): (1, 48),
+    ("qlora", "13B"): (1, 24),
+    ("full", "70B"): (16, 48),
+    ("lora", "70B"): (2, 48),
+    ("qlora", "70B"): (1, 48),
+}
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([FINETUNE, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_plan_examples_json_gives_the_table_for_all_nine_cells():
+    result = run("plan", *map(str, EXAMPLES), "-o", "json")
+    assert result.returncode == 0, result.stderr
+    plans = json.loads(result.stdout)
+    assert isinstance(plans, list) and len(plans) == len(EXAMPLES)
+    seen = set()
+    for item in plans:
+        assert set(item) == {"name", "namespace", "plan"}
+        plan = item["plan"]
+        assert set(plan) >= {"method", "gpus", "gpuMemoryGiB", "nodes", "gpusPerNode", "estimatedMemoryGiB", "source", "reason"}
+        doc = yaml.safe_load(next(p for p in EXAMPLES if yaml.safe_load(p.read_text())["metadata"]["name"] == item["name"]).read_text())
+        size = {"7": "7B", "13": "13B", "70": "70B"}[
+            next(s for s in ("70", "13", "7") if f"-{s}b" in doc["spec"]["baseModel"]["uri"].lower())
+        ]
+        key = (plan["method"], size)
+        assert (plan["gpus"], plan["gpuMemoryGiB"]) == TABLE[key], item
+        assert plan["source"] == "table"
+        assert plan["nodes"] == -(-plan["gpus"] // 8)
+        seen.add(key)
+    assert seen == set(TABLE), f"examples miss table cells: {set(TABLE) - seen}"
+
+
+def test_plan_single_manifest_json_is_one_object():
+    result = run("plan", str(ROOT / "examples" / "healthcare-lora.yaml"), "-o", "json")
+    data = json.loads(result.stdout)
+    assert data["name"] == "healthcare-assistant"
+    assert data["plan"]["method"] == "lora" and data["plan"]["gpus"] == 1
+
+
+def test_plan_table_output_names_each_job_and_reason():
+    result = run("plan", str(ROOT / "examples" / "full-70b-multinode.yaml"))
+    assert result.returncode == 0
+    assert "llama2-70b-full" in result.stdout and "16x48GiB from the model-size table" in result.stdout
+
+
+def test_invalid_manifests_exit_non_zero_with_one_line_per_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    files = []
+    for case in CASES:
+        path = tmp_path / f"{case.id}.yaml"
+        path.write_text(yaml.safe_dump(case.manifest()))
+        files.append(path)
+    code = cli.main(["plan", *map(str, files), "-o", "json"])
+    out, err = capsys.readouterr()
+    assert code == cli.EXIT_INVALID
+    assert out == "", "nothing may reach stdout when a manifest is invalid"
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err
+    for case in CASES:
+        mine = [line for line in lines if line.startswith(f"{tmp_path / case.id}.yaml")]
+        assert any(f": {case.path}: " in line and case.fragment in line for line in mine), (case.id, mine)
+    assert lines[-1].startswith("error: ") and f"in {len(CASES)} of {len(CASES)} manifest(s)" in lines[-1]
+
+
+def test_invalid_manifest_through_the_console_script_has_no_traceback(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(CASES[0].manifest()))
+    result = run("plan", str(bad))
+    assert result.returncode == 1
+    assert "spec.method: must be one of" in result.stderr and "Traceback" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_missing_file_is_reported(tmp_path: Path):
+    result = run("plan", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 1 and "no such file" in result.stderr
+
+
+def test_crd_command_prints_the_generated_crd():
+    result = run("crd")
+    assert result.returncode == 0
+    assert yaml.safe_load(result.stdout)["kind"] == "CustomResourceDefinition"
+
+
+def test_operator_package_imports_without_torch():
+    code = (
+        "import sys, finetune_operator.cli, finetune_operator.spec, finetune_operator.sizing, "
+        "finetune_operator.crd, finetune_operator.manifests, finetune_operator.contract; "
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

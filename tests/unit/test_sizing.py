@@ -1,0 +1,169 @@
+"""Table tests of the sizing planner: the model-size table cell by cell, the memory model, auto, overrides."""
+
+from __future__ import annotations
+
+import pytest
+
+from finetune_operator import sizing
+from finetune_operator.spec import FineTuneJobSpec
+
+
+def make(parameters: str, method: str = "lora", **overrides: object) -> FineTuneJobSpec:
+    raw: dict = {
+        "baseModel": {"uri": "hf://org/some-model", "parameters": parameters},
+        "method": method,
+        "dataset": {"train": "s3://data/train.jsonl"},
+        "output": {"uri": "s3://out/run/"},
+    }
+    for key, value in overrides.items():
+        section, _, field = key.partition("__")
+        raw.setdefault(section, {})[field] = value
+    return FineTuneJobSpec.model_validate(raw)
+
+
+TABLE = [
+    ("7B", "full", 4, 24, 1, 4),
+    ("7B", "lora", 1, 24, 1, 1),
+    ("7B", "qlora", 1, 12, 1, 1),
+    ("13B", "full", 8, 24, 1, 8),
+    ("13B", "lora", 1, 48, 1, 1),
+    ("13B", "qlora", 1, 24, 1, 1),
+    ("70B", "full", 16, 48, 2, 8),
+    ("70B", "lora", 2, 48, 1, 2),
+    ("70B", "qlora", 1, 48, 1, 1),
+]
+
+
+@pytest.mark.parametrize(("size", "method", "gpus", "gib", "nodes", "per_node"), TABLE)
+def test_model_size_table_is_reproduced_exactly(size, method, gpus, gib, nodes, per_node):
+    plan = sizing.plan(make(size, method))
+    assert (plan.method, plan.gpus, plan.gpu_memory_gib, plan.nodes, plan.gpus_per_node) == (
+        method,
+        gpus,
+        gib,
+        nodes,
+        per_node,
+    )
+    assert plan.source == "table"
+    assert "model-size table" in plan.reason
+    assert plan.estimated_memory_gib > 0
+
+
+def test_size_is_read_from_the_model_name():
+    spec = FineTuneJobSpec.model_validate(
+        {
+            "baseModel": {"uri": "hf://meta-llama/Llama-2-13b-hf"},
+            "method": "qlora",
+            "dataset": {"train": "s3://data/t.jsonl"},
+            "output": {"uri": "s3://out/x/"},
+        }
+    )
+    plan = sizing.plan(spec)
+    assert (plan.gpus, plan.gpu_memory_gib, plan.source) == (1, 24, "table")
+
+
+ESTIMATED = ["1B", "3B", "8B", "34B", "180B"]
+
+
+@pytest.mark.parametrize("size", ESTIMATED)
+def test_other_sizes_are_estimated_and_ordered_by_method(size):
+    plans = {m: sizing.plan(make(size, m)) for m in ("qlora", "lora", "full")}
+    for plan in plans.values():
+        assert plan.source == "estimate"
+        assert plan.gpu_memory_gib in sizing.GPU_CLASSES_GIB
+        assert "memory model" in plan.reason
+    total = {m: p.gpus * p.gpu_memory_gib for m, p in plans.items()}
+    assert total["qlora"] <= total["lora"] <= total["full"]
+    est = {m: p.estimated_memory_gib for m, p in plans.items()}
+    assert est["qlora"] < est["lora"] < est["full"]
+
+
+@pytest.mark.parametrize("method", ["qlora", "lora", "full"])
+def test_estimates_grow_with_size(method):
+    plans = [sizing.plan(make(size, method)) for size in ESTIMATED]
+    estimates = [p.estimated_memory_gib for p in plans]
+    assert estimates == sorted(estimates) and len(set(estimates)) == len(estimates)
+    totals = [p.gpus * p.gpu_memory_gib for p in plans]
+    assert totals == sorted(totals)
+    assert totals[-1] > totals[0]
+
+
+def test_the_chosen_layout_fits_the_estimate():
+    for size in ESTIMATED:
+        for method in ("qlora", "lora", "full"):
+            spec = make(size, method)
+            plan = sizing.plan(spec)
+            mem = sizing.estimate_memory(spec, plan.method)
+            assert mem.per_gpu(plan.gpus) <= plan.gpu_memory_gib
+
+
+def test_memory_model_parts_respond_to_their_inputs():
+    base = sizing.estimate_memory(make("8B", "lora"), "lora")
+    longer = sizing.estimate_memory(make("8B", "lora", hyperparameters__maxSeqLength=8192), "lora")
+    no_ckpt = sizing.estimate_memory(make("8B", "lora", hyperparameters__gradientCheckpointing=False), "lora")
+    fp32 = sizing.estimate_memory(make("8B", "lora", hyperparameters__precision="fp32"), "lora")
+    assert longer.activations > 3 * base.activations
+    assert no_ckpt.activations > base.activations
+    assert fp32.weights == pytest.approx(2 * base.weights)
+    full = sizing.estimate_memory(make("8B", "full"), "full")
+    assert full.trainable_parameters == pytest.approx(8e9)
+    assert full.trainable_state == pytest.approx(8e9 * 10 / sizing.GIB)
+    assert base.trainable_parameters < 0.01 * 8e9
+
+
+@pytest.mark.parametrize(
+    ("examples", "expected"),
+    [(1, "qlora"), (9_999, "qlora"), (10_000, "lora"), (250_000, "lora"), (None, "lora")],
+)
+def test_auto_picks_qlora_below_ten_thousand_examples(examples, expected):
+    overrides = {"dataset__examples": examples} if examples is not None else {}
+    plan = sizing.plan(make("7B", "auto", **overrides))
+    assert plan.method == expected
+    assert "method auto" in plan.reason
+
+
+def test_explicit_resources_override_and_warn_when_too_small():
+    plan = sizing.plan(make("13B", "lora", resources__gpus=1, resources__gpuMemory="24Gi"))
+    assert (plan.gpus, plan.gpu_memory_gib) == (1, 24)
+    assert "overrides" in plan.reason
+    assert any("needs" in w and "per GPU" in w for w in plan.warnings)
+    assert any("model-size table gives 1x48GiB" in w for w in plan.warnings)
+
+
+def test_explicit_gpus_pick_the_smallest_class_that_fits():
+    plan = sizing.plan(make("8B", "full", resources__gpus=8))
+    assert plan.gpus == 8
+    spec = make("8B", "full", resources__gpus=8)
+    mem = sizing.estimate_memory(spec, "full")
+    smaller = [c for c in sizing.GPU_CLASSES_GIB if c < plan.gpu_memory_gib]
+    assert all(mem.per_gpu(8) > c for c in smaller)
+    assert not plan.warnings
+
+
+def test_explicit_gpu_memory_picks_enough_gpus():
+    plan = sizing.plan(make("34B", "full", resources__gpuMemory="80GB"))
+    assert plan.gpu_memory_gib == 80
+    assert not plan.warnings
+    assert plan.gpus >= 8
+
+
+@pytest.mark.parametrize(
+    ("gpus", "per_node_max", "nodes", "per_node"),
+    [(16, 8, 2, 8), (8, 8, 1, 8), (12, 8, 2, 6), (32, 8, 4, 8), (16, 4, 4, 4), (3, 8, 1, 3)],
+)
+def test_nodes_are_ceil_of_gpus_over_gpus_per_node(gpus, per_node_max, nodes, per_node):
+    plan = sizing.plan(make("70B", "full", resources__gpus=gpus, resources__gpusPerNode=per_node_max))
+    assert (plan.nodes, plan.gpus_per_node) == (nodes, per_node)
+
+
+def test_uneven_split_is_a_planning_error_naming_the_field():
+    with pytest.raises(sizing.PlanningError) as err:
+        sizing.plan(make("70B", "full", resources__gpus=11, resources__gpusPerNode=8))
+    assert err.value.field == "spec.resources.gpus"
+    assert "split evenly" in err.value.message
+
+
+def test_shape_widths_are_multiples_of_64():
+    for size in (0.1, 1, 7, 70, 180):
+        hidden, layers = sizing.shape(size)
+        assert hidden % 64 == 0 and layers >= 1
