@@ -20,6 +20,8 @@ from finetune_operator import sizing
 from finetune_operator.spec import API_VERSION, KIND, MAX_NAME_LENGTH, FineTuneJob, Plan
 
 _VALUE_WIDTH = 60
+# libyaml's C loader parses about 10x faster; planning 10,000 manifests is dominated by YAML parsing.
+_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _BOUNDS = {
     "greater_than_equal": ("ge", ">="),
     "greater_than": ("gt", ">"),
@@ -207,7 +209,7 @@ def validate_document(doc: Any, source: str = "<input>", index: int = 0) -> Load
 
 def load_text(text: str, source: str = "<input>") -> list[Loaded]:
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        docs = [d for d in yaml.load_all(text, Loader=_LOADER) if d is not None]
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "unknown position"

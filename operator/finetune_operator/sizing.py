@@ -217,10 +217,13 @@ def plan(spec: FineTuneJobSpec) -> Plan:
         else:
             layout = choose_layout(mem, method)
             if layout is None:
+                advice = "lower hyperparameters.batchSize or maxSeqLength (activations are not sharded)"
+                if method != "qlora":
+                    advice = "use method qlora, or " + advice
                 raise PlanningError(
                     "spec.baseModel.parameters",
-                    f"{size} with method {method} does not fit on {MAX_GPUS} GPUs of 80GiB; "
-                    "use qlora, a smaller maxSeqLength or batchSize",
+                    f"{size} with method {method} needs {_fmt(mem.activations)} GiB of activations per GPU "
+                    f"and does not fit on {MAX_GPUS} GPUs of 80GiB; {advice}",
                 )
             gpus, gib = layout
             source = "estimate"

@@ -167,3 +167,12 @@ def test_shape_widths_are_multiples_of_64():
     for size in (0.1, 1, 7, 70, 180):
         hidden, layers = sizing.shape(size)
         assert hidden % 64 == 0 and layers >= 1
+
+
+def test_a_run_whose_activations_fit_no_gpu_is_refused_with_advice():
+    spec = make("180B", "qlora", hyperparameters__batchSize=8, hyperparameters__maxSeqLength=4096)
+    with pytest.raises(sizing.PlanningError) as err:
+        sizing.plan(spec)
+    assert err.value.field == "spec.baseModel.parameters"
+    assert "lower hyperparameters.batchSize or maxSeqLength" in err.value.message
+    assert "use method qlora" not in err.value.message
