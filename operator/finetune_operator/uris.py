@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 SAFE_CHARS = re.compile(r"^[A-Za-z0-9._~/+=@,:%-]+$")
-_SCHEME = re.compile(r"^([a-z0-9]+)://(.*)$")
+_SCHEME = re.compile(r"^([a-z0-9]+)://(.*)$", re.DOTALL)  # DOTALL: a newline must reach the character check
 _HF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
 _CLAIM = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
@@ -48,8 +48,8 @@ def parse(uri: str, allowed: tuple[str, ...] = tuple(SCHEMES)) -> Uri:
     if not match or match.group(1) not in allowed:
         raise ValueError(f"unsupported URI {uri!r}; expected one of: {expected}")
     scheme, rest = match.groups()
-    if not SAFE_CHARS.match(rest):
-        bad = sorted({c for c in rest if not SAFE_CHARS.match(c)})
+    if not SAFE_CHARS.fullmatch(rest):
+        bad = sorted({c for c in rest if not SAFE_CHARS.fullmatch(c)})
         raise ValueError(
             f"URI {uri!r} contains characters that are not allowed ({''.join(bad)!r}); "
             "use letters, digits and . _ ~ / + = @ , : % -"

@@ -15,7 +15,7 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yam
 
 
 def test_the_corpus_is_large_and_unique():
-    assert len(CASES) >= 50
+    assert len(CASES) >= 60
     assert len({c.id for c in CASES}) == len(CASES)
 
 
