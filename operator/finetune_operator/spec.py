@@ -46,7 +46,7 @@ AUTO_QLORA_BELOW_EXAMPLES = 10_000
 
 _K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _IMAGE = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$"
-_MODULE = r"^[A-Za-z_][A-Za-z0-9_.]*$"
+_MODULE = r"^([A-Za-z_][A-Za-z0-9_.]*|all-linear)$"
 _QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$"
 _LABEL_KEY = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?$"
 _LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"

@@ -1,0 +1,77 @@
+"""The CRD as the API server applies it: valid manifests are admitted; bad ones are stopped at admission
+where the schema or CEL can tell, and by the operator (the same spec model as `finetune plan`) otherwise."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finetune_operator.manifests import validate_document
+
+from .admission import admit
+from .invalid_corpus import CASES, Case
+
+EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
+
+# Cases the CRD alone must stop at `kubectl apply` (the rest are stopped by the operator: InvalidSpec).
+MUST_FAIL_AT_ADMISSION = {
+    "unknown-method",
+    "uppercase-name",
+    "name-too-long",
+    "missing-base-model",
+    "zero-rank",
+    "dropout-above-one",
+    "quantization-with-lora",
+    "validation-and-split",
+    "unknown-format",
+    "missing-train",
+    "negative-epochs",
+    "fractional-batch",
+    "zero-gpus",
+    "missing-output",
+    "gate-without-bounds",
+    "gate-min-above-max",
+    "shell-image",
+    "bad-secret-name",
+    "oversized-uri",
+    "too-many-gates",
+}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_every_example_is_admitted(path: Path):
+    verdict = admit(yaml.safe_load(path.read_text()))
+    assert verdict.admitted, verdict
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_every_bad_manifest_is_stopped_with_its_field_named(case: Case):
+    manifest = case.manifest()
+    verdict = admit(manifest)
+    by_operator = validate_document(manifest)
+    assert not by_operator.ok  # the operator validates with the same model as `finetune plan`
+    assert any(i.path == case.path for i in by_operator.issues)
+    if case.id in MUST_FAIL_AT_ADMISSION:
+        assert not verdict.admitted, f"{case.id} should be refused by the CRD"
+
+
+def test_admission_figures(capsys: pytest.CaptureFixture[str]):
+    stopped = sum(not admit(c.manifest()).admitted for c in CASES)
+    with capsys.disabled():
+        print(f"\nadmission: {stopped} of {len(CASES)} bad manifests refused by the CRD schema/CEL; "
+              f"{len(CASES) - stopped} left to the operator (InvalidSpec)")
+    assert stopped >= len(MUST_FAIL_AT_ADMISSION)
+
+
+def test_updates_other_than_suspend_are_refused_at_admission():
+    doc = yaml.safe_load(EXAMPLES[0].read_text())
+    suspended = copy.deepcopy(doc)
+    suspended["spec"]["suspend"] = True
+    assert admit(suspended, old=doc).admitted
+    edited = copy.deepcopy(doc)
+    edited["spec"]["dataset"]["train"] = "s3://elsewhere/train.jsonl"
+    verdict = admit(edited, old=doc)
+    assert any("spec.dataset is immutable" in e for e in verdict.cel_errors), verdict
