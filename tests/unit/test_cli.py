@@ -117,3 +117,39 @@ def test_operator_package_imports_without_torch():
         "assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def _docs(stdout: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(stdout) if d]
+
+
+def test_plan_yaml_prints_exactly_the_children_for_kubectl_apply():
+    result = run("plan", str(ROOT / "examples" / "healthcare-lora.yaml"), "-o", "yaml")
+    assert result.returncode == 0, result.stderr
+    docs = _docs(result.stdout)
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "Job"]
+    assert result.stdout.startswith("# name: healthcare-assistant")
+    job = docs[2]
+    assert job["spec"]["completionMode"] == "Indexed"
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for doc in docs:
+        assert "ownerReferences" not in doc["metadata"]  # no uid at plan time; kubectl apply accepts it
+
+
+def test_plan_yaml_70b_full_is_a_two_node_indexed_job_with_8_gpus_per_pod():
+    result = run("plan", str(ROOT / "examples" / "full-70b-multinode.yaml"), "-o", "yaml")
+    job = _docs(result.stdout)[2]
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
+
+
+def test_plan_yaml_output_validates_against_kubernetes_schemas():
+    import kubernetes_validate
+
+    result = run("plan", *map(str, EXAMPLES), "-o", "yaml")
+    docs = _docs(result.stdout)
+    assert len(docs) == 3 * len(EXAMPLES)
+    for doc in docs:
+        kubernetes_validate.validate(doc, "1.31.0", strict=True)

@@ -1,0 +1,517 @@
+"""Pure renderers: a FineTuneJob and its sizing plan in, the child objects as plain dicts out.
+
+No kopf, no Kubernetes client, no I/O: the same functions serve the operator (which creates what they
+return), `finetune plan -o yaml` (which prints it for `kubectl apply -f -`) and the golden tests. Output is
+deterministic: the same inputs give equal dicts, so re-rendering never produces a spurious diff.
+
+A FineTuneJob `<name>` owns three children:
+
+- ConfigMap `<name>-config`: the trainer's frozen config snapshot (`contract.CONFIG_KEY`), mounted
+  read-only at `contract.CONFIG_PATH`.
+- Service `<name>`: headless, publishing not-ready addresses, so every pod has the DNS name
+  `<name>-<index>.<name>` from the moment it starts (rank 0 must be resolvable before it is Ready).
+- Job `<name>`: an Indexed Job with one pod per node; `JOB_COMPLETION_INDEX` is the machine rank and
+  pod 0 is the rendezvous host.
+
+Design choices (why, not what):
+
+- GPU memory placement uses NVIDIA GPU feature discovery's `nvidia.com/gpu.memory` node label (MiB per
+  GPU). GPUs report less than their marketing size (A10G "24GB" = 23028 MiB, L40S "48GB" = 46068 MiB,
+  H100 80GB = 81559 MiB), so the node must have at least `tolerance * GiB * 1024` MiB (default 0.9), which
+  still shuts out the next smaller class (16 of 24, 40 of 48). Node affinity only has `Gt`, so the bound
+  is written as `Gt (minimum - 1)`.
+- `FT_MAIN_ADDRESS` is `<name>-0.<service>.<namespace>.svc`: namespace-qualified so it does not depend
+  on the pod's DNS search list order, and without the cluster domain (`cluster.local` is configurable
+  per cluster) -- the `<cluster-domain>` search entry completes it.
+- Credentials only ever arrive as `envFrom: secretRef` (or the service account's projected token), never
+  as values. `envFrom` sources later in the list win on duplicate keys, so the output's secret comes last
+  and its S3 keys are the ones boto3 sees; a model secret usually only adds HF_TOKEN.
+- `automountServiceAccountToken: false` always: the trainer never calls the Kubernetes API, and IRSA,
+  EKS Pod Identity and Azure workload identity inject their own projected token volume through their
+  mutating webhooks (independent of automount); GKE workload identity uses the metadata server.
+- The operator's S3 endpoint/region (settings) go in as `AWS_ENDPOINT_URL` / `AWS_REGION` /
+  `AWS_DEFAULT_REGION`, which boto3 reads natively. Kubernetes gives `env` precedence over `envFrom`, so
+  when the operator configures an endpoint it applies to every job; leave it unset to let each job's
+  Secret carry its own `AWS_ENDPOINT_URL`.
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+from finetune_operator import contract, uris
+from finetune_operator.settings import OperatorSettings
+from finetune_operator.spec import API_VERSION, KIND, FineTuneJob, ObjectMeta, Plan
+
+#: Kubernetes caps names used as DNS labels (Service names, pod host names, label values) at 63.
+MAX_DNS_LABEL = 63
+
+LABEL_JOB = "finetune.dev/job"
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+APP_NAME = "finetune-operator"
+MANAGED_BY = "finetune-operator"
+COMPONENT_TRAINER = "trainer"
+
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_PRIORITY_LABEL = "kueue.x-k8s.io/priority-class"
+COMPLETION_INDEX_ANNOTATION = "batch.kubernetes.io/job-completion-index"
+
+CONTAINER_NAME = "trainer"
+TRAINER_COMMAND = ["python", "-m", "finetune_trainer.launch"]
+PORT_NAME = "rendezvous"
+NVIDIA_GPU = "nvidia.com/gpu"
+
+CONFIG_DIR = posixpath.dirname(contract.CONFIG_PATH)
+CACHE_DIR = "/var/cache/finetune"
+TMP_DIR = "/tmp"
+SHM_DIR = "/dev/shm"
+VOLUME_CONFIG = "config"
+VOLUME_SHM = "dshm"
+VOLUME_CACHE = "cache"
+VOLUME_TMP = "tmp"
+
+
+@dataclass(frozen=True)
+class ChildNames:
+    """Names of a FineTuneJob's children (all in the FineTuneJob's namespace)."""
+
+    config_map: str
+    service: str
+    job: str
+
+
+def child_names(job_name: str) -> ChildNames:
+    """Deterministic child names. The spec model limits `job_name` to 52 characters, so each name, and the
+    longest pod host name `<job>-<index>` (sizing caps a run at 4096 GPUs, so index <= 4095), fit in 63."""
+    names = ChildNames(config_map=f"{job_name}-config", service=job_name, job=job_name)
+    for name in (names.config_map, names.service, names.job):
+        assert len(name) <= MAX_DNS_LABEL, f"child name {name!r} is longer than {MAX_DNS_LABEL} characters"
+    return names
+
+
+def main_address(job_name: str, namespace: str) -> str:
+    """DNS name of pod 0 (the rendezvous host) through the headless Service."""
+    names = child_names(job_name)
+    return f"{names.job}-0.{names.service}.{namespace}.svc"
+
+
+def labels(job: FineTuneJob) -> dict[str, str]:
+    """Labels every child carries; `finetune.dev/job` selects a job's objects and pods."""
+    name = job.metadata.name
+    return {
+        LABEL_NAME: APP_NAME,
+        LABEL_INSTANCE: name,
+        LABEL_MANAGED_BY: MANAGED_BY,
+        LABEL_PART_OF: "finetune",
+        LABEL_JOB: name,
+    }
+
+
+def pod_selector(job: FineTuneJob) -> dict[str, str]:
+    """Labels that select exactly the training pods of a job (the Service's selector)."""
+    return {LABEL_JOB: job.metadata.name, LABEL_COMPONENT: COMPONENT_TRAINER}
+
+
+def owner_reference(job_meta: ObjectMeta | Mapping[str, Any]) -> dict[str, Any]:
+    """The controller owner reference to a FineTuneJob: its children are garbage-collected with it."""
+    name: str | None
+    uid: str | None
+    if isinstance(job_meta, ObjectMeta):
+        name, uid = job_meta.name, job_meta.uid
+    else:
+        name, uid = job_meta.get("name"), job_meta.get("uid")
+    if not name or not uid:
+        raise ValueError("an owner reference needs the FineTuneJob's metadata.name and metadata.uid")
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": name,
+        "uid": uid,
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: FineTuneJob, name: str, extra_labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {
+        "name": name,
+        "namespace": job.metadata.namespace,
+        "labels": {**labels(job), **(extra_labels or {})},
+    }
+    # Without a uid (plan time, `finetune plan -o yaml`) there is nothing to own the children yet;
+    # `kubectl apply` rejects an owner reference without a uid.
+    if job.metadata.uid:
+        meta["ownerReferences"] = [owner_reference(job.metadata)]
+    return meta
+
+
+def trainer_image(job: FineTuneJob, settings: OperatorSettings) -> str:
+    return job.spec.image or settings.trainer_image
+
+
+def render_config_map(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> dict[str, Any]:
+    """The ConfigMap holding the trainer's config snapshot."""
+    names = child_names(job.metadata.name)
+    snapshot = contract.resolve(job, plan, trainer_image(job, settings))
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, names.config_map),
+        "data": {contract.CONFIG_KEY: contract.config_json(snapshot)},
+    }
+
+
+def render_service(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> dict[str, Any]:
+    """The headless Service that gives each training pod a stable DNS name."""
+    names = child_names(job.metadata.name)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, names.service),
+        "spec": {
+            "clusterIP": "None",
+            # Rank 0 must resolve while the pods start, long before any readiness.
+            "publishNotReadyAddresses": True,
+            "selector": pod_selector(job),
+            "ports": [
+                {
+                    "name": PORT_NAME,
+                    "port": settings.main_port,
+                    "targetPort": settings.main_port,
+                    "protocol": "TCP",
+                }
+            ],
+        },
+    }
+
+
+@dataclass(frozen=True)
+class _PvcMount:
+    claim: str
+    read_only: bool
+
+
+def pvc_mounts(job: FineTuneJob) -> list[_PvcMount]:
+    """Claims named by `pvc://` URIs, sorted; the output's claim is writable, the others read-only."""
+    spec = job.spec
+    read = [
+        spec.base_model.uri,
+        spec.dataset.train,
+        spec.dataset.validation,
+        spec.evaluation.test_set,
+        spec.evaluation.glossary,
+    ]
+    claims: dict[str, bool] = {}
+    for uri in read:
+        if uri and uri.startswith("pvc://"):
+            claims.setdefault(uris.parse(uri, ("pvc",)).authority, True)
+    if spec.output.uri.startswith("pvc://"):
+        claims[uris.parse(spec.output.uri, ("pvc",)).authority] = False
+    return [_PvcMount(claim, read_only) for claim, read_only in sorted(claims.items())]
+
+
+def _uses_s3(job: FineTuneJob) -> bool:
+    spec = job.spec
+    named = [
+        spec.base_model.uri,
+        spec.dataset.train,
+        spec.dataset.validation,
+        spec.output.uri,
+        spec.evaluation.test_set,
+        spec.evaluation.glossary,
+    ]
+    return any(uri and uri.startswith("s3://") for uri in named)
+
+
+def secret_names(job: FineTuneJob, settings: OperatorSettings) -> list[str]:
+    """Secrets projected with `envFrom`, in precedence order (last wins): model, dataset, output.
+
+    The operator's default S3 secret stands in when the spec names no dataset or output secret, uses S3,
+    and sets no service account -- static keys in the environment would shadow IRSA's web identity.
+    """
+    spec = job.spec
+    refs = [spec.base_model.secret_ref, spec.dataset.secret_ref, spec.output.secret_ref]
+    ordered = [ref.name for ref in refs if ref is not None]
+    if (
+        settings.s3_secret
+        and spec.dataset.secret_ref is None
+        and spec.output.secret_ref is None
+        and spec.service_account_name is None
+        and _uses_s3(job)
+    ):
+        ordered.append(settings.s3_secret)
+    # One entry per Secret, at its last (strongest) position.
+    result: list[str] = []
+    for name in reversed(ordered):
+        if name not in result:
+            result.insert(0, name)
+    return result
+
+
+def _scale(quantity: str, factor: int) -> str:
+    """`"32Gi" x 8 -> "256Gi"`: multiply a Kubernetes quantity, keeping its suffix."""
+    digits = quantity.rstrip("kKMGTPEimu")
+    suffix = quantity[len(digits) :]
+    value = (Decimal(digits) * factor).normalize()
+    if suffix == "m" and value % 1000 == 0:  # "1000m" -> "1", as Kubernetes itself would write it
+        value, suffix = (value / 1000).normalize(), ""
+    return f"{value:f}{suffix}"
+
+
+def _processes(plan: Plan, settings: OperatorSettings) -> int:
+    return plan.gpus_per_node if settings.use_gpus else settings.cpu_procs_per_node
+
+
+def _resources(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> dict[str, Any]:
+    res = job.spec.resources
+    procs = _processes(plan, settings)
+    cpu = res.cpu or _scale(settings.cpu_per_process, procs)
+    memory = res.memory or _scale(settings.memory_per_process, procs)
+    requests: dict[str, str] = {"cpu": cpu, "memory": memory}
+    # Requests only for CPU and memory: a CPU limit throttles the data loader and starves the GPUs, and
+    # loading a checkpoint (rank 0 materializes full weights before FSDP shards them) peaks far above the
+    # steady state that the request reserves; a limit would turn that peak into OOMKilled.
+    limits: dict[str, str] = {}
+    if settings.use_gpus:
+        requests[res.gpu_resource_name] = str(plan.gpus_per_node)
+        limits[res.gpu_resource_name] = str(plan.gpus_per_node)
+    return {"requests": requests, "limits": limits} if limits else {"requests": requests}
+
+
+def gpu_memory_min_mib(plan: Plan, settings: OperatorSettings) -> int:
+    """Least `nvidia.com/gpu.memory` (MiB) a node needs for the plan's GPU class (see module docstring)."""
+    return int(plan.gpu_memory_gib * 1024 * settings.gpu_memory_tolerance)
+
+
+def _affinity(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> dict[str, Any] | None:
+    if not settings.use_gpus or not settings.gpu_memory_label:
+        return None
+    minimum = gpu_memory_min_mib(plan, settings)
+    return {
+        "nodeAffinity": {
+            "requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [
+                    {
+                        "matchExpressions": [
+                            {"key": settings.gpu_memory_label, "operator": "Gt", "values": [str(minimum - 1)]}
+                        ]
+                    }
+                ]
+            }
+        }
+    }
+
+
+def _tolerations(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str, Any]]:
+    result = [t.wire() for t in job.spec.resources.tolerations]
+    if settings.use_gpus:
+        # GPU node pools are commonly tainted `<gpu resource>:NoSchedule` (GKE, EKS and AKS GPU pools use
+        # nvidia.com/gpu); tolerating it is what lets GPU pods land there at all.
+        for key in dict.fromkeys([NVIDIA_GPU, job.spec.resources.gpu_resource_name]):
+            toleration = {"key": key, "operator": "Exists", "effect": "NoSchedule"}
+            if toleration not in result:
+                result.append(toleration)
+    return result
+
+
+def _env(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> list[dict[str, Any]]:
+    names = child_names(job.metadata.name)
+    env: list[dict[str, Any]] = [
+        {"name": contract.ENV_CONFIG, "value": contract.CONFIG_PATH},
+        {"name": contract.ENV_NUM_MACHINES, "value": str(plan.nodes)},
+        # Kubernetes injects the same variable into Indexed Job pods; spelled out here so the contract is
+        # visible in the manifest (the Job controller keeps an existing definition).
+        {
+            "name": contract.ENV_MACHINE_RANK,
+            "valueFrom": {
+                "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
+            },
+        },
+        {"name": contract.ENV_MAIN_ADDRESS, "value": main_address(names.job, job.metadata.namespace)},
+        {"name": contract.ENV_MAIN_PORT, "value": str(settings.main_port)},
+        {"name": contract.ENV_PROCS_PER_MACHINE, "value": str(_processes(plan, settings))},
+        {"name": contract.ENV_OUTPUT_URI, "value": job.spec.output.uri},
+        {"name": contract.ENV_CACHE_DIR, "value": CACHE_DIR},
+        {"name": contract.ENV_PVC_ROOT, "value": contract.DEFAULT_PVC_ROOT},
+        # The root filesystem is read-only: home, temp files and the Hugging Face cache live on volumes.
+        {"name": "HOME", "value": TMP_DIR},
+        {"name": "TMPDIR", "value": TMP_DIR},
+        {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+    ]
+    if settings.s3_endpoint:
+        env.append({"name": "AWS_ENDPOINT_URL", "value": settings.s3_endpoint})
+    if settings.s3_region:
+        env.append({"name": "AWS_REGION", "value": settings.s3_region})
+        env.append({"name": "AWS_DEFAULT_REGION", "value": settings.s3_region})
+    return env
+
+
+def _volumes(job: FineTuneJob, settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    names = child_names(job.metadata.name)
+    volumes: list[dict[str, Any]] = [
+        {
+            "name": VOLUME_CONFIG,
+            "configMap": {
+                "name": names.config_map,
+                "items": [{"key": contract.CONFIG_KEY, "path": posixpath.basename(contract.CONFIG_PATH)}],
+            },
+        },
+        # The container runtime's default /dev/shm is 64MiB; NCCL and data-loader workers need far more.
+        {"name": VOLUME_SHM, "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
+        {"name": VOLUME_CACHE, "emptyDir": {"sizeLimit": settings.cache_size}},
+        {"name": VOLUME_TMP, "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": VOLUME_CONFIG, "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": VOLUME_SHM, "mountPath": SHM_DIR},
+        {"name": VOLUME_CACHE, "mountPath": CACHE_DIR},
+        {"name": VOLUME_TMP, "mountPath": TMP_DIR},
+    ]
+    # Volume names are indexed, not the claim name: "pvc-" + a 63-character claim would exceed 63.
+    for index, pvc in enumerate(pvc_mounts(job)):
+        volume = f"pvc-{index}"
+        volumes.append(
+            {"name": volume, "persistentVolumeClaim": {"claimName": pvc.claim, "readOnly": pvc.read_only}}
+        )
+        mounts.append(
+            {"name": volume, "mountPath": f"{contract.DEFAULT_PVC_ROOT}/{pvc.claim}", "readOnly": pvc.read_only}
+        )
+    return volumes, mounts
+
+
+def _pod_security(settings: OperatorSettings) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pod and container security contexts meeting the Pod Security Standards "restricted" profile."""
+    pod = {
+        "runAsNonRoot": True,
+        "runAsUser": settings.run_as_user,
+        "runAsGroup": settings.run_as_user,
+        "fsGroup": settings.run_as_user,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    container = {
+        "runAsNonRoot": True,
+        "runAsUser": settings.run_as_user,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    return pod, container
+
+
+def _pod_failure_policy() -> dict[str, Any]:
+    return {
+        "rules": [
+            # Preemption, eviction, node drain: not the trainer's fault, so not counted against backoffLimit.
+            {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+            # Bad config/data/credentials or missed quality gates: a retry gives the same answer.
+            {
+                "action": "FailJob",
+                "onExitCodes": {
+                    "containerName": CONTAINER_NAME,
+                    "operator": "In",
+                    "values": [contract.EXIT_CONFIG_ERROR, contract.EXIT_GATES_FAILED],
+                },
+            },
+        ]
+    }
+
+
+def kueue_labels(job: FineTuneJob) -> dict[str, str]:
+    """Kueue's queue and priority labels, copied from the FineTuneJob to the Job."""
+    own = job.metadata.labels
+    return {key: own[key] for key in (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL) if key in own}
+
+
+def render_job(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> dict[str, Any]:
+    """The Indexed Job running one training pod per node."""
+    names = child_names(job.metadata.name)
+    spec = job.spec
+    pod_security, container_security = _pod_security(settings)
+    volumes, mounts = _volumes(job, settings)
+    queued = kueue_labels(job)
+
+    env_from = [{"secretRef": {"name": name}} for name in secret_names(job, settings)]
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": trainer_image(job, settings),
+        "imagePullPolicy": settings.image_pull_policy,
+        # An argv list, never a shell string: no spec value is ever parsed by a shell.
+        "command": list(TRAINER_COMMAND),
+        "env": _env(job, plan, settings),
+        "ports": [{"name": PORT_NAME, "containerPort": settings.main_port, "protocol": "TCP"}],
+        "resources": _resources(job, plan, settings),
+        "volumeMounts": mounts,
+        "securityContext": container_security,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    if env_from:
+        container["envFrom"] = env_from
+
+    pod_spec: dict[str, Any] = {
+        "subdomain": names.service,
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        # Service links would add variables for every Service in the namespace to the trainer's env.
+        "enableServiceLinks": False,
+        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
+        "securityContext": pod_security,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    if spec.resources.priority_class_name:
+        pod_spec["priorityClassName"] = spec.resources.priority_class_name
+    if spec.resources.node_selector:
+        pod_spec["nodeSelector"] = dict(sorted(spec.resources.node_selector.items()))
+    affinity = _affinity(job, plan, settings)
+    if affinity:
+        pod_spec["affinity"] = affinity
+    tolerations = _tolerations(job, settings)
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+
+    job_spec: dict[str, Any] = {
+        "completionMode": "Indexed",
+        "completions": plan.nodes,
+        "parallelism": plan.nodes,
+        "backoffLimit": spec.backoff_limit,
+        # Kueue creates the Job suspended and unsuspends it on admission.
+        "suspend": spec.suspend or bool(queued.get(KUEUE_QUEUE_LABEL)),
+        "ttlSecondsAfterFinished": settings.job_ttl_seconds,
+        "podFailurePolicy": _pod_failure_policy(),
+        # A replacement pod starts only once the old one is gone, so two pods never share a rank's host name.
+        "podReplacementPolicy": "Failed",
+        "template": {
+            "metadata": {"labels": {**labels(job), LABEL_COMPONENT: COMPONENT_TRAINER}},
+            "spec": pod_spec,
+        },
+    }
+    if spec.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = spec.active_deadline_seconds
+
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(job, names.job, queued),
+        "spec": job_spec,
+    }
+
+
+def render_children(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> list[dict[str, Any]]:
+    """All children in creation order: ConfigMap, Service, Job (the Job's pods need the other two)."""
+    return [
+        render_config_map(job, plan, settings),
+        render_service(job, plan, settings),
+        render_job(job, plan, settings),
+    ]
