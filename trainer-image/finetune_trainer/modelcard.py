@@ -1,0 +1,208 @@
+"""The model card (`README.md` next to the artifacts): Hugging Face style Markdown with YAML front matter.
+
+It says what was trained from what, how (method, plan, hyperparameters), on which data (hashes live in
+provenance.json), how it scored against the base model, and what it is not for. Pure: the same inputs
+render the same text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from finetune_operator.contract import TrainerConfig
+from finetune_operator.spec import EvaluationStatus
+
+#: (Scores field, label, whether higher is better)
+_METRICS = (
+    ("accuracy", "accuracy", True),
+    ("terminology", "terminology", True),
+    ("hallucination", "hallucination (lower is better)", False),
+    ("format_compliance", "format compliance", True),
+    ("eval_loss", "eval loss (lower is better)", False),
+    ("perplexity", "perplexity (lower is better)", False),
+)
+
+
+def _cell(value: Any) -> str:
+    """A Markdown table cell: no pipes or newlines, numbers short."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if math.isinf(value) or math.isnan(value):
+            return str(value)
+        return f"{value:.4g}"
+    if isinstance(value, list | tuple):
+        value = ", ".join(str(v) for v in value)
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: tuple[str, ...], rows: list[tuple[Any, ...]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _base_model_id(uri: str) -> str:
+    """`hf://org/name` -> `org/name` (a hub id, as the card metadata expects); other URIs as they are."""
+    return uri.removeprefix("hf://")
+
+
+def _front_matter(config: TrainerConfig) -> str:
+    spec = config.spec
+    tags = ["finetune-operator", config.method, "text-generation"]
+    if spec.dataset.format != "auto":
+        tags.append(spec.dataset.format)
+    meta = {
+        "base_model": _base_model_id(spec.base_model.uri),
+        "library_name": "transformers" if config.method == "full" else "peft",
+        "pipeline_tag": "text-generation",
+        "tags": tags,
+    }
+    return "---\n" + yaml.safe_dump(meta, sort_keys=False, default_flow_style=False) + "---\n"
+
+
+def _evaluation_section(evaluation: EvaluationStatus | None) -> list[str]:
+    if evaluation is None:
+        return ["## Evaluation", "", "No evaluation was run (`spec.evaluation.enabled: false`, or training did "
+                "not finish).", ""]
+    rows = []
+    for field, label, higher_better in _METRICS:
+        base, tuned = getattr(evaluation.base, field), getattr(evaluation.tuned, field)
+        if base is None and tuned is None:
+            continue
+        if field == "accuracy" and evaluation.accuracy_metric:
+            label = f"accuracy ({evaluation.accuracy_metric})"
+        change = None
+        if base is not None and tuned is not None and math.isfinite(base) and math.isfinite(tuned):
+            delta = tuned - base
+            change = f"{delta:+.4g}" + ("" if delta == 0 else " (better)" if (delta > 0) == higher_better else " (worse)")
+        rows.append((label, base, tuned, change))
+    lines = [
+        "## Evaluation",
+        "",
+        f"Base model and fine-tuned model on the same {evaluation.examples} held-out test examples "
+        "(greedy decoding).",
+        "",
+        _table(("metric", "base", "fine-tuned", "change"), rows) if rows else "No scores were recorded.",
+        "",
+    ]
+    if evaluation.gates_passed is not None:
+        if evaluation.gates_passed:
+            lines += ["All quality gates passed.", ""]
+        else:
+            lines += ["Quality gates missed:", ""] + [f"- {g}" for g in evaluation.failed_gates] + [""]
+    lines += [
+        f"Accuracy ({evaluation.accuracy_metric or 'see evaluation.json'}) measures the token overlap of "
+        "answers and references (longest common subsequence); terminology is the share of the "
+        "references' domain terms the answers use; hallucination is the share of domain terms and numbers "
+        "in the answers found in neither the question nor the reference.",
+        "",
+    ]
+    return lines
+
+
+def render_model_card(
+    config: TrainerConfig,
+    *,
+    evaluation: EvaluationStatus | None,
+    artifacts: Mapping[str, str],
+    metrics_summary: Mapping[str, Any],
+) -> str:
+    """The model card as Markdown (front matter, method and plan, data, hyperparameters, evaluation,
+    artifacts, intended use and limitations)."""
+    spec, plan = config.spec, config.plan
+    hp = spec.hyperparameters
+    method_names = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA (4-bit base + LoRA)"}
+    revision = f" (revision `{spec.base_model.revision}`)" if spec.base_model.revision else ""
+    lines = [
+        _front_matter(config),
+        f"# {config.name}",
+        "",
+        f"Fine-tuned from `{spec.base_model.uri}`{revision} with {method_names[config.method]} by "
+        f"finetune-operator (FineTuneJob `{config.namespace}/{config.name}`).",
+        "",
+        "## Method and plan",
+        "",
+    ]
+    method_rows: list[tuple[Any, ...]] = [("method", config.method)]
+    if config.method in ("lora", "qlora"):
+        method_rows += [
+            ("LoRA rank r / alpha", f"{spec.lora.r} / {spec.lora.alpha}"),
+            ("LoRA dropout", spec.lora.dropout),
+            ("target modules", spec.lora.target_modules),
+        ]
+    if config.method == "qlora":
+        q = spec.resolved_quantization()
+        method_rows.append(("quantization", f"{q.bits}-bit {q.type}, double quant {q.double_quant}, "
+                                            f"compute {q.compute_dtype}"))
+    method_rows += [
+        ("GPUs", f"{plan.gpus} x {plan.gpu_memory_gib} GiB on {plan.nodes} node(s)"),
+        ("plan source", plan.source),
+        ("plan reason", plan.reason),
+    ]
+    lines += [_table(("setting", "value"), method_rows), ""]
+
+    data_rows: list[tuple[Any, ...]] = [("train", spec.dataset.train), ("format", spec.dataset.format)]
+    if spec.dataset.validation:
+        data_rows.append(("validation", spec.dataset.validation))
+    if spec.dataset.validation_split:
+        data_rows.append(("validation split", spec.dataset.validation_split))
+    if spec.evaluation.test_set:
+        data_rows.append(("test set", spec.evaluation.test_set))
+    if spec.evaluation.glossary:
+        data_rows.append(("glossary", spec.evaluation.glossary))
+    provenance = artifacts.get("provenance")
+    lines += [
+        "## Data",
+        "",
+        _table(("input", "URI"), data_rows),
+        "",
+        f"The sha256 of every data file, the base model files and the resolved configuration are recorded "
+        f"in the provenance record{f' (`{provenance}`)' if provenance else ''}.",
+        "",
+        "## Hyperparameters",
+        "",
+        _table(
+            ("hyperparameter", "value"),
+            [
+                ("epochs", hp.epochs),
+                ("max steps", hp.max_steps),
+                ("learning rate", hp.learning_rate_for(config.method)),
+                ("scheduler / warmup ratio", f"{hp.lr_scheduler} / {hp.warmup_ratio}"),
+                ("batch size per GPU x accumulation", f"{hp.batch_size} x {hp.gradient_accumulation_steps}"),
+                ("max sequence length", hp.max_seq_length),
+                ("packing", hp.packing),
+                ("precision", hp.precision),
+                ("gradient checkpointing", hp.gradient_checkpointing),
+                ("weight decay", hp.weight_decay),
+                ("seed", hp.seed),
+            ],
+        ),
+        "",
+    ]
+    if metrics_summary:
+        lines += ["## Training", "", _table(("metric", "value"), sorted(metrics_summary.items())), ""]
+    lines += _evaluation_section(evaluation)
+    if artifacts:
+        lines += ["## Artifacts", ""] + [f"- {kind}: `{uri}`" for kind, uri in sorted(artifacts.items())] + [""]
+    lines += [
+        "## Intended use and limitations",
+        "",
+        "- Intended for the domain and task of its training data, and for research and evaluation of that "
+        "use; check its answers before relying on them.",
+        "- The scores above come from a small automatic evaluation on held-out examples. They do not "
+        "establish factual correctness, safety or fitness for any decision.",
+        "- It can state wrong facts and numbers fluently (see the hallucination score), and it inherits the "
+        "limitations, biases and license of the base model.",
+        "- Not a medical, legal or financial device: in regulated domains a qualified professional must "
+        "review every output.",
+        "",
+    ]
+    return "\n".join(lines)
+

@@ -1,0 +1,177 @@
+"""The provenance record of a run (`provenance.json`): what went in, so the result can be traced and redone.
+
+It holds the sha256 of every training/validation/test file, the base model URI, revision and file hashes,
+a hash of the resolved spec, the resolved hyperparameters, library versions, seed, image, world size and the
+job's identity. It carries no host names and no local cache paths, and its keys are sorted, so two runs
+of the same job on the same inputs give records that differ only in `startedAt` (and `job.uid`).
+
+This module builds the record; the trainer decides when to upload it (before the first step when
+`compliance.provenanceRequired`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import platform
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from finetune_operator.contract import TrainerConfig
+
+SCHEMA_VERSION = 1
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "tokenizers",
+             "safetensors", "finetune-operator")
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_manifest(files: Mapping[str, str]) -> str:
+    """One digest over {relative path: sha256}: sha256 of `sha256sum`-style lines, sorted by path."""
+    lines = "".join(f"{digest}  {name}\n" for name, digest in sorted(files.items()))
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def sha256_tree(root: str | Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under `root` (hidden files skipped)."""
+    base = Path(root)
+    return {
+        p.relative_to(base).as_posix(): sha256_file(p)
+        for p in sorted(base.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(base).parts)
+    }
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted keys, no whitespace: the same object always gives the same bytes."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def config_sha256(config: TrainerConfig) -> str:
+    """sha256 of the canonical JSON of the resolved spec (wire names, unset fields left out)."""
+    return hashlib.sha256(canonical_json(config.spec.wire()).encode()).hexdigest()
+
+
+def library_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def resolved_hyperparameters(config: TrainerConfig) -> dict[str, Any]:
+    """The optimization settings as run: defaults filled in, learning rate resolved for the method."""
+    spec = config.spec
+    hp = spec.hyperparameters.wire()
+    hp["learningRate"] = spec.hyperparameters.learning_rate_for(config.method)
+    resolved: dict[str, Any] = {"method": config.method, **hp}
+    if config.method in ("lora", "qlora"):
+        resolved["lora"] = spec.lora.wire()
+    if config.method == "qlora":
+        resolved["quantization"] = spec.resolved_quantization().wire()
+    return resolved
+
+
+def _data_entries(
+    data_files: Mapping[str, Path] | Sequence[Path], data_uris: Mapping[str, str] | Sequence[str]
+) -> list[dict[str, Any]]:
+    if isinstance(data_files, Mapping):
+        uris = data_uris if isinstance(data_uris, Mapping) else {}
+        pairs = [(role, Path(path), uris.get(role)) for role, path in data_files.items()]
+    else:
+        uri_list = list(data_uris.values()) if isinstance(data_uris, Mapping) else list(data_uris)
+        if len(uri_list) != len(data_files):
+            raise ValueError(f"{len(data_files)} data files but {len(uri_list)} data URIs")
+        pairs = [(None, Path(path), uri) for path, uri in zip(data_files, uri_list, strict=True)]
+    entries = []
+    for role, path, uri in pairs:
+        entry: dict[str, Any] = {"uri": uri, "name": path.name}
+        if role is not None:
+            entry["role"] = role
+        if path.is_dir():
+            files = sha256_tree(path)
+            entry.update(files=files, sha256=sha256_manifest(files),
+                         bytes=sum((path / name).stat().st_size for name in files))
+        else:
+            entry.update(sha256=sha256_file(path), bytes=path.stat().st_size)
+        entries.append(entry)
+    return sorted(entries, key=lambda e: (e.get("role") or "", e["uri"] or "", e["name"]))
+
+
+def _timestamp(value: datetime | str | None) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _sorted(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {k: _sorted(obj[k]) for k in sorted(obj)}
+    if isinstance(obj, list | tuple):
+        return [_sorted(v) for v in obj]
+    return obj
+
+
+def build_provenance(
+    config: TrainerConfig,
+    *,
+    data_files: Mapping[str, Path] | Sequence[Path],
+    data_uris: Mapping[str, str] | Sequence[str],
+    base_model_uri: str,
+    base_model_revision: str | None,
+    base_model_files_sha256: str | Mapping[str, str] | None,
+    image: str | None,
+    seed: int,
+    world_size: int,
+    started_at: datetime | str | None,
+) -> dict[str, Any]:
+    """The provenance record (a JSON-ready dict with sorted keys).
+
+    `data_files`/`data_uris`: local copies and their source URIs, either as {role: path} and {role: uri}
+    (roles such as train/validation/test) or as two parallel lists. A directory is hashed file by file.
+    `base_model_files_sha256`: one digest, or {relative path: sha256} of the model files (then the digest
+    is `sha256_manifest` of it). `started_at`: a datetime (rendered RFC 3339 UTC) or an RFC 3339 string.
+    """
+    base_model: dict[str, Any] = {"uri": base_model_uri, "revision": base_model_revision}
+    if isinstance(base_model_files_sha256, Mapping):
+        base_model["files"] = dict(base_model_files_sha256)
+        base_model["filesSha256"] = sha256_manifest(base_model_files_sha256)
+    else:
+        base_model["filesSha256"] = base_model_files_sha256
+    record = {
+        "schemaVersion": SCHEMA_VERSION,
+        "job": {
+            "name": config.name,
+            "namespace": config.namespace,
+            "uid": config.uid,
+            "generation": config.generation,
+        },
+        "startedAt": _timestamp(started_at),
+        "image": image,
+        "seed": seed,
+        "worldSize": world_size,
+        "method": config.method,
+        "baseModel": base_model,
+        "data": _data_entries(data_files, data_uris),
+        "configSha256": config_sha256(config),
+        "hyperparameters": resolved_hyperparameters(config),
+        "plan": config.plan.wire(),
+        "libraries": library_versions(),
+    }
+    return _sorted(record)
