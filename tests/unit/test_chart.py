@@ -155,9 +155,9 @@ EXPECTED_PERMISSIONS = {
     ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch"},
     ("finetune.dev", "finetunejobs/status"): {"get", "patch", "update"},
     ("finetune.dev", "finetunejobs/finalizers"): {"update"},
-    ("batch", "jobs"): {"create", "get", "list", "watch", "patch", "delete"},
-    ("", "services"): {"create", "get", "list", "watch", "patch", "delete"},
-    ("", "configmaps"): {"create", "get", "list", "watch", "patch", "delete"},
+    ("batch", "jobs"): {"create", "get", "list", "watch", "patch"},
+    ("", "services"): {"create", "get", "list", "watch", "patch"},
+    ("", "configmaps"): {"create", "get", "list", "watch", "patch"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create", "patch"},
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
@@ -194,13 +194,15 @@ def test_rbac_is_least_privilege(chart: helm.Chart) -> None:
 
 
 def test_rbac_covers_what_the_renderers_create(chart: helm.Chart) -> None:
-    """Every child kind the operator renders can be created, read, watched, patched and deleted."""
+    """Every child kind the operator renders can be created, read, watched and patched. Nothing is deleted:
+    children go with their owner through garbage collection."""
     granted = permissions(one(objects(chart), "ClusterRole"))
     plural = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs"}
     for obj in rendered("full-70b-multinode"):
         group = obj["apiVersion"].rpartition("/")[0]
         verbs = granted[(group, plural[obj["kind"]])]
-        assert {"create", "get", "list", "watch", "patch", "delete"} <= verbs
+        assert {"create", "get", "list", "watch", "patch"} <= verbs
+        assert "delete" not in verbs
 
 
 def test_rbac_can_be_disabled(chart: helm.Chart) -> None:

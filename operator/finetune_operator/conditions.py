@@ -1,0 +1,144 @@
+"""Condition types and reasons of a FineTuneJob, and the metav1.Condition update rule.
+
+The vocabulary follows Kubeflow Trainer's TrainJob: one condition per question a user asks
+(`kubectl wait --for=condition=Complete`, `--for=condition=Failed`), each with a CamelCase reason.
+
+Types (each is `True`, `False` or `Unknown`):
+
+- `Valid`: the spec passed validation. False/InvalidSpec names the field; nothing is created.
+- `Planned`: the sizing plan exists (status.plan). False/PlanningFailed says why it cannot.
+- `Created`: the ConfigMap, Service and Job exist and are ours. False/ForeignChild names an object of
+  the same name that something else controls (it is left alone).
+- `Queued`: Kueue manages the job. True/WaitingForAdmission while Kueue keeps the Job suspended,
+  False/Admitted once it runs.
+- `Running`: training pods run. False with the reason it is not (Starting, Suspended, or the terminal reason).
+- `Suspended`: True/Suspended while spec.suspend holds the Job; False/Resumed after; False/KueueManaged
+  when spec.suspend cannot be applied because Kueue owns the Job's suspension.
+- `Complete`: True/TrainingSucceeded when the Job completed. Terminal.
+- `Failed`: True with the failure reason (InvalidSpec, PlanningFailed, BackoffLimitExceeded,
+  DeadlineExceeded, GatesFailed, TrainerConfigError, the trainer's own reason such as InvalidData, ...).
+  Terminal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+# --- types -------------------------------------------------------------------------------------
+VALID = "Valid"
+PLANNED = "Planned"
+CREATED = "Created"
+QUEUED = "Queued"
+RUNNING = "Running"
+SUSPENDED = "Suspended"
+COMPLETE = "Complete"
+FAILED = "Failed"
+
+#: Display order in status.conditions (also the order `kubectl describe` shows them).
+TYPES: tuple[str, ...] = (VALID, PLANNED, CREATED, QUEUED, RUNNING, SUSPENDED, COMPLETE, FAILED)
+
+TRUE = "True"
+FALSE = "False"
+UNKNOWN = "Unknown"
+
+# --- reasons -----------------------------------------------------------------------------------
+VALID_SPEC = "ValidSpec"
+INVALID_SPEC = "InvalidSpec"
+PLANNED_REASON = "Planned"
+PLANNING_FAILED = "PlanningFailed"
+CHILDREN_CREATED = "ChildrenCreated"
+ADOPTED_CHILDREN = "AdoptedChildren"
+CHILDREN_MISSING = "ChildrenMissing"
+FOREIGN_CHILD = "ForeignChild"
+WAITING_FOR_ADMISSION = "WaitingForAdmission"
+ADMITTED = "Admitted"
+STARTING = "Starting"
+RUNNING_REASON = "Running"
+SUSPENDED_REASON = "Suspended"
+RESUMED = "Resumed"
+KUEUE_MANAGED = "KueueManaged"
+TRAINING_SUCCEEDED = "TrainingSucceeded"
+BACKOFF_LIMIT_EXCEEDED = "BackoffLimitExceeded"
+DEADLINE_EXCEEDED = "DeadlineExceeded"
+POD_FAILURE_POLICY = "PodFailurePolicy"
+GATES_FAILED = "GatesFailed"
+TRAINER_CONFIG_ERROR = "TrainerConfigError"
+JOB_FAILED = "JobFailed"
+SPEC_IMMUTABLE = "SpecImmutable"
+
+#: Reasons that end a FineTuneJob for good (besides the trainer's own reasons on PodFailurePolicy).
+TERMINAL_FAILURE_REASONS = frozenset(
+    {
+        INVALID_SPEC,
+        PLANNING_FAILED,
+        BACKOFF_LIMIT_EXCEEDED,
+        DEADLINE_EXCEEDED,
+        POD_FAILURE_POLICY,
+        GATES_FAILED,
+        TRAINER_CONFIG_ERROR,
+        JOB_FAILED,
+    }
+)
+
+Condition = dict[str, Any]
+
+
+def find(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> Condition | None:
+    """The condition of this type, or None."""
+    for cond in conditions or ():
+        if cond.get("type") == type_:
+            return dict(cond)
+    return None
+
+
+def is_true(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> bool:
+    cond = find(conditions, type_)
+    return cond is not None and cond.get("status") == TRUE
+
+
+def set_condition(
+    conditions: Iterable[Mapping[str, Any]] | None,
+    type_: str,
+    status: str,
+    reason: str,
+    message: str,
+    generation: int | None,
+    now: str,
+) -> list[Condition]:
+    """Return a new list with the condition of `type_` set (pure; the input is not modified).
+
+    metav1.Condition semantics: `lastTransitionTime` changes only when `status` changes; reason,
+    message and observedGeneration are always updated. The list is kept in `TYPES` order, with
+    unknown types (written by someone else) after ours in their original order.
+    """
+    if status not in (TRUE, FALSE, UNKNOWN):
+        raise ValueError(f"condition status must be True, False or Unknown, not {status!r}")
+    current = [dict(c) for c in conditions or ()]
+    old = find(current, type_)
+    transition = old["lastTransitionTime"] if old and old.get("status") == status and old.get(
+        "lastTransitionTime"
+    ) else now
+    new: Condition = {
+        "type": type_,
+        "status": status,
+        "reason": reason,
+        "message": message,
+        "lastTransitionTime": transition,
+    }
+    if generation is not None:
+        new["observedGeneration"] = generation
+    rest = [c for c in current if c.get("type") != type_]
+    return _ordered([*rest, new])
+
+
+def remove_condition(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> list[Condition]:
+    """Return a new list without the condition of `type_`."""
+    return [dict(c) for c in conditions or () if c.get("type") != type_]
+
+
+def _ordered(conditions: list[Condition]) -> list[Condition]:
+    rank = {t: i for i, t in enumerate(TYPES)}
+    ours = sorted((c for c in conditions if c.get("type") in rank), key=lambda c: rank[c["type"]])
+    theirs = [c for c in conditions if c.get("type") not in rank]
+    return ours + theirs

@@ -1,0 +1,574 @@
+"""The operator: kopf handlers gluing the pure core (spec, sizing, render, status) to the Kubernetes API.
+
+Run it with `kopf run -m finetune_operator.handlers --all-namespaces` (or `-n <namespace>`).
+
+One idempotent function, `reconcile`, does everything for one FineTuneJob, under a per-object lock, from
+a fresh read of the object:
+
+1. validate the spec (`FineTuneJob.model_validate`); an invalid spec gets Valid=False/InvalidSpec naming
+   the fields, phase Failed (the spec is immutable, so it can never become valid), a Warning event, and
+   nothing is created;
+2. plan it (`sizing.plan`, kept in status.plan; a plan already in the status wins, so an operator
+   upgrade never re-sizes a running job);
+3. make sure the children exist (ConfigMap, Service, Job, in that order): read each; create it when
+   missing; on 409 read it again. An existing child whose controller owner reference is this
+   FineTuneJob's uid is adopted (labels, and the Service's selector and ports, patched to the desired
+   ones; the ConfigMap snapshot and the Job template are never rewritten, the first is the running job's
+   frozen config and the second is immutable). Anything else is foreign: Created=False/ForeignChild and
+   a Warning event name its owner, it is not touched, and later children are not created;
+4. apply spec.suspend to the Job (`suspend: true` stops the pods; `false` resumes, the trainer continues
+   from its newest checkpoint). A Kueue-managed Job (label `kueue.x-k8s.io/queue-name`) is never
+   (un)suspended by the operator: Kueue owns that field;
+5. read the Job's pods and the trainer's report, compute the status (`status.compute_status`), patch the
+   status subresource only when it changed, post one event per phase transition.
+
+It runs on create, on resume (operator start), on a spec update (suspend; any other spec change is
+refused with a SpecImmutable Warning and ignored, the CRD's CEL rules normally stop it earlier), whenever
+a labelled batch/v1 Job changes, and every `FT_STATUS_INTERVAL` seconds (default 10) for every
+FineTuneJob from one operator-wide background task. Progress lives only in S3, so polling is needed;
+kopf timers would put a finalizer on every FineTuneJob, which blocks `kubectl delete` while the operator
+is down. There is no finalizer at all: children go with their owner through garbage collection.
+
+An operator restart at any point converges: the children are found and adopted by owner uid, the status
+is recomputed from what exists, and events are only posted for transitions against the stored status.
+
+Kopf settings: handler progress and the last-handled spec live in annotations under
+`kopf.finetune.dev/` (the status schema is strict, so kopf's default `status.kopf` would be pruned);
+peering is off (run one replica; `FT_PEERING=true` turns kopf peering on); logs are JSON
+(`FT_LOG_FORMAT=text` keeps kopf's text format). Metrics: see `finetune_operator.metrics`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+import kopf
+
+# kopf's own API client: it reuses the operator's authenticated session, retries and backoff, so the
+# operator needs no second Kubernetes client. It is internal to kopf, hence the pinned kopf minor version.
+from kopf._cogs.clients import api as kapi
+from kopf._cogs.clients import errors as kerrors
+from pydantic import ValidationError
+
+from finetune_operator import metrics as metrics_mod
+from finetune_operator import render, sizing
+from finetune_operator import status as status_mod
+from finetune_operator.manifests import issues_from_validation
+from finetune_operator.progress import ReportReader, report_location
+from finetune_operator.settings import OperatorSettings
+from finetune_operator.spec import GROUP, KIND, PLURAL, VERSION, FineTuneJob, Plan
+
+log = logging.getLogger("finetune_operator")
+
+ENV_STATUS_INTERVAL = "FT_STATUS_INTERVAL"
+ENV_PEERING = "FT_PEERING"
+ENV_LOG_FORMAT = "FT_LOG_FORMAT"
+DEFAULT_STATUS_INTERVAL = 10.0
+ANNOTATION_PREFIX = "kopf.finetune.dev"
+COMPONENT = "finetune-operator"
+
+_PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs"}
+_TRUE = {"1", "true", "yes", "on"}
+
+
+# --- runtime state -------------------------------------------------------------------------------
+
+
+@dataclass
+class Runtime:
+    """Operator-wide state, created at startup and shared through kopf's memo."""
+
+    settings: OperatorSettings
+    kopf_settings: kopf.OperatorSettings
+    reader: ReportReader
+    metrics: metrics_mod.Metrics
+    interval: float
+    server: metrics_mod.MetricsServer | None = None
+    known: dict[str, tuple[str, str]] = field(default_factory=dict)  # uid -> (namespace, name)
+    locks: dict[str, asyncio.Lock] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+
+    def lock(self, uid: str) -> asyncio.Lock:
+        return self.locks.setdefault(uid, asyncio.Lock())
+
+
+def _runtime(memo: Any) -> Runtime:
+    rt = getattr(memo, "finetune", None)
+    if not isinstance(rt, Runtime):
+        raise kopf.TemporaryError("the operator is still starting", delay=1)
+    return rt
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def status_interval(env: Mapping[str, str] | None = None) -> float:
+    env = os.environ if env is None else env
+    raw = (env.get(ENV_STATUS_INTERVAL) or "").strip()
+    if not raw:
+        return DEFAULT_STATUS_INTERVAL
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0.05 <= value <= 3600:
+        raise ValueError(f"{ENV_STATUS_INTERVAL}={raw!r} is not valid; expected seconds in [0.05, 3600]")
+    return value
+
+
+# --- the Kubernetes API ----------------------------------------------------------------------------
+
+
+class Api:
+    """The few API calls the operator makes, as plain dicts."""
+
+    MERGE = {"Content-Type": "application/merge-patch+json"}
+
+    def __init__(self, settings: kopf.OperatorSettings, logger: Any):
+        self.settings = settings
+        self.logger = logger
+
+    async def get(self, url: str) -> dict[str, Any] | None:
+        try:
+            return dict(await kapi.get(url, settings=self.settings, logger=self.logger))
+        except kerrors.APINotFoundError:
+            return None
+
+    async def create(self, url: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(
+            await kapi.post(
+                url, payload=dict(body), headers={"Content-Type": "application/json"},
+                settings=self.settings, logger=self.logger,
+            )
+        )
+
+    async def patch(self, url: str, body: Mapping[str, Any]) -> dict[str, Any]:
+        return dict(await kapi.patch(url, payload=dict(body), headers=self.MERGE, settings=self.settings, logger=self.logger))
+
+    async def list(self, url: str) -> list[dict[str, Any]]:
+        result = await kapi.get(url, settings=self.settings, logger=self.logger)
+        return [dict(item) for item in result.get("items") or []]
+
+
+def ftj_url(namespace: str, name: str | None = None) -> str:
+    base = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
+    return f"{base}/{name}" if name else base
+
+
+def child_url(obj: Mapping[str, Any], *, named: bool = True) -> str:
+    api_version = obj["apiVersion"]
+    prefix = f"/api/{api_version}" if "/" not in api_version else f"/apis/{api_version}"
+    meta = obj["metadata"]
+    base = f"{prefix}/namespaces/{meta['namespace']}/{_PLURALS[obj['kind']]}"
+    return f"{base}/{meta['name']}" if named else base
+
+
+async def post_event(api: Api, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
+    """A core/v1 Event about `obj`; failures are logged, never raised (events are auxiliary)."""
+    meta = obj.get("metadata") or {}
+    now = datetime.now(UTC).isoformat()
+    ref = {
+        "apiVersion": obj.get("apiVersion"),
+        "kind": obj.get("kind"),
+        "name": meta.get("name"),
+        "namespace": meta.get("namespace"),
+        "uid": meta.get("uid"),
+    }
+    body = {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": f"{meta.get('name')}.{secrets.token_hex(8)}", "namespace": meta.get("namespace")},
+        "involvedObject": {k: v for k, v in ref.items() if v},
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": COMPONENT},
+        "reportingComponent": COMPONENT,
+        "reportingInstance": os.environ.get("HOSTNAME", COMPONENT),
+        "action": reason,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "eventTime": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        "count": 1,
+    }
+    try:
+        await api.create(f"/api/v1/namespaces/{meta.get('namespace')}/events", body)
+    except (kerrors.APIError, OSError) as err:
+        log.warning("could not post event %s %s for %s: %s", type_, reason, meta.get("name"), err)
+
+
+# --- reconcile ------------------------------------------------------------------------------------
+
+
+def _controller(obj: Mapping[str, Any]) -> dict[str, Any] | None:
+    for ref in (obj.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return dict(ref)
+    return None
+
+
+def _foreign_message(obj: Mapping[str, Any], desired: Mapping[str, Any], uid: str) -> str:
+    meta = obj.get("metadata") or {}
+    what = f"{desired['kind']} {meta.get('namespace')}/{meta.get('name')}"
+    owner = _controller(obj)
+    if owner is None:
+        return f"{what} already exists and is not controlled by this FineTuneJob (it has no controller); delete or rename it"
+    return (
+        f"{what} already exists and is controlled by {owner.get('kind')} {owner.get('name')} "
+        f"(uid {owner.get('uid')}), not by this FineTuneJob (uid {uid}); delete or rename it"
+    )
+
+
+def _adoption_patch(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> dict[str, Any]:
+    """What may safely be brought to the desired state on an adopted child (see the module docstring)."""
+    patch: dict[str, Any] = {}
+    have = (existing.get("metadata") or {}).get("labels") or {}
+    want = desired["metadata"].get("labels") or {}
+    missing = {k: v for k, v in want.items() if have.get(k) != v}
+    if missing:
+        patch["metadata"] = {"labels": missing}
+    if desired["kind"] == "Service":
+        spec = existing.get("spec") or {}
+        changed: dict[str, Any] = {}
+        for key in ("selector", "ports", "publishNotReadyAddresses"):
+            want_value = desired["spec"][key]
+            if spec.get(key) == want_value:
+                continue
+            if isinstance(want_value, dict) and isinstance(spec.get(key), dict):
+                # A merge patch merges maps: stale selector keys must be removed explicitly.
+                want_value = {**{k: None for k in spec[key] if k not in want_value}, **want_value}
+            changed[key] = want_value
+        if changed:
+            patch["spec"] = changed
+    return patch
+
+
+async def ensure_children(
+    api: Api, rt: Runtime, body: Mapping[str, Any], job: FineTuneJob, plan: Plan, logger: Any
+) -> status_mod.Children:
+    uid = str(job.metadata.uid)
+    known = _condition_true(body, "Created")
+    created: list[str] = []
+    adopted: list[str] = []
+    job_obj: dict[str, Any] | None = None
+    for desired in render.render_children(job, plan, rt.settings):
+        label = f"{desired['kind']}/{desired['metadata']['name']}"
+        url = child_url(desired)
+        existing = await api.get(url)
+        if existing is None:
+            try:
+                made = await api.create(child_url(desired, named=False), desired)
+            except kerrors.APIConflictError:
+                # Created by someone (or an earlier us) since the read: decide by its owner below.
+                existing = await api.get(url)
+                if existing is None:
+                    raise kopf.TemporaryError(f"{label} conflicted on create but cannot be read", delay=2) from None
+            else:
+                created.append(label)
+                rt.metrics.children.labels(action="created").inc()
+                logger.info(f"created {label}")
+                if desired["kind"] == "Job":
+                    job_obj = made or dict(desired)
+                continue
+        owner = _controller(existing)
+        if owner is None or owner.get("uid") != uid:
+            message = _foreign_message(existing, desired, uid)
+            rt.metrics.children.labels(action="foreign").inc()
+            logger.warning(message)
+            return status_mod.Children(job=None, created=tuple(created), adopted=tuple(adopted), foreign=(message,))
+        if not known:
+            adopted.append(label)
+            rt.metrics.children.labels(action="adopted").inc()
+            patch = _adoption_patch(existing, desired)
+            if patch:
+                existing = await api.patch(url, patch)
+            logger.info(f"adopted {label}")
+        if desired["kind"] == "Job":
+            job_obj = existing
+    return status_mod.Children(job=job_obj, created=tuple(created), adopted=tuple(adopted))
+
+
+def _condition_true(body: Mapping[str, Any], type_: str) -> bool:
+    for cond in (body.get("status") or {}).get("conditions") or []:
+        if cond.get("type") == type_:
+            return bool(cond.get("status") == "True")
+    return False
+
+
+def _job_finished(job_obj: Mapping[str, Any]) -> bool:
+    return any(
+        cond.get("type") in ("Complete", "Failed") and cond.get("status") == "True"
+        for cond in (job_obj.get("status") or {}).get("conditions") or []
+    )
+
+
+def _kueue_managed(body: Mapping[str, Any], job_obj: Mapping[str, Any] | None) -> bool:
+    mine = (body.get("metadata") or {}).get("labels") or {}
+    theirs = ((job_obj or {}).get("metadata") or {}).get("labels") or {}
+    return bool(mine.get(render.KUEUE_QUEUE_LABEL) or theirs.get(render.KUEUE_QUEUE_LABEL))
+
+
+def _existing_plan(body: Mapping[str, Any]) -> Plan | None:
+    raw = (body.get("status") or {}).get("plan")
+    if not raw:
+        return None
+    try:
+        return Plan.model_validate(raw)
+    except ValidationError:
+        return None
+
+
+async def _read_report(rt: Runtime, output_uri: str) -> Any:
+    return await asyncio.to_thread(rt.reader.read, output_uri)
+
+
+async def _write(api: Api, rt: Runtime, body: Mapping[str, Any], new: dict[str, Any]) -> None:
+    meta = body.get("metadata") or {}
+    old = dict(body.get("status") or {})
+    uid = str(meta.get("uid"))
+    if uid in rt.known:  # not for an object deleted while this pass ran (no await since the check)
+        rt.metrics.observe_phase(uid, new.get("phase"))
+    if not status_mod.status_changed(old, new):
+        return
+    await api.patch(ftj_url(meta["namespace"], meta["name"]) + "/status", status_mod.status_patch(old, new))
+    rt.metrics.status_writes.inc()
+    if new.get("phase") and new.get("phase") != old.get("phase"):
+        rt.metrics.transitions.labels(phase=new["phase"]).inc()
+    for event in status_mod.transition_events(old, new):
+        await post_event(api, body, event.type, event.reason, event.message)
+
+
+async def reconcile_body(api: Api, rt: Runtime, body: dict[str, Any], logger: Any) -> None:
+    """One pass over one FineTuneJob (`body` freshly read). Idempotent."""
+    now = _now()
+    meta = body.get("metadata") or {}
+    try:
+        job = FineTuneJob.model_validate(body)
+    except ValidationError as err:
+        message = "; ".join(str(issue) for issue in issues_from_validation(err))
+        new = status_mod.compute_status(body, plan=None, validation_error=message, now=now)
+        await _write(api, rt, body, new)
+        return
+
+    output_uri = job.spec.output.uri
+    old_status = body.get("status") or {}
+    if old_status.get("phase") in status_mod.TERMINAL_PHASES:
+        # Finished: children are never recreated. A success whose artifacts were not read yet (the report
+        # was unreadable at that moment) keeps looking for them; a failure was read at its transition.
+        report = None
+        if (
+            old_status.get("phase") == status_mod.SUCCEEDED
+            and not old_status.get("artifacts")
+            and report_location(output_uri) is not None
+        ):
+            report = await _read_report(rt, output_uri)
+        await _write(api, rt, body, status_mod.compute_status(body, plan=None, report=report, now=now))
+        return
+
+    plan = _existing_plan(body)
+    if plan is None:
+        try:
+            plan = sizing.plan(job.spec)
+        except sizing.PlanningError as err:
+            new = status_mod.compute_status(body, plan=None, planning_error=str(err), now=now)
+            await _write(api, rt, body, new)
+            return
+
+    children = await ensure_children(api, rt, body, job, plan, logger)
+    job_obj = dict(children.job) if children.job is not None else None
+    kueue = _kueue_managed(body, job_obj)
+    pods: list[dict[str, Any]] = []
+    if job_obj is not None:
+        desired = bool(job.spec.suspend)
+        if not kueue and not _job_finished(job_obj) and bool((job_obj.get("spec") or {}).get("suspend")) != desired:
+            job_url = f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{render.child_names(job.metadata.name).job}"
+            job_obj = await api.patch(job_url, {"spec": {"suspend": desired}})
+            logger.info(f"{'suspended' if desired else 'resumed'} Job {meta.get('name')}")
+        selector = ",".join(f"{k}={v}" for k, v in render.pod_selector(job).items())
+        pods = await api.list(f"/api/v1/namespaces/{meta['namespace']}/pods?labelSelector={quote(selector, safe='')}")
+    report = await _read_report(rt, output_uri)
+    children = status_mod.Children(
+        job=job_obj, pods=pods, created=children.created, adopted=children.adopted, foreign=children.foreign
+    )
+    new = status_mod.compute_status(body, plan=plan, children=children, report=report, kueue_managed=kueue, now=now)
+    await _write(api, rt, body, new)
+
+
+async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any, cause: str) -> None:
+    """Reconcile the FineTuneJob `namespace/name` if it exists, serialized per object."""
+    api = Api(rt.kopf_settings, logger)
+    body = await api.get(ftj_url(namespace, name))
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        return
+    uid = str(body["metadata"].get("uid"))
+    async with rt.lock(uid):
+        body = await api.get(ftj_url(namespace, name))  # fresh, now that no one else is writing
+        if body is None:
+            return
+        started = time.monotonic()
+        try:
+            await reconcile_body(api, rt, body, logger)
+        except kerrors.APIError as err:
+            rt.metrics.reconcile_errors.labels(reason=f"api{err.status}").inc()
+            raise kopf.TemporaryError(f"Kubernetes API error during {cause}: {err}", delay=5) from err
+        except kopf.TemporaryError:
+            rt.metrics.reconcile_errors.labels(reason="temporary").inc()
+            raise
+        except Exception:
+            rt.metrics.reconcile_errors.labels(reason="exception").inc()
+            raise
+        finally:
+            rt.metrics.reconcile_duration.observe(time.monotonic() - started)
+
+
+# --- kopf wiring ------------------------------------------------------------------------------------
+
+
+@kopf.on.startup()
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    ft_settings = OperatorSettings.from_env()
+    interval = status_interval()
+    port = metrics_mod.port_from_env()
+
+    # Handler progress and the diff base in annotations: the status schema is strict.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
+    )
+    if (os.environ.get(ENV_PEERING) or "").strip().lower() not in _TRUE:
+        settings.peering.standalone = True
+    # Re-list well within the API server's own watch timeout, and notice a dead connection quickly.
+    settings.watching.server_timeout = 270
+    settings.watching.client_timeout = 300
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = 30
+    settings.networking.connect_timeout = 10
+    # Only our explicit events: no "Handler ... succeeded" noise on the objects.
+    settings.posting.loggers = False
+    if (os.environ.get(ENV_LOG_FORMAT) or "json").strip().lower() == "json":
+        level = logging.getLogger().level
+        kopf.configure(log_format=kopf.LogFormat.JSON, log_refkey="object")
+        logging.getLogger().setLevel(level)
+
+    rt = Runtime(
+        settings=ft_settings,
+        kopf_settings=settings,
+        reader=ReportReader.from_env(),
+        metrics=metrics_mod.Metrics(),
+        interval=interval,
+    )
+    rt.server = metrics_mod.start(rt.metrics, port)
+    memo.finetune = rt
+    rt.task = asyncio.create_task(_refresher(rt), name="finetune status refresher")
+    logger.info(
+        f"finetune-operator started: status every {interval:g}s, metrics "
+        + (f"on :{rt.server.port}" if rt.server else "off")
+    )
+
+
+@kopf.on.cleanup()
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    rt = getattr(memo, "finetune", None)
+    if not isinstance(rt, Runtime):
+        return
+    if rt.task is not None:
+        rt.task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await rt.task
+    if rt.server is not None:
+        rt.server.close()
+
+
+async def _refresher(rt: Runtime) -> None:
+    """Every interval, reconcile every known FineTuneJob (progress only lives in S3)."""
+    logger = logging.getLogger("finetune_operator.refresher")
+    while True:
+        await asyncio.sleep(rt.interval)
+        for uid, (namespace, name) in list(rt.known.items()):
+            if uid not in rt.known:
+                continue
+            try:
+                await reconcile(rt, namespace, name, logger, "refresh")
+            except asyncio.CancelledError:
+                raise
+            except kopf.TemporaryError as err:
+                logger.warning(f"refresh of {namespace}/{name} failed, retrying next interval: {err}")
+            except Exception:
+                rt.metrics.reconcile_errors.labels(reason="refresh").inc()
+                logger.exception(f"refresh of {namespace}/{name} failed")
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+async def track(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Keep the set of FineTuneJobs the refresher visits (no state on the objects)."""
+    rt = _runtime(memo)
+    uid = str(body.metadata.uid)
+    if type == "DELETED":
+        rt.known.pop(uid, None)
+        rt.locks.pop(uid, None)
+        rt.metrics.forget(uid)
+        return
+    rt.known[uid] = (str(body.metadata.namespace), str(body.metadata.name))
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+async def on_create(namespace: str | None, name: str, memo: Any, logger: Any, **_: Any) -> None:
+    await reconcile(_runtime(memo), str(namespace), name, logger, "create")
+
+
+@kopf.on.resume(GROUP, VERSION, PLURAL)
+async def on_resume(namespace: str | None, name: str, memo: Any, logger: Any, **_: Any) -> None:
+    await reconcile(_runtime(memo), str(namespace), name, logger, "resume")
+
+
+def changed_spec_fields(diff: Any) -> list[str]:
+    """`spec.<field>` paths a kopf diff (of the `spec` field) touches."""
+    paths = set()
+    for _op, path, _old, _new in diff:
+        parts = [str(p) for p in path]
+        if parts and parts[0] == "spec":
+            parts = parts[1:]
+        paths.add("spec." + ".".join(parts) if parts else "spec")
+    return sorted(paths)
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+async def on_spec_update(
+    diff: Any, body: kopf.Body, namespace: str | None, name: str, memo: Any, logger: Any, **_: Any
+) -> None:
+    rt = _runtime(memo)
+    refused = [path for path in changed_spec_fields(diff) if path != "spec.suspend"]
+    if refused:
+        message = (
+            f"the spec is immutable except spec.suspend; ignored changes to {', '.join(refused)}. "
+            "Delete and recreate the FineTuneJob to change them"
+        )
+        logger.warning(message)
+        await post_event(Api(rt.kopf_settings, logger), dict(body), "Warning", "SpecImmutable", message)
+    await reconcile(rt, str(namespace), name, logger, "update")
+
+
+@kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_JOB: kopf.PRESENT})
+async def on_job_event(type: str, body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    """A training Job changed (status, suspension, deletion): refresh its FineTuneJob now."""
+    rt = _runtime(memo)
+    owner = _controller(body)
+    if owner is None or owner.get("kind") != KIND:
+        return
+    namespace = str(body.metadata.namespace)
+    try:
+        await reconcile(rt, namespace, str(owner.get("name")), logger, f"Job {type or 'event'}")
+    except kopf.TemporaryError as err:
+        # Event handlers are not retried; the refresher comes back within one interval.
+        logger.warning(f"refresh after a Job event failed: {err}")

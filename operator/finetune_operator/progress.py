@@ -1,0 +1,147 @@
+"""Reading the trainer's progress report (`<output.uri>/status/report.json`) from the operator.
+
+The trainer's rank 0 rewrites the report after every logging step, checkpoint and phase change
+(`contract.TrainerReport`). The operator reads it on each status refresh to fill status.progress,
+checkpoints, artifacts and evaluation.
+
+Where the operator's S3 access comes from (the operator's own identity, never a job's Secret):
+
+- endpoint: `FT_S3_ENDPOINT` (the same setting the training pods get), else `AWS_ENDPOINT_URL`, else AWS;
+- region: `FT_S3_REGION`, else `AWS_REGION` / `AWS_DEFAULT_REGION` (boto3's chain);
+- credentials: boto3's default chain in the operator pod: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`,
+  IRSA / EKS Pod Identity web-identity tokens, instance metadata. The operator needs `s3:GetObject` on
+  `<output prefix>/status/report.json` of the jobs it should show progress for.
+
+Reading never raises: a missing report (the trainer has not started) gives None quietly; any other
+failure (access denied, endpoint down, a malformed report) gives None and is logged once per output URI
+and kind of failure, so a broken bucket cannot crash or flood the operator. The status then comes from
+the Job alone and keeps the last progress it had.
+
+`pvc://` outputs: the report lives on a volume only training pods mount; the operator cannot read it,
+so such jobs show phase, conditions and restarts from the Job but no progress, checkpoints or scores.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from finetune_operator import uris
+from finetune_operator.contract import REPORT_KEY, TrainerReport
+
+log = logging.getLogger(__name__)
+
+#: A report is a few KiB; anything far larger is not one and is not read into memory.
+MAX_REPORT_BYTES = 4 * 1024 * 1024
+_MISSING = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+
+
+def report_location(output_uri: str) -> tuple[str, str] | None:
+    """(bucket, key) of the report for an s3:// output, None for outputs the operator cannot read."""
+    parsed = uris.parse(output_uri, ("s3", "pvc"))
+    if parsed.scheme != "s3":
+        return None
+    prefix = parsed.path.strip("/")
+    return parsed.authority, f"{prefix}/{REPORT_KEY}" if prefix else REPORT_KEY
+
+
+class ReportReader:
+    """Reads TrainerReports with one shared boto3 client (thread-safe; call `read` from a worker thread)."""
+
+    def __init__(
+        self,
+        *,
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        connect_timeout: float = 3.0,
+        read_timeout: float = 5.0,
+    ):
+        self.endpoint_url = endpoint_url
+        self.region = region
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self._client: Any = None
+        self._lock = threading.Lock()
+        self._warned: set[tuple[str, str]] = set()
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ReportReader:
+        env = os.environ if env is None else env
+        endpoint = (env.get("FT_S3_ENDPOINT") or env.get("AWS_ENDPOINT_URL") or "").strip() or None
+        region = (env.get("FT_S3_REGION") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or "").strip()
+        return cls(endpoint_url=endpoint, region=region or None)
+
+    def client(self) -> Any:
+        with self._lock:
+            if self._client is None:
+                import boto3
+                from botocore.config import Config
+
+                config = Config(
+                    connect_timeout=self.connect_timeout,
+                    read_timeout=self.read_timeout,
+                    # Status refreshes come again in seconds: fail fast instead of stalling the handler.
+                    retries={"mode": "standard", "total_max_attempts": 2},
+                    # Custom endpoints (MinIO, SeaweedFS, Ceph) rarely have wildcard DNS for buckets.
+                    s3={"addressing_style": "path" if self.endpoint_url else "auto"},
+                )
+                self._client = boto3.session.Session().client(
+                    "s3", endpoint_url=self.endpoint_url, region_name=self.region, config=config
+                )
+            return self._client
+
+    def read(self, output_uri: str) -> TrainerReport | None:
+        """The report of the job writing to `output_uri`, or None (see the module docstring)."""
+        try:
+            where = report_location(output_uri)
+        except ValueError as err:
+            self._warn_once(output_uri, "uri", f"cannot read the progress report of {output_uri!r}: {err}")
+            return None
+        if where is None:
+            return None
+        bucket, key = where
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            response = self.client().get_object(Bucket=bucket, Key=key)
+            body = response["Body"]
+            try:
+                data = body.read(MAX_REPORT_BYTES + 1)
+            finally:
+                body.close()
+        except ClientError as err:
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in _MISSING:
+                return None
+            self._warn_once(output_uri, code or "client", f"cannot read s3://{bucket}/{key}: {code or err}")
+            return None
+        except (BotoCoreError, OSError) as err:
+            self._warn_once(output_uri, type(err).__name__, f"cannot read s3://{bucket}/{key}: {err}")
+            return None
+        if len(data) > MAX_REPORT_BYTES:
+            self._warn_once(output_uri, "size", f"s3://{bucket}/{key} is larger than {MAX_REPORT_BYTES} bytes")
+            return None
+        try:
+            report = TrainerReport.model_validate_json(data)
+        except ValidationError as err:
+            first = err.errors()[0]
+            where_bad = ".".join(str(p) for p in first["loc"]) or "(document)"
+            self._warn_once(
+                output_uri, "invalid", f"s3://{bucket}/{key} is not a valid report: {where_bad}: {first['msg']}"
+            )
+            return None
+        with self._lock:
+            self._warned = {w for w in self._warned if w[0] != output_uri}
+        return report
+
+    def _warn_once(self, uri: str, kind: str, message: str) -> None:
+        with self._lock:
+            if (uri, kind) in self._warned:
+                return
+            self._warned.add((uri, kind))
+        log.warning("%s; status shows the Job only until the report can be read", message)

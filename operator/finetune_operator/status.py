@@ -1,0 +1,468 @@
+"""The status function: what a FineTuneJob's status is, given what the operator observed. Pure.
+
+`compute_status` takes the FineTuneJob (its old status included), the outcome of validation and planning,
+the observed children (the batch/v1 Job and its pods) and the trainer's progress report, and returns the
+complete new status. It does no I/O and reads no clock (`now` is passed in), so every situation is a row
+in a table test, and the operator is a thin loop around it (KAITO's pattern).
+
+Phases (status.phase) and the condition that decides each:
+
+==========  ===================================================================  =====================
+phase       when                                                                 deciding condition
+==========  ===================================================================  =====================
+Failed      the spec is invalid (nothing is created), it cannot be planned, or   Failed=True/<reason>
+            the Job failed (BackoffLimitExceeded, DeadlineExceeded, the
+            trainer's own reason on PodFailurePolicy, e.g. InvalidData,
+            GatesFailed; TrainerConfigError/GatesFailed from the exit code when
+            no report can be read)
+Succeeded   the Job has condition Complete=True                                  Complete=True/TrainingSucceeded
+Queued      Kueue manages the job and keeps its Job suspended (not admitted)     Queued=True/WaitingForAdmission
+Suspended   the Job is suspended by spec.suspend                                 Suspended=True/Suspended
+Running     at least one training pod runs (or is ready)                         Running=True/Running
+Pending     children missing or foreign, or pods not running yet                Created=False or Running=False/Starting
+==========  ===================================================================  =====================
+
+Succeeded and Failed are terminal: once reached, later observations (the Job deleted by its TTL, a
+stray report) change only progress, checkpoints, artifacts and evaluation, never the phase.
+
+Restarts count training-pod failures (Job status.failed) plus preemptions and evictions (pods with
+condition DisruptionTarget=True, which the Job's podFailurePolicy ignores, so they are not in
+status.failed). Pods can be garbage-collected, so the count never goes below its previous value.
+
+Progress, checkpoints, artifacts and evaluation come from the trainer's report
+(`<output.uri>/status/report.json`). Without a readable report (pvc:// outputs, S3 trouble) they keep
+their previous values. A report older than the FineTuneJob is from an earlier run with the same
+output URI and is ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from finetune_operator import conditions as c
+from finetune_operator.contract import EXIT_CONFIG_ERROR, EXIT_GATES_FAILED, TrainerReport
+from finetune_operator.spec import FineTuneJobStatus, Plan
+
+PENDING = "Pending"
+QUEUED = "Queued"
+RUNNING = "Running"
+SUCCEEDED = "Succeeded"
+FAILED = "Failed"
+SUSPENDED = "Suspended"
+PHASES: tuple[str, ...] = (PENDING, QUEUED, RUNNING, SUCCEEDED, FAILED, SUSPENDED)
+TERMINAL_PHASES = frozenset({SUCCEEDED, FAILED})
+
+#: Status keys this module owns (camelCase, as on the wire): exactly FineTuneJobStatus' fields.
+OWNED_KEYS: tuple[str, ...] = tuple(
+    f.alias or name for name, f in FineTuneJobStatus.model_fields.items()
+)
+
+_MAX_CHECKPOINTS = 100
+_MAX_MESSAGE = 2048
+
+
+@dataclass(frozen=True)
+class Children:
+    """What the operator found (and did) for a FineTuneJob's children in one reconcile pass.
+
+    `job` is the batch/v1 Job as read from the API (None when it does not exist), `pods` its training pods.
+    `created`/`adopted` list "Kind/name" of children created or adopted in this pass; `foreign` holds one
+    message per child that exists under our name but is controlled by something else (left untouched).
+    """
+
+    job: Mapping[str, Any] | None = None
+    pods: Sequence[Mapping[str, Any]] = ()
+    created: tuple[str, ...] = ()
+    adopted: tuple[str, ...] = ()
+    foreign: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post for a status transition."""
+
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+@dataclass
+class _Builder:
+    old: dict[str, Any]
+    generation: int | None
+    now: str
+    conditions: list[dict[str, Any]] = field(default_factory=list)
+
+    def set(self, type_: str, status: str, reason: str, message: str) -> None:
+        self.conditions = c.set_condition(
+            self.conditions, type_, status, reason, _clip(message), self.generation, self.now
+        )
+
+    def clear(self, type_: str, reason: str, message: str) -> None:
+        """Set a condition False only if it exists (conditions that never applied stay absent)."""
+        if c.find(self.conditions, type_) is not None:
+            self.set(type_, c.FALSE, reason, message)
+
+
+def compute_status(
+    job: Mapping[str, Any],
+    *,
+    plan: Plan | None,
+    validation_error: str | None = None,
+    planning_error: str | None = None,
+    children: Children | None = None,
+    report: TrainerReport | None = None,
+    kueue_managed: bool = False,
+    now: str,
+) -> dict[str, Any]:
+    """The new status of FineTuneJob `job` (a dict as read from the API). See the module docstring."""
+    meta = job.get("metadata") or {}
+    spec = job.get("spec") or {}
+    old: dict[str, Any] = dict(job.get("status") or {})
+    children = children or Children()
+    b = _Builder(old, meta.get("generation"), now, [dict(x) for x in old.get("conditions") or []])
+    new: dict[str, Any] = {k: v for k, v in old.items() if k in OWNED_KEYS}
+    new["observedGeneration"] = meta.get("generation")
+    report = report if _fresh(report, meta.get("creationTimestamp")) else None
+
+    if validation_error is not None:
+        b.set(c.VALID, c.FALSE, c.INVALID_SPEC, validation_error)
+        _fail(new, b, c.INVALID_SPEC, validation_error, None)
+        return _finish(new, b)
+    b.set(c.VALID, c.TRUE, c.VALID_SPEC, "the spec is valid")
+
+    if old.get("phase") in TERMINAL_PHASES:
+        _apply_report(new, report, terminal=True)
+        return _finish(new, b)
+
+    if planning_error is not None or plan is None:
+        message = planning_error or "no sizing plan"
+        b.set(c.PLANNED, c.FALSE, c.PLANNING_FAILED, message)
+        _fail(new, b, c.PLANNING_FAILED, message, None)
+        return _finish(new, b)
+    new["plan"] = plan.wire()
+    b.set(c.PLANNED, c.TRUE, c.PLANNED_REASON, _plan_message(plan))
+
+    _apply_report(new, report, terminal=False)
+    job_obj = children.job
+    if children.foreign:
+        b.set(c.CREATED, c.FALSE, c.FOREIGN_CHILD, "; ".join(children.foreign))
+        _pending(new, b, c.FOREIGN_CHILD, "waiting for the conflicting objects to be removed")
+        return _finish(new, b)
+    if job_obj is None:
+        b.set(c.CREATED, c.FALSE, c.CHILDREN_MISSING, "the Job does not exist yet")
+        _pending(new, b, c.STARTING, "the Job does not exist yet")
+        return _finish(new, b)
+    _set_created(b, children)
+
+    jstatus = job_obj.get("status") or {}
+    jconds = jstatus.get("conditions") or []
+    new["restarts"] = max(int(old.get("restarts") or 0), _restarts(jstatus, children.pods))
+
+    complete = _true_condition(jconds, "Complete")
+    failed = _true_condition(jconds, "Failed")
+    if complete is not None:
+        new["phase"] = SUCCEEDED
+        new["completionTime"] = jstatus.get("completionTime") or complete.get("lastTransitionTime") or now
+        new["startTime"] = new.get("startTime") or jstatus.get("startTime") or new["completionTime"]
+        message = "training finished"
+        if new.get("progress", {}).get("summary"):
+            message += f" ({new['progress']['summary']})"
+        b.set(c.COMPLETE, c.TRUE, c.TRAINING_SUCCEEDED, message)
+        b.set(c.RUNNING, c.FALSE, c.TRAINING_SUCCEEDED, message)
+        b.clear(c.QUEUED, c.ADMITTED, "admitted by Kueue")
+        _drop_eta(new)
+        return _finish(new, b)
+    if failed is not None:
+        reason, message = _failure(failed, report, children.pods)
+        new["startTime"] = new.get("startTime") or jstatus.get("startTime")
+        _fail(new, b, reason, message, jstatus.get("completionTime") or failed.get("lastTransitionTime"))
+        b.clear(c.QUEUED, c.ADMITTED, "admitted by Kueue")
+        _drop_eta(new)
+        return _finish(new, b)
+
+    wants_suspend = bool(spec.get("suspend"))
+    if kueue_managed and wants_suspend:
+        b.set(
+            c.SUSPENDED,
+            c.FALSE,
+            c.KUEUE_MANAGED,
+            "spec.suspend is not applied: Kueue owns this Job's suspension; deactivate its Workload "
+            "(kubectl patch workload <name> --type=merge -p '{\"spec\":{\"active\":false}}') instead",
+        )
+    job_suspended = bool((job_obj.get("spec") or {}).get("suspend"))
+    if job_suspended and kueue_managed:
+        queue = (meta.get("labels") or {}).get("kueue.x-k8s.io/queue-name", "")
+        message = f"waiting for Kueue to admit the workload (queue {queue!r})"
+        new["phase"] = QUEUED
+        b.set(c.QUEUED, c.TRUE, c.WAITING_FOR_ADMISSION, message)
+        b.set(c.RUNNING, c.FALSE, c.WAITING_FOR_ADMISSION, message)
+        return _finish(new, b)
+    if job_suspended:
+        message = "spec.suspend is true: training pods are stopped; unset it to resume from the newest checkpoint"
+        new["phase"] = SUSPENDED
+        b.set(c.SUSPENDED, c.TRUE, c.SUSPENDED_REASON, message)
+        b.set(c.RUNNING, c.FALSE, c.SUSPENDED_REASON, message)
+        return _finish(new, b)
+
+    if kueue_managed:
+        b.set(c.QUEUED, c.FALSE, c.ADMITTED, "admitted by Kueue")
+    if c.is_true(b.conditions, c.SUSPENDED):
+        b.set(c.SUSPENDED, c.FALSE, c.RESUMED, "resumed; the trainer continues from the newest checkpoint")
+    running = [p for p in children.pods if _pod_running(p)]
+    ready = int(jstatus.get("ready") or 0)
+    if running or ready:
+        count = max(len(running), ready)
+        message = f"{count} of {plan.nodes} training pod(s) running"
+        if new.get("progress", {}).get("summary"):
+            message += f"; {new['progress']['summary']}"
+        new["phase"] = RUNNING
+        new["startTime"] = new.get("startTime") or jstatus.get("startTime") or now
+        b.set(c.RUNNING, c.TRUE, c.RUNNING_REASON, message)
+        return _finish(new, b)
+    _pending(new, b, c.STARTING, _waiting_message(children.pods, plan.nodes))
+    return _finish(new, b)
+
+
+def status_changed(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> bool:
+    """Whether writing `new` would change the stored status: owned keys compared after dropping empty
+    values (an absent key, None, [] and {} all mean "unset"), so equal statuses never cause a write."""
+    return _normalize(_owned(old)) != _normalize(_owned(new))
+
+
+def status_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[str, Any]:
+    """A JSON merge patch (RFC 7386) body `{"status": ...}` turning the owned part of `old` into `new`.
+
+    Merge patches merge maps, so every key `new` no longer has, at any depth, is sent as None (deletion);
+    lists are replaced whole. Keys this module does not own are left alone."""
+    return {"status": _merge_diff(_owned(old), {k: v for k, v in _owned(new).items() if not _empty(v)})}
+
+
+def transition_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[Event]:
+    """Events to post for the change from `old` to `new`: one per phase transition (Warning for Failed),
+    plus a Warning when a foreign child or an unappliable suspend first shows up."""
+    old = old or {}
+    warnings: list[Event] = []
+    for type_, reason in ((c.CREATED, c.FOREIGN_CHILD), (c.SUSPENDED, c.KUEUE_MANAGED)):
+        now_cond = c.find(new.get("conditions"), type_)
+        was = c.find(old.get("conditions"), type_)
+        if now_cond and now_cond.get("reason") == reason and (
+            not was or was.get("reason") != reason or was.get("message") != now_cond.get("message")
+        ):
+            warnings.append(Event("Warning", reason, now_cond.get("message", "")))
+    phase = new.get("phase")
+    if phase and phase != old.get("phase"):
+        cond = _deciding_condition(new)
+        reason = cond.get("reason", phase) if cond else phase
+        message = cond.get("message", "") if cond else ""
+        # The Warning already says it (e.g. Pending because of a foreign child): one event, not two.
+        if reason not in {w.reason for w in warnings}:
+            kind = "Warning" if phase == FAILED else "Normal"
+            return [Event(kind, reason, f"{phase}: {message}".rstrip(": ")), *warnings]
+    return warnings
+
+
+# --- helpers -------------------------------------------------------------------------------------
+
+
+def _finish(new: dict[str, Any], b: _Builder) -> dict[str, Any]:
+    new["conditions"] = b.conditions
+    return {k: v for k, v in new.items() if not _empty(v)}
+
+
+def _fail(new: dict[str, Any], b: _Builder, reason: str, message: str, when: str | None) -> None:
+    new["phase"] = FAILED
+    new["completionTime"] = new.get("completionTime") or when or b.now
+    b.set(c.FAILED, c.TRUE, reason, message)
+    b.clear(c.RUNNING, reason, message)
+
+
+def _pending(new: dict[str, Any], b: _Builder, reason: str, message: str) -> None:
+    new["phase"] = PENDING
+    b.set(c.RUNNING, c.FALSE, reason, message)
+
+
+def _set_created(b: _Builder, children: Children) -> None:
+    if children.adopted:
+        b.set(c.CREATED, c.TRUE, c.ADOPTED_CHILDREN, "adopted " + ", ".join(children.adopted))
+    elif children.created:
+        b.set(c.CREATED, c.TRUE, c.CHILDREN_CREATED, "created " + ", ".join(children.created))
+    elif not c.is_true(b.conditions, c.CREATED):
+        b.set(c.CREATED, c.TRUE, c.CHILDREN_CREATED, "the ConfigMap, Service and Job exist")
+
+
+def _plan_message(plan: Plan) -> str:
+    return f"{plan.method} on {plan.gpus}x{plan.gpu_memory_gib}GiB GPU(s), {plan.nodes} node(s): {plan.reason}"
+
+
+def _true_condition(conds: Iterable[Mapping[str, Any]], type_: str) -> dict[str, Any] | None:
+    cond = c.find(conds, type_)
+    return cond if cond and cond.get("status") == c.TRUE else None
+
+
+def _failure(
+    cond: Mapping[str, Any], report: TrainerReport | None, pods: Sequence[Mapping[str, Any]]
+) -> tuple[str, str]:
+    """(reason, message) of a failed Job; the trainer's own words win when it left them."""
+    reason = str(cond.get("reason") or c.JOB_FAILED)
+    message = str(cond.get("message") or "the Job failed")
+    error = report.error if report is not None else None
+    if reason == c.POD_FAILURE_POLICY:
+        if error is not None:
+            return error.reason, error.message
+        code, text = _trainer_exit(pods)
+        if code == EXIT_GATES_FAILED:
+            return c.GATES_FAILED, text or message
+        if code == EXIT_CONFIG_ERROR:
+            return c.TRAINER_CONFIG_ERROR, text or message
+        return reason, message
+    if error is not None:
+        message = f"{message}; last trainer error: {error.reason}: {error.message}"
+    return reason, message
+
+
+def _trainer_exit(pods: Sequence[Mapping[str, Any]]) -> tuple[int | None, str]:
+    """The exit code and termination message of a trainer container that stopped with a contract code."""
+    found: tuple[int | None, str] = (None, "")
+    for pod in pods:
+        for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+            term = (cs.get("state") or {}).get("terminated") or (cs.get("lastState") or {}).get("terminated")
+            if term and term.get("exitCode") in (EXIT_CONFIG_ERROR, EXIT_GATES_FAILED):
+                found = (term["exitCode"], str(term.get("message") or "").strip())
+                if found[1]:
+                    return found
+    return found
+
+
+def _restarts(jstatus: Mapping[str, Any], pods: Sequence[Mapping[str, Any]]) -> int:
+    disrupted = sum(1 for p in pods if c.is_true((p.get("status") or {}).get("conditions"), "DisruptionTarget"))
+    return int(jstatus.get("failed") or 0) + disrupted
+
+
+def _pod_running(pod: Mapping[str, Any]) -> bool:
+    meta = pod.get("metadata") or {}
+    return (pod.get("status") or {}).get("phase") == "Running" and not meta.get("deletionTimestamp")
+
+
+def _waiting_message(pods: Sequence[Mapping[str, Any]], nodes: int) -> str:
+    """Why pods are not running yet, from the first pod that says (scheduling or container waits)."""
+    for pod in pods:
+        name = (pod.get("metadata") or {}).get("name", "?")
+        pstatus = pod.get("status") or {}
+        for cond in pstatus.get("conditions") or []:
+            if cond.get("type") == "PodScheduled" and cond.get("status") == c.FALSE:
+                return f"pod {name} is not scheduled: {cond.get('reason', '')}: {cond.get('message', '')}".rstrip(": ")
+        for cs in pstatus.get("containerStatuses") or []:
+            waiting = (cs.get("state") or {}).get("waiting")
+            if waiting and waiting.get("reason"):
+                return f"pod {name} is waiting: {waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
+    if pods:
+        return f"waiting for {nodes} training pod(s) to start ({len(pods)} created)"
+    return f"waiting for the Job to create {nodes} training pod(s)"
+
+
+def _fresh(report: TrainerReport | None, created: str | None) -> bool:
+    """A report written before the FineTuneJob existed belongs to an earlier run; ignore it."""
+    if report is None:
+        return False
+    if not created:
+        return True
+    try:
+        return _parse_time(report.updated_at) >= _parse_time(created)
+    except ValueError:
+        return True
+
+
+def _parse_time(text: str) -> datetime:
+    parsed = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if parsed.tzinfo is None:
+        raise ValueError(f"time {text!r} has no zone")
+    return parsed
+
+
+def _apply_report(new: dict[str, Any], report: TrainerReport | None, *, terminal: bool) -> None:
+    if report is None:
+        return
+    total = report.total_steps
+    step = report.step
+    percent = min(100, math.floor(step * 100 / total)) if total > 0 else 0
+    progress: dict[str, Any] = {
+        "step": step,
+        "totalSteps": total,
+        "percent": percent,
+        "summary": f"{percent}% {step}/{total}" if total > 0 else report.phase,
+        "epoch": report.epoch,
+        "loss": report.loss,
+        "evalLoss": report.eval_loss,
+        "tokensPerSecond": report.tokens_per_second,
+        "etaSeconds": report.eta_seconds,
+        "updatedAt": report.updated_at,
+    }
+    new["progress"] = {k: v for k, v in progress.items() if v is not None}
+    if terminal:
+        _drop_eta(new)
+    new["checkpoints"] = [cp.wire() for cp in report.checkpoints[-_MAX_CHECKPOINTS:]]
+    new["artifacts"] = dict(report.artifacts)
+    if report.evaluation is not None:
+        new["evaluation"] = report.evaluation.wire()
+
+
+def _drop_eta(new: dict[str, Any]) -> None:
+    if isinstance(new.get("progress"), dict):
+        new["progress"] = {k: v for k, v in new["progress"].items() if k != "etaSeconds"}
+
+
+def _deciding_condition(status: Mapping[str, Any]) -> dict[str, Any] | None:
+    conds = status.get("conditions")
+    phase = status.get("phase")
+    by_phase = {FAILED: c.FAILED, SUCCEEDED: c.COMPLETE, QUEUED: c.QUEUED, SUSPENDED: c.SUSPENDED, RUNNING: c.RUNNING}
+    if phase in by_phase:
+        return c.find(conds, by_phase[phase])
+    created = c.find(conds, c.CREATED)
+    if created and created.get("status") == c.FALSE:
+        return created
+    return c.find(conds, c.RUNNING)
+
+
+def _clip(message: str) -> str:
+    return message if len(message) <= _MAX_MESSAGE else message[: _MAX_MESSAGE - 3] + "..."
+
+
+def _empty(value: Any) -> bool:
+    return value is None or value == [] or value == {} or value == ""
+
+
+def _normalize(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {
+            k: _normalize(v)
+            for k, v in value.items()
+            if not _empty(v) and not (isinstance(v, Mapping) and _empty(_normalize(v)))
+        }
+    if isinstance(value, list):
+        return [_normalize(v) for v in value]
+    return value
+
+
+def _merge_diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, Any]:
+    patch: dict[str, Any] = {}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, Mapping) and isinstance(before, Mapping):
+            sub = _merge_diff(before, value)
+            if sub:
+                patch[key] = sub
+        elif value != before:
+            patch[key] = value
+    for key in old:
+        if key not in new:
+            patch[key] = None
+    return patch
+
+
+def _owned(status: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (status or {}).items() if k in OWNED_KEYS}
