@@ -42,6 +42,9 @@ ENV_MAIN_PORT = "FT_MAIN_PORT"
 ENV_PROCS_PER_MACHINE = "FT_PROCS_PER_MACHINE"
 ENV_OUTPUT_URI = "FT_OUTPUT_URI"
 ENV_CACHE_DIR = "FT_CACHE_DIR"
+#: Seconds the c10d rendezvous waits for every machine; a missing peer then fails the pod.
+ENV_RDZV_TIMEOUT = "FT_RDZV_TIMEOUT"
+DEFAULT_RDZV_TIMEOUT = 300
 #: Mount roots a `pvc://claim/path` URI resolves under (`<root>/<claim>/<path>`), and the roots `file://`
 #: paths must stay inside.
 ENV_PVC_ROOT = "FT_PVC_ROOT"

@@ -12,10 +12,11 @@ Any other size comes from the memory model below, rounded up to a standard GPU c
 Memory model (bytes; P = parameters, a Llama-shaped decoder with hidden size h, L = h/128 layers,
 P ~ 12*L*h^2, vocabulary V = 32,000, micro-batch b, sequence length s):
 
-- weights: P x 2 (bf16/fp16) or 4 (fp32); QLoRA: the non-embedding weights at `bits` + 0.127 bits of
+- weights: P x 2 (bf16/fp16) or 4 (fp32; and full fine-tuning in fp16, which keeps fp32 weights); QLoRA: the non-embedding weights at `bits` + 0.127 bits of
   constants with double quantization (0.5 without), embeddings and head (2*V*h) in 16 bit.
-- trainable state: full: gradients in the training precision plus AdamW's two fp32 moments
-  (2+8 = 10 bytes per parameter in bf16, 4+8 = 12 in fp32). LoRA/QLoRA: adapters kept in fp32 with their
+- trainable state: full in bf16 trains pure bf16 (the trainer's choice, as torchtune's): bf16 gradients
+  and AdamW's two bf16 moments, 2+4 = 6 bytes per parameter on top of the 2-byte weights; full in fp16 or
+  fp32 keeps fp32 weights (4 bytes) with fp32 gradients and moments, 4+8 = 12. LoRA/QLoRA: adapters kept in fp32 with their
   gradients and moments, 16 bytes per adapter parameter; each targeted module adds r*(h + h*m) parameters
   per layer (m = 1 for attention projections, 8/3 for MLP projections).
 - activations (per GPU, not sharded): with gradient checkpointing each layer keeps its input
@@ -112,18 +113,21 @@ def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod) -> MemoryEsti
     hidden, layers = shape(p_b)
     hp = spec.hyperparameters
     bytes_16 = 4 if hp.precision == "fp32" else 2
+    pure_bf16 = method == "full" and hp.precision == "bf16"
     embed = min(p, 2.0 * VOCAB * hidden)
 
     if method == "qlora":
         q = spec.resolved_quantization()
         bits = q.bits + (0.127 if q.double_quant else 0.5)
         weights = (p - embed) * bits / 8 + embed * 2
+    elif method == "full":
+        weights = p * (2 if pure_bf16 else 4)
     else:
         weights = p * bytes_16
 
     if method == "full":
         trainable = p
-        state = p * (bytes_16 + 8)
+        state = p * (6 if pure_bf16 else 12)
     else:
         trainable = lora_parameters(hidden, layers, spec.lora.r, spec.lora.target_modules)
         state = trainable * 16

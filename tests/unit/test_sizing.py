@@ -107,7 +107,9 @@ def test_memory_model_parts_respond_to_their_inputs():
     assert fp32.weights == pytest.approx(2 * base.weights)
     full = sizing.estimate_memory(make("8B", "full"), "full")
     assert full.trainable_parameters == pytest.approx(8e9)
-    assert full.trainable_state == pytest.approx(8e9 * 10 / sizing.GIB)
+    assert full.trainable_state == pytest.approx(8e9 * 6 / sizing.GIB)  # pure bf16: grads 2 + AdamW 2x2
+    full32 = sizing.estimate_memory(make("8B", "full", hyperparameters__precision="fp32"), "full")
+    assert full32.weights + full32.trainable_state == pytest.approx(8e9 * 16 / sizing.GIB)
     assert base.trainable_parameters < 0.01 * 8e9
 
 

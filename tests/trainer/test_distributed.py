@@ -1,0 +1,142 @@
+"""Several processes on CPU (gloo) through the pod's launcher: one machine with two processes, and two
+"machines" on 127.0.0.1 launched separately (num_machines=2, machine ranks 0 and 1, c10d rendezvous)."""
+
+from __future__ import annotations
+
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune_operator.contract import EXIT_CONFIG_ERROR, EXIT_GATES_FAILED, EXIT_PREEMPTED, REPORT_KEY
+from finetune_trainer import launch
+from finetune_trainer.world import World, check_size, from_env
+from tests.trainer import train_helpers as th
+
+SPEC: dict[str, Any] = {"hyperparameters": {"maxSteps": 4}, "checkpoint": {"everySteps": 2},
+                        "evaluation": {"maxExamples": 2}}
+
+
+@pytest.fixture(scope="module")
+def staged(s3: Any, tiny_model_dir: Path, healthcare_sample: Any) -> th.Staged:
+    bucket = "dist-" + secrets.token_hex(4)
+    s3.create_bucket(bucket)
+    return th.stage(s3, bucket, tiny_model_dir, healthcare_sample)
+
+
+def _store(uri: str) -> Any:
+    from finetune_trainer.storage import Store
+
+    return Store.for_uri(uri)
+
+
+def _finish(proc: Any, timeout: float = 300) -> tuple[int, str]:
+    out, _ = proc.communicate(timeout=timeout)
+    return proc.returncode, out.decode(errors="replace")
+
+
+# -- the launcher's command and exit codes (pure) --------------------------------------------------------
+
+
+def test_launch_command_for_two_machines() -> None:
+    world = World(num_machines=2, machine_rank=1, procs_per_machine=4, main_address="job-0.job",
+                  main_port=29500, rdzv_timeout=60)
+    cmd = launch.command(world, python="python")
+    assert cmd[:4] == ["python", "-m", "accelerate.commands.launch", "--multi_gpu"]
+    args = dict(zip(cmd[4::2], cmd[5::2], strict=False))
+    assert args["--num_machines"] == "2" and args["--machine_rank"] == "1"
+    assert args["--num_processes"] == "8"  # total, not per machine
+    assert args["--main_process_ip"] == "job-0.job" and args["--main_process_port"] == "29500"
+    assert args["--rdzv_backend"] == "c10d"
+    assert args["--rdzv_conf"] == "join_timeout=60,read_timeout=60,is_host=0"
+    assert cmd[-2:] == ["--module", "finetune_trainer"]
+
+
+def test_single_process_runs_the_trainer_directly() -> None:
+    world = World(1, 0, 1, "127.0.0.1", 29500, 60)
+    assert launch.command(world, python="python") == ["python", "-m", "finetune_trainer"]
+
+
+def test_world_from_environment() -> None:
+    env = {"FT_NUM_MACHINES": "3", "JOB_COMPLETION_INDEX": "2", "FT_PROCS_PER_MACHINE": "2",
+           "FT_MAIN_ADDRESS": "ftj-0.ftj", "FT_MAIN_PORT": "29400"}
+    world = from_env(env)
+    assert (world.size, world.machine_rank, world.main_address, world.main_port) == (6, 2, "ftj-0.ftj", 29400)
+    with pytest.raises(Exception, match="JOB_COMPLETION_INDEX=3 is not below FT_NUM_MACHINES=3"):
+        from_env({**env, "JOB_COMPLETION_INDEX": "3"})
+    with pytest.raises(Exception, match="FT_MAIN_ADDRESS must name machine 0"):
+        from_env({"FT_NUM_MACHINES": "2"})
+    with pytest.raises(Exception, match="formed a world of 1 process") as err:
+        check_size(1, env)
+    assert err.value.exit_code == EXIT_CONFIG_ERROR  # type: ignore[attr-defined]
+
+
+def test_exit_code_priority() -> None:
+    assert launch.exit_code(1, [EXIT_PREEMPTED, EXIT_CONFIG_ERROR]) == EXIT_CONFIG_ERROR
+    assert launch.exit_code(1, [EXIT_GATES_FAILED]) == EXIT_GATES_FAILED
+    assert launch.exit_code(1, [EXIT_PREEMPTED, EXIT_PREEMPTED]) == EXIT_PREEMPTED
+    assert launch.exit_code(1, []) == 1
+    assert launch.exit_code(0, []) == 0
+    assert launch.exit_code(-9, []) == 1
+
+
+# -- real processes ----------------------------------------------------------------------------------------
+
+
+def test_two_processes_train_data_parallel(s3_env: dict[str, str], staged: th.Staged, tmp_path: Path) -> None:
+    config = th.make_config(staged, SPEC)
+    env = th.trainer_env(config, tmp_path, s3_env, FT_NUM_MACHINES="1", FT_PROCS_PER_MACHINE="2")
+    code, out = _finish(th.launch(env))
+    assert code == 0, out[-4000:]
+    assert "--multi_gpu" in out and "--num_processes 2" in out
+    store = _store(config.spec.output.uri)
+    report = store.read_json(REPORT_KEY)
+    assert report["phase"] == "complete" and report["worldSize"] == 2
+    # every process saved its own RNG state in the checkpoint
+    keys = store.list("checkpoints/step-4/")
+    assert {"checkpoints/step-4/rng-0.json", "checkpoints/step-4/rng-1.json"} <= set(keys)
+    state = store.read_json("checkpoints/step-4/trainer_state.json")
+    assert state["world_size"] == 2
+    losses = th.losses(store.read_bytes("metrics.jsonl").decode())
+    assert sorted(losses) == [1, 2, 3, 4]
+    assert store.is_complete("")
+
+
+def test_two_machines_rendezvous_on_loopback(s3_env: dict[str, str], staged: th.Staged, tmp_path: Path) -> None:
+    config = th.make_config(staged, SPEC)
+    port = str(th.free_port())
+    procs = []
+    for rank in (0, 1):
+        machine = tmp_path / f"machine-{rank}"
+        machine.mkdir()
+        env = th.trainer_env(config, machine, s3_env, FT_NUM_MACHINES="2", FT_PROCS_PER_MACHINE="1",
+                             JOB_COMPLETION_INDEX=str(rank), FT_MAIN_ADDRESS="127.0.0.1", FT_MAIN_PORT=port)
+        procs.append(th.launch(env))
+    results = [_finish(p) for p in procs]
+    for code, out in results:
+        assert code == 0, out[-4000:]
+    assert "--rdzv_backend c10d" in results[1][1] and "is_host=0" in results[1][1]
+    report = _store(config.spec.output.uri).read_json(REPORT_KEY)
+    assert report["phase"] == "complete" and report["worldSize"] == 2
+
+
+def test_missing_peer_fails_instead_of_hanging(s3_env: dict[str, str], staged: th.Staged, tmp_path: Path) -> None:
+    config = th.make_config(staged, SPEC)
+    env = th.trainer_env(config, tmp_path, s3_env, FT_NUM_MACHINES="2", FT_PROCS_PER_MACHINE="1",
+                         JOB_COMPLETION_INDEX="0", FT_MAIN_ADDRESS="127.0.0.1", FT_RDZV_TIMEOUT="3")
+    code, out = _finish(th.launch(env), timeout=120)
+    assert code == 1, out[-3000:]  # a crash (retried by the Job), not a config error
+    assert "Rendezvous" in out or "rendezvous" in out
+
+
+def test_trainer_started_without_the_launcher_stops(s3_env: dict[str, str], staged: th.Staged,
+                                                    tmp_path: Path) -> None:
+    """`python -m finetune_trainer` in a pod given two processes forms a world of one: exit 3, not a
+    silent single-process run."""
+    config = th.make_config(staged, SPEC)
+    env = th.trainer_env(config, tmp_path, s3_env, FT_NUM_MACHINES="1", FT_PROCS_PER_MACHINE="2")
+    code, out = _finish(th.launch(env, module="finetune_trainer"))
+    assert code == EXIT_CONFIG_ERROR, out[-3000:]
+    report = _store(config.spec.output.uri).read_json(REPORT_KEY)
+    assert report["error"]["reason"] == "WorldSizeMismatch"

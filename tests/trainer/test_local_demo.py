@@ -1,0 +1,81 @@
+"""`finetune run FILE --local`: the demo end to end (what `make demo` runs), local output, --set."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from finetune_operator.contract import EXIT_CONFIG_ERROR, MARKER_NAME, REPORT_KEY
+from finetune_trainer import local
+from tests.trainer.train_helpers import THREADS
+
+REPO = Path(__file__).resolve().parents[2]
+MANIFEST = REPO / "examples" / "healthcare-lora.yaml"
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    # See train_helpers.THREADS: the trainer subprocess inherits this.
+    monkeypatch.setenv("OMP_NUM_THREADS", THREADS)
+
+
+def _row(output: str, label: str) -> tuple[float, float]:
+    match = re.search(rf"^\s+{re.escape(label)}\s+([-\d.]+)%?\s+([-\d.]+)%?\s*$", output, re.MULTILINE)
+    assert match, f"no {label!r} row in:\n{output}"
+    return float(match.group(1)), float(match.group(2))
+
+
+def test_demo_trains_the_tiny_stand_in_and_shows_a_gain(capsys: pytest.CaptureFixture[str]) -> None:
+    code = local.main([str(MANIFEST), "--local", "--demo"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-4000:]
+    assert "stands in for hf://meta-llama/Llama-2-7b-hf" in out
+    assert "plan on a cluster: method lora, 1x24GiB GPU (table)" in out
+    assert "uploaded healthcare_train.jsonl     -> s3://healthcare-data/instructions/train.jsonl" in out
+    for artifact in ("model/  (", "metrics.jsonl", "evaluation.json", "provenance.json", "README.md", MARKER_NAME):
+        assert f"s3://finetune-artifacts/healthcare-assistant/{artifact}" in out, artifact
+    base_acc, tuned_acc = _row(out, "accuracy (rougeL-f1)")
+    base_loss, tuned_loss = _row(out, "eval loss")
+    assert tuned_acc > base_acc + 10  # percentage points
+    assert tuned_loss < base_loss - 1.0
+    base_hall, tuned_hall = _row(out, "hallucination (lower is better)")
+    assert tuned_hall < base_hall
+
+
+def test_demo_to_a_local_directory_with_overrides(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "out"
+    code = local.main([str(MANIFEST), "--local", "--demo", "--output", str(output),
+                       "--set", "hyperparameters.maxSteps=2", "--set", "evaluation.maxExamples=2",
+                       "--set", "spec.hyperparameters.epochs=1"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-4000:]
+    assert "override: spec.hyperparameters.maxSteps = 2" in out
+    assert "spec.hyperparameters.epochs = 6" not in out  # --set wins over the demo's own override
+    assert (output / MARKER_NAME).is_file() and (output / "model" / "adapter_model.safetensors").is_file()
+    report = json.loads((output / REPORT_KEY).read_text())
+    assert report["phase"] == "complete" and report["step"] == 2 and report["totalSteps"] == 2
+
+
+def test_invalid_override_names_the_field(capsys: pytest.CaptureFixture[str]) -> None:
+    code = local.main([str(MANIFEST), "--local", "--set", "hyperparameters.learningRate=-1"])
+    err = capsys.readouterr().err
+    assert code == EXIT_CONFIG_ERROR
+    assert "spec.hyperparameters.learningRate" in err
+
+
+def test_local_is_required(capsys: pytest.CaptureFixture[str]) -> None:
+    assert local.main([str(MANIFEST)]) == 2
+    assert "--local" in capsys.readouterr().err
+
+
+def test_override_parsing() -> None:
+    assert local.parse_override("hyperparameters.learningRate=0.002") == ("hyperparameters.learningRate", 0.002)
+    assert local.parse_override("lora.targetModules=[q_proj, v_proj]") == ("lora.targetModules", ["q_proj", "v_proj"])
+    doc: dict[str, object] = {"spec": {"hyperparameters": {"epochs": 3}}}
+    assert local.set_path(doc, "hyperparameters.epochs", 1) == "spec.hyperparameters.epochs"
+    assert doc == {"spec": {"hyperparameters": {"epochs": 1}}}
+    with pytest.raises(local.UsageError, match="PATH=VALUE"):
+        local.parse_override("epochs")

@@ -1,0 +1,181 @@
+"""Full, LoRA and QLoRA train the tiny model in-process; artifacts land in S3 and the adapter reloads.
+
+Golden losses: the mean training loss of the last two of 6 optimizer steps, measured once with these
+exact settings (seed 7, tiny model seed 0, the bundled sample) and pinned with an absolute tolerance of
+2e-3. Runs are deterministic on one machine (bit-identical losses); the tolerance covers other CPUs,
+whose vector units can order floating-point reductions differently. A change in data order, masking,
+loss normalization, optimizer or schedule moves these numbers by far more than that.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune_operator.contract import EXIT_GATES_FAILED, MARKER_NAME, REPORT_KEY
+from tests.trainer import train_helpers as th
+
+GOLDEN_TOLERANCE = 2e-3
+#: The tiny model is randomly initialized: with its output head and final norm frozen, the logits cannot
+#: grow past about +-1.3 and adapters on the decoder alone barely move the loss, so the adapter tests
+#: also adapt lm_head (a target module like any other).
+HEAD = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
+#: method -> (spec overrides, golden final loss)
+METHODS: dict[str, tuple[dict[str, Any], float]] = {
+    "full": ({"method": "full", "hyperparameters": {"learningRate": 2e-3}}, 5.798124),
+    "lora": ({"method": "lora", "hyperparameters": {"learningRate": 1e-2}, "lora": {"targetModules": HEAD}}, 5.150921),
+    "qlora": ({"method": "qlora", "hyperparameters": {"learningRate": 1e-2, "precision": "bf16"},
+               "lora": {"targetModules": HEAD}, "output": {"saveMerged": True}}, 5.208629),
+}
+
+
+@pytest.fixture(scope="module")
+def staged(s3: Any, tiny_model_dir: Path, healthcare_sample: Any) -> th.Staged:
+    bucket = "train-" + secrets.token_hex(4)
+    s3.create_bucket(bucket)
+    return th.stage(s3, bucket, tiny_model_dir, healthcare_sample)
+
+
+def _store(uri: str) -> Any:
+    from finetune_trainer.storage import Store
+
+    return Store.for_uri(uri)
+
+
+def _tail_loss(losses: dict[int, float]) -> float:
+    last = sorted(losses)[-2:]
+    return sum(losses[s] for s in last) / len(last)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_method_trains_and_loss_falls(method: str, s3_env: Any, staged: th.Staged, tmp_path: Path) -> None:
+    overrides, golden = METHODS[method]
+    config = th.make_config(staged, overrides)
+    outcome = th.run_in_process(config)
+    store = _store(config.spec.output.uri)
+    losses = th.losses(store.read_bytes("metrics.jsonl").decode())
+    assert sorted(losses) == [1, 2, 3, 4, 5, 6]
+    first, tail = (losses[1] + losses[2]) / 2, _tail_loss(losses)
+    assert tail < first - 0.05, losses
+    evaluation = outcome.evaluation
+    assert evaluation.tuned.eval_loss < evaluation.base.eval_loss
+    print(f"{method}: golden tail loss {tail:.6f}")
+    assert tail == pytest.approx(golden, abs=GOLDEN_TOLERANCE)
+    assert store.is_complete("")
+    if method == "qlora":
+        _check_merged(store, staged, tmp_path)
+
+
+def _check_merged(store: Any, staged: th.Staged, tmp: Path) -> None:
+    """merged/ is a plain 16-bit model (no peft, no 4-bit) whose outputs differ from the base's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from finetune_trainer.storage import Store
+
+    merged_dir = store.download_prefix("merged", tmp / "merged")
+    base_dir = Store.for_uri(staged.model_uri).download_prefix("", tmp / "base")
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir))
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    ids = torch.tensor([[1, 40, 41, 42]])
+    with torch.no_grad():
+        assert (merged(ids).logits - base(ids).logits).abs().max() > 1e-3
+
+
+def test_lora_artifacts_reload_and_generate(s3_env: Any, staged: th.Staged, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    from finetune_trainer import train
+
+    seen: dict[str, bool] = {}
+    original = train.Run._train
+
+    def spy(self: Any, per_rank: int, total: int) -> Any:
+        # compliance.provenanceRequired: provenance.json is in the output before the first step
+        seen["provenance_before_training"] = self.store.exists("provenance.json")
+        return original(self, per_rank, total)
+
+    monkeypatch.setattr(train.Run, "_train", spy)
+    config = th.make_config(staged, {"compliance": {"provenanceRequired": True}, "hyperparameters": {"packing": True}})
+    outcome = th.run_in_process(config)
+    assert seen == {"provenance_before_training": True}
+    store = _store(config.spec.output.uri)
+    keys = set(store.list(""))
+    for key in ("model/adapter_model.safetensors", "model/adapter_config.json", "model/tokenizer.json",
+                "metrics.jsonl", "evaluation.json", "provenance.json", "README.md", REPORT_KEY, MARKER_NAME):
+        assert key in keys, key
+    manifest = store.read_json(MARKER_NAME)
+    assert {f["path"] for f in manifest["files"]} >= {"model/adapter_model.safetensors", "provenance.json",
+                                                       "evaluation.json", "metrics.jsonl", "README.md"}
+    report = store.read_json(REPORT_KEY)
+    assert report["phase"] == "complete" and report["artifacts"]["model"].endswith("/model/")
+    assert report["evaluation"]["base"]["evalLoss"] > report["evaluation"]["tuned"]["evalLoss"]
+    assert json.loads(store.read_bytes("evaluation.json")) == report["evaluation"]
+    provenance = store.read_json("provenance.json")
+    assert staged.train_uri in json.dumps(provenance)
+    metrics = [json.loads(line) for line in store.read_bytes("metrics.jsonl").decode().splitlines()]
+    assert all(m["tokens_per_second"] > 0 and m["tokens"] > 0 for m in metrics if "loss" in m)
+    assert outcome.artifacts["model"] == report["artifacts"]["model"]
+
+    # The adapter reloads with peft on the base model and generates.
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune_trainer.storage import Store
+
+    adapter_dir = store.download_prefix("model", tmp_path / "adapter")
+    base_dir = Store.for_uri(staged.model_uri).download_prefix("", tmp_path / "base")
+    tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(str(base_dir)), str(adapter_dir))
+    prompt = tokenizer("### Instruction:\nWhat is the usual adult dose of this medication?\n\n", return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+        with model.disable_adapter():
+            base_logits = model(**prompt).logits
+        tuned_logits = model(**prompt).logits
+    assert out.shape[1] > prompt["input_ids"].shape[1]
+    assert (tuned_logits - base_logits).abs().max() > 1e-3  # the trained adapter was saved, not zeros
+
+
+def test_missed_gate_fails_the_run_naming_the_metric(s3_env: Any, staged: th.Staged) -> None:
+    config = th.make_config(staged, {"hyperparameters": {"maxSteps": 2},
+                                     "evaluation": {"gates": [{"metric": "evalLoss", "max": 0.01}]}})
+    assert th.exit_code_in_process(config) == EXIT_GATES_FAILED
+    store = _store(config.spec.output.uri)
+    report = store.read_json(REPORT_KEY)
+    assert report["phase"] == "failed" and report["error"]["reason"] == "GatesFailed"
+    assert "evalLoss" in report["error"]["message"]
+    assert report["evaluation"]["gatesPassed"] is False
+    assert store.exists("model/adapter_model.safetensors") and not store.exists(MARKER_NAME)
+
+
+def test_precision_fallbacks() -> None:
+    import torch
+
+    from finetune_trainer.modeling import resolve_precision
+
+    fp16_cpu = resolve_precision("fp16", "cpu")
+    assert (fp16_cpu.mixed, fp16_cpu.base_dtype) == ("no", torch.float32)
+    assert fp16_cpu.warning is not None and "fp32" in fp16_cpu.warning
+    bf16_cpu = resolve_precision("bf16", "cpu")
+    assert (bf16_cpu.mixed, bf16_cpu.base_dtype, bf16_cpu.warning) == ("bf16", torch.bfloat16, None)
+    assert resolve_precision("fp32", "cpu").mixed == "no"
+
+
+def test_full_fine_tuning_in_bf16_is_pure_bf16(tiny_model_dir: Path) -> None:
+    """The model-size table's 7B full = 4x24GB needs bf16 weights, gradients and optimizer states."""
+    import torch
+
+    from finetune_trainer.modeling import full_weights_dtype, load_base, resolve_precision
+
+    assert full_weights_dtype(resolve_precision("bf16", "cpu")) == torch.bfloat16
+    assert full_weights_dtype(resolve_precision("fp32", "cpu")) == torch.float32
+    assert full_weights_dtype(resolve_precision("fp16", "cuda")) == torch.float32  # fp16 needs fp32 masters
+    precision = resolve_precision("bf16", "cpu")
+    model = load_base(tiny_model_dir, "full", precision, torch.device("cpu"), None)  # type: ignore[arg-type]
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}

@@ -1,0 +1,129 @@
+"""Final artifacts under `<output.uri>`, the output's completion marker, and provenance.
+
+    model/            adapter (lora, qlora) or full weights (full), plus the tokenizer
+    merged/           base + adapter merged into one model (spec.output.saveMerged; lora and qlora)
+    metrics.jsonl     one line per step: step, epoch, loss, learning_rate, tokens; at logging steps also
+                      tokens_per_second (non-padding tokens) and window_loss; at checkpoints eval_loss
+    evaluation.json   base vs fine-tuned scores (EvaluationStatus)
+    provenance.json   data files with sha256, base model files with sha256, config, image, world
+    README.md         model card
+    _COMPLETE         written last (a manifest of every file above with sizes and sha256)
+
+The marker is not written when gates fail: the files are there to inspect, but the output is not
+complete. For qlora the merge runs on a fresh 16-bit copy of the base (merging into 4-bit weights would
+round the adapter away) and on the CPU, so it never competes with the training model for GPU memory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from finetune_operator.contract import MARKER_NAME
+
+if TYPE_CHECKING:
+    from finetune_trainer.train import Run
+
+log = logging.getLogger(__name__)
+
+PROVENANCE_KEY = "provenance.json"
+
+
+def _provenance(run: Run) -> dict[str, Any]:
+    from finetune_trainer import provenance
+
+    return provenance.build_provenance(
+        run.config,
+        data_files=[path for path, _ in run.inputs.files],
+        data_uris=[uri for _, uri in run.inputs.files],
+        base_model_uri=run.spec.base_model.uri,
+        base_model_revision=run.spec.base_model.revision,
+        base_model_files_sha256=provenance.sha256_tree(run.model_dir),
+        image=run.config.image,
+        seed=run.hp.seed,
+        world_size=run.world,
+        started_at=run.started_at,
+    )
+
+
+def upload_provenance(run: Run) -> str:
+    """Write provenance.json now (rank 0): with provenanceRequired this happens before training."""
+    run.store.write_json(PROVENANCE_KEY, _provenance(run))
+    uri = str(run.store.child(PROVENANCE_KEY))
+    log.info("provenance recorded at %s", uri)
+    return uri
+
+
+def _save_model(run: Run, stage: Path) -> None:
+    """model/ (+ tokenizer): collective under FSDP (the full state dict is gathered), rank 0 writes."""
+    accelerator = run.accelerator
+    state_dict = accelerator.get_state_dict(run.model) if run.fsdp else None
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(run.model)
+        unwrapped.save_pretrained(str(stage / "model"), state_dict=state_dict, safe_serialization=True)
+        run.tokenizer.save_pretrained(str(stage / "model"))
+
+
+def _save_merged(run: Run, stage: Path) -> None:
+    import torch
+    from peft import PeftModel
+
+    from finetune_trainer import modeling
+
+    dtype = run.precision.base_dtype if run.precision.base_dtype != torch.float16 or torch.cuda.is_available() \
+        else torch.float32
+    precision = modeling.Precision(run.precision.mixed, dtype)
+    base = modeling.load_base(run.model_dir, "lora", precision, torch.device("cpu"), run.config, quantized=False)
+    merged = PeftModel.from_pretrained(base, str(stage / "model")).merge_and_unload()
+    merged.config.use_cache = True
+    merged.save_pretrained(str(stage / "merged"), safe_serialization=True)
+    run.tokenizer.save_pretrained(str(stage / "merged"))
+
+
+def publish(run: Run, evaluation: Any, final_loss: float | None, *, complete: bool) -> dict[str, str]:
+    """Write every artifact (rank 0), then the marker when `complete`; returns their URIs by kind."""
+    accelerator = run.accelerator
+    stage = run.work / "artifacts"
+    if accelerator.is_main_process:
+        shutil.rmtree(stage, ignore_errors=True)
+        stage.mkdir(parents=True)
+    _save_model(run, stage)
+    uris: dict[str, str] = {}
+    if accelerator.is_main_process:
+        uris = _write_files(run, stage, evaluation, final_loss, complete)
+    accelerator.wait_for_everyone()
+    return uris
+
+
+def _write_files(run: Run, stage: Path, evaluation: Any, final_loss: float | None, complete: bool) -> dict[str, str]:
+    from finetune_trainer import modelcard
+
+    kinds = {"model": "model/", "metrics": "metrics.jsonl", "evaluation": "evaluation.json",
+             "provenance": PROVENANCE_KEY, "modelCard": "README.md"}
+    if run.spec.output.save_merged:
+        if run.config.method == "full":
+            log.warning("spec.output.saveMerged has no effect with method full: model/ is the whole model")
+        else:
+            _save_merged(run, stage)
+            kinds["merged"] = "merged/"
+    if run.metrics_path.is_file():
+        shutil.copy(run.metrics_path, stage / "metrics.jsonl")
+    else:
+        (stage / "metrics.jsonl").write_text("")
+    (stage / "evaluation.json").write_text(
+        json.dumps(evaluation.model_dump(by_alias=True, exclude_none=True, mode="json"), indent=2, sort_keys=True) + "\n")
+    (stage / PROVENANCE_KEY).write_text(json.dumps(_provenance(run), indent=2, sort_keys=True) + "\n")
+    uris = {kind: str(run.store.child(key.rstrip("/"))) + ("/" if key.endswith("/") else "")
+            for kind, key in kinds.items()}
+    summary = {"final_loss": final_loss, "steps": run.state.step, "world_size": run.world,
+               "train_examples": run.inputs.train_examples, "skipped_rows": run.inputs.skipped_rows,
+               "examples_truncated_away": run.inputs.truncated_away}
+    (stage / "README.md").write_text(
+        modelcard.render_model_card(run.config, evaluation=evaluation, artifacts=uris, metrics_summary=summary))
+    run.store.upload_dir(stage, "", marker=complete)
+    if complete:
+        log.info("artifacts complete: %s", run.store.child(MARKER_NAME))
+    return uris

@@ -1,0 +1,110 @@
+"""The distributed world a training pod was given, read from the environment (see `contract.ENV_*`).
+
+The operator runs one pod per machine (an Indexed Job): `FT_NUM_MACHINES` pods, each with
+`FT_PROCS_PER_MACHINE` processes (one per GPU), machine rank from `JOB_COMPLETION_INDEX`, and pod 0's stable
+address in `FT_MAIN_ADDRESS`/`FT_MAIN_PORT`. `launch.py` turns this into an `accelerate launch` command;
+the trainer checks that the world torch.distributed actually formed has the size the pod was given,
+because accelerate silently falls back to a single process when its multi-node settings do not reach
+torch (a known trap: every pod then trains alone on the whole data set and they overwrite each other).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from finetune_operator.contract import (
+    DEFAULT_MAIN_PORT,
+    DEFAULT_RDZV_TIMEOUT,
+    ENV_MACHINE_RANK,
+    ENV_MAIN_ADDRESS,
+    ENV_MAIN_PORT,
+    ENV_NUM_MACHINES,
+    ENV_PROCS_PER_MACHINE,
+    ENV_RDZV_TIMEOUT,
+)
+from finetune_trainer.errors import ConfigError
+
+#: Seconds the rendezvous waits for every machine before failing (a missing peer must not hang the job).
+
+
+@dataclass(frozen=True)
+class World:
+    num_machines: int
+    machine_rank: int
+    procs_per_machine: int
+    main_address: str
+    main_port: int
+    rdzv_timeout: int
+
+    @property
+    def size(self) -> int:
+        return self.num_machines * self.procs_per_machine
+
+
+def _int(env: Mapping[str, str], name: str, default: int, low: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"environment variable {name}={raw!r} is not an integer", reason="InvalidWorld") from None
+    if value < low:
+        raise ConfigError(f"environment variable {name}={value} must be at least {low}", reason="InvalidWorld")
+    return value
+
+
+def default_procs_per_machine() -> int:
+    """One process per visible GPU, else one (CPU)."""
+    try:
+        import torch
+
+        return max(1, torch.cuda.device_count())
+    except ImportError:  # pragma: no cover - torch is in the trainer image
+        return 1
+
+
+def from_env(env: Mapping[str, str] | None = None) -> World:
+    """The world from the environment; unset variables mean a single machine."""
+    env = os.environ if env is None else env
+    num_machines = _int(env, ENV_NUM_MACHINES, 1, 1)
+    rank = _int(env, ENV_MACHINE_RANK, 0, 0)
+    if rank >= num_machines:
+        raise ConfigError(
+            f"{ENV_MACHINE_RANK}={rank} is not below {ENV_NUM_MACHINES}={num_machines}", reason="InvalidWorld"
+        )
+    procs = _int(env, ENV_PROCS_PER_MACHINE, 0, 1) or default_procs_per_machine()
+    address = env.get(ENV_MAIN_ADDRESS) or "127.0.0.1"
+    if num_machines > 1 and not env.get(ENV_MAIN_ADDRESS):
+        raise ConfigError(f"{ENV_MAIN_ADDRESS} must name machine 0 when {ENV_NUM_MACHINES} > 1",
+                          reason="InvalidWorld")
+    return World(
+        num_machines=num_machines,
+        machine_rank=rank,
+        procs_per_machine=procs,
+        main_address=address,
+        main_port=_int(env, ENV_MAIN_PORT, DEFAULT_MAIN_PORT, 1),
+        rdzv_timeout=_int(env, ENV_RDZV_TIMEOUT, DEFAULT_RDZV_TIMEOUT, 1),
+    )
+
+
+def expected_size(env: Mapping[str, str] | None = None) -> int | None:
+    """The world size the pod was given, or None when the environment does not say (a plain local run)."""
+    env = os.environ if env is None else env
+    if not env.get(ENV_NUM_MACHINES) and not env.get(ENV_PROCS_PER_MACHINE):
+        return None
+    return from_env(env).size
+
+
+def check_size(actual: int, env: Mapping[str, str] | None = None) -> None:
+    """Stop (ConfigError, exit 3) when torch.distributed's world differs from the one the pod was given."""
+    expected = expected_size(env)
+    if expected is not None and actual != expected:
+        raise ConfigError(
+            f"torch.distributed formed a world of {actual} process(es) but this pod was given {expected} "
+            f"({ENV_NUM_MACHINES} x {ENV_PROCS_PER_MACHINE}); the launcher did not reach every process. "
+            "Start the trainer with `python -m finetune_trainer.launch`, not `python -m finetune_trainer`",
+            reason="WorldSizeMismatch",
+        )
