@@ -435,6 +435,21 @@ async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any, cause: 
 # --- kopf wiring ------------------------------------------------------------------------------------
 
 
+@kopf.on.login()
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """Credentials, chosen when the operator logs in rather than when this module is imported.
+
+    kopf registers its fallback logins from the environment at import time, so an import before
+    KUBECONFIG is set (a test collector, a tool importing the module) left it with none. Same order as
+    kopf's own: the `kubernetes` client when installed, the pod's service account, then $KUBECONFIG.
+    """
+    return (
+        kopf.login_via_client(**kwargs)
+        or kopf.login_with_service_account(**kwargs)
+        or kopf.login_with_kubeconfig(**kwargs)
+    )
+
+
 @kopf.on.startup()
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any, **_: Any) -> None:
     ft_settings = OperatorSettings.from_env()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections import Counter as _Tally
 from collections.abc import Mapping
 from typing import Any
 
@@ -82,22 +81,25 @@ class Metrics:
             self.jobs.labels(phase=phase).set(0)
 
     def observe_phase(self, uid: str, phase: str | None) -> None:
-        """Record the current phase of one FineTuneJob (None: no phase yet)."""
+        """Record the current phase of one FineTuneJob (None: no phase yet).
+
+        Constant time: only the two gauge series the job leaves and enters change (re-counting every
+        job here made each reconcile pass O(jobs), a refresh cycle O(jobs^2)).
+        """
         with self._lock:
-            if phase is None:
-                self._phases.pop(uid, None)
-            else:
+            old = self._phases.pop(uid, None) if phase is None else self._phases.get(uid)
+            if phase is not None:
                 self._phases[uid] = phase
-            self._publish()
+            if old == phase:
+                return
+            if old is not None:
+                self.jobs.labels(phase=old).dec()
+            if phase is not None:
+                self.jobs.labels(phase=phase).inc()
 
     def forget(self, uid: str) -> None:
         """The FineTuneJob is gone."""
         self.observe_phase(uid, None)
-
-    def _publish(self) -> None:
-        tally = _Tally(self._phases.values())
-        for phase in set(PHASES) | set(tally):
-            self.jobs.labels(phase=phase).set(tally.get(phase, 0))
 
 
 def port_from_env(env: Mapping[str, str] | None = None) -> int | None:

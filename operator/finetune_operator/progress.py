@@ -67,7 +67,9 @@ class ReportReader:
         self.read_timeout = read_timeout
         self._client: Any = None
         self._lock = threading.Lock()
-        self._warned: set[tuple[str, str]] = set()
+        # output URI -> kinds of failure already logged for it (keyed by URI, so that a successful read
+        # forgets its URI's warnings without scanning every other job's).
+        self._warned: dict[str, set[str]] = {}
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ReportReader:
@@ -136,12 +138,13 @@ class ReportReader:
             )
             return None
         with self._lock:
-            self._warned = {w for w in self._warned if w[0] != output_uri}
+            self._warned.pop(output_uri, None)
         return report
 
     def _warn_once(self, uri: str, kind: str, message: str) -> None:
         with self._lock:
-            if (uri, kind) in self._warned:
+            kinds = self._warned.setdefault(uri, set())
+            if kind in kinds:
                 return
-            self._warned.add((uri, kind))
+            kinds.add(kind)
         log.warning("%s; status shows the Job only until the report can be read", message)

@@ -1,0 +1,784 @@
+"""Operator scale: N FineTuneJobs created at once; time until every Job exists, latency, operator RSS.
+
+For each size N (`-n 100 1000` by default) one fresh run:
+
+1. the API: kmock's KubernetesEmulator in its own process, served over HTTP on 127.0.0.1 (discovery
+   lists kopf's backbone resources, and the emulator fills in what an API server does on create, as in
+   tests/api/conftest.py). kmock's request dispatch and object lookups scan everything served and
+   stored so far; here they are constant-time (`FastDispatch`, `__get_objs`), else kmock itself would be
+   what is measured. `--api-latency-ms` delays each answer like a real API server's round trip.
+   With `KUBECONFIG` set (or `--api cluster`), the cluster of that kubeconfig
+   instead: the run uses a fresh namespace `ftbench-<random>` and deletes it at the end (the cluster's
+   garbage collector removes the children). The FineTuneJob CRD must be installed there already
+   (`kubectl apply -f crds/`); a finetune-operator deployed in that cluster would reconcile the bench's
+   jobs too, so stop it for the run;
+2. S3: a local SeaweedFS (`weed mini` on 127.0.0.1, finetune_trainer.s3server) with empty buckets, so
+   each reconcile pays for a real report read that finds no report yet (a job that has not started);
+3. the operator as its own process, exactly as the Helm chart runs it
+   (`kopf run --module=finetune_operator.handlers --standalone --all-namespaces`, or `--namespace` on a
+   cluster), with the production status interval (FT_STATUS_INTERVAL unset: 10 s) and JSON logs to a
+   file. One warm-up FineTuneJob proves it is up (its Job exists) before the clock starts;
+4. N FineTuneJobs (7B..70B, LoRA/QLoRA/full, all `suspend: true` so a real cluster starts no pods),
+   created with 16 requests in flight; the bench watches Jobs and FineTuneJobs and records when each
+   Job first appears and when each FineTuneJob first has a status phase;
+5. then it keeps watching for `--settle` seconds (default 28); the last three quarters of that (21 s, two
+   status intervals) are the steady state, in which only the operator's status refresher works.
+
+Figures (one `name=value` line each, all from this run):
+
+- `operator_jobs_<N>_seconds`: from the first create request until the last of the N Jobs exists;
+- `operator_status_<N>_seconds`: until every FineTuneJob has a status phase;
+- `operator_reconcile_p50_ms_<N>` / `_p99_`: per FineTuneJob, from its create request returning until
+  its Job appears in the bench's watch (end to end: kopf's queueing, the reconcile, the API);
+- `operator_reconcile_pass_p50_ms_<N>` / `_p99_` / `_mean_`: one reconcile pass as the operator itself
+  measures it (`finetune_operator_reconcile_duration_seconds`, every pass of the run: creates, Job
+  events, refreshes; quantiles interpolated within the histogram's buckets as Prometheus does);
+- `operator_refresh_cycle_seconds_<N>`: in the steady state (all passes are the status refresher's), how
+  long one refresh of every job takes: the N+1 jobs divided by the passes per second of the 0.25 s
+  periods in which passes happened. A status is at most one interval plus one cycle old;
+- `operator_rss_mb_<N>`: peak resident memory of the operator process (VmHWM, MiB), and
+  `operator_rss_start_mb_<N>` after the warm-up job, `operator_rss_end_mb_<N>` after the steady state;
+- `operator_cpu_seconds_<N>`: operator CPU time from the first create until the statuses are set;
+  `operator_steady_cpu_percent_<N>`: its CPU use in the steady state (100 = one core).
+
+Targets at 1,000 jobs: every Job within 60 s, RSS under 200 MiB: `operator_targets_met=true|false`. A
+missed target is not an error; the exit status is non-zero only when the benchmark itself breaks (the
+API or the operator dies, a request fails). The benchmark gives up after `--timeout` seconds (default
+300, all sizes together; a size cut short reports what it measured), and every process it starts is
+stopped at the end (and dies with it: PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import itertools
+import json
+import os
+import platform
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
+CRD_NAME = f"{PLURAL}.{GROUP}"
+BUCKETS = ("bench-data", "bench-out")
+CONCURRENCY = 16
+TARGET_JOBS_SECONDS = 60.0
+TARGET_RSS_MIB = 200.0
+TARGET_SIZE = 1000
+
+_VERBS = ["create", "delete", "get", "list", "patch", "update", "watch"]
+#: Discovery for the emulator: kopf's backbone resources and everything the operator touches.
+RESOURCES: dict[str, dict[str, Any]] = {
+    "v1/namespaces": {"kind": "Namespace", "namespaced": False, "verbs": _VERBS},
+    "v1/events": {"kind": "Event", "namespaced": True, "verbs": _VERBS},
+    "v1/pods": {"kind": "Pod", "namespaced": True, "verbs": _VERBS, "subresources": {"status"}},
+    "v1/configmaps": {"kind": "ConfigMap", "namespaced": True, "verbs": _VERBS},
+    "v1/services": {"kind": "Service", "namespaced": True, "verbs": _VERBS, "subresources": {"status"}},
+    "batch/v1/jobs": {"kind": "Job", "namespaced": True, "verbs": _VERBS, "subresources": {"status"}},
+    "apiextensions.k8s.io/v1/customresourcedefinitions": {
+        "kind": "CustomResourceDefinition", "namespaced": False, "verbs": _VERBS, "subresources": {"status"},
+    },
+    f"{GROUP}/{VERSION}/{PLURAL}": {
+        "kind": "FineTuneJob", "namespaced": True, "verbs": _VERBS, "subresources": {"status"},
+        "shortnames": {"ftj"}, "singular": "finetunejob",
+    },
+}
+
+
+class BenchError(RuntimeError):
+    """The benchmark itself broke (not a missed target)."""
+
+
+# --- child processes --------------------------------------------------------------------------------
+
+
+def _libc_prctl() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _libc_prctl() if sys.platform.startswith("linux") else None  # resolved before any fork
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM when the bench dies, however it dies (Linux)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _spawn(cmd: list[str], env: Mapping[str, str], log: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            cmd, env=dict(env), stdout=kwargs.pop("stdout", out), stderr=out, stdin=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent if _PRCTL is not None else None, **kwargs,
+        )
+
+
+def _stop(proc: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+# --- the emulated API server (runs in its own process: `--serve-emulator`) --------------------------
+
+
+def _forget(journal: list[Any], request: Any) -> None:
+    """Remove `request` (by identity) from a kmock request journal."""
+    for i in range(len(journal) - 1, -1, -1):
+        if journal[i] is request:
+            del journal[i]
+            return
+
+
+async def _serve_emulator(latency: float) -> None:
+    """kmock's KubernetesEmulator on 127.0.0.1 plus what an API server fills in; prints `URL <url>`.
+
+    `latency` (seconds) delays every answer but a watch's, like the round trip to a real API server.
+    """
+    import uuid
+    from datetime import UTC, datetime
+
+    import kmock
+    from kmock._internal import enums
+
+    counter = 0
+    indexed: list[Any] = []  # keys of kmock's object store, in insertion order
+    by_resource: dict[Any, list[Any]] = {}  # resource -> its keys
+
+    def reindex(store: dict[Any, Any]) -> None:
+        for key in itertools.islice(store, len(indexed), None):
+            indexed.append(key)
+            by_resource.setdefault(key[0], []).append(key)
+
+    #: (action, named) -> the reaction kmock picked for the first such Kubernetes request.
+    reactions: dict[tuple[Any, bool], Any] = {}
+
+    class FastDispatch(kmock.RawHandler):
+        """kmock's reaction lookup, remembered per kind of Kubernetes request.
+
+        kmock picks a reaction by testing `request in reaction._source`, which scans its journal of requests
+        through every reaction's filters: quadratic in the requests served (a 100-job run took 4 CPU
+        minutes in the emulator). The emulator's own reactions depend on the action alone, so the one kmock
+        found for the first LIST/FETCH/CREATE/... request serves every later one; the journals are emptied.
+        """
+
+        __slots__ = ()
+
+        async def _handle(self, request: Any) -> Any:
+            key = (request.action, request.name is not None)
+            try:
+                if request.resource is None or request.resource.plural is None or request.action is None:
+                    return await super()._handle(request)  # discovery and other non-object requests
+                if key not in reactions:
+                    for payload in self._payloads:
+                        payload._requests.clear()
+                    response = await super()._handle(request)
+                    found = next((p for p in self._payloads if request in p._requests), None)
+                    if found is not None and key not in reactions:  # (None: a concurrent first cleared it)
+                        reactions[key] = found
+                        served = getattr(found.response.payload, "__name__", "?")
+                        print(f"{key[0].name} {'named' if key[1] else 'collection'}: {served}", file=sys.stderr)
+                    return response
+                return await reactions[key](request)
+            finally:
+                _forget(self._requests, request)
+                for payload in self._payloads:
+                    _forget(payload._requests, request)
+
+    class Emulator(kmock.KubernetesEmulator, FastDispatch):
+        async def _handle(self, request: Any) -> Any:
+            nonlocal counter
+            if request.resource is not None and isinstance(request.data, dict):
+                if request.action == enums.action.CREATE:
+                    meta = request.data.setdefault("metadata", {})
+                    if not meta.get("name") and meta.get("generateName"):
+                        meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+                    if request.namespace and not meta.get("namespace"):
+                        meta["namespace"] = request.namespace
+                    meta.setdefault("uid", str(uuid.uuid4()))
+                    meta.setdefault("creationTimestamp", datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"))
+                    meta.setdefault("generation", 1)
+                if request.action in (enums.action.CREATE, enums.action.UPDATE):
+                    counter += 1
+                    request.data.setdefault("metadata", {})["resourceVersion"] = str(counter)
+            if latency and request.action != enums.action.WATCH:
+                await asyncio.sleep(latency)
+            return await super()._handle(request)
+
+        def _KubernetesEmulator__get_objs(self, request: Any, strict: bool) -> list[Any]:
+            """kmock's object lookup without its scan of every stored object for every read.
+
+            A named object is one dict lookup; a collection is its resource's objects from an index
+            (objects are only ever added to kmock's store: deletion marks them). Same results as kmock's.
+            """
+            store = self._objects._objects
+            if request.name is not None and (strict or request.namespace is not None):
+                obj = store.get((request.resource, request.namespace, request.name))
+                return [] if obj is None else [obj]
+            reindex(store)
+            return [
+                store[key] for key in by_resource.get(request.resource, ())
+                if (request.namespace is None or key[1] == request.namespace)
+                and (request.name is None or key[2] == request.name)
+            ]
+
+        def _get_resources(self) -> list[Any]:
+            reindex(self._objects._objects)
+            return list(set(kmock.KubernetesScaffold._get_resources(self)) | set(by_resource))
+
+        async def _serve_list(self, request: Any) -> Any:
+            result: Any = await super()._serve_list(request)
+            selector = (request.params or {}).get("labelSelector")
+            if selector:  # equality terms only: what the operator sends
+                terms = [t.split("=", 1) for t in selector.split(",") if "=" in t]
+                result["items"] = [
+                    item for item in result["items"]
+                    if all(((item.get("metadata") or {}).get("labels") or {}).get(k) == v for k, v in terms)
+                ]
+            return result
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with Emulator() as emulator, kmock.Server(emulator) as server:
+        for key, info in RESOURCES.items():
+            emulator.resources[key] = kmock.ResourceInfo(**info)
+        print(f"URL {str(server.url).rstrip('/')}", flush=True)
+        await stop.wait()
+
+
+# --- a small asynchronous Kubernetes client ---------------------------------------------------------
+
+
+class Api:
+    """JSON requests and watches over one aiohttp session (to the emulator or the kubeconfig's cluster)."""
+
+    def __init__(self, server: str, session: aiohttp.ClientSession):
+        self.server = server.rstrip("/")
+        self.session = session
+
+    @classmethod
+    def for_emulator(cls, url: str) -> Api:
+        return cls(url, aiohttp.ClientSession(headers={"Authorization": "Bearer bench"}, read_bufsize=2**22))
+
+    @classmethod
+    def from_kubeconfig(cls) -> Api:
+        """Credentials from $KUBECONFIG as the operator's kopf gets them: through the `kubernetes` client
+        when it is installed (exec plugins, e.g. EKS/GKE), else kopf's own reader (tokens, client
+        certificates, basic auth)."""
+        import logging
+
+        import kopf
+
+        settings = kopf.OperatorSettings()
+        info = kopf.login_via_client(logger=logging.getLogger("bench"), settings=settings)
+        info = info or kopf.login_with_kubeconfig(settings=settings)
+        if info is None:
+            raise BenchError("KUBECONFIG is set but kopf found no usable context in it")
+        connector = aiohttp.TCPConnector(ssl=info.as_ssl_context(), limit=64)
+        session = aiohttp.ClientSession(
+            connector=connector, headers=info.as_http_headers(), auth=info.as_aiohttp_basic_auth(),
+            read_bufsize=2**22,
+        )
+        return cls(info.server, session)
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def call(self, method: str, path: str, body: Any = None, *, ok: tuple[int, ...] = ()) -> Any:
+        headers = {"Content-Type": "application/merge-patch+json" if method == "PATCH" else "application/json"}
+        async with self.session.request(
+            method, self.server + path, json=body, headers=headers, timeout=aiohttp.ClientTimeout(total=30)
+        ) as resp:
+            text = await resp.text()
+            if resp.status >= 300 and resp.status not in ok:
+                raise BenchError(f"{method} {path}: HTTP {resp.status}: {text[:500]}")
+            return (resp.status, json.loads(text) if text else None)
+
+    async def watch(self, path: str, on_event: Callable[[dict[str, Any]], None]) -> None:
+        """Stream watch events of `path` (a collection) into `on_event`, reconnecting, until cancelled."""
+        while True:
+            async with self.session.get(
+                self.server + path, params={"watch": "true"}, timeout=aiohttp.ClientTimeout(total=None)
+            ) as resp:
+                if resp.status != 200:
+                    raise BenchError(f"watch {path}: HTTP {resp.status}: {(await resp.text())[:500]}")
+                async for line in resp.content:
+                    if line.strip():
+                        on_event(json.loads(line))
+            await asyncio.sleep(0.2)  # the server closed the watch (its timeout): watch again
+
+
+# --- what the bench creates ----------------------------------------------------------------------
+
+
+def manifest(i: int, name: str, namespace: str) -> dict[str, Any]:
+    """A varied, valid FineTuneJob; suspended so that no cluster ever starts its pods."""
+    size, method = (("7B", "qlora"), ("13B", "lora"), ("7B", "lora"), ("70B", "qlora"), ("13B", "full"))[i % 5]
+    return {
+        "apiVersion": f"{GROUP}/{VERSION}",
+        "kind": "FineTuneJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "baseModel": {"uri": f"s3://{BUCKETS[0]}/models/llama-{size.lower()}/", "parameters": size},
+            "method": method,
+            "dataset": {"train": f"s3://{BUCKETS[0]}/{name}/train.jsonl", "examples": 2000 + 13 * i},
+            "output": {"uri": f"s3://{BUCKETS[1]}/{name}/"},
+            "hyperparameters": {"maxSeqLength": (512, 1024, 2048)[i % 3]},
+            "suspend": True,
+        },
+    }
+
+
+# --- measuring ---------------------------------------------------------------------------------------
+
+
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS / VmHWM of a live process, in KiB (Linux /proc)."""
+    out: dict[str, int] = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a live process (Linux /proc/<pid>/stat)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100) of a non-empty list."""
+    ordered = sorted(values)
+    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 100))))
+    return ordered[rank - 1]
+
+
+@dataclass
+class Histogram:
+    """finetune_operator_reconcile_duration_seconds as scraped: cumulative buckets, sum, count."""
+
+    buckets: list[tuple[float, float]] = field(default_factory=list)  # (upper bound, cumulative count)
+    total: float = 0.0
+    count: float = 0.0
+
+    def minus(self, earlier: Histogram) -> Histogram:
+        before = dict(earlier.buckets)
+        return Histogram(
+            [(le, c - before.get(le, 0.0)) for le, c in self.buckets], self.total - earlier.total,
+            self.count - earlier.count,
+        )
+
+    def quantile(self, q: float) -> float:
+        """Prometheus' histogram_quantile: linear interpolation inside the bucket holding rank q*count."""
+        if self.count <= 0:
+            return float("nan")
+        rank = q * self.count
+        lower, below = 0.0, 0.0
+        for le, cumulative in self.buckets:
+            if cumulative >= rank:
+                if le == float("inf"):
+                    return lower  # beyond the largest finite bound: that bound is all we know
+                return lower + (le - lower) * (rank - below) / max(cumulative - below, 1e-12)
+            lower, below = le, cumulative
+        return lower
+
+
+def scrape(port: int) -> tuple[Histogram, float]:
+    """The reconcile histogram and the total of reconcile errors, from the operator's /metrics."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    hist, errors = Histogram(), 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "finetune_operator_reconcile_duration_seconds":
+            for sample in family.samples:
+                if sample.name.endswith("_bucket"):
+                    hist.buckets.append((float(sample.labels["le"]), sample.value))
+                elif sample.name.endswith("_sum"):
+                    hist.total = sample.value
+                elif sample.name.endswith("_count"):
+                    hist.count = sample.value
+        elif family.name == "finetune_operator_reconcile_errors":
+            errors += sum(s.value for s in family.samples if s.name.endswith("_total"))
+    hist.buckets.sort()
+    return hist, errors
+
+
+# --- one run ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    n: int
+    cluster: bool
+    s3_env: dict[str, str]
+    deadline: float  # time.monotonic() by which this run gives up
+    settle: float
+    workdir: Path
+    latency_ms: float = 0.0
+    figures: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    jobs_seen: dict[str, float] = field(default_factory=dict)
+    phase_seen: dict[str, float] = field(default_factory=dict)
+    created: dict[str, float] = field(default_factory=dict)
+    rss_peak_kib: int = 0
+
+    def put(self, name: str, value: float, fmt: str = "{:.2f}") -> None:
+        """Record figure `name` (`{n}` in it becomes the size; else `_<size>` is appended)."""
+        key = name.format(n=self.n) if "{n}" in name else f"{name}_{self.n}"
+        self.figures[key] = fmt.format(value)
+
+
+async def _wait(check: Callable[[], bool], deadline: float, alive: Callable[[], None]) -> bool:
+    """Poll `check` until true (True) or `deadline` (False); `alive` raises when a process died."""
+    while not check():
+        alive()
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+    return True
+
+
+async def run_one(run: Run) -> None:
+    deadline = run.deadline
+    namespace = f"ftbench-{secrets.token_hex(4)}"
+    emulator: subprocess.Popen[bytes] | None = None
+    operator: subprocess.Popen[bytes] | None = None
+    api: Api | None = None
+    tasks: list[asyncio.Task[Any]] = []
+    op_log = run.workdir / f"operator-{run.n}.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FT_", "AWS_"))}
+    try:
+        if run.cluster:
+            api = Api.from_kubeconfig()
+        else:
+            emu_log = run.workdir / f"emulator-{run.n}.log"
+            emulator = _spawn(
+                [sys.executable, str(Path(__file__).resolve()), "--serve-emulator",
+                 f"--api-latency-ms={run.latency_ms:g}"],
+                env, emu_log, stdout=subprocess.PIPE,
+            )
+            assert emulator.stdout is not None
+            line = await asyncio.wait_for(asyncio.to_thread(emulator.stdout.readline), 60)
+            if not line.startswith(b"URL "):
+                raise BenchError(f"the emulator did not start:\n{_tail(emu_log)}")
+            url = line.split()[1].decode()
+            kubeconfig = run.workdir / f"kubeconfig-{run.n}.json"
+            kubeconfig.write_text(json.dumps({
+                "apiVersion": "v1", "kind": "Config",
+                "clusters": [{"name": "kmock", "cluster": {"server": url}}],
+                "users": [{"name": "kmock", "user": {"token": "bench"}}],
+                "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
+                "current-context": "kmock",
+            }))
+            env["KUBECONFIG"] = str(kubeconfig)
+            api = Api.for_emulator(url)
+            from finetune_operator.crd import build_crd
+
+            await api.call("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", build_crd())
+
+        if run.cluster:
+            status, _ = await api.call("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}",
+                                       ok=(404,))
+            if status == 404:
+                raise BenchError(f"CRD {CRD_NAME} is not installed in the cluster; run `kubectl apply -f crds/`")
+            # (kmock serves namespaced objects without a Namespace object, and cannot parse a POST of one.)
+            await api.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                          "metadata": {"name": namespace}})
+
+        def on_job(event: dict[str, Any]) -> None:
+            name = ((event.get("object") or {}).get("metadata") or {}).get("name")
+            if event.get("type") in ("ADDED", "MODIFIED") and name and name not in run.jobs_seen:
+                run.jobs_seen[name] = time.monotonic()
+
+        def on_ftj(event: dict[str, Any]) -> None:
+            obj = event.get("object") or {}
+            name = (obj.get("metadata") or {}).get("name")
+            if name and name not in run.phase_seen and (obj.get("status") or {}).get("phase"):
+                run.phase_seen[name] = time.monotonic()
+
+        tasks.append(asyncio.create_task(api.watch(f"/apis/batch/v1/namespaces/{namespace}/jobs", on_job)))
+        tasks.append(asyncio.create_task(
+            api.watch(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", on_ftj)))
+
+        # The operator, as the Helm chart runs it.
+        metrics_port, liveness_port = _free_port(), _free_port()
+        env.update(run.s3_env)
+        env.update({"FT_METRICS_PORT": str(metrics_port), "FT_USE_GPUS": "false", "FT_LOG_FORMAT": "json"})
+        scope = [f"--namespace={namespace}"] if run.cluster else ["--all-namespaces"]
+        operator = _spawn(
+            [sys.executable, "-m", "kopf", "run", "--module=finetune_operator.handlers", "--standalone",
+             f"--liveness=http://127.0.0.1:{liveness_port}/healthz", *scope],
+            env, op_log,
+        )
+        pid = operator.pid
+
+        def alive() -> None:
+            for task in tasks:
+                if task.done() and not task.cancelled() and task.exception() is not None:
+                    raise BenchError(f"a watch failed: {task.exception()}")
+            if operator is not None and operator.poll() is not None:
+                raise BenchError(f"the operator exited ({operator.returncode}):\n{_tail(op_log)}")
+            if emulator is not None and emulator.poll() is not None:
+                raise BenchError(f"the emulator exited ({emulator.returncode})")
+
+        async def sample_rss() -> None:
+            while True:
+                with contextlib.suppress(OSError):
+                    run.rss_peak_kib = max(run.rss_peak_kib, proc_status(pid).get("VmRSS", 0))
+                await asyncio.sleep(0.1)
+
+        tasks.append(asyncio.create_task(sample_rss()))
+
+        # Warm-up: the operator is up once the warm-up job's Job exists.
+        await api.call("POST", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}",
+                       manifest(0, "warmup", namespace))
+        if not await _wait(lambda: "warmup" in run.jobs_seen, min(deadline, time.monotonic() + 120), alive):
+            raise BenchError(f"the operator did not create the warm-up Job within 120 s:\n{_tail(op_log)}")
+        await _wait(lambda: "warmup" in run.phase_seen, deadline, alive)
+        rss_start = proc_status(pid)["VmRSS"]
+        hist_start, _ = await asyncio.to_thread(scrape, metrics_port)
+        cpu_start = cpu_seconds(pid)
+        api_cpu_start = cpu_seconds(emulator.pid) if emulator is not None else 0.0
+
+        # The burst.
+        names = [f"job-{i:05d}" for i in range(run.n)]
+        gate = asyncio.Semaphore(CONCURRENCY)
+
+        async def create(i: int, name: str) -> None:
+            async with gate:
+                await api.call("POST", f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}",
+                               manifest(i, name, namespace))
+                run.created[name] = time.monotonic()
+
+        t0 = time.monotonic()
+        await asyncio.gather(*(create(i, name) for i, name in enumerate(names)))
+        t_submitted = time.monotonic() - t0
+        all_jobs = await _wait(lambda: all(n in run.jobs_seen for n in names), deadline, alive)
+        all_status = all_jobs and await _wait(lambda: all(n in run.phase_seen for n in names), deadline, alive)
+        cpu_burst = cpu_seconds(pid) - cpu_start
+        api_cpu_burst = cpu_seconds(emulator.pid) - api_cpu_start if emulator is not None else None
+        hist_burst, _ = await asyncio.to_thread(scrape, metrics_port)
+
+        run.put("operator_create_requests_{n}_seconds", t_submitted)
+        seen = [n for n in names if n in run.jobs_seen]
+        run.put("operator_jobs_created", len(seen), "{}")
+        if all_jobs:
+            run.put("operator_jobs_{n}_seconds", max(run.jobs_seen[n] for n in names) - t0)
+        else:
+            run.notes.append(f"only {len(seen)} of {run.n} Jobs existed when the time ran out (--timeout)")
+        if all_status:
+            run.put("operator_status_{n}_seconds", max(run.phase_seen[n] for n in names) - t0)
+        latencies = [(run.jobs_seen[n] - run.created[n]) * 1000 for n in seen]
+        if all_jobs:  # (percentiles of only the Jobs that made it before the timeout would flatter)
+            run.put("operator_reconcile_p50_ms", percentile(latencies, 50), "{:.0f}")
+            run.put("operator_reconcile_p99_ms", percentile(latencies, 99), "{:.0f}")
+        run.put("operator_cpu_seconds", cpu_burst)
+        if api_cpu_burst is not None:
+            run.put("emulator_cpu_seconds", api_cpu_burst)
+
+        # The steady state: only the status refresher works.
+        if all_status:
+            # The first seconds still finish work of the burst (Job events queued behind the creates).
+            settle_end = min(deadline, time.monotonic() + run.settle)
+            await _wait(lambda: False, min(settle_end, time.monotonic() + run.settle / 4), alive)
+            hist_quiet, _ = await asyncio.to_thread(scrape, metrics_port)
+            cpu_settle, t_settle = cpu_seconds(pid), time.monotonic()
+            # Passes come in cycles (all jobs, then a pause of one interval): the refresher's speed is
+            # the passes per second of the sampling periods in which passes were made.
+            busy, count, last = 0.0, hist_quiet.count, t_settle
+            while time.monotonic() < settle_end:
+                await _wait(lambda: False, min(settle_end, time.monotonic() + 0.25), alive)
+                now_count = (await asyncio.to_thread(scrape, metrics_port))[0].count
+                now = time.monotonic()
+                if now_count > count:
+                    busy += now - last
+                count, last = now_count, now
+            elapsed = time.monotonic() - t_settle
+            hist_end, errors = await asyncio.to_thread(scrape, metrics_port)
+            steady = hist_end.minus(hist_quiet)
+            if steady.count and busy:
+                run.put("operator_refresh_cycle_seconds", (run.n + 1) * busy / steady.count)
+            run.put("operator_steady_cpu_percent", 100 * (cpu_seconds(pid) - cpu_settle) / elapsed, "{:.0f}")
+        else:
+            hist_end, errors = hist_burst, (await asyncio.to_thread(scrape, metrics_port))[1]
+        passes = hist_end.minus(hist_start)
+        run.put("operator_reconcile_pass_p50_ms", passes.quantile(0.5) * 1000, "{:.1f}")
+        run.put("operator_reconcile_pass_p99_ms", passes.quantile(0.99) * 1000, "{:.1f}")
+        run.put("operator_reconcile_pass_mean_ms", 1000 * passes.total / max(passes.count, 1), "{:.1f}")
+        run.put("operator_reconcile_passes", passes.count, "{:.0f}")
+        run.put("operator_reconcile_errors", errors, "{:.0f}")
+
+        mem = proc_status(pid)
+        run.rss_peak_kib = max(run.rss_peak_kib, mem["VmHWM"], mem["VmRSS"])
+        run.put("operator_rss_mb", run.rss_peak_kib / 1024, "{:.1f}")
+        run.put("operator_rss_start_mb", rss_start / 1024, "{:.1f}")
+        run.put("operator_rss_end_mb", mem["VmRSS"] / 1024, "{:.1f}")
+        alive()
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
+        _stop(operator)
+        if api is not None:
+            if run.cluster:
+                with contextlib.suppress(Exception):
+                    await api.call("DELETE", f"/api/v1/namespaces/{namespace}", ok=(404,))
+            await api.close()
+        _stop(emulator)
+
+
+def machine(cluster: bool, latency_ms: float) -> str:
+    cpu = "unknown"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    from importlib.metadata import version
+
+    api = "a real cluster ($KUBECONFIG)" if cluster else (
+        f"kmock {version('kmock')} KubernetesEmulator in its own process on 127.0.0.1"
+        + (f", every answer delayed {latency_ms:g} ms" if latency_ms else ""))
+    return (f"# machine: nproc={os.cpu_count()}, cpu={cpu}, python {platform.python_version()}, "
+            f"kopf {version('kopf')}; API: {api}; S3: SeaweedFS weed mini on 127.0.0.1")
+
+
+async def main_async(args: argparse.Namespace) -> int:
+    from finetune_trainer.s3server import LocalS3
+
+    cluster = args.api == "cluster" or (args.api == "auto" and bool(os.environ.get("KUBECONFIG")))
+    if cluster and args.api_latency_ms:
+        raise BenchError("--api-latency-ms applies to the emulator only")
+    print(machine(cluster, args.api_latency_ms), flush=True)
+    print("# operator_reconcile_p50/p99_ms: per FineTuneJob, its create request returned -> its Job seen in a "
+          "watch; operator_reconcile_pass_*: the operator's own finetune_operator_reconcile_duration_seconds "
+          "(every pass); RSS in MiB", flush=True)
+    deadline = time.monotonic() + args.timeout
+    verdicts: list[bool] = []
+    with contextlib.ExitStack() as stack:
+        if args.logs:
+            tmp = str(Path(args.logs).resolve())
+            Path(tmp).mkdir(parents=True, exist_ok=True)
+        else:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="ftbench-"))
+        s3 = stack.enter_context(LocalS3(buckets=BUCKETS))
+        for bucket in BUCKETS:
+            s3.create_bucket(bucket)
+        s3_env = {**s3.env(), "FT_S3_ENDPOINT": s3.endpoint_url, "AWS_EC2_METADATA_DISABLED": "true"}
+        for n in args.n:
+            if deadline - time.monotonic() < 30:
+                print(f"# {n} jobs: not run, the --timeout of {args.timeout:g} s is spent", flush=True)
+                continue
+            run = Run(n=n, cluster=cluster, s3_env=s3_env, deadline=deadline, settle=args.settle,
+                      workdir=Path(tmp), latency_ms=args.api_latency_ms)
+            try:
+                await run_one(run)
+            except BaseException:
+                for name, value in run.figures.items():
+                    print(f"{name}={value}", flush=True)
+                log = Path(tmp) / f"operator-{n}.log"
+                if log.exists():
+                    print(f"operator log tail:\n{_tail(log)}", file=sys.stderr)
+                raise
+            for name, value in run.figures.items():
+                print(f"{name}={value}", flush=True)
+            for note in run.notes:
+                print(f"# {n} jobs: {note}", flush=True)
+            if n >= TARGET_SIZE:
+                took = run.figures.get(f"operator_jobs_{n}_seconds")
+                rss = float(run.figures[f"operator_rss_mb_{n}"])
+                verdicts.append(took is not None and float(took) <= TARGET_JOBS_SECONDS and rss < TARGET_RSS_MIB)
+    if verdicts:
+        print(f"operator_targets_met={'true' if all(verdicts) else 'false'}")
+    else:
+        print(f"# targets apply at {TARGET_SIZE} jobs, not run")
+    return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM ends the run like Ctrl-C, so the `finally` blocks stop the child processes."""
+    raise KeyboardInterrupt
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-n", type=int, nargs="+", default=[100, 1000], help="sizes to run (default: 100 1000)")
+    parser.add_argument("--api", choices=("auto", "emulator", "cluster"), default="auto",
+                        help="auto: the cluster of $KUBECONFIG when it is set, else kmock's emulator")
+    parser.add_argument("--timeout", type=float, default=300.0,
+                        help="give up after this many seconds, all sizes together (default 300)")
+    parser.add_argument("--settle", type=float, default=28.0,
+                        help="seconds observed after the statuses are set; the steady-state figures come from "
+                        "the last three quarters (default 28: two status intervals of 10 s and more)")
+    parser.add_argument("--api-latency-ms", type=float, default=0.0,
+                        help="emulator only: delay every API answer (not watch events) by this many ms, "
+                        "like the round trip to a real API server (default 0: loopback only)")
+    parser.add_argument("--logs", help="keep the operator's and the emulator's logs in this directory")
+    parser.add_argument("--serve-emulator", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_emulator:
+        asyncio.run(_serve_emulator(args.api_latency_ms / 1000))
+        return 0
+    if any(n < 1 for n in args.n):
+        parser.error("-n: sizes must be at least 1")
+    signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        return asyncio.run(main_async(args))
+    except (TimeoutError, BenchError, OSError, aiohttp.ClientError) as err:
+        print(f"operator_scale_bench: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("operator_scale_bench: interrupted; child processes stopped", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
