@@ -12,17 +12,20 @@ Any other size comes from the memory model below, rounded up to a standard GPU c
 Memory model (bytes; P = parameters, a Llama-shaped decoder with hidden size h, L = h/128 layers,
 P ~ 12*L*h^2, vocabulary V = 32,000, micro-batch b, sequence length s):
 
-- weights: P x 2 (bf16/fp16) or 4 (fp32; and full fine-tuning in fp16, which keeps fp32 weights); QLoRA: the non-embedding weights at `bits` + 0.127 bits of
-  constants with double quantization (0.5 without), embeddings and head (2*V*h) in 16 bit.
+- weights: P x 2 (bf16/fp16) or 4 (fp32; and full fine-tuning in fp16, which keeps fp32 weights).
+  QLoRA: the non-embedding weights at `bits` + 0.127 bits of constants with double quantization (0.5
+  without); embeddings and head (2*V*h) in fp32, since peft's k-bit preparation upcasts them.
 - trainable state: full in bf16 trains pure bf16 (the trainer's choice, as torchtune's): bf16 gradients
   and AdamW's two bf16 moments, 2+4 = 6 bytes per parameter on top of the 2-byte weights; full in fp16 or
   fp32 keeps fp32 weights (4 bytes) with fp32 gradients and moments, 4+8 = 12. LoRA/QLoRA: adapters kept in fp32 with their
   gradients and moments, 16 bytes per adapter parameter; each targeted module adds r*(h + h*m) parameters
   per layer (m = 1 for attention projections, 8/3 for MLP projections).
 - activations (per GPU, not sharded): with gradient checkpointing each layer keeps its input
-  (2*b*s*h bytes) and one layer is recomputed at a time (34*b*s*h); without it every layer keeps 34*b*s*h
-  (attention scores are not materialized: SDPA/flash attention). Plus fp32 logits and their gradient
-  (8*b*s*V).
+  (2*b*s*h bytes) and one layer at a time is recomputed and back-propagated (its activations and their
+  gradients, 2 x 34*b*s*h); without it every layer keeps 34*b*s*h and the layer being back-propagated
+  holds as much again in gradients (attention scores are not materialized: SDPA/flash attention). Plus
+  the loss path: 16-bit logits, their fp32 upcast, fp32 log-softmax and its gradient (16*b*s*V).
+  (Refitted against an H100: bench/results/gpu-h100.txt.)
 - overhead per GPU: 1.5 GiB (CUDA context, communication buffers) plus 10% of the rest (fragmentation).
 
 With N > 1 GPUs the weights and trainable state are fully sharded (FSDP), activations are not:
@@ -119,7 +122,7 @@ def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod) -> MemoryEsti
     if method == "qlora":
         q = spec.resolved_quantization()
         bits = q.bits + (0.127 if q.double_quant else 0.5)
-        weights = (p - embed) * bits / 8 + embed * 2
+        weights = (p - embed) * bits / 8 + embed * 4
     elif method == "full":
         weights = p * (2 if pure_bf16 else 4)
     else:
@@ -135,10 +138,10 @@ def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod) -> MemoryEsti
     b, s = hp.batch_size, hp.max_seq_length
     per_layer = 34.0 * b * s * hidden
     if hp.gradient_checkpointing:
-        activations = layers * 2.0 * b * s * hidden + per_layer
+        activations = layers * 2.0 * b * s * hidden + 2 * per_layer
     else:
-        activations = layers * per_layer
-    activations += 8.0 * b * s * VOCAB
+        activations = (layers + 1) * per_layer
+    activations += 16.0 * b * s * VOCAB
 
     return MemoryEstimate(
         weights=weights / GIB,
@@ -218,6 +221,19 @@ def plan(spec: FineTuneJobSpec) -> Plan:
             gpus, gib = table_cell
             source = "table"
             reason = f"{method_reason}; {size} {method} -> {gpus}x{gib}GiB from the model-size table"
+            if not _fits(mem, gpus, gib):
+                hp = spec.hyperparameters
+                needs = f"the memory model needs {_fmt(mem.per_gpu(gpus))} GiB per GPU, more than the table's {gib}GiB"
+                static = MemoryEstimate(mem.weights, mem.trainable_state, 0.0, mem.trainable_parameters)
+                if _fits(static, gpus, gib):
+                    advice = "lower hyperparameters.batchSize or maxSeqLength, or set spec.resources"
+                    needs = f"with batchSize {hp.batch_size} x maxSeqLength {hp.max_seq_length} {needs}"
+                else:
+                    advice = (
+                        f"its weights and optimizer state alone need {_fmt(static.per_gpu(gpus))} GiB per GPU; "
+                        "set spec.resources (more GPUs) or use a smaller method"
+                    )
+                warnings.append(f"{needs}; {advice}")
         else:
             layout = choose_layout(mem, method)
             if layout is None:

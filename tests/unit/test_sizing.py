@@ -178,3 +178,15 @@ def test_a_run_whose_activations_fit_no_gpu_is_refused_with_advice():
     assert err.value.field == "spec.baseModel.parameters"
     assert "lower hyperparameters.batchSize or maxSeqLength" in err.value.message
     assert "use method qlora" not in err.value.message
+
+
+def test_table_cells_warn_when_the_settings_need_more_memory():
+    fits = sizing.plan(make("7B", "qlora", hyperparameters__batchSize=4, hyperparameters__maxSeqLength=512))
+    assert (fits.gpus, fits.gpu_memory_gib, fits.warnings) == (1, 12, [])
+    tight = sizing.plan(make("7B", "qlora", hyperparameters__batchSize=4, hyperparameters__maxSeqLength=2048))
+    assert (tight.gpus, tight.gpu_memory_gib, tight.source) == (1, 12, "table")  # the table still rules
+    (warning,) = tight.warnings
+    assert "batchSize 4 x maxSeqLength 2048" in warning and "lower hyperparameters.batchSize" in warning
+    weights = sizing.plan(make("70B", "lora", hyperparameters__batchSize=1, hyperparameters__maxSeqLength=512))
+    (warning,) = weights.warnings
+    assert "weights and optimizer state alone" in warning and "set spec.resources" in warning
