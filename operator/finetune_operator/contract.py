@@ -82,6 +82,18 @@ class TrainerError(_Model):
     message: str = Field(description="What went wrong and how to fix it.")
 
 
+class DataStats(_Model):
+    """What the trainer made of the data, known once it has been read (before the first step)."""
+
+    train_examples: int = Field(description="Training examples trained on (after skipped rows and drops).")
+    validation_examples: int = Field(description="Validation examples (eval loss); 0 without validation.")
+    skipped_rows: int = Field(
+        description="Invalid rows dropped under spec.dataset.invalidRows: skip (train, validation and test).")
+    truncated_examples: int = Field(
+        description="Training examples longer than maxSeqLength: cut to it, or dropped (and not counted in "
+        "trainExamples) when no answer token was left.")
+
+
 class TrainerReport(_Model):
     """The progress object rank 0 keeps at `<output.uri>/status/report.json`."""
 
@@ -96,6 +108,7 @@ class TrainerReport(_Model):
     eta_seconds: int | None = None
     world_size: int | None = None
     resumed_from_step: int | None = None
+    data_stats: DataStats | None = None
     checkpoints: list[CheckpointRecord] = Field(default_factory=list)
     artifacts: dict[str, str] = Field(default_factory=dict)
     evaluation: EvaluationStatus | None = None

@@ -12,7 +12,10 @@ What the emulator does not do, and this harness adds (test-side, never in produc
   name from `generateName`; a 409 for an existing name is kmock's own;
 - `labelSelector` on list (kmock returns every object of the resource);
 - the controllers: the tests play the Job controller and kubelet (patching Job status, creating pods)
-  and the garbage collector (`collect_garbage`), explicitly.
+  and the garbage collector (`collect_garbage`), explicitly;
+- scripted faults (`cluster.chaos`, see `tests.api.faults`): errors, lost answers, deletions racing a
+  write, stalled and expired watches, and an operator killed at its k-th request. Every request is
+  journaled (`cluster.chaos.journal`); the test's own client is never faulted.
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import aiohttp.web
 import kmock
 import pytest
 from kmock._internal import enums
 
 from finetune_operator.crd import build_crd
+from tests.api.faults import GONE_EVENT, TEST_HEADER, Chaos, Fault, status_body
 
 FTJ = "finetune.dev/v1alpha1/finetunejobs"
 NAMESPACE = "default"
@@ -47,6 +52,7 @@ RESOURCES: dict[str, dict[str, Any]] = {
     "v1/events": {"kind": "Event", "namespaced": True, "verbs": _VERBS},
     "v1/pods": {"kind": "Pod", "namespaced": True, "verbs": _VERBS, "subresources": {"status"}},
     "v1/configmaps": {"kind": "ConfigMap", "namespaced": True, "verbs": _VERBS},
+    "v1/secrets": {"kind": "Secret", "namespaced": True, "verbs": _VERBS},
     "v1/services": {"kind": "Service", "namespaced": True, "verbs": _VERBS, "subresources": {"status"}},
     "batch/v1/jobs": {"kind": "Job", "namespaced": True, "verbs": _VERBS, "subresources": {"status"}},
     "apiextensions.k8s.io/v1/customresourcedefinitions": {
@@ -98,8 +104,72 @@ class Emulator(kmock.KubernetesEmulator):
     #: Plurals whose next read answers 404 although the object exists: a reader racing a writer, so the
     #: operator's create gets the 409 it must handle.
     stale_reads: set[str] = set()
+    #: The fault plan (set per instance by `Cluster`); None serves every request as is.
+    chaos: Chaos | None = None
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        self._serving: list[kmock.Request] = []
+
+    def __iter__(self) -> Iterator[kmock.Request]:
+        # kmock decides which reaction serves a request with `request in view`, and a view iterates over
+        # every request the server has ever seen: each request costs O(requests so far), so a test of a
+        # few thousand requests slows to seconds per request. Only the requests being served now can be
+        # dispatched, so the view sees just those.
+        yield from self._serving
 
     async def _handle(self, request: kmock.Request) -> Any:
+        self._serving.append(request)
+        try:
+            return await self._dispatch(request)
+        finally:
+            self._serving.remove(request)
+
+    async def _dispatch(self, request: kmock.Request) -> Any:
+        if self.chaos is None:
+            return await self._serve(request)
+        fault = self.chaos.decide(self.chaos.record(request))
+        if fault is None:
+            return await self._serve(request)
+        if fault.effect == "stall":
+            return await self._stall(request)
+        if fault.effect == "delete-first":
+            path = str(request.url.path).removesuffix("/status")
+            async with self.delete(path, headers={TEST_HEADER: "1"}) as response:
+                await response.read()
+            return await self._serve(request)
+        if fault.effect == "lose-answer":
+            with contextlib.suppress(Exception):  # whatever it would have answered, the client never sees it
+                await self._serve(request)
+        response = aiohttp.web.json_response(status_body(fault), status=fault.status)
+        if fault.retry_after is not None:
+            response.headers["Retry-After"] = str(fault.retry_after)
+        return response
+
+    async def _stall(self, request: kmock.Request, limit: float = 60.0) -> Any:
+        """Silence on an open connection until the client gives up (or `limit`); a watch gets its headers
+        first (a stream that went quiet), any other request not even those (a server that hangs)."""
+        raw = request._raw_request
+        response = aiohttp.web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
+        if request.action == enums.action.WATCH:
+            await response.prepare(raw)
+        deadline = time.monotonic() + limit
+        while raw.transport is not None and not raw.transport.is_closing() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if not response.prepared:
+            return await self._render_error(kmock.KubernetesError(503, "ServiceUnavailable", "stalled by the test"))
+        return response
+
+    async def _serve_watch(self, request: kmock.Request) -> Any:
+        plural = request.resource.plural if request.resource is not None else None
+        async with contextlib.aclosing(super()._serve_watch(request)) as events:
+            async for item in events:
+                if isinstance(item, dict) and self.chaos is not None and self.chaos.take_expiry(plural):
+                    yield GONE_EVENT  # in place of this event, which the client never sees
+                    return
+                yield item
+
+    async def _serve(self, request: kmock.Request) -> Any:
         if (
             request.resource is not None
             and request.action == enums.action.FETCH
@@ -147,6 +217,7 @@ class Cluster:
         self.url = ""
         self.emulator: Emulator | None = None
         self._error: BaseException | None = None
+        self.chaos = Chaos()
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -161,6 +232,7 @@ class Cluster:
     async def _main(self) -> None:
         self._stop = asyncio.Event()
         async with Emulator() as emulator, kmock.Server(emulator) as server:
+            emulator.chaos = self.chaos
             for key, info in RESOURCES.items():
                 emulator.resources[key] = kmock.ResourceInfo(**info)
             self.emulator = emulator
@@ -211,6 +283,12 @@ class Cluster:
     def heal(self) -> None:
         Emulator.failing_creates = set()
         Emulator.stale_reads = set()
+        self.chaos.clear()
+        self.chaos.revive()
+
+    def inject(self, *faults: Fault) -> list[Fault]:
+        """Script faults for the operator's requests (see `tests.api.faults.Fault`)."""
+        return self.chaos.add(*faults)
 
     # -- HTTP client ------------------------------------------------------------------------------
 
@@ -229,6 +307,7 @@ class Cluster:
         data = json.dumps(body).encode() if body is not None else None
         req = urllib.request.Request(self.url + path, data=data, method=method)
         req.add_header("Content-Type", content_type)
+        req.add_header(TEST_HEADER, "1")
         try:
             with urllib.request.urlopen(req, timeout=10) as resp:
                 text = resp.read()
@@ -319,12 +398,16 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster
 
 
 @contextlib.contextmanager
-def operator() -> Iterator[Any]:
-    """The real operator (`kopf run -m finetune_operator.handlers`) against the emulator."""
+def operator(settings: Any = None) -> Iterator[Any]:
+    """The real operator (`kopf run -m finetune_operator.handlers`) against the emulator.
+
+    `settings` (a `kopf.OperatorSettings`) starts kopf from these instead of its defaults; the operator's
+    startup handler still applies its own values on top (tests use it for knobs the operator leaves at
+    kopf's defaults, such as `watching.inactivity_timeout`)."""
     from kopf.testing import KopfRunner
 
     args = ["run", "--standalone", "--all-namespaces", "--verbose", "-m", "finetune_operator.handlers"]
-    with KopfRunner(args, timeout=60) as runner:
+    with KopfRunner(args, timeout=60, settings=settings) as runner:
         yield runner
     assert runner.exception is None, runner.output
     assert runner.exit_code == 0, runner.output
@@ -350,4 +433,4 @@ def ftj_manifest(name: str = "demo", *, uid: str | None = UID, labels: dict[str,
     return body
 
 
-__all__ = ["FTJ", "NAMESPACE", "UID", "Cluster", "ftj_manifest", "operator", "wait_for"]
+__all__ = ["FTJ", "NAMESPACE", "UID", "Cluster", "Fault", "ftj_manifest", "operator", "wait_for"]

@@ -231,7 +231,8 @@ def test_pack_respects_max_length_and_keeps_every_example() -> None:
 def test_length_grouped_batches_pad_to_their_own_longest() -> None:
     lengths = [5, 100, 6, 98, 7, 97, 5, 99] * 4
     items = [ds.Encoded([2] * n, [-100] * n) for n in lengths]
-    plan = ds.batch_plan(lengths, 4, seed=1, epoch=0, group_by_length=True)
+    # One optimizer step of 8 micro-batches holds all 32 items: sorted by length, they fill 8 batches.
+    plan = ds.batch_plan(lengths, 4, seed=1, epoch=0, group_by_length=True, step_batches=8)
     assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
     padded = sum(ds.collate([items[i] for i in b], 0)["input_ids"].numel() for b in plan)
     real = sum(lengths)
@@ -239,8 +240,26 @@ def test_length_grouped_batches_pad_to_their_own_longest() -> None:
     batch = ds.collate([items[i] for i in plan[0]], 0)
     assert batch["input_ids"].shape[1] == max(lengths[i] for i in plan[0])
     assert batch["num_tokens"] == sum(lengths[i] for i in plan[0])
-    assert plan == ds.batch_plan(lengths, 4, seed=1, epoch=0, group_by_length=True)
-    assert plan != ds.batch_plan(lengths, 4, seed=1, epoch=1, group_by_length=True)
+    assert plan == ds.batch_plan(lengths, 4, seed=1, epoch=0, group_by_length=True, step_batches=8)
+    assert plan != ds.batch_plan(lengths, 4, seed=1, epoch=1, group_by_length=True, step_batches=8)
+
+
+def test_length_grouping_keeps_every_step_a_random_sample() -> None:
+    """Grouping only reorders examples inside an optimizer step: each step holds the examples an ungrouped
+    plan gives it, with less padding."""
+    lengths = [5, 100, 6, 98, 7, 97, 5, 99, 50, 3] * 4
+    grouped = ds.batch_plan(lengths, 2, seed=3, epoch=0, group_by_length=True, step_batches=3)
+    plain = ds.batch_plan(lengths, 2, seed=3, epoch=0, group_by_length=False)
+    assert len(grouped) == len(plain) == 20
+    for start in range(0, len(plain), 3):
+        assert {i for b in grouped[start:start + 3] for i in b} == {i for b in plain[start:start + 3] for i in b}
+
+    def padded(plan: list[list[int]]) -> int:
+        return sum(max(lengths[i] for i in b) * len(b) for b in plan)
+
+    assert padded(grouped) < padded(plain)
+    # One micro-batch per step: nothing to group, the plain shuffled batches.
+    assert ds.batch_plan(lengths, 2, seed=3, epoch=0, group_by_length=True) == plain
 
 
 def test_shard_gives_every_rank_the_same_number_of_batches() -> None:

@@ -5,7 +5,7 @@
     metrics.jsonl     one line per step: step, epoch, loss, learning_rate, tokens; at logging steps also
                       tokens_per_second (non-padding tokens) and window_loss; at checkpoints eval_loss
     evaluation.json   base vs fine-tuned scores (EvaluationStatus)
-    provenance.json   data files with sha256, base model files with sha256, config, image, world
+    provenance.json   data files with sha256, data stats, base model files with sha256, config, image, world
     README.md         model card
     _COMPLETE         written last (a manifest of every file above with sizes and sha256)
 
@@ -46,6 +46,7 @@ def _provenance(run: Run) -> dict[str, Any]:
         seed=run.hp.seed,
         world_size=run.world,
         started_at=run.started_at,
+        data_stats=run.inputs.stats().wire(),
     )
 
 
@@ -120,6 +121,7 @@ def _write_files(run: Run, stage: Path, evaluation: Any, final_loss: float | Non
             for kind, key in kinds.items()}
     summary = {"final_loss": final_loss, "steps": run.state.step, "world_size": run.world,
                "train_examples": run.inputs.train_examples, "skipped_rows": run.inputs.skipped_rows,
+               "validation_examples": len(run.inputs.validation), "examples_truncated": run.inputs.truncated,
                "examples_truncated_away": run.inputs.truncated_away}
     (stage / "README.md").write_text(
         modelcard.render_model_card(run.config, evaluation=evaluation, artifacts=uris, metrics_summary=summary))

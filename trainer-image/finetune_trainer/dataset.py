@@ -2,7 +2,15 @@
 
 Files are JSON Lines (`.jsonl`), JSON (`.json`: an array of objects, or JSON Lines under a .json name) or
 Parquet (`.parquet`); a directory means every such file in it, in name order. Rows are read here rather
-than through `datasets` because every error must name the file and line of the offending row.
+than through `datasets` because every error must name the file and line of the offending row (JSON Lines:
+the line; JSON arrays: the record's position, "record N"; Parquet: "row N").
+
+Row size limit: a row over MAX_ROW_BYTES (8 MiB of JSON) is an invalid row, named like any other (fail) or
+dropped and counted (skip). JSON Lines are streamed line by line with reads capped at that size, so a huge
+line (a 50 MB document, a file without newlines) costs at most 8 MiB of memory, never the line's size; JSON
+arrays and Parquet files are read whole (use JSON Lines for very large files). 8 MiB is about twice the
+text of the longest allowed maxSeqLength (1,048,576 tokens at about 4 bytes per token): anything longer
+would mostly be cut away by truncation, after costing the tokenizer hundreds of MB.
 
 Formats (`spec.dataset.format`):
 
@@ -14,8 +22,9 @@ Formats (`spec.dataset.format`):
 - `auto`: detected from the first row's keys; when nothing fits, the error lists the keys found and the
   keys each format expects.
 
-Batches are never padded to `maxSeqLength`. Without packing, examples are grouped by length (shuffled
-megabatches sorted by length) and each batch is padded to its own longest row. With packing, examples are
+Batches are never padded to `maxSeqLength`. Without packing, the examples of each optimizer step are
+sorted by length before they are cut into micro-batches (`batch_plan`), and each batch is padded to its own
+longest row. With packing, examples are
 concatenated into rows of at most `maxSeqLength` tokens with `position_ids` restarting at 0 for every
 example and no attention mask: transformers then builds a block-diagonal causal mask from the position ids
 (`masking_utils.find_packed_sequence_indices`), so packed examples do not attend to each other. That needs
@@ -46,8 +55,10 @@ EXPECTED_KEYS: dict[str, str] = {
 }
 #: How many offending rows an error names.
 MAX_NAMED_ROWS = 5
-#: Without packing, examples are sorted by length within shuffled groups of this many batches.
-LENGTH_GROUP_BATCHES = 50
+#: Largest row (bytes of JSON; see the module docstring).
+MAX_ROW_BYTES = 8 << 20
+_CHUNK = 1 << 20
+_BOM = b"\xef\xbb\xbf"
 
 PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
@@ -57,11 +68,13 @@ FALLBACK_GENERATION = "<|assistant|>\n"
 
 @dataclass(frozen=True)
 class Row:
-    """One record and where it came from (`line` is 1-based: a JSONL line, or the record's position)."""
+    """One record and where it came from (`line` is 1-based: a JSONL line, or the record's position, then
+    `unit` says "record" or "row")."""
 
     data: dict[str, Any]
     source: str
     line: int
+    unit: str = "line"
 
 
 @dataclass(frozen=True)
@@ -69,9 +82,10 @@ class RowProblem:
     source: str
     line: int
     message: str
+    unit: str = "line"
 
     def __str__(self) -> str:
-        return f"{self.source} line {self.line}: {self.message}"
+        return f"{self.source} {self.unit} {self.line}: {self.message}"
 
 
 @dataclass
@@ -89,6 +103,8 @@ class Encoded:
 
     input_ids: list[int]
     labels: list[int]
+    #: Whether the example was longer than maxSeqLength and cut to it (counted in the data stats).
+    truncated: bool = field(default=False, compare=False)
 
     @property
     def supervised(self) -> int:
@@ -113,26 +129,59 @@ def data_files(path: Path) -> list[Path]:
 
 
 def read_file(path: Path, source: str) -> tuple[list[Row], list[RowProblem]]:
-    """Rows of one file and the lines that are not JSON objects (or not UTF-8)."""
+    """Rows of one file and the rows that cannot be read (not JSON, not UTF-8, over MAX_ROW_BYTES)."""
     if path.name.endswith(".parquet"):
-        return _read_parquet(path, source), []
-    raw = path.read_bytes()
-    if path.name.endswith(".json"):
-        stripped = raw.lstrip()
-        if stripped.startswith(b"["):
-            return _read_json_array(raw, source), []
-    return _read_jsonl(raw, source)
+        return _read_parquet(path, source)
+    if path.name.endswith(".json") and _first_byte(path) == b"[":
+        return _sized(_read_json_array(path.read_bytes(), source), path.stat().st_size)
+    return _read_jsonl(path, source)
 
 
-def _read_parquet(path: Path, source: str) -> list[Row]:
+def _first_byte(path: Path) -> bytes:
+    """The first byte that is not whitespace (or a UTF-8 byte order mark), b"" for an empty file."""
+    with open(path, "rb") as fh:
+        head = fh.read(len(_BOM))
+        head = head[len(_BOM):] if head == _BOM else head
+        while head or (head := fh.read(_CHUNK)):
+            stripped = head.lstrip()
+            if stripped:
+                return stripped[:1]
+            head = b""
+    return b""
+
+
+def _too_big(size: int) -> str:
+    return (f"the row is {size / 2**20:.1f} MiB, over the {MAX_ROW_BYTES >> 20} MiB limit per row; split it "
+            "into smaller rows")
+
+
+def _sized(rows: list[Row], data_bytes: int) -> tuple[list[Row], list[RowProblem]]:
+    """Rows of a file read whole, with those over MAX_ROW_BYTES (as compact JSON) turned into problems.
+    Checked only when the file's data (`data_bytes`) is bigger than the limit: no row of less can exceed it."""
+    if data_bytes <= MAX_ROW_BYTES:
+        return rows, []
+    kept: list[Row] = []
+    problems: list[RowProblem] = []
+    for row in rows:
+        size = len(json.dumps(row.data, ensure_ascii=False, separators=(",", ":"), default=str).encode())
+        if size > MAX_ROW_BYTES:
+            problems.append(RowProblem(row.source, row.line, _too_big(size), row.unit))
+        else:
+            kept.append(row)
+    return kept, problems
+
+
+def _read_parquet(path: Path, source: str) -> tuple[list[Row], list[RowProblem]]:
     import pyarrow.parquet as pq
     from pyarrow import ArrowException
 
     try:
-        records = pq.read_table(path).to_pylist()
+        table = pq.read_table(path)
+        records = table.to_pylist()
     except (ArrowException, OSError) as err:
         raise DataError(f"{source} is not a readable Parquet file: {err}") from None
-    return [Row(rec, source, i + 1) for i, rec in enumerate(records)]
+    # The file is compressed: its decoded size (doubled for JSON's keys and quotes) bounds the rows' size.
+    return _sized([Row(rec, source, i + 1, "row") for i, rec in enumerate(records)], 2 * table.nbytes)
 
 
 def _decode(raw: bytes, source: str) -> str:
@@ -147,7 +196,7 @@ def _decode(raw: bytes, source: str) -> str:
 
 
 def _read_json_array(raw: bytes, source: str) -> list[Row]:
-    text = _decode(raw, source)
+    text = _decode(raw.removeprefix(_BOM), source)
     try:
         records = json.loads(text)
     except json.JSONDecodeError as err:
@@ -155,13 +204,38 @@ def _read_json_array(raw: bytes, source: str) -> list[Row]:
     if not isinstance(records, list):
         raise DataError(f"{source}: a .json data file must hold an array of objects or JSON Lines")
     # Positions in an array have no line numbers of their own; the record index (1-based) stands in.
-    return [Row(rec, source, i + 1) for i, rec in enumerate(records)]
+    return [Row(rec, source, i + 1, "record") for i, rec in enumerate(records)]
 
 
-def _read_jsonl(raw: bytes, source: str) -> tuple[list[Row], list[RowProblem]]:
+def _lines(path: Path) -> Iterable[tuple[int, bytes | int]]:
+    """(line number, content without the newline) of every line, or (line number, size) for a line over
+    MAX_ROW_BYTES, whose content is skipped without being held in memory."""
+    with open(path, "rb") as fh:
+        number = 0
+        while line := fh.readline(MAX_ROW_BYTES + 1):
+            number += 1
+            if number == 1 and line.startswith(_BOM):
+                line = line[len(_BOM):]
+            if line.endswith(b"\n"):
+                yield number, line[:-1]
+                continue
+            if len(line) <= MAX_ROW_BYTES:  # the last line, without a newline
+                yield number, line
+                continue
+            size = len(line)
+            while (more := fh.readline(_CHUNK)) and not more.endswith(b"\n"):
+                size += len(more)
+            size += len(more.rstrip(b"\n"))
+            yield number, size
+
+
+def _read_jsonl(path: Path, source: str) -> tuple[list[Row], list[RowProblem]]:
     rows: list[Row] = []
     problems: list[RowProblem] = []
-    for number, line in enumerate(raw.split(b"\n"), start=1):
+    for number, line in _lines(path):
+        if isinstance(line, int):
+            problems.append(RowProblem(source, number, _too_big(line)))
+            continue
         if not line.strip():
             continue
         try:
@@ -184,7 +258,10 @@ def _read_jsonl(raw: bytes, source: str) -> tuple[list[Row], list[RowProblem]]:
 
 
 def _keys(record: Any) -> str:
-    return ", ".join(sorted(record)) if isinstance(record, dict) else f"(not an object: {type(record).__name__})"
+    # Keys with a null value do not count: Parquet gives every row every column of the file, null where unset.
+    if not isinstance(record, dict):
+        return f"(not an object: {type(record).__name__})"
+    return ", ".join(sorted(k for k, v in record.items() if v is not None))
 
 
 def row_problem(record: Any, fmt: Format) -> str | None:
@@ -194,7 +271,7 @@ def row_problem(record: Any, fmt: Format) -> str | None:
     expected = f"format {fmt} expects {EXPECTED_KEYS[fmt]}; found keys: {_keys(record)}"
     if fmt == "instruction":
         for key in ("instruction", "output"):
-            if key not in record:
+            if record.get(key) is None:
                 return f"missing key {key!r} ({expected})"
             if not isinstance(record[key], str) or not record[key].strip():
                 return f"{key!r} must be a non-empty string"
@@ -202,7 +279,7 @@ def row_problem(record: Any, fmt: Format) -> str | None:
             return "'input' must be a string when present"
         return None
     if fmt == "text":
-        if "text" not in record:
+        if record.get("text") is None:
             return f"missing key 'text' ({expected})"
         if not isinstance(record["text"], str) or not record["text"].strip():
             return "'text' must be a non-empty string"
@@ -222,21 +299,30 @@ def row_problem(record: Any, fmt: Format) -> str | None:
     return None
 
 
-def detect_format(rows: Sequence[Row]) -> Format:
-    """The format of the first object row's keys; DataError listing found and expected keys if none fits."""
-    first = next((row for row in rows if isinstance(row.data, dict)), None)
-    if first is None:
-        raise DataError("cannot detect the data format: no row is a JSON object")
-    keys = set(first.data)
+def _format_of(keys: set[str]) -> Format | None:
     if "messages" in keys:
         return "chat"
     if {"instruction", "output"} <= keys:
         return "instruction"
     if "text" in keys:
         return "text"
+    return None
+
+
+def detect_format(rows: Sequence[Row]) -> Format:
+    """The format of the first object row whose keys fit one (so one malformed first row does not decide
+    the format of a whole file); DataError listing found and expected keys if no row fits."""
+    objects = [row for row in rows if isinstance(row.data, dict)]
+    if not objects:
+        raise DataError("cannot detect the data format: no row is a JSON object")
+    for row in objects:
+        fmt = _format_of(set(row.data))
+        if fmt is not None:
+            return fmt
+    first = objects[0]
     expected = "; ".join(f"{name}: {keys}" for name, keys in EXPECTED_KEYS.items())
     raise DataError(
-        f"cannot detect the data format of {first.source} (line {first.line}): rows have keys "
+        f"cannot detect the data format of {first.source} ({first.unit} {first.line}): rows have keys "
         f"[{_keys(first.data)}]; expected {expected}. Rename the keys or set spec.dataset.format",
         reason="UnknownFormat",
     )
@@ -252,29 +338,38 @@ def load_dataset(
     """
     rows: list[Row] = []
     problems: list[RowProblem] = []
+    sources: list[str] = []
     for path, source in files:
         got, bad = read_file(path, source)
         rows.extend(got)
         problems.extend(bad)
-    fmt: Format = detect_format(rows) if declared == "auto" else declared  # type: ignore[assignment]
+        sources.append(source)
+    if not rows and not problems:
+        raise DataError(f"{what} has no valid rows: {', '.join(sources)} {'is' if len(sources) == 1 else 'are'} "
+                        "empty (no row is a JSON object, only blank lines); add rows or point it at the data",
+                        reason="EmptyDataset")
+    # With no object row at all there is no format to detect: every row is named as not an object.
+    fmt: Format | None = declared if declared != "auto" else (  # type: ignore[assignment]
+        detect_format(rows) if any(isinstance(row.data, dict) for row in rows) else None)
     valid: list[Row] = []
     for row in rows:
-        message = row_problem(row.data, fmt)
+        message = row_problem(row.data, fmt or "text")  # (a non-object row fails before the format matters)
         if message is None:
             valid.append(row)
         else:
-            problems.append(RowProblem(row.source, row.line, message))
+            problems.append(RowProblem(row.source, row.line, message, row.unit))
     problems.sort(key=lambda p: (p.source, p.line))
+    named = "; ".join(str(p) for p in problems[:MAX_NAMED_ROWS])
+    more = f" (and {len(problems) - MAX_NAMED_ROWS} more)" if len(problems) > MAX_NAMED_ROWS else ""
     if problems and invalid_rows == "fail":
-        named = "; ".join(str(p) for p in problems[:MAX_NAMED_ROWS])
-        more = f" (and {len(problems) - MAX_NAMED_ROWS} more)" if len(problems) > MAX_NAMED_ROWS else ""
         raise DataError(
-            f"{len(problems)} invalid row(s) in {what} (format {fmt}): {named}{more}. Fix them, or set "
-            "spec.dataset.invalidRows: skip to drop them"
+            f"{len(problems)} invalid row(s) in {what} ({f'format {fmt}' if fmt else 'no row is a JSON object'}): "
+            f"{named}{more}. Fix them, or set spec.dataset.invalidRows: skip to drop them"
         )
     if not valid:
-        raise DataError(f"{what} has no valid rows" + (f" ({len(problems)} skipped)" if problems else ""),
-                        reason="EmptyDataset")
+        raise DataError(f"{what} has no valid rows: all {len(problems)} row(s) are invalid and were skipped: "
+                        f"{named}{more}", reason="EmptyDataset")
+    assert fmt is not None  # valid rows are objects, so a format was declared or detected
     return Dataset(fmt, valid, problems)
 
 
@@ -388,10 +483,11 @@ def encode(record: dict[str, Any], fmt: Format, tokenizer: Any, max_length: int)
     for ids, supervised in pieces:
         input_ids += ids
         labels += ids if supervised else [IGNORE_INDEX] * len(ids)
+    truncated = len(input_ids) > max_length
     input_ids, labels = input_ids[:max_length], labels[:max_length]
     if labels:
         labels[0] = IGNORE_INDEX
-    example = Encoded(input_ids, labels)
+    example = Encoded(input_ids, labels, truncated)
     return example if example.supervised else None
 
 
@@ -472,23 +568,32 @@ def pack(examples: Sequence[Encoded], max_length: int, seed: int) -> list[Packed
     return rows
 
 
-def batch_plan(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool) -> list[list[int]]:
+def batch_plan(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool,
+               step_batches: int = 1) -> list[list[int]]:
     """The epoch's batches as lists of item indices, deterministic in (seed, epoch).
 
-    With `group_by_length`, items are shuffled, cut into groups of LENGTH_GROUP_BATCHES batches, sorted by
-    length inside each group and cut into batches, so each batch holds similar lengths and pads little;
-    the batch order is then shuffled so long batches do not all come first.
+    Items are shuffled and cut into batches. With `group_by_length`, the shuffled order is first cut into
+    windows of `step_batches` batches (what one process trains in one optimizer step: the gradient
+    accumulation steps), each window is sorted by length and cut into batches, and the batches of a window
+    are shuffled (so no rank always gets the longest). Each batch then holds similar lengths and pads
+    little, while the examples of every optimizer step stay a uniform random sample: the step's loss is
+    token-weighted over all its micro-batches, so how a window is split changes only the padding. (Sorting
+    larger groups, across steps, pads even less but makes each step's examples alike in length, and so in
+    kind: measured, it trained to a higher loss in the same steps; see bench/throughput_bench.py.) With
+    several processes a step spans `world` consecutive windows (`shard`), so this holds there too.
     """
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    if group_by_length:
-        group = batch_size * LENGTH_GROUP_BATCHES
-        order = [i for start in range(0, len(order), group)
-                 for i in sorted(order[start:start + group], key=lambda j: -lengths[j])]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if group_by_length:
-        rng.shuffle(batches)
+    if not group_by_length or step_batches <= 1:  # one batch per step: nothing to group
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    window = batch_size * step_batches
+    batches: list[list[int]] = []
+    for start in range(0, len(order), window):
+        ranked = sorted(order[start:start + window], key=lambda j: -lengths[j])
+        chunk = [ranked[i:i + batch_size] for i in range(0, len(ranked), batch_size)]
+        rng.shuffle(chunk)
+        batches += chunk
     return batches
 
 

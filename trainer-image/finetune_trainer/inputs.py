@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.contract import TrainerConfig
+from finetune_operator.contract import DataStats, TrainerConfig
 from finetune_trainer import dataset as ds
 from finetune_trainer.errors import DataError
 
@@ -36,8 +36,16 @@ class Inputs:
     files: list[tuple[Path, str]] = field(default_factory=list)
     glossary: Path | None = None
     skipped_rows: int = 0
+    #: Training examples dropped because truncation to maxSeqLength left no answer token.
     truncated_away: int = 0
     train_examples: int = 0
+    #: Training examples longer than maxSeqLength (cut, or dropped: `truncated_away` of them).
+    truncated: int = 0
+
+    def stats(self) -> DataStats:
+        """The data stats of the progress report (`contract.DataStats`)."""
+        return DataStats(train_examples=self.train_examples, validation_examples=len(self.validation),
+                         skipped_rows=self.skipped_rows, truncated_examples=self.truncated)
 
 
 def _files(uri: str, cache: Path) -> list[tuple[Path, str]]:
@@ -113,4 +121,5 @@ def load_inputs(config: TrainerConfig, tokenizer: Any, cache: Path) -> Inputs:
         skipped_rows=skipped,
         truncated_away=dropped,
         train_examples=len(encoded),
+        truncated=dropped + sum(1 for example in encoded if example.truncated),
     )

@@ -140,6 +140,7 @@ def build_provenance(
     seed: int,
     world_size: int,
     started_at: datetime | str | None,
+    data_stats: Mapping[str, int] | None = None,
 ) -> dict[str, Any]:
     """The provenance record (a JSON-ready dict with sorted keys).
 
@@ -147,6 +148,7 @@ def build_provenance(
     (roles such as train/validation/test) or as two parallel lists. A directory is hashed file by file.
     `base_model_files_sha256`: one digest, or {relative path: sha256} of the model files (then the digest
     is `sha256_manifest` of it). `started_at`: a datetime (rendered RFC 3339 UTC) or an RFC 3339 string.
+    `data_stats`: what was trained on (`contract.DataStats` wire form: examples, skipped rows, truncated).
     """
     base_model: dict[str, Any] = {"uri": base_model_uri, "revision": base_model_revision}
     if isinstance(base_model_files_sha256, Mapping):
@@ -174,4 +176,6 @@ def build_provenance(
         "plan": config.plan.wire(),
         "libraries": library_versions(),
     }
+    if data_stats is not None:
+        record["dataStats"] = dict(data_stats)
     return _sorted(record)

@@ -6,7 +6,8 @@ every logging step (every `log_every(total_steps)` optimizer steps: about 100 re
 for runs of up to 100 steps), and after every complete checkpoint.
 What: `phase`; `step`/`totalSteps`; `epoch` (fractional); latest `loss` (mean token loss of the logging
 window), `evalLoss`, `learningRate`; `tokensPerSecond` (non-padding tokens, all processes together);
-`etaSeconds`; `worldSize`; `resumedFromStep` (set when the run resumed from a checkpoint); `checkpoints`
+`etaSeconds`; `worldSize`; `resumedFromStep` (set when the run resumed from a checkpoint); `dataStats`
+(`{trainExamples, validationExamples, skippedRows, truncatedExamples}`, once the data is read); `checkpoints`
 (complete ones, newest last, each `{step, uri}`); `artifacts` (URIs by kind: model, merged, metrics,
 evaluation, provenance, modelCard); `evaluation` (base and fine-tuned scores; base as soon as it is
 known); `error` (`{reason, message}` when the phase is failed); `updatedAt` (RFC 3339).

@@ -213,9 +213,11 @@ class Run:
             tokenizer = modeling.load_tokenizer(model_dir)
             inputs = load_inputs(self.config, tokenizer, self.cache)
         self.tokenizer, self.inputs, self.model_dir = tokenizer, inputs, model_dir
-        log.info("data: %d training examples (%s), %d validation, %d test; %d invalid row(s) skipped",
+        log.info("data: %d training examples (%s), %d validation, %d test; %d invalid row(s) skipped, %d "
+                 "example(s) truncated to maxSeqLength (%d of them dropped: no answer token left)",
                  inputs.train_examples, inputs.format, len(inputs.validation), len(inputs.test_rows),
-                 inputs.skipped_rows)
+                 inputs.skipped_rows, inputs.truncated, inputs.truncated_away)
+        self.reporter.update(data_stats=inputs.stats())
 
         if self.spec.compliance.provenance_required and accelerator.is_main_process:
             self._upload_provenance()  # before the first training step; raises if it cannot
@@ -309,7 +311,8 @@ class Run:
 
     def _batches_per_rank(self) -> int:
         lengths = [len(item.input_ids) for item in self.inputs.train]
-        plan = ds.batch_plan(lengths, self.hp.batch_size, self.hp.seed, 0, not self.hp.packing)
+        plan = ds.batch_plan(lengths, self.hp.batch_size, self.hp.seed, 0, not self.hp.packing,
+                             self.hp.gradient_accumulation_steps)
         per_rank = len(plan) // self.world
         if per_rank == 0:
             from finetune_trainer.errors import DataError
@@ -374,7 +377,7 @@ class Run:
                 step_start = time.monotonic()
                 if state.batches_in_epoch >= per_rank:
                     state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-                plan = ds.batch_plan(lengths, hp.batch_size, hp.seed, state.epoch, not hp.packing)
+                plan = ds.batch_plan(lengths, hp.batch_size, hp.seed, state.epoch, not hp.packing, accumulation)
                 mine = ds.shard(plan, self.rank, self.world)
                 group = mine[state.batches_in_epoch:state.batches_in_epoch + accumulation]
                 batches = [ds.collate([self.inputs.train[i] for i in b], pad_id) for b in group]
@@ -433,6 +436,9 @@ class Run:
                 stop = self._stop_agreed(flag)
                 if state.step % every == 0 or state.step == total_steps or stop:
                     self._checkpoint(keep)
+                    # A SIGTERM during the checkpoint: this step is saved, so stop now rather than one step
+                    # and one more checkpoint later (a big model's checkpoint can take most of the grace period).
+                    stop = stop or self._stop_agreed(flag)
                 if stop:
                     raise Preempted(state.step)
         return final_loss
