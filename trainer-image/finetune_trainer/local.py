@@ -163,6 +163,21 @@ def _split_s3(uri: str) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block (boto3 reads S3 settings from the environment)."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
 def demo_environment(doc: dict[str, Any], work: Path, keep: bool) -> Iterator[tuple[dict[str, str], Any]]:
     """Start the local S3 server, upload the sample and the tiny model; yields (env, server)."""
     from finetune_trainer import storage, tiny
@@ -200,16 +215,8 @@ def demo_environment(doc: dict[str, Any], work: Path, keep: bool) -> Iterator[tu
         hf_logging.disable_progress_bar()
         model_dir = tiny.build_tiny_model(work / "tiny-model")
         model_uri = f"s3://{DEMO_MODEL_BUCKET}/{DEMO_MODEL_PREFIX}"
-        old_env = {k: os.environ.get(k) for k in env}
-        os.environ.update(env)
-        try:
+        with _environ(env):
             storage.Store.for_uri(model_uri).upload_dir(model_dir, "", marker=False)
-        finally:
-            for k, v in old_env.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         base = spec.get("baseModel", {}).get("uri", "?")
         params = _parameter_count(model_dir)
         print(f"  uploaded tiny Llama ({params / 1e6:.2f}M parameters) -> {model_uri}")
@@ -269,9 +276,7 @@ def watch(proc: subprocess.Popen[bytes], output_uri: str, env: dict[str, str], t
     from finetune_trainer.report import read_report
     from finetune_trainer.storage import Store
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with _environ(env):
         store = Store.for_uri(output_uri, retry_seconds=5)
         bar = tqdm(total=0, unit="step", dynamic_ncols=True, desc="starting", file=sys.stdout) if tty else None
         last = None
@@ -297,12 +302,6 @@ def watch(proc: subprocess.Popen[bytes], output_uri: str, env: dict[str, str], t
         if bar is not None:
             bar.close()
         return last
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _fmt(value: float | None, percent: bool = False) -> str:
@@ -334,17 +333,9 @@ def evaluation_table(evaluation: Any) -> str:
 def _listing(output_uri: str, env: dict[str, str]) -> tuple[str, list[str]]:
     from finetune_trainer.storage import Store
 
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with _environ(env):
         store = Store.for_uri(output_uri, retry_seconds=5)
         return store.child(""), store.list("")
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def summarize(root: str, keys: list[str]) -> list[str]:
