@@ -24,12 +24,13 @@ GOLDEN_TOLERANCE = 2e-3
 #: grow past about +-1.3 and adapters on the decoder alone barely move the loss, so the adapter tests
 #: also adapt lm_head (a target module like any other).
 HEAD = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]
-#: method -> (spec overrides, golden final loss)
+#: method -> (spec overrides, golden final loss). Re-pinned when length grouping moved inside each optimizer
+#: step (dataset.batch_plan): the steps now hold other examples, so their training losses differ.
 METHODS: dict[str, tuple[dict[str, Any], float]] = {
-    "full": ({"method": "full", "hyperparameters": {"learningRate": 2e-3}}, 5.798124),
-    "lora": ({"method": "lora", "hyperparameters": {"learningRate": 1e-2}, "lora": {"targetModules": HEAD}}, 5.150921),
+    "full": ({"method": "full", "hyperparameters": {"learningRate": 2e-3}}, 5.813086),
+    "lora": ({"method": "lora", "hyperparameters": {"learningRate": 1e-2}, "lora": {"targetModules": HEAD}}, 5.289791),
     "qlora": ({"method": "qlora", "hyperparameters": {"learningRate": 1e-2, "precision": "bf16"},
-               "lora": {"targetModules": HEAD}, "output": {"saveMerged": True}}, 5.208629),
+               "lora": {"targetModules": HEAD}, "output": {"saveMerged": True}}, 5.367133),
 }
 
 
