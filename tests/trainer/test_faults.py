@@ -209,7 +209,9 @@ def test_kills_resume_from_the_newest_complete_checkpoint(
     try:
         check_resume(_started(proc, log))
         fh.wait_for("the stalled checkpoint upload", flag.exists, proc, log)
-        fh.wait_for("the checkpoint's other files", lambda: store.exists(partial + "trainer_state.json"), proc, log)
+        # The checkpoint's files upload concurrently: wait for the ones the assertions below name.
+        others = [partial + "trainer_state.json", partial + "model/adapter_model.safetensors"]
+        fh.wait_for("the checkpoint's other files", lambda: all(store.exists(k) for k in others), proc, log)
         code = fh.stop(proc, signal.SIGKILL)
     finally:
         if proc.poll() is None:
