@@ -183,8 +183,11 @@ def child_url(obj: Mapping[str, Any], *, named: bool = True) -> str:
     return f"{base}/{meta['name']}" if named else base
 
 
-async def post_event(api: Api, obj: Mapping[str, Any], type_: str, reason: str, message: str) -> None:
-    """A core/v1 Event about `obj`; failures are logged, never raised (events are auxiliary)."""
+async def post_event(api: Api, obj: Mapping[str, Any], type_: str, reason: str, message: str,
+                     name: str | None = None) -> None:
+    """A core/v1 Event about `obj`; failures are logged, never raised (events are auxiliary).
+
+    `name`: a deterministic name (status.event_name) makes a repeated post a no-op (409 from the API)."""
     meta = obj.get("metadata") or {}
     now = datetime.now(UTC).isoformat()
     ref = {
@@ -197,7 +200,7 @@ async def post_event(api: Api, obj: Mapping[str, Any], type_: str, reason: str, 
     body = {
         "apiVersion": "v1",
         "kind": "Event",
-        "metadata": {"name": f"{meta.get('name')}.{secrets.token_hex(8)}", "namespace": meta.get("namespace")},
+        "metadata": {"name": name or f"{meta.get('name')}.{secrets.token_hex(8)}", "namespace": meta.get("namespace")},
         "involvedObject": {k: v for k, v in ref.items() if v},
         "type": type_,
         "reason": reason,
@@ -213,6 +216,8 @@ async def post_event(api: Api, obj: Mapping[str, Any], type_: str, reason: str, 
     }
     try:
         await api.create(f"/api/v1/namespaces/{meta.get('namespace')}/events", body)
+    except kerrors.APIConflictError:
+        log.debug("event %s %s for %s already posted", type_, reason, meta.get("name"))
     except (kerrors.APIError, OSError) as err:
         log.warning("could not post event %s %s for %s: %s", type_, reason, meta.get("name"), err)
 
@@ -350,6 +355,12 @@ async def _write(api: Api, rt: Runtime, body: Mapping[str, Any], new: dict[str, 
         rt.metrics.observe_phase(uid, new.get("phase"))
     if not status_mod.status_changed(old, new):
         return
+    # Events first, under names derived from `old`: if this pass dies before the status write, the next
+    # pass computes the same transition from the same `old` and its posts are refused as repeats; posting
+    # after the write would lose them instead (the write lands, the pass dies, the next sees no transition).
+    for event in status_mod.transition_events(old, new):
+        await post_event(api, body, event.type, event.reason, event.message,
+                         name=status_mod.event_name(meta["name"], uid, old, event))
     try:
         await api.patch(ftj_url(meta["namespace"], meta["name"]) + "/status", status_mod.status_patch(old, new))
     except kerrors.APINotFoundError:
@@ -360,8 +371,6 @@ async def _write(api: Api, rt: Runtime, body: Mapping[str, Any], new: dict[str, 
     rt.metrics.status_writes.inc()
     if new.get("phase") and new.get("phase") != old.get("phase"):
         rt.metrics.transitions.labels(phase=new["phase"]).inc()
-    for event in status_mod.transition_events(old, new):
-        await post_event(api, body, event.type, event.reason, event.message)
 
 
 async def reconcile_body(api: Api, rt: Runtime, body: dict[str, Any], logger: Any) -> None:

@@ -37,6 +37,7 @@ output URI and is ignored.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -264,6 +265,23 @@ def transition_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> 
             kind = "Warning" if phase == FAILED else "Normal"
             return [Event(kind, reason, f"{phase}: {message}".rstrip(": ")), *warnings]
     return warnings
+
+
+def event_name(obj_name: str, uid: str, old: Mapping[str, Any] | None, event: Event) -> str:
+    """A deterministic Event name for `event` on the way out of status `old`.
+
+    The operator posts a transition's events before it writes the status that records the transition;
+    a pass that dies in between is repeated by the next one from the same `old` status, which names its
+    events the same, so the API refuses the repeat (409) instead of storing a duplicate, and nothing is
+    lost either. `old` is identified by its phase and its conditions' transition times (each transition
+    changes at least one); the name is `<object>.<16 hex digits>` (<= 80 characters, a valid name).
+    """
+    old = old or {}
+    state = [str(uid), str(old.get("phase")), event.type, event.reason]
+    state += sorted(f"{cond.get('type')}={cond.get('status')}@{cond.get('lastTransitionTime')}"
+                    for cond in old.get("conditions") or [] if isinstance(cond, Mapping))
+    digest = hashlib.sha256("\n".join(state).encode()).hexdigest()[:16]
+    return f"{obj_name}.{digest}"
 
 
 # --- helpers -------------------------------------------------------------------------------------

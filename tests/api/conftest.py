@@ -398,16 +398,17 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster
 
 
 @contextlib.contextmanager
-def operator(settings: Any = None) -> Iterator[Any]:
+def operator(settings: Any = None, stop_timeout: float = 60) -> Iterator[Any]:
     """The real operator (`kopf run -m finetune_operator.handlers`) against the emulator.
 
     `settings` (a `kopf.OperatorSettings`) starts kopf from these instead of its defaults; the operator's
     startup handler still applies its own values on top (tests use it for knobs the operator leaves at
-    kopf's defaults, such as `watching.inactivity_timeout`)."""
+    kopf's defaults, such as `watching.inactivity_timeout`). `stop_timeout`: how long leaving the block
+    waits for kopf to stop before the test fails."""
     from kopf.testing import KopfRunner
 
     args = ["run", "--standalone", "--all-namespaces", "--verbose", "-m", "finetune_operator.handlers"]
-    with KopfRunner(args, timeout=60, settings=settings) as runner:
+    with KopfRunner(args, timeout=stop_timeout, settings=settings) as runner:
         yield runner
     assert runner.exception is None, runner.output
     assert runner.exit_code == 0, runner.output

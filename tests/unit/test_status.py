@@ -9,7 +9,14 @@ import pytest
 from finetune_operator import conditions as c
 from finetune_operator.contract import TrainerReport
 from finetune_operator.spec import FineTuneJobStatus, Plan
-from finetune_operator.status import Children, compute_status, status_changed, status_patch, transition_events
+from finetune_operator.status import (
+    Children,
+    compute_status,
+    event_name,
+    status_changed,
+    status_patch,
+    transition_events,
+)
 
 NOW = "2026-03-01T12:00:00Z"
 LATER = "2026-03-01T12:05:00Z"
@@ -311,6 +318,26 @@ def test_transition_events() -> None:
     assert [(e.type, e.reason) for e in transition_events({}, foreign)] == [("Warning", "ForeignChild")]
     again = compute_status(ftj(foreign), plan=PLAN, now=LATER, children=Children(foreign=("ConfigMap demo-config: theirs",)))
     assert transition_events(foreign, again) == []
+
+
+def test_event_names_are_deterministic_per_transition() -> None:
+    """The same transition out of the same status gets the same name (a repeat is refused by the API);
+    another transition, another object or a later pass through the same phase gets another."""
+    pending = compute_status(ftj(), plan=PLAN, now=NOW, children=Children(job=job(), created=("Job/demo",)))
+    running = compute_status(ftj(pending), plan=PLAN, now=LATER, children=Children(job=job(), pods=[pod()]))
+    (event,) = transition_events(pending, running)
+    name = event_name("demo", "uid-1", pending, event)
+    assert name == event_name("demo", "uid-1", dict(pending), event)
+    assert name.startswith("demo.") and len(name) == len("demo.") + 16
+    assert all(ch in "0123456789abcdef" for ch in name.split(".", 1)[1])
+    assert event_name("demo", "uid-2", pending, event) != name  # a re-created object of the same name
+    (failed_event,) = transition_events(running, compute_status(ftj(running), plan=PLAN, now=LATER, children=Children(
+        job=job(conditions=[jcond("Failed", "DeadlineExceeded", "too long")]))))
+    assert event_name("demo", "uid-1", running, failed_event) != name
+    # Pending again later (e.g. after a suspension): its conditions moved on, so the name differs.
+    later = {**pending, "conditions": [{**cond, "lastTransitionTime": "2030-01-01T00:00:00Z"}
+                                       for cond in pending["conditions"]]}
+    assert event_name("demo", "uid-1", later, event) != name
 
 
 # --- set_condition ---------------------------------------------------------------------------------
