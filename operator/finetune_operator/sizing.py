@@ -109,11 +109,15 @@ def lora_parameters(hidden: int, layers: int, r: int, targets: list[str]) -> flo
     return per_layer * layers
 
 
-def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod) -> MemoryEstimate:
-    """The memory model for a spec trained with `method` (see the module docstring)."""
+def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod,
+                    architecture: tuple[int, int] | None = None) -> MemoryEstimate:
+    """The memory model for a spec trained with `method` (see the module docstring).
+
+    `architecture`: the model's real (hidden size, layers) instead of `shape`'s guess from the parameter
+    count (bench/sizing_accuracy_bench.py: small models, whose embeddings `shape` does not separate)."""
     p_b = spec.base_model.parameters_billion()
     p = p_b * 1e9
-    hidden, layers = shape(p_b)
+    hidden, layers = architecture or shape(p_b)
     hp = spec.hyperparameters
     bytes_16 = 4 if hp.precision == "fp32" else 2
     pure_bf16 = method == "full" and hp.precision == "bf16"

@@ -1,0 +1,306 @@
+"""Sizing accuracy on CPU: the planner's memory model (operator/finetune_operator/sizing.py) against the
+memory our trainer really uses, for models small enough to train here.
+
+For each size (default 0.1B; `--sizes 0.1,0.3` adds 0.3B), method (full, LoRA, QLoRA) and gradient
+checkpointing (on, off) one subprocess trains a few steps with our trainer (`train.Run`, in the process, as
+the tests run it) on a Llama built with exactly the shape the memory model assumes: `sizing.shape(P)` gives
+hidden size h and layers L; MLP width 8/3 h (rounded to a multiple of 64, so 12*L*h^2 layer parameters),
+64-wide heads, vocabulary 32,000 (`sizing.VOCAB`), untied head. Data: text rows longer than maxSeqLength,
+so every example is truncated to exactly maxSeqLength tokens and every batch is b x s (the memory model's
+worst case). The spec is the healthcare example's (LoRA r=16 on q,k,v,o; bf16) with batch 4 x 512,
+gradient accumulation 1, 2 optimizer steps (the second one runs with the AdamW states allocated).
+
+Prediction: `estimate_memory(spec, method, architecture=(h, L))`: weights + trainable_state + activations,
+with `baseModel.parameters` set to the model's real parameter count (embeddings included) and its real
+shape. Without `architecture` the memory model guesses (h, L) from the count as if every parameter sat in
+the layers; at 0.1B the 32,000-row embeddings and head are 39% of the parameters, so that guess (and
+the nominal size, which leaves them out) would measure the guess, not the memory model. Its fixed 1.5 GiB
+and 10% overhead model a CUDA GPU (context, fragmentation) and are left out here: only the model-dependent
+part is compared.
+
+Measurement, in the training process (`/proc/self/status`), by wrapping the trainer's own functions
+without changing what they do: `before_load` = VmRSS just before `modeling.load_base`; after
+`modeling.prepare_for_training` the peak is reset (`/proc/self/clear_refs` 5) so loading transients, which
+on a GPU happen in host memory, do not count; `peak` = VmHWM when the run reaches its first checkpoint,
+after the last training step. measured = peak - before_load. Also printed per config (as comments): the
+weights measured as RSS after preparing minus before loading, and the process peak including loading.
+
+Figures: `sizing_error_pct_<method>` = (predicted - measured) / measured x 100, the mean over the configs
+of that method, and `sizing_error_pct_<method>_worst` the signed error of largest magnitude.
+Configs run in separate processes; each line `# config ...` shows the parts.
+
+Usage: python bench/sizing_accuracy_bench.py [--sizes 0.1] [--methods full,lora,qlora] [--gc on,off]
+       [--batch 4] [--seq 512] [--steps 2] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+MIB = 1024**2
+GIB = 1024**3
+
+
+# ------------------------------------------------------------------------------------------------
+# /proc measurements
+# ------------------------------------------------------------------------------------------------
+
+
+def status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where not allowed."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+# ------------------------------------------------------------------------------------------------
+# Set-up (parent)
+# ------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def mlp_width(hidden: int) -> int:
+    return max(64, round(hidden * 8 / 3 / 64) * 64)
+
+
+def build_model(out: Path, parameters_b: float, seq: int) -> tuple[Path, int, int, int]:
+    """A Llama of the memory model's shape for `parameters_b`; returns (dir, hidden, layers, parameters)."""
+    from finetune_operator.sizing import VOCAB, shape
+    from finetune_trainer import tiny
+
+    hidden, layers = shape(parameters_b)
+    model = tiny.build_tiny_model(out, seed=0, hidden_size=hidden, num_layers=layers, num_heads=hidden // 64,
+                                  intermediate_size=mlp_width(hidden), vocab_size=VOCAB,
+                                  max_position_embeddings=max(1024, seq))
+    from safetensors import safe_open
+
+    count = 0
+    with safe_open(str(model / "model.safetensors"), framework="np") as fh:
+        for name in fh.keys():  # noqa: SIM118
+            n = 1
+            for d in fh.get_slice(name).get_shape():
+                n *= d
+            count += n
+    return model, hidden, layers, count
+
+
+def write_data(path: Path, rows: int, seq: int) -> None:
+    """Text rows each longer than `seq` tokens (the sample's answers, concatenated), so all truncate to seq."""
+    from finetune_trainer import tiny
+
+    answers = [json.loads(line)["output"] for line in
+               (tiny.DATA_DIR / "healthcare_train.jsonl").read_text().splitlines() if line.strip()]
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(rows):
+            text, j = "", i
+            while len(text) < 12 * seq:  # ~4 characters per token: at least 3x the tokens needed
+                text += answers[j % len(answers)] + " "
+                j += 7
+            fh.write(json.dumps({"text": text}) + "\n")
+
+
+def make_config(model: Path, data: Path, parameters: int, method: str, gc: bool, batch: int, seq: int,
+                steps: int) -> Any:
+    from finetune_operator.contract import resolve
+    from finetune_operator.sizing import plan
+    from finetune_operator.spec import FineTuneJob
+
+    spec = {
+        "baseModel": {"uri": f"file://{model}", "parameters": f"{parameters / 1e6:.3f}M"},
+        "method": method,
+        "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
+        "dataset": {"train": f"file://{data}", "format": "text"},
+        "hyperparameters": {"maxSteps": steps, "batchSize": batch, "gradientAccumulationSteps": 1,
+                            "maxSeqLength": seq, "precision": "bf16", "gradientCheckpointing": gc,
+                            "warmupRatio": 0.0, "seed": 42},
+        "checkpoint": {"everySteps": 100_000, "keep": 1},
+        "evaluation": {"enabled": False, "maxExamples": 1},
+        "output": {"uri": "s3://sizing-bench/out/", "saveMerged": False},
+    }
+    job = FineTuneJob.model_validate({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+                                      "metadata": {"name": "sizing"}, "spec": spec})
+    return resolve(job, plan(job.spec))
+
+
+# ------------------------------------------------------------------------------------------------
+# Worker (one configuration, its own process)
+# ------------------------------------------------------------------------------------------------
+
+
+def worker(config_path: Path, output: Path, threads: int) -> dict[str, Any]:
+    import torch
+
+    from finetune_operator.contract import TrainerConfig
+    from finetune_trainer import modeling, train
+
+    torch.set_num_threads(threads)
+    config = TrainerConfig.model_validate_json(config_path.read_text())
+    marks: dict[str, Any] = {}
+    load_base, prepare, checkpoint = modeling.load_base, modeling.prepare_for_training, train.Run._checkpoint
+
+    def measured_load_base(*args: Any, **kwargs: Any) -> Any:
+        marks["before_load_kib"] = status_kib("VmRSS")
+        return load_base(*args, **kwargs)
+
+    def measured_prepare(*args: Any, **kwargs: Any) -> Any:
+        model = prepare(*args, **kwargs)
+        marks["after_prepare_kib"] = status_kib("VmRSS")
+        marks["peak_load_kib"] = status_kib("VmHWM")
+        marks["peak_reset"] = reset_peak()
+        return model
+
+    def measured_checkpoint(self: Any, keep: int) -> Any:
+        if "peak_kib" not in marks:
+            marks["peak_kib"] = status_kib("VmHWM")
+            marks["rss_file_kib"] = status_kib("RssFile")
+            params = list(self.model.parameters())
+            marks["weights_bytes"] = sum(p.numel() * p.element_size() for p in params)
+            marks["grad_bytes"] = sum(p.numel() * p.element_size() for p in params if p.requires_grad)
+            marks["optimizer_bytes"] = sum(t.numel() * t.element_size() for s in self.optimizer.state.values()
+                                           for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+            marks["steps"] = self.state.step
+        return checkpoint(self, keep)
+
+    modeling.load_base = measured_load_base
+    modeling.prepare_for_training = measured_prepare
+    train.Run._checkpoint = measured_checkpoint
+    start = time.perf_counter()
+    train.Run(config, str(output)).run()
+    marks["seconds"] = time.perf_counter() - start
+    marks["process_peak_kib"] = status_kib("VmHWM")
+    return marks
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def predict(config: Any, hidden: int, layers: int) -> dict[str, float]:
+    from finetune_operator.sizing import estimate_memory
+
+    mem = estimate_memory(config.spec, config.method, architecture=(hidden, layers))
+    return {"weights": mem.weights * GIB / MIB, "trainable_state": mem.trainable_state * GIB / MIB,
+            "activations": mem.activations * GIB / MIB}
+
+
+def run_config(config: Any, work: Path, env: dict[str, str], threads: int) -> dict[str, Any]:
+    from finetune_operator.contract import config_json
+
+    path = work / "config.json"
+    path.write_text(config_json(config))
+    output = work / "out"
+    shutil.rmtree(output, ignore_errors=True)
+    output.mkdir()
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", str(path), str(output), str(threads)]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
+    shutil.rmtree(output, ignore_errors=True)
+    shutil.rmtree(work / "cache" / "work", ignore_errors=True)
+    shutil.rmtree(work / "cache" / "checkpoints", ignore_errors=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        tail = "\n".join((result.stderr + result.stdout).splitlines()[-30:])
+        raise RuntimeError(f"worker failed (exit {result.returncode}):\n{tail}")
+    return json.loads(lines[-1])
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        marks = worker(Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]))
+        print(json.dumps(marks), flush=True)
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="0.1", help="parameter counts in billions, comma-separated")
+    parser.add_argument("--methods", default="full,lora,qlora")
+    parser.add_argument("--gc", default="on,off", help="gradient checkpointing settings to run")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads in each training process")
+    args = parser.parse_args()
+    sizes = [float(s) for s in args.sizes.split(",") if s]
+    methods = [m for m in args.methods.split(",") if m]
+    gcs = [g == "on" for g in args.gc.split(",") if g]
+
+    start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="sizing-bench-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FT_")}
+    env.update({"OMP_NUM_THREADS": str(args.threads), "FT_CACHE_DIR": str(work / "cache"),
+                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "FT_LOG_LEVEL": "WARNING"})
+    print(f"# machine: nproc={os.cpu_count()} cpu={cpu_model()!r} load_avg_at_start={os.getloadavg()[0]:.2f}")
+    print(f"# settings: batch {args.batch} x seq {args.seq} (every row truncated to seq), gradient accumulation 1, "
+          f"{args.steps} optimizer steps, bf16, LoRA r=16 on q,k,v,o, threads={args.threads}; compared: "
+          "weights + trainable_state + activations (the memory model without its GPU overhead: 1.5 GiB + 10%)")
+    errors: dict[str, list[float]] = {m: [] for m in methods}
+    try:
+        data = work / "train.jsonl"
+        write_data(data, rows=8 * args.batch * args.steps, seq=args.seq)
+        for size in sizes:
+            model_dir, hidden, layers, count = build_model(work / f"model-{size:g}B", size, args.seq)
+            print(f"# model {size:g}B: sizing.shape -> hidden {hidden}, layers {layers}, MLP {mlp_width(hidden)}, "
+                  f"vocab 32000: {count / 1e6:.1f}M parameters ({12 * layers * hidden**2 / 1e6:.1f}M in the layers, "
+                  f"{2 * 32000 * hidden / 1e6:.1f}M embeddings + head)", flush=True)
+            for method in methods:
+                for gc in gcs:
+                    config = make_config(model_dir, data, count, method, gc, args.batch, args.seq, args.steps)
+                    pred = predict(config, hidden, layers)
+                    m = run_config(config, work, env, args.threads)
+                    measured = (m["peak_kib"] - m["before_load_kib"]) / 1024
+                    predicted = sum(pred.values())
+                    error = (predicted - measured) / measured * 100
+                    errors[method].append(error)
+                    weights_rss = (m["after_prepare_kib"] - m["before_load_kib"]) / 1024
+                    state = (m["grad_bytes"] + m["optimizer_bytes"]) / MIB
+                    rest = measured - weights_rss - state
+                    print(f"# config {size:g}B {method} gc={'on' if gc else 'off'}: predicted {predicted:.0f} MiB "
+                          f"(weights {pred['weights']:.0f} + state {pred['trainable_state']:.0f} + activations "
+                          f"{pred['activations']:.0f}); measured {measured:.0f} MiB (weights by RSS {weights_rss:.0f}"
+                          f" [tensors {m['weights_bytes'] / MIB:.0f}] + grads and AdamW state {state:.0f} [tensors] + "
+                          f"the rest, activations and temporaries, {rest:.0f}); error {error:+.1f}%; "
+                          f"process peak incl. loading {(m['process_peak_kib'] - m['before_load_kib']) / 1024:.0f} "
+                          f"MiB; steps {m['steps']}; {m['seconds']:.0f} s", flush=True)
+                    if not m["peak_reset"]:
+                        print("# (peak could not be reset after loading: the figure includes loading)")
+            shutil.rmtree(model_dir, ignore_errors=True)
+        for method in methods:
+            values = errors[method]
+            if values:
+                print(f"sizing_error_pct_{method}={statistics.mean(values):+.1f}")
+                print(f"sizing_error_pct_{method}_worst={max(values, key=abs):+.1f}")
+        print(f"# load_avg_at_end={os.getloadavg()[0]:.2f}; total {time.perf_counter() - start:.0f} s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,482 @@
+"""Training throughput on CPU: the domain example's reference recipe (HF `transformers.Trainer`, every
+example padded to maxSeqLength) against ours (finetune_trainer's own loop), for full, LoRA and QLoRA.
+
+Both sides train the same tiny Llama (`finetune_trainer.tiny.build_tiny_model`; default hidden 256,
+4 layers, 4 heads of 64, MLP 704, vocabulary 2048 of which the byte-level BPE trained on the sample uses
+1,676) on the same rows: the bundled healthcare sample minus the same seeded 10% validation split
+(`dataset.split_holdout`, as the trainer does for `validationSplit: 0.1`). Settings are those of
+examples/healthcare-lora.yaml: LoRA r=16, alpha=32, dropout 0.05 on q,k,v,o; lr 2e-4 with the spec's
+default cosine schedule, warmup 0.03, weight decay 0 and gradient clipping at 1.0; batch 4 x gradient
+accumulation 4; maxSeqLength 512; bf16 autocast; gradient checkpointing (non-reentrant); seed 42.
+Full fine-tuning: bf16 weights on both sides (ours trains pure bf16 under precision bf16, so the
+reference loads the model in bf16 too). QLoRA: bitsandbytes nf4, double quantization, bf16 compute,
+`prepare_model_for_kbit_training`, on both sides.
+
+- reference: the instruction template is ours (`dataset.instruction_prompt`) and the token ids are
+  identical to ours (checked, printed as `# ... token streams identical`): `<s>` + prompt + response +
+  `</s>` tokenized with `padding="max_length"`, `max_length=512`, `truncation=True`; labels -100 on the
+  prompt and on padding, so the loss is on response tokens (and `</s>`) only, as ours. `Trainer` with
+  `max_steps`, logging every step, no saving, the default collator.
+- ours: what `finetune run --local` runs in the trainer process: the manifest (examples/healthcare-lora.yaml
+  with the base model and data at local files, `evaluation.enabled: false` so the run is about training)
+  is validated and resolved as the CLI does (`local.validate`, `contract.resolve`, with `--set`-style
+  overrides for the method, maxSteps, packing and seed), then `entrypoint.run(config, output)` runs it
+  (the launcher and CLI around it only supervise). Batches are grouped by length within each optimizer
+  step and padded to their own longest row; `_packed`: `packing: true`.
+
+Each side runs in its own subprocess with the same OMP_NUM_THREADS and torch threads (default 1: other
+processes on a shared 2-core machine make multi-threaded OpenMP spin at its barriers, and one run's wall
+time then says more about them than about the trainer).
+
+Figures (all from this run):
+
+- useful tokens: non-padding tokens (prompt + response: every token the model attends to). Per optimizer
+  step: the reference counts attention-mask sums of the collated batches; ours logs `tokens` per step.
+  Step boundaries: the reference's `on_step_end` callback, ours' per-step metrics record (`Run._metric`,
+  wrapped to take the time); a step's time is the interval between two boundaries, so both include data
+  handling and per-step logging. Steps 2..N (step 1 pays one-time costs on both sides).
+- `throughput_ratio_<method>`: ours / reference useful tokens per second of wall time, each the median
+  over its steps (robust to bursts of other work on the machine); `throughput_ratio_cpu_<method>`: the
+  same with process CPU time (total tokens / total CPU seconds), which other processes disturb far less;
+  `tokens_per_second_<side>_<method>` are the wall-clock medians.
+- `loss_<side>_<method>`: after the same optimizer steps over the same number of examples (16 per step),
+  the mean token loss on the held-out validation rows (response tokens), computed by the same function
+  (`train.mean_loss`, bf16 autocast) on both sides. `train_loss_*`: mean training loss over the steps
+  (different batch orders, so noisier).
+- `rss_mb_<side>_<method>`: peak RSS (ru_maxrss, MiB) of the training process; ours includes its
+  loss-only evaluation, final checkpoint and artifacts.
+- `loss_delta_lora_seeds`, `loss_sd_lora_seeds`: the LoRA pair again with `--noise-seeds` (default 43 and 44,
+  with 42: three seeds; the seed sets data order, adapter init and dropout on both sides): the mean over
+  seeds of (ours - reference) held-out loss, and the standard deviation of a side's loss across seeds (the
+  noise a single seed's difference should be read against).
+- `throughput_ratio_lora_packed`, `loss_ours_lora_packed`: ours with packing, for `--packed-steps` steps
+  (packed rows hold several examples: the examples seen are printed; the loss is not at equal examples).
+
+Usage: python bench/throughput_bench.py [--steps 12] [--qlora-steps 4] [--packed-steps 3] [--threads 1]
+       [--methods full,lora,qlora] [--seed 42] [--no-packed] [--noise-seeds 43,44]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "healthcare-lora.yaml"
+SEED = 42
+MAX_LEN = 512
+VALIDATION_SPLIT = 0.1
+BATCH, ACCUMULATION = 4, 4
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared set-up (the parent process)
+# ------------------------------------------------------------------------------------------------
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def mlp_width(hidden: int) -> int:
+    """The Llama MLP width (8/3 of hidden) rounded to a multiple of 64."""
+    return max(64, round(hidden * 8 / 3 / 64) * 64)
+
+
+def build_inputs(work: Path, hidden: int, layers: int) -> tuple[Path, Path, int]:
+    """The tiny model and the training file under `work`; returns (model dir, data file, parameters)."""
+    from safetensors import safe_open
+
+    from finetune_trainer import tiny
+
+    model = tiny.build_tiny_model(work / "model", seed=0, hidden_size=hidden, num_layers=layers,
+                                  num_heads=max(1, hidden // 64), intermediate_size=mlp_width(hidden),
+                                  vocab_size=2048, max_position_embeddings=2 * MAX_LEN)
+    data = work / "data"
+    data.mkdir()
+    train = data / "train.jsonl"
+    shutil.copy(tiny.DATA_DIR / "healthcare_train.jsonl", train)
+    params = 0
+    with safe_open(str(model / "model.safetensors"), framework="np") as fh:
+        for name in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
+            count = 1
+            for dim in fh.get_slice(name).get_shape():
+                count *= dim
+            params += count
+    return model, train, params
+
+
+def write_manifest(work: Path, model: Path, train: Path, params: int) -> Path:
+    """examples/healthcare-lora.yaml with the base model and data at local files, loss-only evaluation."""
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    spec = doc["spec"]
+    spec["baseModel"] = {"uri": f"file://{model}", "parameters": f"{params / 1e6:.2f}M"}
+    spec["dataset"]["train"] = f"file://{train}"
+    spec["dataset"].pop("secretRef", None)
+    spec["evaluation"] = {"enabled": False, "maxExamples": 8}
+    path = work / "healthcare-bench.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def run_worker(args: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Run this script as a worker subprocess; returns the JSON it prints last."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        tail = "\n".join((result.stderr + result.stdout).splitlines()[-30:])
+        raise RuntimeError(f"worker {args[:2]} failed (exit {result.returncode}):\n{tail}")
+    return json.loads(lines[-1])
+
+
+# ------------------------------------------------------------------------------------------------
+# Workers (each in its own process)
+# ------------------------------------------------------------------------------------------------
+
+
+def split_rows(train: Path, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training rows, validation rows) as the trainer splits them (validationSplit 0.1, the seed)."""
+    from finetune_trainer import dataset as ds
+
+    loaded = ds.load_dataset([(train, str(train))], "instruction", "fail")
+    kept, held = ds.split_holdout(loaded.rows, VALIDATION_SPLIT, seed)
+    return [r.data for r in kept], [r.data for r in held]
+
+
+def step_figures(stamps: list[tuple[float, float]], tokens: list[int]) -> dict[str, Any]:
+    """Throughput over steps 2..N from each step's end (wall, CPU) stamps and its useful tokens."""
+    walls = [stamps[k][0] - stamps[k - 1][0] for k in range(1, len(stamps))]
+    cpus = [stamps[k][1] - stamps[k - 1][1] for k in range(1, len(stamps))]
+    counted = tokens[1:len(stamps)]
+    return {
+        "tokens": sum(counted),
+        "seconds": sum(walls),
+        "cpu_seconds": sum(cpus),
+        "tokens_per_second": statistics.median(t / w for t, w in zip(counted, walls, strict=True)),
+        "tokens_per_second_total": sum(counted) / sum(walls),
+        "tokens_per_cpu_second": sum(counted) / sum(cpus),
+    }
+
+
+def worker_ref(method: str, model_dir: Path, train: Path, steps: int, threads: int, seed: int) -> dict[str, Any]:
+    """The reference recipe: HF Trainer on max_length-padded examples."""
+    import torch
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+        default_data_collator,
+        set_seed,
+    )
+
+    from finetune_trainer import dataset as ds
+    from finetune_trainer.train import mean_loss
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    rows, val_rows = split_rows(train, seed)
+
+    # The recipe's tokenization: the whole example padded to max_length; labels masked on prompt and pads.
+    features: dict[str, list[list[int]]] = {"input_ids": [], "attention_mask": [], "labels": []}
+    identical = True
+    for row in rows:
+        prompt = tokenizer.bos_token + ds.instruction_prompt(row)
+        enc = tokenizer(prompt + row["output"] + tokenizer.eos_token, padding="max_length", truncation=True,
+                        max_length=MAX_LEN, add_special_tokens=False)
+        n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+        labels = [tok if (i >= n_prompt and m) else -100
+                  for i, (tok, m) in enumerate(zip(enc["input_ids"], enc["attention_mask"], strict=True))]
+        ours = ds.encode(row, "instruction", tokenizer, MAX_LEN)
+        length = sum(enc["attention_mask"])
+        identical &= ours is not None and ours.input_ids == enc["input_ids"][:length] \
+            and ours.labels == labels[:length]
+        features["input_ids"].append(enc["input_ids"])
+        features["attention_mask"].append(enc["attention_mask"])
+        features["labels"].append(labels)
+    dataset = Dataset.from_dict(features)
+
+    set_seed(seed)
+    kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
+    if method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.uint8)
+        kwargs["device_map"] = {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    model.config.use_cache = False
+    gc_kwargs = {"use_reentrant": False}
+    if method != "full":
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        if method == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                    gradient_checkpointing_kwargs=gc_kwargs)
+        model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none",
+                                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                                                 task_type="CAUSAL_LM"))
+
+    counts: list[int] = []
+
+    def collate(batch_features: list[dict[str, Any]]) -> dict[str, Any]:
+        batch = default_data_collator(batch_features)
+        counts.append(int(batch["attention_mask"].sum()))
+        return batch
+
+    stamps: list[tuple[float, float]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            stamps.append((time.perf_counter(), time.process_time()))
+
+    out = tempfile.mkdtemp(prefix="ref-trainer-")
+    targs = TrainingArguments(
+        output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
+        learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0,
+        seed=seed, bf16=True, activation_checkpointing=True, activation_checkpointing_kwargs=gc_kwargs,
+        max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
+        use_cpu=True, disable_tqdm=True)
+    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collate, callbacks=[Clock()])
+    trainer.train()
+    shutil.rmtree(out, ignore_errors=True)
+
+    # Collation order is training order; a step is ACCUMULATION consecutive micro-batches.
+    per_step = [sum(counts[ACCUMULATION * k:ACCUMULATION * (k + 1)]) for k in range(len(stamps))]
+    val = [e for e in (ds.encode(r, "instruction", tokenizer, MAX_LEN) for r in val_rows) if e is not None]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        held_out = mean_loss(trainer.model, val, BATCH, tokenizer.pad_token_id, torch.device("cpu"))
+    train_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        **step_figures(stamps, per_step),
+        "padded_tokens": (len(stamps) - 1) * ACCUMULATION * BATCH * MAX_LEN,
+        "steps": len(stamps),
+        "examples": steps * BATCH * ACCUMULATION,
+        "eval_loss": held_out,
+        "train_loss": statistics.mean(train_losses),
+        "identical": identical,
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def worker_ours(method: str, manifest: Path, steps: int, packing: bool, seed: int, threads: int) -> dict[str, Any]:
+    """Ours: the manifest resolved as `finetune run --local` does, run by the trainer's entrypoint."""
+    import torch
+
+    from finetune_operator.contract import resolve
+    from finetune_trainer import entrypoint, local, train
+
+    torch.set_num_threads(threads)
+    entrypoint.setup_logging()
+    doc = local.load_manifest(manifest)
+    for text in (f"method={method}", f"hyperparameters.maxSteps={steps}",
+                 f"hyperparameters.packing={'true' if packing else 'false'}", f"hyperparameters.seed={seed}"):
+        local.set_path(doc, *local.parse_override(text))
+    job, plan = local.validate(doc, str(manifest))
+    config = resolve(job, plan)
+
+    stamps: list[tuple[float, float]] = []
+    records: list[dict[str, Any]] = []
+    metric = train.Run._metric
+
+    def timed_metric(self: Any, record: dict[str, Any]) -> None:
+        if "loss" in record:  # one per optimizer step, written right after it
+            stamps.append((time.perf_counter(), time.process_time()))
+        records.append(record)
+        metric(self, record)
+
+    train.Run._metric = timed_metric  # type: ignore[method-assign]
+    out = Path(tempfile.mkdtemp(prefix="ours-out-"))
+    code = entrypoint.run(config, str(out))
+    shutil.rmtree(out, ignore_errors=True)
+    if code != 0:
+        raise RuntimeError(f"the trainer exited with code {code}")
+    steps_logged = [r for r in records if "loss" in r]
+    examples = steps * BATCH * ACCUMULATION
+    if packing:
+        examples = packed_examples(manifest, steps, seed)
+    return {
+        **step_figures(stamps, [r["tokens"] for r in steps_logged]),
+        "steps": len(steps_logged),
+        "examples": examples,
+        "eval_loss": [r for r in records if "eval_loss" in r][-1]["eval_loss"],
+        "train_loss": statistics.mean(r["loss"] for r in steps_logged),
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def packed_examples(manifest: Path, steps: int, seed: int) -> int:
+    """About how many examples `steps` packed optimizer steps hold (rows packed as the trainer packs them)."""
+    from transformers import AutoTokenizer
+
+    from finetune_trainer import dataset as ds
+
+    spec = yaml.safe_load(manifest.read_text())["spec"]
+    tokenizer = AutoTokenizer.from_pretrained(spec["baseModel"]["uri"][len("file://"):])
+    rows, _ = split_rows(Path(spec["dataset"]["train"][len("file://"):]), seed)
+    encoded = [e for e in (ds.encode(r, "instruction", tokenizer, MAX_LEN) for r in rows) if e is not None]
+    per_row = len(encoded) / len(ds.pack(encoded, MAX_LEN, seed))
+    return round(steps * BATCH * ACCUMULATION * per_row)
+
+
+def worker_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("side", choices=["ref", "ours"])
+    parser.add_argument("method", choices=["full", "lora", "qlora"])
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--train", type=Path)
+    parser.add_argument("--manifest", type=Path)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--packing", action="store_true")
+    args = parser.parse_args(argv)
+    if args.side == "ref":
+        result = worker_ref(args.method, args.model, args.train, args.steps, args.threads, args.seed)
+    else:
+        result = worker_ours(args.method, args.manifest, args.steps, args.packing, args.seed, args.threads)
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        return worker_main(sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=12, help="optimizer steps for full and LoRA (default 12)")
+    parser.add_argument("--qlora-steps", type=int, default=4, help="optimizer steps for QLoRA (default 4)")
+    parser.add_argument("--packed-steps", type=int, default=3, help="optimizer steps of ours packed (default 3)")
+    parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS and torch threads, both sides")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--methods", default="full,lora,qlora")
+    parser.add_argument("--seed", type=int, default=SEED, help="seed of both sides (data order, init, split)")
+    parser.add_argument("--no-packed", action="store_true", help="skip ours with packing (LoRA)")
+    parser.add_argument("--noise-seeds", default="43,44",
+                        help="more seeds for the LoRA pair, to show loss noise ('' to skip)")
+    args = parser.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    if min(args.steps, args.qlora_steps, args.packed_steps) < 2:
+        parser.error("every step count must be at least 2 (throughput is taken over steps 2..N)")
+
+    start = time.perf_counter()
+    work = Path(tempfile.mkdtemp(prefix="throughput-bench-"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FT_")}
+    env.update({"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
+                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "FT_LOG_LEVEL": "WARNING",
+                "FT_CACHE_DIR": str(work / "cache")})
+    try:
+        model, train, params = build_inputs(work, args.hidden, args.layers)
+        manifest = write_manifest(work, model, train, params)
+        print(f"# machine: nproc={os.cpu_count()} cpu={cpu_model()!r} load_avg_at_start={os.getloadavg()[0]:.2f}")
+        print(f"# model: tiny Llama hidden={args.hidden} layers={args.layers} mlp={mlp_width(args.hidden)} "
+              f"vocab=2048 ({params / 1e6:.2f}M parameters); data: bundled healthcare sample minus a 10% "
+              "validation split")
+        print(f"# settings: threads={args.threads} (OMP_NUM_THREADS and torch, both sides), steps={args.steps} "
+              f"(qlora {args.qlora_steps}, packed {args.packed_steps}), batch {BATCH} x accumulation "
+              f"{ACCUMULATION}, maxSeqLength {MAX_LEN}, bf16 autocast, gradient checkpointing, lr 2e-4 cosine, "
+              f"warmup 0.03, seed {args.seed}", flush=True)
+        jobs: list[tuple[str, str, int, bool]] = []
+        for method in methods:
+            steps = args.qlora_steps if method == "qlora" else args.steps
+            jobs += [("ref", method, steps, False), ("ours", method, steps, False)]
+        if "lora" in methods and not args.no_packed:
+            jobs.append(("ours", "lora", args.packed_steps, True))
+        noise_seeds = [int(x) for x in args.noise_seeds.split(",") if x.strip()] if "lora" in methods else []
+        results: dict[tuple[str, str, bool], dict[str, Any]] = {}
+        for side, method, steps, packing in jobs:
+            worker = [side, method, "--steps", str(steps), "--threads", str(args.threads), "--seed", str(args.seed)]
+            if side == "ref":
+                worker += ["--model", str(model), "--train", str(train)]
+            else:
+                worker += ["--manifest", str(manifest)] + (["--packing"] if packing else [])
+            took = time.perf_counter()
+            r = run_worker(worker, env, timeout=1800)
+            results[(side, method, packing)] = r
+            print(f"# {side}{' packed' if packing else ''} {method}: {r['tokens']} useful tokens over steps "
+                  f"2..{r['steps']}: {r['seconds']:.1f} s wall ({r['tokens_per_second_total']:.0f} tokens/s; median "
+                  f"step {r['tokens_per_second']:.0f}), {r['cpu_seconds']:.1f} s CPU ({r['tokens_per_cpu_second']:.0f} "
+                  f"tokens/CPU-s); held-out loss {r['eval_loss']:.4f}, mean train loss {r['train_loss']:.4f}; "
+                  f"{r['examples']} examples seen; peak RSS {r['rss_mb']:.0f} MiB; worker "
+                  f"{time.perf_counter() - took:.0f} s", flush=True)
+            if side == "ref":
+                print(f"# ref {method}: token streams identical to ours: {r['identical']}; "
+                      f"{100 * r['tokens'] / r['padded_tokens']:.1f}% of its computed positions are non-padding",
+                      flush=True)
+        for method in methods:
+            ref, ours = results[("ref", method, False)], results[("ours", method, False)]
+            print(f"throughput_ratio_{method}={ours['tokens_per_second'] / ref['tokens_per_second']:.2f}")
+            print(f"throughput_ratio_cpu_{method}={ours['tokens_per_cpu_second'] / ref['tokens_per_cpu_second']:.2f}")
+            print(f"# {method}: ratio of total wall-clock rates "
+                  f"{ours['tokens_per_second_total'] / ref['tokens_per_second_total']:.2f}")
+            print(f"tokens_per_second_ref_{method}={ref['tokens_per_second']:.0f}")
+            print(f"tokens_per_second_ours_{method}={ours['tokens_per_second']:.0f}")
+            print(f"loss_ref_{method}={ref['eval_loss']:.4f}")
+            print(f"loss_ours_{method}={ours['eval_loss']:.4f}")
+            print(f"train_loss_ref_{method}={ref['train_loss']:.4f}")
+            print(f"train_loss_ours_{method}={ours['train_loss']:.4f}")
+            print(f"rss_mb_ref_{method}={ref['rss_mb']:.0f}")
+            print(f"rss_mb_ours_{method}={ours['rss_mb']:.0f}")
+        if noise_seeds:
+            seeded = {args.seed: (results[("ref", "lora", False)]["eval_loss"],
+                                  results[("ours", "lora", False)]["eval_loss"])}
+            for seed in noise_seeds:
+                pair = []
+                for side in ("ref", "ours"):
+                    worker = [side, "lora", "--steps", str(args.steps), "--threads", str(args.threads),
+                              "--seed", str(seed)]
+                    worker += ["--model", str(model), "--train", str(train)] if side == "ref" \
+                        else ["--manifest", str(manifest)]
+                    pair.append(run_worker(worker, env, timeout=1800)["eval_loss"])
+                seeded[seed] = (pair[0], pair[1])
+                print(f"# lora seed {seed}: held-out loss ref {pair[0]:.4f}, ours {pair[1]:.4f}", flush=True)
+            deltas = [o - r for r, o in seeded.values()]
+            spread = statistics.mean([statistics.stdev([r for r, _ in seeded.values()]),
+                                      statistics.stdev([o for _, o in seeded.values()])])
+            print(f"# lora over seeds {sorted(seeded)}: ours - ref = {', '.join(f'{d:+.4f}' for d in deltas)}")
+            print(f"loss_delta_lora_seeds={statistics.mean(deltas):+.4f}")
+            print(f"loss_sd_lora_seeds={spread:.4f}")
+        packed = results.get(("ours", "lora", True))
+        if packed is not None:
+            ref = results[("ref", "lora", False)]
+            print(f"throughput_ratio_lora_packed={packed['tokens_per_second'] / ref['tokens_per_second']:.2f}")
+            print(f"throughput_ratio_cpu_lora_packed="
+                  f"{packed['tokens_per_cpu_second'] / ref['tokens_per_cpu_second']:.2f}")
+            print(f"tokens_per_second_ours_lora_packed={packed['tokens_per_second']:.0f}")
+            print(f"loss_ours_lora_packed={packed['eval_loss']:.4f}")
+            print(f"rss_mb_ours_lora_packed={packed['rss_mb']:.0f}")
+        print(f"# load_avg_at_end={os.getloadavg()[0]:.2f}; total {time.perf_counter() - start:.0f} s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
