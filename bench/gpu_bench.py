@@ -72,6 +72,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchlib import mlp_width
+
 REPO = Path(__file__).resolve().parents[1]
 for _path in (REPO / "trainer-image", REPO / "operator"):
     if str(_path) not in sys.path:
@@ -157,8 +159,8 @@ def shape_for(size: str, smoke: bool) -> Shape:
     from finetune_operator.quantity import parse_parameters
 
     hidden, layers = sizing.shape(parse_parameters(size))
-    intermediate = round(8 * hidden / 3 / 64) * 64  # 3*h*m = 8*h^2: the 12*L*h^2 that sizing assumes
-    return Shape(hidden=hidden, layers=layers, intermediate=intermediate, heads=hidden // HEAD_DIM)
+    # 3*h*m = 8*h^2: the 12*L*h^2 that sizing assumes
+    return Shape(hidden=hidden, layers=layers, intermediate=mlp_width(hidden), heads=hidden // HEAD_DIM)
 
 
 def peak_flops(device_name: str) -> float | None:

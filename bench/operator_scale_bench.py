@@ -71,6 +71,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from benchlib import cpu_model
 
 GROUP, VERSION, PLURAL = "finetune.dev", "v1alpha1", "finetunejobs"
 CRD_NAME = f"{PLURAL}.{GROUP}"
@@ -676,13 +677,9 @@ async def run_one(run: Run) -> None:
 
 
 def machine(cluster: bool, latency_ms: float) -> str:
-    cpu = "unknown"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
     from importlib.metadata import version
+
+    cpu = cpu_model()
 
     api = "a real cluster ($KUBECONFIG)" if cluster else (
         f"kmock {version('kmock')} KubernetesEmulator in its own process on 127.0.0.1"

@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -54,6 +53,8 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from benchlib import count_parameters, cpu_model, mlp_width
 
 MIB = 1024**2
 GIB = 1024**3
@@ -85,20 +86,6 @@ def reset_peak() -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def mlp_width(hidden: int) -> int:
-    return max(64, round(hidden * 8 / 3 / 64) * 64)
-
-
 def build_model(out: Path, parameters_b: float, seq: int) -> tuple[Path, int, int, int]:
     """A Llama of the memory model's shape for `parameters_b`; returns (dir, hidden, layers, parameters)."""
     from finetune_operator.sizing import VOCAB, shape
@@ -108,16 +95,7 @@ def build_model(out: Path, parameters_b: float, seq: int) -> tuple[Path, int, in
     model = tiny.build_tiny_model(out, seed=0, hidden_size=hidden, num_layers=layers, num_heads=hidden // 64,
                                   intermediate_size=mlp_width(hidden), vocab_size=VOCAB,
                                   max_position_embeddings=max(1024, seq))
-    from safetensors import safe_open
-
-    count = 0
-    with safe_open(str(model / "model.safetensors"), framework="np") as fh:
-        for name in fh.keys():  # noqa: SIM118
-            n = 1
-            for d in fh.get_slice(name).get_shape():
-                n *= d
-            count += n
-    return model, hidden, layers, count
+    return model, hidden, layers, count_parameters(model)
 
 
 def write_data(path: Path, rows: int, seq: int) -> None:

@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import shutil
 import statistics
@@ -73,6 +72,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from benchlib import count_parameters, cpu_model, mlp_width
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "healthcare-lora.yaml"
@@ -87,25 +87,8 @@ BATCH, ACCUMULATION = 4, 4
 # ------------------------------------------------------------------------------------------------
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def mlp_width(hidden: int) -> int:
-    """The Llama MLP width (8/3 of hidden) rounded to a multiple of 64."""
-    return max(64, round(hidden * 8 / 3 / 64) * 64)
-
-
 def build_inputs(work: Path, hidden: int, layers: int) -> tuple[Path, Path, int]:
     """The tiny model and the training file under `work`; returns (model dir, data file, parameters)."""
-    from safetensors import safe_open
-
     from finetune_trainer import tiny
 
     model = tiny.build_tiny_model(work / "model", seed=0, hidden_size=hidden, num_layers=layers,
@@ -115,14 +98,7 @@ def build_inputs(work: Path, hidden: int, layers: int) -> tuple[Path, Path, int]
     data.mkdir()
     train = data / "train.jsonl"
     shutil.copy(tiny.DATA_DIR / "healthcare_train.jsonl", train)
-    params = 0
-    with safe_open(str(model / "model.safetensors"), framework="np") as fh:
-        for name in fh.keys():  # noqa: SIM118 - safe_open has no __iter__
-            count = 1
-            for dim in fh.get_slice(name).get_shape():
-                count *= dim
-            params += count
-    return model, train, params
+    return model, train, count_parameters(model)
 
 
 def write_manifest(work: Path, model: Path, train: Path, params: int) -> Path:
