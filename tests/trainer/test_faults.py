@@ -35,6 +35,7 @@ from typing import Any
 import pytest
 
 from finetune_operator.contract import EXIT_PREEMPTED, MARKER_NAME
+from finetune_trainer.local import scoped_environ
 from tests.trainer import fault_helpers as fh
 from tests.trainer import train_helpers as th
 
@@ -93,19 +94,10 @@ def staged(s3: Any, tiny_model_dir: Path, healthcare_sample: Any) -> th.Staged:
 @pytest.fixture(scope="module")
 def reference(staged: th.Staged, s3: Any) -> dict[int, float]:
     """Per-step losses of the uninterrupted run (in this process)."""
-    env = s3.env()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with scoped_environ(s3.env()):
         config = th.make_config(staged, SPEC)
         assert th.run_in_process(config).state.step == STEPS
         return dict(_step_losses(_store(config.spec.output.uri)))
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _started(proc: Any, log: Path) -> int | None:

@@ -12,13 +12,14 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from finetune_operator.contract import EXIT_PREEMPTED, MARKER_NAME, REPORT_KEY
+from finetune_trainer.local import scoped_environ
+from tests.trainer import fault_helpers as fh
 from tests.trainer import train_helpers as th
 
 TOLERANCE = 1e-4
@@ -50,20 +51,11 @@ def _losses(uri: str) -> dict[int, float]:
 @pytest.fixture(scope="module")
 def reference(staged: th.Staged, s3: Any) -> dict[int, float]:
     """Per-step losses of the uninterrupted run."""
-    env = s3.env()
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with scoped_environ(s3.env()):
         config = th.make_config(staged, SPEC)
         outcome = th.run_in_process(config)
         assert outcome.state.step == 16
         return _losses(config.spec.output.uri)
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def _assert_matches(reference: dict[int, float], resumed: dict[int, float]) -> None:
@@ -97,13 +89,10 @@ def test_killed_run_resumes_from_its_checkpoint(s3_env: dict[str, str], staged: 
     output = config.spec.output.uri
     store = _store(output)
     env = th.trainer_env(config, tmp_path, s3_env)
-    proc = th.launch(env, log=tmp_path / "trainer.log")
+    log = tmp_path / "trainer.log"
+    proc = th.launch(env, log=log)
     try:
-        deadline = time.monotonic() + 180
-        while not store.exists("checkpoints/step-3/_COMPLETE"):
-            assert proc.poll() is None, (tmp_path / "trainer.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 180 s"
-            time.sleep(0.05)
+        fh.wait_for("checkpoint 3", lambda: store.exists("checkpoints/step-3/_COMPLETE"), proc, log, timeout=180)
         os.killpg(proc.pid, signal.SIGKILL)  # the launcher and the trainer: no chance to clean up
     finally:
         if proc.poll() is None:
@@ -122,15 +111,10 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(s3_env: dict[str, str], staged
     output = config.spec.output.uri
     store = _store(output)
     env = th.trainer_env(config, tmp_path, s3_env)
-    proc = th.launch(env, log=tmp_path / "trainer.log")
+    log = tmp_path / "trainer.log"
+    proc = th.launch(env, log=log)
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "trainer.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "training did not start within 180 s"
-            if store.exists(REPORT_KEY) and store.read_json(REPORT_KEY).get("step", 0) >= 1:
-                break
-            time.sleep(0.05)
+        fh.wait_for("step 1", lambda: fh.report(store).get("step", 0) >= 1, proc, log, timeout=180)
         proc.send_signal(signal.SIGTERM)  # to the launcher, as Kubernetes does to PID 1
         proc.wait(timeout=120)
     finally:

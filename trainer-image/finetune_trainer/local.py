@@ -163,7 +163,7 @@ def _split_s3(uri: str) -> tuple[str, str]:
 
 
 @contextlib.contextmanager
-def _environ(values: dict[str, str]) -> Iterator[None]:
+def scoped_environ(values: dict[str, str]) -> Iterator[None]:
     """Set environment variables for the block (boto3 reads S3 settings from the environment)."""
     saved = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
@@ -215,7 +215,7 @@ def demo_environment(doc: dict[str, Any], work: Path, keep: bool) -> Iterator[tu
         hf_logging.disable_progress_bar()
         model_dir = tiny.build_tiny_model(work / "tiny-model")
         model_uri = f"s3://{DEMO_MODEL_BUCKET}/{DEMO_MODEL_PREFIX}"
-        with _environ(env):
+        with scoped_environ(env):
             storage.Store.for_uri(model_uri).upload_dir(model_dir, "", marker=False)
         base = spec.get("baseModel", {}).get("uri", "?")
         params = _parameter_count(model_dir)
@@ -276,7 +276,7 @@ def watch(proc: subprocess.Popen[bytes], output_uri: str, env: dict[str, str], t
     from finetune_trainer.report import read_report
     from finetune_trainer.storage import Store
 
-    with _environ(env):
+    with scoped_environ(env):
         store = Store.for_uri(output_uri, retry_seconds=5)
         bar = tqdm(total=0, unit="step", dynamic_ncols=True, desc="starting", file=sys.stdout) if tty else None
         last = None
@@ -333,7 +333,7 @@ def evaluation_table(evaluation: Any) -> str:
 def _listing(output_uri: str, env: dict[str, str]) -> tuple[str, list[str]]:
     from finetune_trainer.storage import Store
 
-    with _environ(env):
+    with scoped_environ(env):
         store = Store.for_uri(output_uri, retry_seconds=5)
         return store.child(""), store.list("")
 
