@@ -3,7 +3,7 @@
 bitsandbytes' Linear4bit repacks its weight for fast CPU inference on the first eval-mode forward without
 gradients (on CPUs with AVX512-BF16) and never undoes it; training afterwards backpropagates through the
 repacked data as if it were not. The trainer evaluates the base model before training, so it switches the
-repacking off (train.keep_4bit_weights_unpacked). These tests hold on every CPU; the one showing the
+repacking off (modeling.keep_4bit_weights_unpacked). These tests hold on every CPU; the one showing the
 failure mode only runs where bitsandbytes would repack.
 """
 
@@ -41,7 +41,7 @@ def _packed(layer: Any) -> bool:
 
 
 def test_evaluation_leaves_weights_trainable() -> None:
-    from finetune_trainer.train import keep_4bit_weights_unpacked
+    from finetune_trainer.modeling import keep_4bit_weights_unpacked
 
     untouched = _layer()
     expected = _input_gradient(untouched)
@@ -57,7 +57,7 @@ def test_evaluation_leaves_weights_trainable() -> None:
 
 
 def test_no_4bit_layers_is_a_no_op() -> None:
-    from finetune_trainer.train import keep_4bit_weights_unpacked
+    from finetune_trainer.modeling import keep_4bit_weights_unpacked
 
     assert keep_4bit_weights_unpacked(torch.nn.Sequential(torch.nn.Linear(64, 64))) == 0
 

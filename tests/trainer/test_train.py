@@ -27,7 +27,7 @@ HEAD = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 #: method -> (spec overrides, golden final loss). Re-pinned when length grouping moved inside each optimizer
 #: step (dataset.batch_plan): the steps now hold other examples, so their training losses differ.
 #: QLoRA again when the trainer stopped bitsandbytes repacking 4-bit weights for CPU inference at the base
-#: evaluation (train.keep_4bit_weights_unpacked): its later training steps had wrong gradients.
+#: evaluation (modeling.keep_4bit_weights_unpacked): its later training steps had wrong gradients.
 METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "full": ({"method": "full", "hyperparameters": {"learningRate": 2e-3}}, 5.813086),
     "lora": ({"method": "lora", "hyperparameters": {"learningRate": 1e-2}, "lora": {"targetModules": HEAD}}, 5.289791),

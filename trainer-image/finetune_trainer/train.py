@@ -130,25 +130,6 @@ def make_accelerator(config: TrainerConfig, fsdp: bool | None = None) -> tuple[A
     return accelerator, precision, fsdp
 
 
-def keep_4bit_weights_unpacked(model: Any) -> int:
-    """Stop bitsandbytes repacking 4-bit weights for CPU inference; returns how many layers it touched.
-
-    On a CPU with AVX512-BF16, bitsandbytes' Linear4bit converts its weight to a CPU inference layout on the
-    first forward in eval mode without gradients (the base evaluation, eval losses at checkpoints) and
-    never converts it back. Training after that runs on the repacked data, and its backward dequantizes it
-    as if it were not repacked: the adapters get wrong gradients (measured on a tiny Llama: gradient norm
-    0.66 instead of 1.64 after one evaluation; QLoRA then trained to a held-out loss 0.045 above the same
-    recipe in HF Trainer, which does not evaluate first; bench/throughput_bench.py). Related: bitsandbytes
-    issue #2078 (the same packing, not undone by `.to()`). A no-op without 4-bit layers and on GPUs.
-    """
-    touched = 0
-    for module in model.modules():
-        if getattr(module, "support_avx512bf16_for_cpu", False):
-            module.support_avx512bf16_for_cpu = False
-            touched += 1
-    return touched
-
-
 # ------------------------------------------------------------------------------------------------
 # Loss helpers
 # ------------------------------------------------------------------------------------------------
@@ -248,7 +229,6 @@ class Run:
         model = modeling.load_base(base_dir, self.config.method, precision, accelerator.device, self.config)
         adapter = restored.model_dir if restored is not None and self.config.method != "full" else None
         model = modeling.prepare_for_training(model, self.config, adapter_dir=adapter)
-        keep_4bit_weights_unpacked(model)
         trainable, total = modeling.trainable_parameters(model)
         log.info("method %s: %d of %d parameters trainable (%.2f%%)", self.config.method, trainable, total,
                  100.0 * trainable / max(total, 1))
