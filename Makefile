@@ -2,7 +2,10 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-PIP    := $(BIN)/python -m pip install --disable-pip-version-check -q -c constraints.txt
+# uv resolves and installs in seconds where pip's resolver took minutes; it reads no pip config, so the
+# folder of local wheels (the CPU torch wheel here) is passed on from PIP_FIND_LINKS when it is set.
+FIND_LINKS ?= $(PIP_FIND_LINKS)
+UV     := $(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 PYTEST_ARGS ?=
 
 .PHONY: install test demo lint crd bench clean
@@ -11,8 +14,8 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) --upgrade pip setuptools wheel
-	$(PIP) -e ".[train,test]"
+	$(BIN)/python -m pip install --disable-pip-version-check -q "uv>=0.9,<1"
+	$(UV) -e ".[train,test]"
 	touch $@
 
 test: install

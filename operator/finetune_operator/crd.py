@@ -173,10 +173,10 @@ def build_schema() -> dict[str, Any]:
                 "description": "Versioned schema of this object: finetune.dev/v1alpha1.",
             },
             "kind": {"type": "string", "description": "FineTuneJob."},
-            "metadata": {
-                "type": "object",
-                "description": f"Standard object metadata. The name is at most {api.MAX_NAME_LENGTH} characters.",
-            },
+            # The API server refuses anything under `metadata` but `type: object` (and name/generateName
+            # constraints): "must not specify anything other than name and generateName". The name rules
+            # live in the CEL validations below instead.
+            "metadata": {"type": "object"},
             "spec": spec_schema,
             "status": status_schema,
         },
