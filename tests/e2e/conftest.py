@@ -1,11 +1,13 @@
-"""Fixtures of the end-to-end suite: a real cluster ($KUBECONFIG) with the CRD, a fresh namespace, a local S3
-server (SeaweedFS on this machine's loopback), the operator as a `kopf run` subprocess, and the local pod
-runner standing in for the kubelet of the training pods (see podrunner.py and README.md).
+"""Fixtures of the end-to-end suite: a real API server (the `kubeconfig` fixture of tests/conftest.py: a
+fresh envtest control plane from KUBEBUILDER_ASSETS, or the cluster of KUBECONFIG with `--e2e`) with the
+CRD, a fresh namespace, a local S3 server (SeaweedFS on this machine's loopback), the operator as a
+`kopf run` subprocess, and the local pod runner standing in for the kubelet of the training pods (see
+podrunner.py and README.md).
 
-Nothing here runs unless pytest gets `--e2e` and KUBECONFIG is set (tests/conftest.py skips the e2e
-tests otherwise, and session fixtures only start for tests that run). The same code serves kind, k3s and
-cloud clusters: the only things it needs from the cluster are the API and, for Job completion and
-garbage collection, a kube-controller-manager.
+Without either source of an API server the tests are skipped (tests/conftest.py), and session fixtures
+only start for tests that run. The same code serves envtest, kind, k3s and cloud clusters: the only
+things it needs from the cluster are the API and, for Job completion and garbage collection, a
+kube-controller-manager.
 
 Knobs (environment): FT_E2E_TIMEOUT (seconds a run may take, default 1200), FT_E2E_KEEP=1 (keep the
 namespace, the CRD and the work directory for inspection).
@@ -99,8 +101,8 @@ def healthcare_manifest(namespace: str, node_name: str, model_uri: str, secret: 
 
 
 @pytest.fixture(scope="session")
-def kube() -> Kube:
-    return Kube.from_kubeconfig()
+def kube(kubeconfig: str) -> Kube:
+    return Kube.from_kubeconfig(kubeconfig)
 
 
 @pytest.fixture(scope="session")
@@ -198,7 +200,9 @@ class Operator:
 
 
 @pytest.fixture(scope="session")
-def operator(crd: Any, namespace: str, s3: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Operator]:
+def operator(
+    crd: Any, namespace: str, s3: Any, kubeconfig: str, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Operator]:
     """`kopf run -m finetune_operator.handlers --namespace <ns>` with this session's S3 for progress reports.
 
     The trainer image setting is irrelevant: the local pod runner runs the trainer from this checkout.
@@ -207,6 +211,7 @@ def operator(crd: Any, namespace: str, s3: Any, tmp_path_factory: pytest.TempPat
     env = {
         **os.environ,
         **s3.env(),  # the operator reads status/report.json with its own identity (progress.py)
+        "KUBECONFIG": kubeconfig,
         "FT_STATUS_INTERVAL": "2",
         "FT_LOG_FORMAT": "text",
         "FT_TERMINATION_GRACE_SECONDS": "30",
