@@ -38,9 +38,10 @@ Limits: no images (the local Python environment must hold the trainer), no conta
 run as this user, without resource limits), no probes, no sidecars, no hostPath volumes, no pod networking
 beyond loopback, no service-account token. It is a test tool: it lives with the tests, not in the operator.
 
-It speaks JSON over HTTP(S) with the standard library, authenticated from a kubeconfig (client
-certificates, tokens, token files, basic auth, exec plugins such as `aws eks get-token` or
-`gke-gcloud-auth-plugin`).
+It speaks JSON to the API server through the `kubernetes` client library (its generic `ApiClient`), which
+reads the kubeconfig and authenticates as kubectl does (client certificates, tokens, token files, basic
+auth, exec plugins such as `aws eks get-token` or `gke-gcloud-auth-plugin`), or as the pod's service account
+when it runs in a cluster without a kubeconfig.
 
 CLI (against the cluster of $KUBECONFIG)::
 
@@ -50,10 +51,8 @@ CLI (against the cluster of $KUBECONFIG)::
 from __future__ import annotations
 
 import argparse
-import atexit
 import base64
 import contextlib
-import http.client
 import json
 import logging
 import math
@@ -61,13 +60,11 @@ import os
 import re
 import shutil
 import signal
-import ssl
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -75,7 +72,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import IO, Any
 
-import yaml
+import kubernetes
+import urllib3
 
 from finetune_operator.contract import (
     CONFIG_PATH,
@@ -721,158 +719,61 @@ def termination_message(log_text: str, exit_code: int, policy: str, file_text: s
 
 
 # ---------------------------------------------------------------------------------------------------
-# The API: JSON over HTTPS with the standard library. Not the `kubernetes` package: installed next to kopf
-# it becomes kopf's login method (kopf piggybacks on it), which would change how the operator's own tests
-# log in. The kubeconfig subset below is what kind, k3s and the managed clouds write.
+# The API: JSON dicts through the `kubernetes` client's generic ApiClient. The library reads the kubeconfig
+# ($KUBECONFIG lists, contexts, inline or file certificates, tokens and token files, basic auth, exec
+# plugins and their refresh, tls-server-name, proxy-url) or the in-cluster service account, and does TLS;
+# this facade only turns paths and dicts into requests and non-2xx answers into KubeError.
 # ---------------------------------------------------------------------------------------------------
+
+#: Seconds one request may take, connecting included.
+REQUEST_TIMEOUT = 60
 
 
 class KubeError(Exception):
+    """A non-2xx answer of the API server (status 0: a request the client could not make, such as TLS)."""
+
     def __init__(self, status: int, message: str):
         super().__init__(f"HTTP {status}: {message}")
         self.status = status
 
 
-class KubeconfigError(ValueError):
-    """A kubeconfig the runner cannot use; the message names the entry and what to change."""
-
-
-@dataclass
-class Credentials:
-    """Where the API server is and how to authenticate, from one kubeconfig context."""
-
-    server: str
-    ca_file: str | None = None
-    insecure: bool = False
-    cert_file: str | None = None
-    key_file: str | None = None
-    token: str | None = None
-    token_file: str | None = None
-    username: str | None = None
-    password: str | None = None
-    exec_spec: dict[str, Any] | None = None
-    _exec_token: str | None = field(default=None, repr=False)
-    _exec_expiry: float = 0.0
-
-    def headers(self) -> dict[str, str]:
-        if self.exec_spec is not None:
-            return {"Authorization": f"Bearer {self._exec_credential()}"}
-        if self.token_file:  # re-read: projected tokens rotate
-            return {"Authorization": f"Bearer {Path(self.token_file).read_text().strip()}"}
-        if self.token:
-            return {"Authorization": f"Bearer {self.token}"}
-        if self.username is not None:
-            pair = base64.b64encode(f"{self.username}:{self.password or ''}".encode()).decode()
-            return {"Authorization": f"Basic {pair}"}
-        return {}
-
-    def _exec_credential(self) -> str:
-        """Run the kubeconfig's exec plugin (aws eks get-token, gke-gcloud-auth-plugin, kubelogin, ...)."""
-        if self._exec_token and time.time() < self._exec_expiry:
-            return self._exec_token
-        spec = self.exec_spec or {}
-        env = {**os.environ, **{e["name"]: e["value"] for e in spec.get("env") or []}}
-        env["KUBERNETES_EXEC_INFO"] = json.dumps({
-            "apiVersion": spec.get("apiVersion", "client.authentication.k8s.io/v1"),
-            "kind": "ExecCredential", "spec": {"interactive": False}})
-        result = subprocess.run([spec["command"], *(spec.get("args") or [])], env=env, capture_output=True,
-                                text=True, timeout=120, check=False)
-        if result.returncode != 0:
-            raise KubeconfigError(f"exec plugin {spec['command']!r} failed ({result.returncode}): {result.stderr[-500:]}")
-        status = json.loads(result.stdout).get("status") or {}
-        if not status.get("token"):
-            raise KubeconfigError(f"exec plugin {spec['command']!r} returned no token (client certificates from "
-                                  "exec plugins are not supported by the local pod runner)")
-        self._exec_token = status["token"]
-        expiry = status.get("expirationTimestamp")
-        # Refresh a minute early; without an expiry, keep it for ten minutes.
-        self._exec_expiry = (datetime.fromisoformat(expiry.replace("Z", "+00:00")).timestamp() - 60
-                             if expiry else time.time() + 600)
-        return self._exec_token
-
-    def ssl_context(self) -> ssl.SSLContext:
-        context = ssl.create_default_context(cafile=self.ca_file)
-        if self.insecure:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        if self.cert_file and self.key_file:
-            context.load_cert_chain(self.cert_file, self.key_file)
-        return context
-
-
-def load_kubeconfig(path: str | None = None, context: str | None = None, secrets_dir: Path | None = None) -> Credentials:
-    """Credentials of a kubeconfig context. `path` may list several files (`a:b`, as $KUBECONFIG does);
-    the first definition of a name wins. Inline `*-data` values go to files in `secrets_dir` (mode 0600)."""
-    paths = [p for p in (path or os.environ.get("KUBECONFIG") or "~/.kube/config").split(os.pathsep) if p]
-    merged: dict[str, dict[str, Any]] = {"clusters": {}, "users": {}, "contexts": {}}
-    current = None
-    for raw_path in paths:
-        file = Path(raw_path).expanduser()
-        if not file.is_file():
-            continue
-        doc = yaml.safe_load(file.read_text()) or {}
-        current = current or doc.get("current-context")
-        for section, key in (("clusters", "cluster"), ("users", "user"), ("contexts", "context")):
-            for entry in doc.get(section) or []:
-                merged[section].setdefault(entry["name"], {**(entry.get(key) or {}), "_dir": file.parent})
-    name = context or current
-    if not name or name not in merged["contexts"]:
-        raise KubeconfigError(f"kubeconfig context {name!r} not found in {':'.join(paths)}; pass --context")
-    ctx = merged["contexts"][name]
-    cluster = merged["clusters"].get(ctx.get("cluster", ""))
-    if cluster is None:
-        raise KubeconfigError(f"kubeconfig context {name!r} names cluster {ctx.get('cluster')!r}, which is not defined")
-    user = merged["users"].get(ctx.get("user", ""), {"_dir": cluster["_dir"]})
-    if cluster.get("tls-server-name") or cluster.get("proxy-url"):
-        raise KubeconfigError(f"kubeconfig cluster {ctx.get('cluster')!r}: tls-server-name and proxy-url are not "
-                              "supported by the local pod runner")
-    if "auth-provider" in user:
-        raise KubeconfigError(f"kubeconfig user {ctx.get('user')!r} uses a legacy auth-provider; use an exec "
-                              "plugin (e.g. gke-gcloud-auth-plugin, kubelogin) instead")
-    if secrets_dir is None:  # private, and removed when this process ends: it may hold a client key
-        secrets_dir = Path(tempfile.mkdtemp(prefix="ft-kubeconfig-"))
-        atexit.register(shutil.rmtree, secrets_dir, True)
-    store = secrets_dir
-
-    def file_of(entry: Mapping[str, Any], key: str) -> str | None:
-        if entry.get(f"{key}-data"):
-            target = store / key
-            target.write_bytes(base64.b64decode(entry[f"{key}-data"]))
-            target.chmod(0o600)
-            return str(target)
-        if entry.get(key):
-            return str((Path(entry["_dir"]) / entry[key]).expanduser())
-        return None
-
-    token_file = user.get("tokenFile")
-    return Credentials(
-        server=str(cluster["server"]).rstrip("/"),
-        ca_file=file_of(cluster, "certificate-authority"),
-        insecure=bool(cluster.get("insecure-skip-tls-verify")),
-        cert_file=file_of(user, "client-certificate"),
-        key_file=file_of(user, "client-key"),
-        token=user.get("token"),
-        token_file=str(Path(user["_dir"]) / token_file) if token_file else None,
-        username=user.get("username"),
-        password=user.get("password"),
-        exec_spec=user.get("exec"),
-    )
-
-
 class Kube:
-    """The Kubernetes API as JSON dicts: `request(method, path, body)`, raising KubeError on non-2xx."""
+    """The Kubernetes API as JSON dicts: `request(method, path, body)`, raising KubeError on non-2xx.
 
-    def __init__(self, credentials: Credentials):
-        self.credentials = credentials
-        self._context = credentials.ssl_context() if credentials.server.startswith("https:") else None
+    A request that gets no answer (connection refused or reset, timeout) raises ConnectionError, an OSError,
+    so a caller can tell an API server that is away from one that said no.
+    """
+
+    def __init__(self, api: kubernetes.client.ApiClient):
+        self.api = api
+        self.api.user_agent = "finetune-podrunner"
+
+    @property
+    def server(self) -> str:
+        """The API server's URL."""
+        return str(self.api.configuration.host)
 
     @classmethod
     def from_kubeconfig(cls, path: str | None = None, context: str | None = None) -> Kube:
-        return cls(load_kubeconfig(path, context))
+        """A client for a kubeconfig context (default: the current one). `path` may list several files
+        (`a:b`, as $KUBECONFIG does); without it, $KUBECONFIG or ~/.kube/config, and in a pod that has
+        neither, the pod's service account."""
+        default = os.environ.get("KUBECONFIG") or "~/.kube/config"
+        in_pod = bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+        if path is None and context is None and in_pod and not os.environ.get("KUBECONFIG") \
+                and not Path(default).expanduser().exists():
+            configuration = kubernetes.client.Configuration()
+            kubernetes.config.load_incluster_config(client_configuration=configuration)
+            return cls(kubernetes.client.ApiClient(configuration))
+        # The default is passed explicitly: the library reads $KUBECONFIG once, when it is imported. Nothing
+        # is written back to the kubeconfig (persist_config=False), not even a refreshed credential.
+        return cls(kubernetes.config.new_client_from_config(
+            config_file=path or default, context=context, persist_config=False))
 
     @classmethod
     def from_url(cls, url: str) -> Kube:
-        return cls(Credentials(server=url.rstrip("/")))
+        """A client without credentials (a plain-HTTP emulator in tests, or `kubectl proxy`)."""
+        return cls(kubernetes.client.ApiClient(kubernetes.client.Configuration(host=url.rstrip("/"))))
 
     def request(
         self,
@@ -882,29 +783,24 @@ class Kube:
         query: Mapping[str, str] | None = None,
         content_type: str = "application/json",
     ) -> dict[str, Any]:
-        url = self.credentials.server + path + (f"?{urllib.parse.urlencode(query)}" if query else "")
-        headers = {"Accept": "application/json", "User-Agent": "finetune-podrunner", **self.credentials.headers()}
-        data = None
+        headers = {"Accept": "application/json"}
         if body is not None:
             headers["Content-Type"] = content_type
-            data = json.dumps(body).encode()
-        parsed = urllib.parse.urlsplit(url)
-        if parsed.scheme == "https":
-            connection: http.client.HTTPConnection = http.client.HTTPSConnection(
-                parsed.hostname or "", parsed.port, context=self._context, timeout=60)
-        else:
-            connection = http.client.HTTPConnection(parsed.hostname or "", parsed.port, timeout=60)
         try:
-            target = parsed.path + (f"?{parsed.query}" if parsed.query else "")
-            connection.request(method, target, body=data, headers=headers)
-            response = connection.getresponse()
+            # auth_settings: the kubeconfig's credential (token, token file, basic auth, exec plugin, refreshed
+            # when it expires); client certificates and the CA are in the ApiClient's connection pool.
+            prepared = self.api.param_serialize(method, path, query_params=dict(query) if query else None,
+                                                header_params=headers, body=body, auth_settings=["BearerToken"])
+            response = self.api.call_api(*prepared, _request_timeout=REQUEST_TIMEOUT)
             text = response.read().decode("utf-8", errors="replace")
-        finally:
-            connection.close()
+        except kubernetes.client.ApiException as err:
+            raise KubeError(err.status or 0, f"{method} {path}: {err.reason}") from err
+        except urllib3.exceptions.HTTPError as err:
+            raise ConnectionError(f"{method} {path}: {err}") from err
         if not 200 <= response.status <= 299:
             try:
                 message = json.loads(text).get("message", text)
-            except ValueError:
+            except (ValueError, AttributeError):
                 message = text
             raise KubeError(response.status, f"{method} {path}: {message}")
         return json.loads(text) if text else {}
@@ -1106,7 +1002,7 @@ class PodRunner:
         while not done():
             try:
                 self.sync()
-            except (KubeError, http.client.HTTPException, OSError) as err:
+            except (KubeError, OSError) as err:
                 # The API server restarting or a dropped connection: keep the processes, try again.
                 log.warning("sync failed: %s", err)
             time.sleep(interval)

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import json
 import re
+import socket
 import sys
 import threading
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import kmock
+import kubernetes
 import pytest
 
 from tests.e2e import podrunner
@@ -534,57 +536,110 @@ def test_runner_runs_init_containers_first(emulator: tuple[Any, Kube], tmp_path:
     assert status["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 0
 
 
-# -- kubeconfig -----------------------------------------------------------------------------------
+# -- the client: kubeconfig, authentication and transport come from the `kubernetes` library ----------
 
 
-def write_kubeconfig(path: Path, server: str, user: dict[str, Any], cluster: dict[str, Any] | None = None) -> Path:
+def write_kubeconfig(path: Path, server: str, user: dict[str, Any], cluster: dict[str, Any] | None = None,
+                     other_user: dict[str, Any] | None = None) -> Path:
+    """A kubeconfig whose current context `dev` uses `user`; context `other` (same server) `other_user`."""
     path.write_text(json.dumps({  # JSON is YAML
         "apiVersion": "v1", "kind": "Config", "current-context": "dev",
         "clusters": [{"name": "c", "cluster": {"server": server, **(cluster or {})}}],
-        "users": [{"name": "u", "user": user}],
-        "contexts": [{"name": "dev", "context": {"cluster": "c", "user": "u"}}],
+        "users": [{"name": "u", "user": user}, {"name": "o", "user": other_user or {}}],
+        "contexts": [{"name": "dev", "context": {"cluster": "c", "user": "u"}},
+                     {"name": "other", "context": {"cluster": "c", "user": "o"}}],
     }))
     return path
 
 
-def test_kubeconfig_token_and_inline_certificates(tmp_path: Path) -> None:
-    config = write_kubeconfig(
-        tmp_path / "config", "https://127.0.0.1:6443/",
-        {"client-certificate-data": b64("CERT"), "client-key-data": b64("KEY")},
-        {"certificate-authority-data": b64("CA")},
-    )
-    creds = podrunner.load_kubeconfig(str(config), secrets_dir=tmp_path)
-    assert creds.server == "https://127.0.0.1:6443"
-    assert Path(creds.ca_file or "").read_text() == "CA"
-    assert Path(creds.cert_file or "").read_text() == "CERT"
-    assert Path(creds.key_file or "").stat().st_mode & 0o777 == 0o600
-    token = write_kubeconfig(tmp_path / "token", "http://x", {"token": "abc"})
-    assert podrunner.load_kubeconfig(str(token)).headers() == {"Authorization": "Bearer abc"}
-    # $KUBECONFIG-style lists: the first file defining a name wins, missing files are skipped.
-    merged = podrunner.load_kubeconfig(f"{tmp_path / 'absent'}:{token}:{config}")
-    assert merged.server == "http://x"
-    with pytest.raises(podrunner.KubeconfigError, match="context 'prod' not found"):
-        podrunner.load_kubeconfig(str(token), context="prod")
-    legacy = write_kubeconfig(tmp_path / "legacy", "http://x", {"auth-provider": {"name": "gcp"}})
-    with pytest.raises(podrunner.KubeconfigError, match="legacy auth-provider"):
-        podrunner.load_kubeconfig(str(legacy))
-
-
-def test_kubeconfig_exec_plugin_token_is_cached(tmp_path: Path) -> None:
+def exec_plugin(tmp_path: Path, expiry: str = "2999-01-01T00:00:00Z") -> dict[str, Any]:
+    """A kubeconfig exec user whose plugin answers token `gen-<n>` on its n-th run."""
     calls = tmp_path / "calls"
     script = (
         "import json, os, pathlib\n"
-        f"p = pathlib.Path({str(calls)!r}); p.write_text(p.read_text() + 'x' if p.exists() else 'x')\n"
+        f"p = pathlib.Path({str(calls)!r}); n = len(p.read_text()) + 1 if p.exists() else 1; p.write_text('x' * n)\n"
         "assert json.loads(os.environ['KUBERNETES_EXEC_INFO'])['kind'] == 'ExecCredential'\n"
-        "print(json.dumps({'kind': 'ExecCredential', 'status': {'token': os.environ['TOKEN'],"
-        " 'expirationTimestamp': '2999-01-01T00:00:00Z'}}))\n"
+        "print(json.dumps({'apiVersion': 'client.authentication.k8s.io/v1', 'kind': 'ExecCredential',\n"
+        f"                  'status': {{'token': os.environ['PREFIX'] + str(n), 'expirationTimestamp': {expiry!r}}}}}))\n"
     )
-    user = {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable,
-                     "args": ["-c", script], "env": [{"name": "TOKEN", "value": "from-plugin"}]}}
-    creds = podrunner.load_kubeconfig(str(write_kubeconfig(tmp_path / "config", "http://x", user)))
-    assert creds.headers() == {"Authorization": "Bearer from-plugin"}
-    assert creds.headers() == {"Authorization": "Bearer from-plugin"}
-    assert calls.read_text() == "x"  # run once until the credential expires
+    return {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": sys.executable,
+                     "args": ["-c", script], "env": [{"name": "PREFIX", "value": "gen-"}]}}
+
+
+def authorizations(k8s: Any, kube: Kube, times: int = 1) -> list[str | None]:
+    """The Authorization headers the emulator got for `times` listings of pods through `kube`."""
+    before = len(list(k8s["get /api/v1/namespaces/ml/pods"]))
+    for _ in range(times):
+        assert kube.request("GET", "/api/v1/namespaces/ml/pods")["items"] == []
+    return [r.headers.get("Authorization") for r in list(k8s["get /api/v1/namespaces/ml/pods"])[before:]]
+
+
+@pytest.mark.parametrize(
+    ("user", "expected"),
+    [
+        ({"token": "t0k3n"}, "Bearer t0k3n"),
+        ({"tokenFile": "token.txt"}, "Bearer from-file"),  # relative to the kubeconfig's directory
+        ({"username": "admin", "password": "pw"}, "Basic " + b64("admin:pw")),
+        ("exec", "Bearer gen-1"),
+        ({}, None),
+    ],
+)
+def test_kube_authenticates_as_the_kubeconfig_says(emulator: tuple[Any, Kube], tmp_path: Path,
+                                                   user: Any, expected: str | None) -> None:
+    k8s, kube = emulator
+    (tmp_path / "token.txt").write_text("from-file")
+    user = exec_plugin(tmp_path) if user == "exec" else user
+    client = Kube.from_kubeconfig(str(write_kubeconfig(tmp_path / "config", kube.server, user)))
+    assert client.server == kube.server
+    assert authorizations(k8s, client, times=2) == [expected, expected]  # an exec plugin runs once until expiry
+
+
+def test_kube_refreshes_an_expired_exec_credential(emulator: tuple[Any, Kube], tmp_path: Path) -> None:
+    k8s, kube = emulator
+    user = exec_plugin(tmp_path, expiry="2000-01-01T00:00:00Z")
+    client = Kube.from_kubeconfig(str(write_kubeconfig(tmp_path / "config", kube.server, user)))
+    first, second = authorizations(k8s, client, times=2)
+    assert first and second and first.startswith("Bearer gen-") and second.startswith("Bearer gen-")
+    assert first != second  # the plugin ran again for the second request
+
+
+def test_kube_picks_the_kubeconfig_file_and_context(emulator: tuple[Any, Kube], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    k8s, kube = emulator
+    config = write_kubeconfig(tmp_path / "config", kube.server, {"token": "dev"}, other_user={"token": "other"})
+    # $KUBECONFIG-style lists skip missing files; --context picks a context other than the current one.
+    assert authorizations(k8s, Kube.from_kubeconfig(f"{tmp_path / 'absent'}:{config}", "other")) == ["Bearer other"]
+    # Without a path: $KUBECONFIG as it is now (the library reads it once, at import).
+    monkeypatch.setenv("KUBECONFIG", str(config))
+    assert authorizations(k8s, Kube.from_kubeconfig()) == ["Bearer dev"]
+    with pytest.raises(kubernetes.config.ConfigException):
+        Kube.from_kubeconfig(str(config), context="prod")
+
+
+def test_kube_uses_the_service_account_in_a_pod_without_kubeconfig(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    token, ca = tmp_path / "token", tmp_path / "ca.crt"
+    token.write_text("sa-token")
+    ca.write_text("not read until a connection is made")
+    monkeypatch.setattr(kubernetes.config.incluster_config, "SERVICE_TOKEN_FILENAME", str(token))
+    monkeypatch.setattr(kubernetes.config.incluster_config, "SERVICE_CERT_FILENAME", str(ca))
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.kube/config
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    kube = Kube.from_kubeconfig()
+    assert kube.server == "https://10.96.0.1:443"
+    assert kube.api.configuration.auth_settings()["BearerToken"]["value"] == "bearer sa-token"
+    assert kube.api.configuration.ssl_ca_cert == str(ca)
+
+
+def test_kube_raises_connection_error_when_nothing_answers() -> None:
+    """What PodRunner.run relies on to keep its processes through an API server restart."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(ConnectionError, match=r"GET /api/v1/nodes: "):
+        Kube.from_url(f"http://127.0.0.1:{port}").get("/api/v1/nodes")
 
 
 def test_cli_runs_a_pod_with_kubeconfig_credentials(emulator: tuple[Any, Kube], tmp_path: Path) -> None:
@@ -593,7 +648,7 @@ def test_cli_runs_a_pod_with_kubeconfig_credentials(emulator: tuple[Any, Kube], 
         "metadata": {"name": "hello", "namespace": "ml", "uid": "u-hello", "labels": {"finetune.dev/job": "x"}},
         "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "command": [
             "python", "-c", "import os, sys; sys.exit(0 if os.environ['GREETING'] == 'hi' else 1)"]}]}})
-    config = write_kubeconfig(tmp_path / "config", kube.credentials.server, {"token": "t0k3n"})
+    config = write_kubeconfig(tmp_path / "config", kube.server, {"token": "t0k3n"})
     code = podrunner.main(["--kubeconfig", str(config), "-n", "ml", "-l", "finetune.dev/job", "--exit-after", "1",
                            "--env", "GREETING=hi", "--quiet", "--workdir", str(tmp_path / "w"), "--interval", "0.1"])
     assert code == 0
