@@ -72,6 +72,15 @@ def admit(obj: Any, old: Any = None) -> Verdict:
     schema = _schema()
     verdict = Verdict()
     validator = jsonschema.Draft4Validator(schema)
+    if isinstance(obj, dict):
+        # Before any schema: the API server decodes the body for the endpoint's group, version and kind
+        # (a mismatch is a 400 or 422 there; tests/e2e/test_api_server.py compares each case).
+        crd_spec = crd.build_crd()["spec"]
+        expected = f"{crd_spec['group']}/{crd_spec['versions'][0]['name']}"
+        if obj.get("apiVersion") != expected:
+            verdict.schema_errors.append(f"apiVersion: {obj.get('apiVersion')!r} does not match {expected}")
+        if obj.get("kind") != crd_spec["names"]["kind"]:
+            verdict.schema_errors.append(f"kind: {obj.get('kind')!r} must be {crd_spec['names']['kind']}")
     for err in sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path)):
         where = ".".join(str(p) for p in err.absolute_path)
         verdict.schema_errors.append(f"{where or '<root>'}: {err.message[:200]}")

@@ -1,5 +1,8 @@
 """The CRD as the API server applies it: valid manifests are admitted; bad ones are stopped at admission
-where the schema or CEL can tell, and by the operator (the same spec model as `finetune plan`) otherwise."""
+where the schema or CEL can tell, and by the operator (the same spec model as `finetune plan`) otherwise.
+
+The simulator (admission.py) runs without a cluster; tests/e2e/test_api_server.py checks it against a
+real kube-apiserver case by case, and the real server against MUST_FAIL_AT_ADMISSION."""
 
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yam
 
 # Cases the CRD alone must stop at `kubectl apply` (the rest are stopped by the operator: InvalidSpec).
 MUST_FAIL_AT_ADMISSION = {
+    "wrong-api-version",
+    "wrong-kind",
     "unknown-method",
     "uppercase-name",
     "name-too-long",
