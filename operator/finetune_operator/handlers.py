@@ -32,6 +32,11 @@ is down. There is no finalizer at all: children go with their owner through garb
 An operator restart at any point converges: the children are found and adopted by owner uid, the status
 is recomputed from what exists, and events are only posted for transitions against the stored status.
 
+The API calls: `finetune_operator.kube` (kubernetes_asyncio's `ApiClient`, one per operator run, created
+at startup and closed at cleanup), with the identity the `login` handler gave kopf, kopf's
+`settings.networking` timeouts and error backoffs, and errors mapped to `kube.ApiError` (`NotFound`,
+`Conflict`). kopf's own client is not used: kopf is used through its public API only.
+
 Kopf settings: handler progress and the last-handled spec live in annotations under
 `kopf.finetune.dev/` (the status schema is strict, so kopf's default `status.kopf` would be pruned);
 peering is off (run one replica; `FT_PEERING=true` turns kopf peering on); logs are JSON
@@ -50,18 +55,12 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import quote
 
 import kopf
-
-# kopf's own API client: it reuses the operator's authenticated session, retries and backoff, so the
-# operator needs no second Kubernetes client. It is internal to kopf, hence the pinned kopf minor version.
-from kopf._cogs.clients import api as kapi
-from kopf._cogs.clients import errors as kerrors
 from pydantic import ValidationError
 
+from finetune_operator import kube, render, sizing
 from finetune_operator import metrics as metrics_mod
-from finetune_operator import render, sizing
 from finetune_operator import status as status_mod
 from finetune_operator.manifests import issues_from_validation
 from finetune_operator.progress import ReportReader, report_location
@@ -95,6 +94,7 @@ class Runtime:
     reader: ReportReader
     metrics: metrics_mod.Metrics
     interval: float
+    kube: kube.Kube
     server: metrics_mod.MetricsServer | None = None
     known: dict[str, tuple[str, str]] = field(default_factory=dict)  # uid -> (namespace, name)
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # "namespace/name" -> its lock
@@ -139,37 +139,6 @@ def status_interval(env: Mapping[str, str] | None = None) -> float:
 # --- the Kubernetes API ----------------------------------------------------------------------------
 
 
-class Api:
-    """The few API calls the operator makes, as plain dicts."""
-
-    MERGE = {"Content-Type": "application/merge-patch+json"}
-
-    def __init__(self, settings: kopf.OperatorSettings, logger: Any):
-        self.settings = settings
-        self.logger = logger
-
-    async def get(self, url: str) -> dict[str, Any] | None:
-        try:
-            return dict(await kapi.get(url, settings=self.settings, logger=self.logger))
-        except kerrors.APINotFoundError:
-            return None
-
-    async def create(self, url: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return dict(
-            await kapi.post(
-                url, payload=dict(body), headers={"Content-Type": "application/json"},
-                settings=self.settings, logger=self.logger,
-            )
-        )
-
-    async def patch(self, url: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        return dict(await kapi.patch(url, payload=dict(body), headers=self.MERGE, settings=self.settings, logger=self.logger))
-
-    async def list(self, url: str) -> list[dict[str, Any]]:
-        result = await kapi.get(url, settings=self.settings, logger=self.logger)
-        return [dict(item) for item in result.get("items") or []]
-
-
 def ftj_url(namespace: str, name: str | None = None) -> str:
     base = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
     return f"{base}/{name}" if name else base
@@ -183,7 +152,7 @@ def child_url(obj: Mapping[str, Any], *, named: bool = True) -> str:
     return f"{base}/{meta['name']}" if named else base
 
 
-async def post_event(api: Api, obj: Mapping[str, Any], type_: str, reason: str, message: str,
+async def post_event(api: kube.Kube, obj: Mapping[str, Any], type_: str, reason: str, message: str,
                      name: str | None = None) -> None:
     """A core/v1 Event about `obj`; failures are logged, never raised (events are auxiliary).
 
@@ -216,9 +185,9 @@ async def post_event(api: Api, obj: Mapping[str, Any], type_: str, reason: str, 
     }
     try:
         await api.create(f"/api/v1/namespaces/{meta.get('namespace')}/events", body)
-    except kerrors.APIConflictError:
+    except kube.Conflict:
         log.debug("event %s %s for %s already posted", type_, reason, meta.get("name"))
-    except (kerrors.APIError, OSError) as err:
+    except (kube.ApiError, OSError) as err:
         log.warning("could not post event %s %s for %s: %s", type_, reason, meta.get("name"), err)
 
 
@@ -269,7 +238,7 @@ def _adoption_patch(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> 
 
 
 async def ensure_children(
-    api: Api, rt: Runtime, body: Mapping[str, Any], job: FineTuneJob, plan: Plan, logger: Any
+    api: kube.Kube, rt: Runtime, body: Mapping[str, Any], job: FineTuneJob, plan: Plan, logger: Any
 ) -> status_mod.Children:
     uid = str(job.metadata.uid)
     known = _condition_true(body, "Created")
@@ -283,7 +252,7 @@ async def ensure_children(
         if existing is None:
             try:
                 made = await api.create(child_url(desired, named=False), desired)
-            except kerrors.APIConflictError:
+            except kube.Conflict:
                 # Created by someone (or an earlier us) since the read: decide by its owner below.
                 existing = await api.get(url)
                 if existing is None:
@@ -347,7 +316,7 @@ async def _read_report(rt: Runtime, output_uri: str) -> Any:
     return await asyncio.to_thread(rt.reader.read, output_uri)
 
 
-async def _write(api: Api, rt: Runtime, body: Mapping[str, Any], new: dict[str, Any]) -> None:
+async def _write(api: kube.Kube, rt: Runtime, body: Mapping[str, Any], new: dict[str, Any]) -> None:
     meta = body.get("metadata") or {}
     old = dict(body.get("status") or {})
     uid = str(meta.get("uid"))
@@ -363,7 +332,7 @@ async def _write(api: Api, rt: Runtime, body: Mapping[str, Any], new: dict[str, 
                          name=status_mod.event_name(meta["name"], uid, old, event))
     try:
         await api.patch(ftj_url(meta["namespace"], meta["name"]) + "/status", status_mod.status_patch(old, new))
-    except kerrors.APINotFoundError:
+    except kube.NotFound:
         # Deleted since this pass read it: nothing to report on and nothing to retry (its children, if
         # this pass created any, go with it through garbage collection).
         log.info("%s/%s was deleted during its reconcile; status not written", meta["namespace"], meta["name"])
@@ -373,7 +342,7 @@ async def _write(api: Api, rt: Runtime, body: Mapping[str, Any], new: dict[str, 
         rt.metrics.transitions.labels(phase=new["phase"]).inc()
 
 
-async def reconcile_body(api: Api, rt: Runtime, body: dict[str, Any], logger: Any) -> None:
+async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logger: Any) -> None:
     """One pass over one FineTuneJob (`body` freshly read). Idempotent."""
     now = _now()
     meta = body.get("metadata") or {}
@@ -420,7 +389,7 @@ async def reconcile_body(api: Api, rt: Runtime, body: dict[str, Any], logger: An
             job_obj = await api.patch(job_url, {"spec": {"suspend": desired}})
             logger.info(f"{'suspended' if desired else 'resumed'} Job {meta.get('name')}")
         selector = ",".join(f"{k}={v}" for k, v in render.pod_selector(job).items())
-        pods = await api.list(f"/api/v1/namespaces/{meta['namespace']}/pods?labelSelector={quote(selector, safe='')}")
+        pods = await api.list(f"/api/v1/namespaces/{meta['namespace']}/pods", label_selector=selector)
     report = await _read_report(rt, output_uri)
     children = status_mod.Children(
         job=job_obj, pods=pods, created=children.created, adopted=children.adopted, foreign=children.foreign
@@ -431,7 +400,7 @@ async def reconcile_body(api: Api, rt: Runtime, body: dict[str, Any], logger: An
 
 async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any, cause: str) -> None:
     """Reconcile the FineTuneJob `namespace/name` if it exists, serialized per object."""
-    api = Api(rt.kopf_settings, logger)
+    api = rt.kube
     # The lock is keyed by the name the caller knows, so one read under it is fresh (no one else is
     # writing): a pass costs one read of the object, not two (a read to learn its uid, then a re-read).
     async with rt.lock(namespace, name):
@@ -441,8 +410,8 @@ async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any, cause: 
         started = time.monotonic()
         try:
             await reconcile_body(api, rt, body, logger)
-        except kerrors.APIError as err:
-            rt.metrics.reconcile_errors.labels(reason=f"api{err.status}").inc()
+        except kube.ApiError as err:
+            rt.metrics.reconcile_errors.labels(reason=f"api{err.status}" if err.status else "unreachable").inc()
             raise kopf.TemporaryError(f"Kubernetes API error during {cause}: {err}", delay=5) from err
         except kopf.TemporaryError:
             rt.metrics.reconcile_errors.labels(reason="temporary").inc()
@@ -457,19 +426,46 @@ async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any, cause: 
 # --- kopf wiring ------------------------------------------------------------------------------------
 
 
+def _credentials(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """The pod's service account, else $KUBECONFIG (both read now, by kopf's readers); a kubeconfig user
+    without static credentials (an exec plugin or auth provider, e.g. `aws eks get-token`) goes through
+    the `kubernetes` client library when it is installed (it runs the plugin)."""
+    info = kopf.login_with_service_account(**kwargs) or kopf.login_with_kubeconfig(**kwargs)
+    if info is not None and (info.token or info.username or info.certificate_path or info.certificate_data):
+        return info
+    try:
+        return kopf.login_via_client(**kwargs) or info
+    except kopf.LoginError:
+        return info
+
+
+def _identity(memo: Any) -> kube.Identity:
+    """The run's `kube.Identity`: made by whichever of startup and login comes first (startup does)."""
+    identity = getattr(memo, "finetune_identity", None)
+    if not isinstance(identity, kube.Identity):
+        identity = kube.Identity()
+        memo.finetune_identity = identity
+    return identity
+
+
 @kopf.on.login()
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.ConnectionInfo | None:
     """Credentials, chosen when the operator logs in rather than when this module is imported.
 
     kopf registers its fallback logins from the environment at import time, so an import before
-    KUBECONFIG is set (a test collector, a tool importing the module) left it with none. Same order as
-    kopf's own: the `kubernetes` client when installed, the pod's service account, then $KUBECONFIG.
+    KUBECONFIG is set (a test collector, a tool importing the module) left it with none. The `kubernetes`
+    client is not asked first (as kopf would when it is installed): it fixes its kubeconfig location at
+    import and raises rather than falling through; see `_credentials` for the order.
+
+    The same credentials go to the operator's own client (`kube.Kube`, through `kube.Identity`), which
+    repeats this login when the API server answers it 401 (a rotated service-account token). The
+    readers are blocking (files; the `kubernetes` client may run a kubeconfig exec plugin), so they run
+    in a thread.
     """
-    return (
-        kopf.login_via_client(**kwargs)
-        or kopf.login_with_service_account(**kwargs)
-        or kopf.login_with_kubeconfig(**kwargs)
-    )
+    kwargs["memo"] = memo
+    info = await asyncio.to_thread(lambda: _credentials(**kwargs))
+    _identity(memo).update(info, relogin=lambda: asyncio.to_thread(lambda: _credentials(**kwargs)))
+    return info
 
 
 @kopf.on.startup()
@@ -489,12 +485,13 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any,
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.watching.connect_timeout = 10
+    # For kopf's requests and the operator's own (`kube.Kube` reads the same settings).
     settings.networking.request_timeout = 30
     settings.networking.connect_timeout = 10
     # Kept at kopf's defaults on purpose (tests/api/test_api_faults.py covers them): a watch silent for
     # watching.inactivity_timeout (70 s, above the API server's 60 s bookmark period) is re-opened, and a
     # 410 Gone makes kopf re-list; 429/5xx are retried per request (networking.error_backoffs, 1 to 21 s,
-    # about a minute in all), a longer Retry-After on a 429 is honoured.
+    # about a minute in all, by kopf's client and by `kube.Kube`), a longer Retry-After is honoured.
     # Only our explicit events: no "Handler ... succeeded" noise on the objects.
     settings.posting.loggers = False
     if (os.environ.get(ENV_LOG_FORMAT) or "json").strip().lower() == "json":
@@ -508,6 +505,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any,
         reader=ReportReader.from_env(),
         metrics=metrics_mod.Metrics(),
         interval=interval,
+        # kopf logs in after the startup handlers: the client connects on its first request.
+        kube=kube.Kube(settings, _identity(memo)),
     )
     rt.server = metrics_mod.start(rt.metrics, port)
     memo.finetune = rt
@@ -529,6 +528,7 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
             await rt.task
     if rt.server is not None:
         rt.server.close()
+    await rt.kube.close()
 
 
 async def _refresher(rt: Runtime) -> None:
@@ -609,7 +609,7 @@ async def on_spec_update(
             "Delete and recreate the FineTuneJob to change them"
         )
         logger.warning(message)
-        await post_event(Api(rt.kopf_settings, logger), dict(body), "Warning", "SpecImmutable", message)
+        await post_event(rt.kube, dict(body), "Warning", "SpecImmutable", message)
     await reconcile(rt, str(namespace), name, logger, "update")
 
 

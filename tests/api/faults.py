@@ -2,7 +2,7 @@
 
 The emulator (`tests.api.conftest.Emulator`) asks `Chaos.decide` about every request before serving it.
 Requests from the test itself (the synchronous client plays kubectl and the cluster's controllers) carry
-the `TEST_HEADER` and are never faulted; everything else is the operator (kopf's client).
+the `TEST_HEADER` and are never faulted; everything else is the operator (kopf's client and its own).
 
 Effects of a `Fault`:
 

@@ -5,13 +5,15 @@ duplicated (exactly one ConfigMap, Service and Job per FineTuneJob), and once th
 reaches the phase it should have. Faults only hit the operator's requests; the test's own requests (it
 plays kubectl and the cluster's controllers) are served normally.
 
-What kopf does for us and what the operator adds:
+What the clients do (kopf's for its watches and annotations, the operator's own `finetune_operator.kube`
+for everything the handlers read and write) and what the operator adds:
 
-- 429/5xx: kopf's client retries each request (`networking.error_backoffs`, 1, 1, 2, 3, 5, 8, 13, 21 s)
-  and honours a longer `Retry-After` on 429 (on a 5xx it keeps its own backoff and ignores the header);
+- 429/5xx: both clients retry each request (`networking.error_backoffs`, 1, 1, 2, 3, 5, 8, 13, 21 s);
+  a longer `Retry-After` is honoured on a 429 (kopf's client and the operator's) and on a 503 (the
+  operator's; kopf's keeps its own backoff there);
   a request that still fails ends the pass with a TemporaryError (retried by kopf, and by the status
   refresher on its next round);
-- a create whose answer was lost is retried by kopf and meets its own object (409): the operator reads
+- a create whose answer was lost is retried and meets its own object (409): the operator reads
   it, recognises its owner uid and adopts it, never a second copy;
 - 409/422 on a patch fail the pass; the next pass (kopf's retry or the refresher) patches again;
 - 404 on the status write: the FineTuneJob was deleted mid-pass; the pass ends quietly and nothing is
@@ -113,8 +115,8 @@ def test_throttling_and_server_errors_are_retried(cluster: Cluster) -> None:
         assert calls(cluster, "create", "jobs") == 2
         start_pod(cluster)
         reaches(cluster, "Running")
-    # kopf waited the server's Retry-After (2 s) instead of its own first backoff (1 s).
-    assert "Overriding the backoff 1s with the retry-after 2s" in runner.output
+    # The operator's client waited the server's Retry-After (2 s) instead of its first backoff (1 s).
+    assert "honouring the server's Retry-After of 2s instead of the backoff of 1s" in runner.output
     assert "failed with an exception" not in runner.output
 
 
