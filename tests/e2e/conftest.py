@@ -198,6 +198,32 @@ class Operator:
         if code is not None:
             raise AssertionError(f"the operator exited with code {code}; log tail:\n{self.log_tail()}")
 
+    def stop(self, timeout: float = 30) -> None:
+        """SIGTERM, then SIGKILL for its process group after `timeout` seconds; echo the log tail."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        sys.stderr.write(f"\n--- operator log tail ({self.log_path}) ---\n{self.log_tail(40)}\n")
+
+
+def start_operator(kopf_args: list[str], kubeconfig: str, log_path: Path, env: dict[str, str]) -> Operator:
+    """`python -m kopf <kopf_args>` from this checkout with `kubeconfig`'s identity; output to `log_path`.
+
+    `env` is added to this process's environment (KUBECONFIG is always `kubeconfig`). Stop it with
+    `Operator.stop()`, in a `finally`.
+    """
+    with open(log_path, "wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "kopf", *kopf_args],
+            stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
+            env={**os.environ, **env, "KUBECONFIG": kubeconfig}, cwd=REPO, start_new_session=True,
+        )
+    return Operator(process, log_path)
+
 
 @pytest.fixture(scope="session")
 def operator(
@@ -207,34 +233,19 @@ def operator(
 
     The trainer image setting is irrelevant: the local pod runner runs the trainer from this checkout.
     """
-    log_path = tmp_path_factory.mktemp("operator") / "operator.log"
     env = {
-        **os.environ,
         **s3.env(),  # the operator reads status/report.json with its own identity (progress.py)
-        "KUBECONFIG": kubeconfig,
         "FT_STATUS_INTERVAL": "2",
         "FT_LOG_FORMAT": "text",
         "FT_TERMINATION_GRACE_SECONDS": "30",
     }
-    with open(log_path, "wb") as sink:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "kopf", "run", "--standalone", "-m", "finetune_operator.handlers",
-             "--namespace", namespace],
-            stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT, env=env, cwd=REPO,
-            start_new_session=True,
-        )
-    operator = Operator(process, log_path)
+    operator = start_operator(
+        ["run", "--standalone", "-m", "finetune_operator.handlers", "--namespace", namespace],
+        kubeconfig, tmp_path_factory.mktemp("operator") / "operator.log", env)
     try:
         yield operator
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        sys.stderr.write(f"\n--- operator log tail ({log_path}) ---\n{operator.log_tail(40)}\n")
+        operator.stop()
 
 
 @dataclass
@@ -251,8 +262,14 @@ class RunnerHandle:
 @pytest.fixture(scope="session")
 def pod_runner(kube: Kube, namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunnerHandle]:
     """The local pod runner for the test namespace, in a thread, with a node name of its own."""
+    with run_pod_runner(kube, namespace, tmp_path_factory.mktemp("podrunner")) as handle:
+        yield handle
+
+
+@contextlib.contextmanager
+def run_pod_runner(kube: Kube, namespace: str, workdir: Path) -> Iterator[RunnerHandle]:
+    """A local pod runner for the training pods of `namespace`, in a thread, with a node name of its own."""
     node_name = f"{NODE_NAME}-{secrets.token_hex(3)}"
-    workdir = tmp_path_factory.mktemp("podrunner")
     runner = PodRunner(kube, namespace, "finetune.dev/job", workdir=workdir, node_name=node_name)
     stop = threading.Event()
     errors: list[BaseException] = []
