@@ -18,6 +18,55 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo (`flags` on x86, `Features` on Arm); empty where unreadable."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+#: Flags of CPUs that compute bf16 dot products in hardware: AVX512-BF16 and AMX-BF16 (x86), BF16 (Arm v8.6).
+NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def native_bf16() -> tuple[bool, str]:
+    """Whether this CPU runs bf16 matmuls natively, and the evidence, as (answer, text to print).
+
+    Where it does not (e.g. an AMD EPYC without AVX512), torch still accepts bf16 but emulates it: every
+    matmul converts to fp32 and back, several times slower than fp32 itself. The flags are read from
+    /proc/cpuinfo rather than asked of torch because torch.backends.cpu.get_cpu_capability() only says
+    "AVX512" or "AVX2", not whether the AVX512 has BF16; bitsandbytes keys its own CPU bf16 kernels on the
+    same instruction (bitsandbytes.functional.has_avx512bf16)."""
+    flags = cpu_flags()
+    found = [f for f in NATIVE_BF16_FLAGS if f in flags]
+    if found:
+        return True, f"native on this CPU ({', '.join(found)} in /proc/cpuinfo)"
+    if not flags:
+        return False, "no CPU flags readable (/proc/cpuinfo): taken as not native"
+    return False, f"emulated on this CPU (none of {', '.join(NATIVE_BF16_FLAGS)} in /proc/cpuinfo)"
+
+
+def bench_precision(requested: str) -> tuple[str, str]:
+    """The training precision a CPU benchmark uses, and a line saying why (print it with the results).
+
+    `auto`: bf16 where the CPU runs it natively, else fp32. A benchmark that times training compares the
+    trainer's work, not how well a CPU emulates a number format: with bf16 emulated, the conversions would
+    dominate both sides' time and a ratio measured on such a CPU could not be compared with one measured
+    where bf16 is native. Each benchmark uses the same precision on both sides of every comparison.
+    `bf16` or `fp32` force it (figures then say so)."""
+    native, why = native_bf16()
+    if requested == "auto":
+        chosen = "bf16" if native else "fp32"
+        return chosen, f"{chosen} (auto; bf16 is {why})"
+    if requested not in ("bf16", "fp32"):
+        raise ValueError(f"precision {requested!r}: expected auto, bf16 or fp32")
+    return requested, f"{requested} (as requested; bf16 is {why})"
+
+
 def mlp_width(hidden: int) -> int:
     """The Llama MLP width (8/3 of hidden) rounded to a multiple of 64: with it a layer has the 12*h^2
     parameters the memory model (operator/finetune_operator/sizing.py) assumes."""

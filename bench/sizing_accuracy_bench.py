@@ -10,6 +10,15 @@ so every example is truncated to exactly maxSeqLength tokens and every batch is 
 worst case). The spec is the healthcare example's (LoRA r=16 on q,k,v,o; bf16) with batch 4 x 512,
 gradient accumulation 1, 2 optimizer steps (the second one runs with the AdamW states allocated).
 
+Precision (`--precision`, default bf16 on every CPU, printed as `# precision: ...` with whether this CPU runs
+bf16 natively): unlike the throughput benchmark, which picks fp32 where bf16 is only emulated because it
+times the work, this one measures memory, and the precision is part of what it measures: the memory model
+is of the example's bf16 run (the table's assumption; its activation term does not scale with precision),
+and an emulated bf16 tensor is as large as a native one. On a CPU without AVX512-BF16 or AMX (e.g. an AMD
+EPYC without AVX512) the same configurations run slower, not larger. `--precision fp32` (or `auto`: bf16
+where native, else fp32) measures an fp32 run against the model's fp32 prediction, the same precision on
+both sides.
+
 Prediction: `estimate_memory(spec, method, architecture=(h, L))`: weights + trainable_state + activations,
 with `baseModel.parameters` set to the model's real parameter count (embeddings included) and its real
 shape. Without `architecture` the memory model guesses (h, L) from the count as if every parameter sat in
@@ -37,7 +46,7 @@ of that method, and `sizing_error_pct_<method>_worst` the signed error of larges
 Configs run in separate processes; each line `# config ...` shows the parts.
 
 Usage: python bench/sizing_accuracy_bench.py [--sizes 0.1] [--methods full,lora,qlora] [--gc on,off]
-       [--batch 4] [--seq 512] [--steps 2] [--threads 2] [--malloc-default]
+       [--batch 4] [--seq 512] [--steps 2] [--threads 2] [--malloc-default] [--precision bf16]
 """
 
 from __future__ import annotations
@@ -54,7 +63,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import count_parameters, cpu_model, mlp_width
+from benchlib import bench_precision, count_parameters, cpu_model, mlp_width
 
 MIB = 1024**2
 GIB = 1024**3
@@ -114,7 +123,7 @@ def write_data(path: Path, rows: int, seq: int) -> None:
 
 
 def make_config(model: Path, data: Path, parameters: int, method: str, gc: bool, batch: int, seq: int,
-                steps: int) -> Any:
+                steps: int, precision: str) -> Any:
     from finetune_operator.contract import resolve
     from finetune_operator.sizing import plan
     from finetune_operator.spec import FineTuneJob
@@ -125,12 +134,14 @@ def make_config(model: Path, data: Path, parameters: int, method: str, gc: bool,
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05, "targetModules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "dataset": {"train": f"file://{data}", "format": "text"},
         "hyperparameters": {"maxSteps": steps, "batchSize": batch, "gradientAccumulationSteps": 1,
-                            "maxSeqLength": seq, "precision": "bf16", "gradientCheckpointing": gc,
+                            "maxSeqLength": seq, "precision": precision, "gradientCheckpointing": gc,
                             "warmupRatio": 0.0, "seed": 42},
         "checkpoint": {"everySteps": 100_000, "keep": 1},
         "evaluation": {"enabled": False, "maxExamples": 1},
         "output": {"uri": "s3://sizing-bench/out/", "saveMerged": False},
     }
+    if method == "qlora" and precision == "fp32":  # QLoRA computes in the training precision (default bf16)
+        spec["quantization"] = {"computeDtype": "float32"}
     job = FineTuneJob.model_validate({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
                                       "metadata": {"name": "sizing"}, "spec": spec})
     return resolve(job, plan(job.spec))
@@ -233,7 +244,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2, help="torch threads in each training process")
     parser.add_argument("--malloc-default", action="store_true",
                         help="glibc's default malloc settings (RSS then includes freed memory glibc keeps)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="bf16",
+                        help="training precision of every config, predicted and measured (default bf16: "
+                        "the memory model's case; auto: bf16 where the CPU runs it natively, else fp32)")
     args = parser.parse_args()
+    precision, precision_why = bench_precision(args.precision)
     sizes = [float(s) for s in args.sizes.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
     gcs = [g == "on" for g in args.gc.split(",") if g]
@@ -249,10 +264,11 @@ def main() -> int:
         env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
     print(f"# machine: nproc={os.cpu_count()} cpu={cpu_model()!r} load_avg_at_start={os.getloadavg()[0]:.2f}")
     print(f"# settings: batch {args.batch} x seq {args.seq} (every row truncated to seq), gradient accumulation 1, "
-          f"{args.steps} optimizer steps, bf16, LoRA r=16 on q,k,v,o, threads={args.threads}; compared: "
+          f"{args.steps} optimizer steps, {precision}, LoRA r=16 on q,k,v,o, threads={args.threads}; compared: "
           "weights + trainable_state + activations (the memory model without its GPU overhead: 1.5 GiB + 10%); "
           + ("glibc malloc defaults" if args.malloc_default else
              "glibc MALLOC_MMAP_THRESHOLD_=1MiB, MALLOC_ARENA_MAX=2 (RSS follows live memory)"))
+    print(f"# precision: {precision_why}; predicted and measured alike", flush=True)
     errors: dict[str, list[float]] = {m: [] for m in methods}
     try:
         data = work / "train.jsonl"
@@ -264,7 +280,8 @@ def main() -> int:
                   f"{2 * 32000 * hidden / 1e6:.1f}M embeddings + head)", flush=True)
             for method in methods:
                 for gc in gcs:
-                    config = make_config(model_dir, data, count, method, gc, args.batch, args.seq, args.steps)
+                    config = make_config(model_dir, data, count, method, gc, args.batch, args.seq, args.steps,
+                                         precision)
                     pred = predict(config, hidden, layers)
                     m = run_config(config, work, env, args.threads)
                     measured = (m["peak_kib"] - m["before_load_kib"]) / 1024

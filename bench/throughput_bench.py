@@ -7,10 +7,16 @@ Both sides train the same tiny Llama (`finetune_trainer.tiny.build_tiny_model`; 
 (`dataset.split_holdout`, as the trainer does for `validationSplit: 0.1`). Settings are those of
 examples/healthcare-lora.yaml: LoRA r=16, alpha=32, dropout 0.05 on q,k,v,o; lr 2e-4 with the spec's
 default cosine schedule, warmup 0.03, weight decay 0 and gradient clipping at 1.0; batch 4 x gradient
-accumulation 4; maxSeqLength 512; bf16 autocast; gradient checkpointing (non-reentrant); seed 42.
-Full fine-tuning: bf16 weights on both sides (ours trains pure bf16 under precision bf16, so the
-reference loads the model in bf16 too). QLoRA: bitsandbytes nf4, double quantization, bf16 compute,
-`prepare_model_for_kbit_training`, on both sides.
+accumulation 4; maxSeqLength 512; gradient checkpointing (non-reentrant); seed 42; the precision below.
+QLoRA: bitsandbytes nf4, double quantization, `prepare_model_for_kbit_training`, on both sides.
+
+Precision (`--precision`, default auto; printed as `# precision: ...`): the example's bf16 where this CPU
+runs bf16 natively (AVX512-BF16 or AMX, `benchlib.native_bf16`), else fp32, always the same on both sides.
+On a CPU that only emulates bf16 (e.g. an AMD EPYC without AVX512) every bf16 matmul converts to fp32 and
+back, and the figures would time the emulation, not the trainer. bf16: bf16 autocast; full fine-tuning with
+bf16 weights on both sides (ours trains pure bf16 under precision bf16, so the reference loads the model in
+bf16 too); QLoRA computes in bf16. fp32: no autocast, fp32 weights, QLoRA computes in fp32
+(`quantization.computeDtype: float32` for ours).
 
 - reference: the instruction template is ours (`dataset.instruction_prompt`) and the token ids are
   identical to ours (checked, printed as `# ... token streams identical`): `<s>` + prompt + response +
@@ -41,8 +47,8 @@ Figures (all from this run):
   `tokens_per_second_<side>_<method>` are the wall-clock medians.
 - `loss_<side>_<method>`: after the same optimizer steps over the same number of examples (16 per step),
   the mean token loss on the held-out validation rows (response tokens), computed by the same function
-  (`train.mean_loss`, bf16 autocast) on both sides. `train_loss_*`: mean training loss over the steps
-  (different batch orders, so noisier).
+  (`train.mean_loss`, under bf16 autocast when the precision is bf16) on both sides. `train_loss_*`: mean
+  training loss over the steps (different batch orders, so noisier).
 - `rss_mb_<side>_<method>`: peak RSS (ru_maxrss, MiB) of the training process; ours includes its
   loss-only evaluation, final checkpoint and artifacts.
 - `loss_delta_lora_seeds`, `loss_sd_lora_seeds`: the LoRA pair again with `--noise-seeds` (default 43 and 44,
@@ -53,7 +59,7 @@ Figures (all from this run):
   (packed rows hold several examples: the examples seen are printed; the loss is not at equal examples).
 
 Usage: python bench/throughput_bench.py [--steps 12] [--qlora-steps 4] [--packed-steps 3] [--threads 1]
-       [--methods full,lora,qlora] [--seed 42] [--no-packed] [--noise-seeds 43,44]
+       [--methods full,lora,qlora] [--seed 42] [--no-packed] [--noise-seeds 43,44] [--precision auto]
 """
 
 from __future__ import annotations
@@ -72,7 +78,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from benchlib import count_parameters, cpu_model, mlp_width
+from benchlib import bench_precision, count_parameters, cpu_model, mlp_width
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "healthcare-lora.yaml"
@@ -154,8 +160,9 @@ def step_figures(stamps: list[tuple[float, float]], tokens: list[int]) -> dict[s
     }
 
 
-def worker_ref(method: str, model_dir: Path, train: Path, steps: int, threads: int, seed: int) -> dict[str, Any]:
-    """The reference recipe: HF Trainer on max_length-padded examples."""
+def worker_ref(method: str, model_dir: Path, train: Path, steps: int, threads: int, seed: int,
+               precision: str) -> dict[str, Any]:
+    """The reference recipe: HF Trainer on max_length-padded examples, in `precision` (bf16 or fp32)."""
     import torch
     from datasets import Dataset
     from transformers import (
@@ -196,11 +203,13 @@ def worker_ref(method: str, model_dir: Path, train: Path, steps: int, threads: i
     dataset = Dataset.from_dict(features)
 
     set_seed(seed)
-    kwargs: dict[str, Any] = {"dtype": torch.bfloat16}
+    bf16 = precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype}
     if method == "qlora":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=torch.uint8)
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
         kwargs["device_map"] = {"": "cpu"}
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
     model.config.use_cache = False
@@ -232,7 +241,7 @@ def worker_ref(method: str, model_dir: Path, train: Path, steps: int, threads: i
     targs = TrainingArguments(
         output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
         learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0,
-        seed=seed, bf16=True, activation_checkpointing=True, activation_checkpointing_kwargs=gc_kwargs,
+        seed=seed, bf16=bf16, activation_checkpointing=True, activation_checkpointing_kwargs=gc_kwargs,
         max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
         use_cpu=True, disable_tqdm=True)
     trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collate, callbacks=[Clock()])
@@ -242,7 +251,7 @@ def worker_ref(method: str, model_dir: Path, train: Path, steps: int, threads: i
     # Collation order is training order; a step is ACCUMULATION consecutive micro-batches.
     per_step = [sum(counts[ACCUMULATION * k:ACCUMULATION * (k + 1)]) for k in range(len(stamps))]
     val = [e for e in (ds.encode(r, "instruction", tokenizer, MAX_LEN) for r in val_rows) if e is not None]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         held_out = mean_loss(trainer.model, val, BATCH, tokenizer.pad_token_id, torch.device("cpu"))
     train_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {
@@ -257,7 +266,8 @@ def worker_ref(method: str, model_dir: Path, train: Path, steps: int, threads: i
     }
 
 
-def worker_ours(method: str, manifest: Path, steps: int, packing: bool, seed: int, threads: int) -> dict[str, Any]:
+def worker_ours(method: str, manifest: Path, steps: int, packing: bool, seed: int, threads: int,
+                precision: str) -> dict[str, Any]:
     """Ours: the manifest resolved as `finetune run --local` does, run by the trainer's entrypoint."""
     import torch
 
@@ -267,8 +277,12 @@ def worker_ours(method: str, manifest: Path, steps: int, packing: bool, seed: in
     torch.set_num_threads(threads)
     entrypoint.setup_logging()
     doc = local.load_manifest(manifest)
-    for text in (f"method={method}", f"hyperparameters.maxSteps={steps}",
-                 f"hyperparameters.packing={'true' if packing else 'false'}", f"hyperparameters.seed={seed}"):
+    overrides = [f"method={method}", f"hyperparameters.maxSteps={steps}",
+                 f"hyperparameters.packing={'true' if packing else 'false'}", f"hyperparameters.seed={seed}",
+                 f"hyperparameters.precision={precision}"]
+    if method == "qlora" and precision == "fp32":  # QLoRA computes in the training precision (default bf16)
+        overrides.append("quantization.computeDtype=float32")
+    for text in overrides:
         local.set_path(doc, *local.parse_override(text))
     job, plan = local.validate(doc, str(manifest))
     config = resolve(job, plan)
@@ -328,11 +342,14 @@ def worker_main(argv: list[str]) -> int:
     parser.add_argument("--threads", type=int, required=True)
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--packing", action="store_true")
+    parser.add_argument("--precision", choices=["bf16", "fp32"], required=True)
     args = parser.parse_args(argv)
     if args.side == "ref":
-        result = worker_ref(args.method, args.model, args.train, args.steps, args.threads, args.seed)
+        result = worker_ref(args.method, args.model, args.train, args.steps, args.threads, args.seed,
+                            args.precision)
     else:
-        result = worker_ours(args.method, args.manifest, args.steps, args.packing, args.seed, args.threads)
+        result = worker_ours(args.method, args.manifest, args.steps, args.packing, args.seed, args.threads,
+                             args.precision)
     print(json.dumps(result), flush=True)
     return 0
 
@@ -357,7 +374,10 @@ def main() -> int:
     parser.add_argument("--no-packed", action="store_true", help="skip ours with packing (LoRA)")
     parser.add_argument("--noise-seeds", default="43,44",
                         help="more seeds for the LoRA pair, to show loss noise ('' to skip)")
+    parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
+                        help="both sides' precision; auto: bf16 where the CPU runs it natively, else fp32")
     args = parser.parse_args()
+    precision, precision_why = bench_precision(args.precision)
     methods = [m for m in args.methods.split(",") if m]
     if min(args.steps, args.qlora_steps, args.packed_steps) < 2:
         parser.error("every step count must be at least 2 (throughput is taken over steps 2..N)")
@@ -377,8 +397,9 @@ def main() -> int:
               "validation split")
         print(f"# settings: threads={args.threads} (OMP_NUM_THREADS and torch, both sides), steps={args.steps} "
               f"(qlora {args.qlora_steps}, packed {args.packed_steps}), batch {BATCH} x accumulation "
-              f"{ACCUMULATION}, maxSeqLength {MAX_LEN}, bf16 autocast, gradient checkpointing, lr 2e-4 cosine, "
-              f"warmup 0.03, seed {args.seed}", flush=True)
+              f"{ACCUMULATION}, maxSeqLength {MAX_LEN}, {precision}, gradient checkpointing, lr 2e-4 cosine, "
+              f"warmup 0.03, seed {args.seed}")
+        print(f"# precision: {precision_why}; the same on both sides", flush=True)
         jobs: list[tuple[str, str, int, bool]] = []
         for method in methods:
             steps = args.qlora_steps if method == "qlora" else args.steps
@@ -388,7 +409,8 @@ def main() -> int:
         noise_seeds = [int(x) for x in args.noise_seeds.split(",") if x.strip()] if "lora" in methods else []
         results: dict[tuple[str, str, bool], dict[str, Any]] = {}
         for side, method, steps, packing in jobs:
-            worker = [side, method, "--steps", str(steps), "--threads", str(args.threads), "--seed", str(args.seed)]
+            worker = [side, method, "--steps", str(steps), "--threads", str(args.threads), "--seed", str(args.seed),
+                      "--precision", precision]
             if side == "ref":
                 worker += ["--model", str(model), "--train", str(train)]
             else:
@@ -427,7 +449,7 @@ def main() -> int:
                 pair = []
                 for side in ("ref", "ours"):
                     worker = [side, "lora", "--steps", str(args.steps), "--threads", str(args.threads),
-                              "--seed", str(seed)]
+                              "--seed", str(seed), "--precision", precision]
                     worker += ["--model", str(model), "--train", str(train)] if side == "ref" \
                         else ["--manifest", str(manifest)]
                     pair.append(run_worker(worker, env, timeout=1800)["eval_loss"])

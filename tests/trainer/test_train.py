@@ -28,6 +28,10 @@ HEAD = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 #: step (dataset.batch_plan): the steps now hold other examples, so their training losses differ.
 #: QLoRA again when the trainer stopped bitsandbytes repacking 4-bit weights for CPU inference at the base
 #: evaluation (modeling.keep_4bit_weights_unpacked): its later training steps had wrong gradients.
+#: QLoRA trains in bf16, so its golden depends most on the CPU's kernels: pinned on a CPU with AVX512-BF16;
+#: with a CPU without it emulated here (bitsandbytes' has_avx512bf16 answering False, torch's bf16 matmuls
+#: outside oneDNN, ATEN_CPU_CAPABILITY=avx2) the tail loss was 5.311941, 7e-4 from it; full and LoRA (fp32)
+#: were 0 and 9e-5 away.
 METHODS: dict[str, tuple[dict[str, Any], float]] = {
     "full": ({"method": "full", "hyperparameters": {"learningRate": 2e-3}}, 5.813086),
     "lora": ({"method": "lora", "hyperparameters": {"learningRate": 1e-2}, "lora": {"targetModules": HEAD}}, 5.289791),
