@@ -191,19 +191,20 @@ def _path(value: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None) -> 
     return os.fsdecode(value) if value else None
 
 
-def configuration(info: kopf.ConnectionInfo, directory: str) -> Configuration:
+def configuration(info: kopf.ConnectionInfo, directory: str | Callable[[], str]) -> Configuration:
     """A kubernetes_asyncio `Configuration` for exactly this identity.
 
     kubernetes_asyncio reads the CA and the client certificate from files, so data given inline (a
     kubeconfig's `certificate-authority-data`, `client-certificate-data`, `client-key-data`) is written
-    to `directory` (owner-only; the caller removes it), as kubernetes_asyncio's own kubeconfig loader does."""
+    to `directory` (owner-only; the caller removes it), as kubernetes_asyncio's own kubeconfig loader does.
+    A callable `directory` is only called when there is such data (an in-cluster login has none)."""
 
     def file(name: str, path: Any, data: str | bytes | None) -> str | None:
         if path:
             return _path(path)
         if not data:
             return None
-        target = os.path.join(directory, name)
+        target = os.path.join(directory() if callable(directory) else directory, name)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(_pem(data))
@@ -229,12 +230,12 @@ class _Client:
 
     def __init__(self, info: kopf.ConnectionInfo):
         self.info = info
-        self.directory = tempfile.mkdtemp(prefix="finetune-operator-kube-")
+        self.directory: str | None = None
         try:
-            config = configuration(info, self.directory)
+            config = configuration(info, self._scratch)
             self.api = ApiClient(config)
         except BaseException:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            self._remove_files()
             raise
         self.api.user_agent = USER_AGENT
         if info.username and info.password:  # basic auth: not among kubernetes_asyncio's auth settings
@@ -242,11 +243,20 @@ class _Client:
         elif info.scheme and not info.token:
             self.api.set_default_header("Authorization", info.scheme)
 
+    def _scratch(self) -> str:
+        if self.directory is None:
+            self.directory = tempfile.mkdtemp(prefix="finetune-operator-kube-")  # mode 0700
+        return self.directory
+
+    def _remove_files(self) -> None:
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
     async def close(self) -> None:
         try:
             await self.api.close()
         finally:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            self._remove_files()
 
 
 # --- the client -------------------------------------------------------------------------------------

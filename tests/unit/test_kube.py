@@ -317,6 +317,17 @@ def test_inline_certificates_are_written_owner_only_and_decoded(tmp_path: Path) 
     assert config.api_key == {"BearerToken": "abc"}
 
 
+def test_files_only_when_there_is_inline_data() -> None:
+    """An in-cluster login (CA and token from files) writes nothing: the pod's root is read-only."""
+    def no_scratch() -> str:
+        raise AssertionError("no folder needed")
+
+    info = kopf.ConnectionInfo(server="https://kubernetes.default.svc", ca_path="/sa/ca.crt", token="sa")
+    config = kube.configuration(info, no_scratch)
+    assert config.ssl_ca_cert == "/sa/ca.crt" and config.cert_file is None and config.key_file is None
+    assert config.verify_ssl is True
+
+
 def test_tls_with_client_certificates_from_kubeconfig_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The identity of a kubeconfig with embedded CA, client certificate and key, over verified TLS."""
     envtest = pytest.importorskip("tests.envtest")  # cryptography: the test extra
