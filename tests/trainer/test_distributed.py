@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
 from pathlib import Path
 from typing import Any
@@ -128,6 +130,53 @@ def test_missing_peer_fails_instead_of_hanging(s3_env: dict[str, str], staged: t
     code, out = _finish(th.launch(env), timeout=120)
     assert code == 1, out[-3000:]  # a crash (retried by the Job), not a config error
     assert "Rendezvous" in out or "rendezvous" in out
+
+
+def test_frozen_peer_fails_the_survivor_within_the_collective_timeout(
+        s3_env: dict[str, str], staged: th.Staged, tmp_path: Path) -> None:
+    """A peer that stops answering without closing its connections (a lost node; here machine 1's whole
+    process tree SIGSTOPped mid-training) fails machine 0 with a retryable exit after FT_COLLECTIVE_TIMEOUT,
+    instead of blocking it in an all-reduce for gloo's default 30 minutes."""
+    import signal
+    import time
+
+    import psutil
+
+    from tests.trainer import fault_helpers as fh
+
+    config = th.make_config(staged, {"hyperparameters": {"maxSteps": 200}, "checkpoint": {"everySteps": 100},
+                                     "evaluation": {"maxExamples": 2}})
+    port = str(th.free_port())
+    procs, logs = [], []
+    for rank in (0, 1):
+        machine = tmp_path / f"machine-{rank}"
+        machine.mkdir()
+        env = th.trainer_env(config, machine, s3_env, FT_NUM_MACHINES="2", FT_PROCS_PER_MACHINE="1",
+                             JOB_COMPLETION_INDEX=str(rank), FT_MAIN_ADDRESS="127.0.0.1", FT_MAIN_PORT=port,
+                             FT_COLLECTIVE_TIMEOUT="20")
+        logs.append(machine / "launch.log")
+        procs.append(th.launch(env, log=logs[-1]))
+    frozen: list[Any] = []
+    try:
+        fh.wait_for_step(_store(config.spec.output.uri), 2, procs[0], logs[0])
+        frozen = [psutil.Process(procs[1].pid), *psutil.Process(procs[1].pid).children(recursive=True)]
+        for proc in frozen:
+            proc.send_signal(signal.SIGSTOP)
+        stopped = time.monotonic()
+        code = procs[0].wait(timeout=300)  # bounds a hang; gloo's default would be 1800 s
+        seconds = time.monotonic() - stopped
+        text = logs[0].read_text(errors="replace")
+        assert code == 1, text[-3000:]  # a crash the Job retries, not a config error
+        assert "imed out" in text or "timeout" in text.lower(), text[-3000:]
+        print(f"\nfrozen peer: machine 0 exited {code} {seconds:.1f}s after machine 1 froze (timeout 20 s)")
+    finally:
+        for proc in frozen:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.send_signal(signal.SIGKILL)
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=60)
 
 
 def test_trainer_started_without_the_launcher_stops(s3_env: dict[str, str], staged: th.Staged,

@@ -39,6 +39,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -103,7 +104,7 @@ def make_accelerator(config: TrainerConfig, fsdp: bool | None = None) -> tuple[A
     module docstring)."""
     import torch
     from accelerate import Accelerator
-    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils import FullyShardedDataParallelPlugin, InitProcessGroupKwargs
 
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     precision = modeling.resolve_precision(config.spec.hyperparameters.precision, device_type)
@@ -124,7 +125,11 @@ def make_accelerator(config: TrainerConfig, fsdp: bool | None = None) -> tuple[A
         )
     # cpu=True is what makes accelerate form a gloo world on CPU: without it, processes started by torchrun
     # on a machine without GPUs each come up as a world of one (world.check_size catches that).
-    accelerator = Accelerator(mixed_precision=precision.mixed, fsdp_plugin=plugin, cpu=device_type == "cpu")
+    # A bounded wait in every collective: a peer lost without a word must fail the survivors (exit 1, the
+    # Job restarts the group) instead of blocking them for 30 minutes (world.ENV_COLLECTIVE_TIMEOUT).
+    timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=world_mod.collective_timeout()))
+    accelerator = Accelerator(mixed_precision=precision.mixed, fsdp_plugin=plugin, cpu=device_type == "cpu",
+                              kwargs_handlers=[timeout])
     if precision.warning:
         log.warning(precision.warning)
     return accelerator, precision, fsdp

@@ -26,7 +26,13 @@ from finetune_operator.contract import (
 )
 from finetune_trainer.errors import ConfigError
 
-#: Seconds the rendezvous waits for every machine before failing (a missing peer must not hang the job).
+#: Seconds a collective (all-reduce, barrier) may wait for a peer before the process fails (exit 1,
+#: retried by the Job). A peer that vanished without closing its connections (a lost node, a partition, a
+#: frozen process) otherwise blocks the survivors for torch's default: 30 minutes on gloo. 600 s is torch's
+#: own default for NCCL, so GPU runs keep their behaviour; it must exceed the longest stretch one rank works
+#: while the others wait (rank 0's checkpoint and artifact uploads).
+ENV_COLLECTIVE_TIMEOUT = "FT_COLLECTIVE_TIMEOUT"
+DEFAULT_COLLECTIVE_TIMEOUT = 600
 
 
 @dataclass(frozen=True)
@@ -37,6 +43,7 @@ class World:
     main_address: str
     main_port: int
     rdzv_timeout: int
+    collective_timeout: int = DEFAULT_COLLECTIVE_TIMEOUT
 
     @property
     def size(self) -> int:
@@ -87,7 +94,13 @@ def from_env(env: Mapping[str, str] | None = None) -> World:
         main_address=address,
         main_port=_int(env, ENV_MAIN_PORT, DEFAULT_MAIN_PORT, 1),
         rdzv_timeout=_int(env, ENV_RDZV_TIMEOUT, DEFAULT_RDZV_TIMEOUT, 1),
+        collective_timeout=collective_timeout(env),
     )
+
+
+def collective_timeout(env: Mapping[str, str] | None = None) -> int:
+    """Seconds a collective waits for a peer (`FT_COLLECTIVE_TIMEOUT`, default 600)."""
+    return _int(os.environ if env is None else env, ENV_COLLECTIVE_TIMEOUT, DEFAULT_COLLECTIVE_TIMEOUT, 1)
 
 
 def expected_size(env: Mapping[str, str] | None = None) -> int | None:
