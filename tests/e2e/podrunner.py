@@ -1244,6 +1244,19 @@ class PodRunner:
                     else:
                         os.kill(proc.popen.pid, sig)
 
+    def pids(self, pod_name: str) -> dict[str, int]:
+        """PIDs of a pod's running container processes, by container name ({} when none runs here).
+
+        For tests (fault injection). Each leads its own process group, but that group does not hold
+        everything it started: torchrun starts its workers in sessions of their own. To kill a whole
+        container as a runtime does (an OOM kill of the cgroup, a node going away), kill the process and
+        all its descendants (psutil's `children(recursive=True)`).
+        """
+        for run in list(self.runs.values()):
+            if run.name == pod_name:
+                return {name: proc.popen.pid for name, proc in list(run.procs.items()) if proc.popen.poll() is None}
+        return {}
+
     def close(self) -> None:
         """Stop every process (SIGTERM, then SIGKILL), remove the node unless kept, and the work dir if ours."""
         for run in self.runs.values():
