@@ -541,8 +541,9 @@ class FineTuneJobSpec(_Model):
         default=3,
         ge=0,
         le=100,
-        description="Pod failures tolerated before the job fails (preemptions and evictions do not count). "
-        "Defaults to 3.",
+        description="Failed attempts tolerated before the job fails (preemptions and evictions do not count). "
+        "On a multi-node job a failed pod takes its peers down with it, so the Job's backoffLimit is this "
+        "times the number of nodes. Defaults to 3.",
     )
     image: str | None = Field(
         default=None,

@@ -484,6 +484,13 @@ def test_pod_failure_policy() -> None:
     assert kind(rendered("full-7b"), "Job")["spec"]["backoffLimit"] == 5
 
 
+def test_backoff_limit_counts_failed_attempts_of_the_whole_group() -> None:
+    # One failed pod of a multi-node job fails its peers too: the Job's limit is spec.backoffLimit x nodes.
+    job = kind(rendered("full-70b-multinode"), "Job")
+    assert job["spec"]["parallelism"] == 2
+    assert job["spec"]["backoffLimit"] == 2 * CASES["full-70b-multinode"][0]["spec"].get("backoffLimit", 3)
+
+
 # Node labels as NVIDIA GPU feature discovery publishes them (MiB per GPU).
 GFD_MEMORY = {
     "Tesla-T4 (16GB)": 15360,
