@@ -73,6 +73,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import kubernetes
+import psutil
 import urllib3
 
 from finetune_operator.contract import (
@@ -852,6 +853,20 @@ class _PodRun:
         return pod_phase(self.init, self.main, restart_policy) in ("Succeeded", "Failed")
 
 
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process, its process group and all its descendants (found before anything dies, so
+    none is reparented away first)."""
+    try:
+        descendants = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        descendants = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
+    for child in descendants:
+        with contextlib.suppress(psutil.Error):
+            child.kill()
+
+
 class PodRunner:
     """Runs the pods matching `selector` in `namespace` as local processes (see the module docstring).
 
@@ -1234,14 +1249,15 @@ class PodRunner:
 
     def _kill(self, run: _PodRun, sig: signal.Signals) -> None:
         """SIGTERM goes to each container's main process only, as Kubernetes signals PID 1 (the trainer's
-        launcher forwards it to its workers itself); SIGKILL takes the whole process group, as a runtime
-        kills the whole container."""
+        launcher forwards it to its workers itself); SIGKILL takes everything the container started, as a
+        runtime kills the whole cgroup: its process group and every descendant, since torchrun starts its
+        workers in sessions of their own (a group kill alone left them training as orphans)."""
         for proc in run.procs.values():
             if proc.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    if sig == signal.SIGKILL:
-                        os.killpg(proc.popen.pid, sig)
-                    else:
+                if sig == signal.SIGKILL:
+                    kill_tree(proc.popen.pid)
+                else:
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(proc.popen.pid, sig)
 
     def pids(self, pod_name: str) -> dict[str, int]:

@@ -23,7 +23,7 @@ import pytest
 from finetune_operator.contract import MARKER_NAME, REPORT_KEY
 from finetune_operator.spec import FineTuneJob
 from tests.e2e.conftest import OUTPUT_BUCKET, Operator, RunnerHandle, healthcare_manifest, wait_for
-from tests.e2e.podrunner import COMPLETION_INDEX_ANNOTATION, Kube
+from tests.e2e.podrunner import COMPLETION_INDEX_ANNOTATION, Kube, kill_tree
 
 pytestmark = pytest.mark.e2e
 
@@ -183,16 +183,16 @@ def _kill_and_recover(kube: Kube, namespace: str, operator: Operator, pod_runner
     [pid] = runner.pids(pod1_name).values()
     tree = psutil.Process(pid).children(recursive=True)
     if what == "container":
-        # The container's whole process tree, as a runtime's kill of the cgroup (OOM kill, node loss). Not
-        # only the process group: torchrun starts its workers in sessions of their own.
-        victims = [psutil.Process(pid), *tree]
+        # The container's whole process tree, as a runtime's kill of the cgroup (OOM kill, node loss), with
+        # the runner's own kill (torchrun starts its workers in sessions of their own).
+        kill_tree(pid)
     else:
         # Only the trainer process torchrun's agent started; the launcher and the agent stay.
         victims = [p for p in tree if p.cmdline()[-2:] == ["-m", "finetune_trainer"]]  # not `--module ...`
         assert len(victims) == 1, [p.cmdline() for p in tree]
-    for victim in victims:
-        with contextlib.suppress(psutil.NoSuchProcess):
-            victim.send_signal(signal.SIGKILL)
+        for victim in victims:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                victim.send_signal(signal.SIGKILL)
     killed_at = time.monotonic()
     step_at_kill = (s3_json(s3, f"{name}/{REPORT_KEY}") or {}).get("step")
 
