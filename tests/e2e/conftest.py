@@ -31,6 +31,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests import envtest
+from tests.conftest import given_cluster
 from tests.e2e.podrunner import NODE_LABEL, NODE_NAME, Kube, KubeError, PodRunner
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,12 +102,31 @@ def healthcare_manifest(namespace: str, node_name: str, model_uri: str, secret: 
 # -- cluster ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
+def kubeconfig(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Path of an admin kubeconfig for a real API server: the user's cluster, or a fresh control plane.
+
+    The control plane's processes stop when the e2e tests are done, also when a test fails or the run is
+    interrupted (tests/envtest.py); its logs stay in pytest's temporary directory."""
+    given = given_cluster(request.config)
+    if given:
+        yield given
+        return
+    assets = envtest.assets_dir()
+    if assets is None:
+        pytest.skip(envtest.HOW_TO_GET_ONE)
+    with envtest.ControlPlane(assets, tmp_path_factory.mktemp("envtest")) as plane:
+        sys.stderr.write(f"\n[envtest] control plane from {assets} ready in {plane.started_seconds:.1f}s "
+                         f"at {plane.server} (logs: {plane.dir})\n")
+        yield str(plane.kubeconfig_path)
+
+
+@pytest.fixture(scope="package")
 def kube(kubeconfig: str) -> Kube:
     return Kube.from_kubeconfig(kubeconfig)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def crd(kube: Kube) -> Iterator[dict[str, Any]]:
     """The generated CRD, applied (created, or replaced when it exists) and Established."""
     manifest = yaml.safe_load(CRD_PATH.read_text())
@@ -128,7 +149,7 @@ def crd(kube: Kube) -> Iterator[dict[str, Any]]:
             kube.request("DELETE", f"{CRD_URL}/{name}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def namespace(kube: Kube) -> Iterator[str]:
     name = f"ft-e2e-{secrets.token_hex(4)}"
     kube.request("POST", "/api/v1/namespaces", body={"apiVersion": "v1", "kind": "Namespace",
@@ -142,7 +163,7 @@ def namespace(kube: Kube) -> Iterator[str]:
 # -- S3 and data ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def s3() -> Iterator[Any]:
     from finetune_trainer.s3server import LocalS3
 
@@ -150,7 +171,7 @@ def s3() -> Iterator[Any]:
         yield server
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def model_uri(s3: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
     """The tiny Llama and its tokenizer, uploaded where the manifest's baseModel points; the example's data
     (the bundled healthcare sample) uploaded at the example's own URIs."""
@@ -170,7 +191,7 @@ def model_uri(s3: Any, tmp_path_factory: pytest.TempPathFactory) -> str:
     return f"s3://{MODEL_BUCKET}/{MODEL_PREFIX}"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def s3_secret(kube: Kube, namespace: str, s3: Any) -> str:
     """The Secret the example names, holding this session's S3 server and keys (pods get it by envFrom)."""
     env = s3.env()
@@ -225,7 +246,7 @@ def start_operator(kopf_args: list[str], kubeconfig: str, log_path: Path, env: d
     return Operator(process, log_path)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def operator(
     crd: Any, namespace: str, s3: Any, kubeconfig: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Operator]:
@@ -259,7 +280,7 @@ class RunnerHandle:
             raise AssertionError(f"the pod runner stopped: {self.errors[0]!r}")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def pod_runner(kube: Kube, namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunnerHandle]:
     """The local pod runner for the test namespace, in a thread, with a node name of its own."""
     with run_pod_runner(kube, namespace, tmp_path_factory.mktemp("podrunner")) as handle:
