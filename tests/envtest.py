@@ -189,8 +189,11 @@ class ControlPlaneError(RuntimeError):
 class ControlPlane:
     """etcd, kube-apiserver and kube-controller-manager on loopback; `start()`, `stop()` or `with`."""
 
-    def __init__(self, assets: Path, workdir: Path | None = None, *, timeout: float = 120.0):
+    def __init__(self, assets: Path, workdir: Path | None = None, *, timeout: float = 120.0,
+                 extra_apiserver_args: list[str] | None = None):
+        """`extra_apiserver_args` are appended to kube-apiserver's arguments (e.g. an audit policy and log)."""
         self.assets = assets
+        self.extra_apiserver_args = list(extra_apiserver_args or ())
         self._own_dir = workdir is None
         self.dir = Path(tempfile.mkdtemp(prefix="envtest-")) if workdir is None else workdir
         self.timeout = timeout
@@ -260,7 +263,7 @@ class ControlPlane:
             f"--service-account-key-file={pki.sa_pub}", f"--service-account-signing-key-file={pki.sa_key}",
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             "--service-cluster-ip-range=10.0.0.0/24", "--endpoint-reconciler-type=none",
-            "--authorization-mode=RBAC", "--allow-privileged=true",
+            "--authorization-mode=RBAC", "--allow-privileged=true", *self.extra_apiserver_args,
         ])
         admin = kubeconfig(self.server, pki.ca, *pki.admin, user="admin")
         self.kubeconfig_path.write_text(yaml.safe_dump(admin))
