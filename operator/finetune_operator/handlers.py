@@ -19,15 +19,32 @@ a fresh read of the object:
 4. apply spec.suspend to the Job (`suspend: true` stops the pods; `false` resumes, the trainer continues
    from its newest checkpoint). A Kueue-managed Job (label `kueue.x-k8s.io/queue-name`) is never
    (un)suspended by the operator: Kueue owns that field;
-5. read the Job's pods and the trainer's report, compute the status (`status.compute_status`), patch the
-   status subresource only when it changed, post one event per phase transition.
+5. read the Job's pods and the trainer's report (each skipped when nothing can have changed there, see
+   below), compute the status (`status.compute_status`), patch the status subresource only when it
+   changed, post one event per phase transition.
 
 It runs on create, on resume (operator start), on a spec update (suspend; any other spec change is
 refused with a SpecImmutable Warning and ignored, the CRD's CEL rules normally stop it earlier), whenever
-a labelled batch/v1 Job changes, and every `FT_STATUS_INTERVAL` seconds (default 10) for every
-FineTuneJob from one operator-wide background task. Progress lives only in S3, so polling is needed;
-kopf timers would put a finalizer on every FineTuneJob, which blocks `kubectl delete` while the operator
-is down. There is no finalizer at all: children go with their owner through garbage collection.
+a labelled batch/v1 Job changes, whenever a training pod (labels `finetune.dev/job` and
+`app.kubernetes.io/component=trainer`) appears, changes or goes away, and from one operator-wide
+background task, the refresher, for the jobs that need polling. Phase changes come from these watches;
+only progress (it lives only in S3) needs polling, and only while a trainer can be writing it. The
+refresher's schedule is `refresh.next_refresh` (pure, table-tested): a Running job, or one with pods that
+have not finished, is refreshed `FT_STATUS_INTERVAL` seconds (default 10) after a pass that changed its
+progress, then at doubling delays while its report stays the same, up to `refresh.BACKOFF_CAP` (6)
+intervals; Suspended, Queued, Pending-with-its-Job-but-no-pods, Failed and Succeeded jobs are not
+polled at all (a success still missing its artifacts is retried every 6 intervals; a Pending job whose
+children are missing or foreign backs off like a running one; a failed pass is retried after one
+interval). A pass skips the pod list of a suspended Job the pod watch knows no pods of, and skips the
+report read when no pod exists and the report was read since the last pod event.
+
+Worst-case staleness of status.progress (the report is read, not pushed): while the trainer writes its
+report at least once per interval, one interval plus the refresher's tick (min(interval, 1 s)) plus
+queueing behind other passes; after a quiet spell (three passes without a change), 6 intervals (60 s by
+default) plus the same. The final report of a job that stops (suspended, finished) is read by the pass
+of the pod or Job event that ends it. kopf timers would put a finalizer on every FineTuneJob, which
+blocks `kubectl delete` while the operator is down. There is no finalizer at all: children go with their
+owner through garbage collection.
 
 An operator restart at any point converges: the children are found and adopted by owner uid, the status
 is recomputed from what exists, and events are only posted for transitions against the stored status.
@@ -59,7 +76,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from finetune_operator import kube, render, sizing
+from finetune_operator import kube, refresh, render, sizing
 from finetune_operator import metrics as metrics_mod
 from finetune_operator import status as status_mod
 from finetune_operator.manifests import issues_from_validation
@@ -78,11 +95,26 @@ REFRESH_CONCURRENCY = 8
 ANNOTATION_PREFIX = "kopf.finetune.dev"
 COMPONENT = "finetune-operator"
 
+#: The training pods of every FineTuneJob (what `render.pod_selector` selects for one).
+TRAINING_POD_SELECTOR = f"{render.LABEL_JOB},{render.LABEL_COMPONENT}={render.COMPONENT_TRAINER}"
+
 _PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs"}
 _TRUE = {"1", "true", "yes", "on"}
 
 
 # --- runtime state -------------------------------------------------------------------------------
+
+
+@dataclass
+class JobState:
+    """Per FineTuneJob (by namespace/name): its training pods as the pod watch reports them, whether its
+    report was read since the last pod event with no pod left (`settled`), and its refresh schedule
+    (`due`: time.monotonic() of the next periodic pass, None for none; `idle`: the backoff exponent)."""
+
+    pods: set[str] = field(default_factory=set)
+    settled: bool = False
+    due: float | None = None
+    idle: int = 0
 
 
 @dataclass
@@ -98,10 +130,14 @@ class Runtime:
     server: metrics_mod.MetricsServer | None = None
     known: dict[str, tuple[str, str]] = field(default_factory=dict)  # uid -> (namespace, name)
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # "namespace/name" -> its lock
+    jobs: dict[str, JobState] = field(default_factory=dict)  # "namespace/name" -> what the refresher keeps
     task: asyncio.Task[None] | None = None
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks.setdefault(f"{namespace}/{name}", asyncio.Lock())
+
+    def job_state(self, namespace: str, name: str) -> JobState:
+        return self.jobs.setdefault(f"{namespace}/{name}", JobState())
 
     def forget_lock(self, namespace: str, name: str) -> None:
         """Drop the lock of a deleted FineTuneJob, unless a pass (for a namesake) still holds it."""
@@ -342,8 +378,9 @@ async def _write(api: kube.Kube, rt: Runtime, body: Mapping[str, Any], new: dict
         rt.metrics.transitions.labels(phase=new["phase"]).inc()
 
 
-async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logger: Any) -> None:
-    """One pass over one FineTuneJob (`body` freshly read). Idempotent."""
+async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logger: Any) -> refresh.Outcome:
+    """One pass over one FineTuneJob (`body` freshly read). Idempotent. Returns what the refresh schedule
+    needs to know (`refresh.next_refresh`)."""
     now = _now()
     meta = body.get("metadata") or {}
     try:
@@ -352,7 +389,7 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
         message = "; ".join(str(issue) for issue in issues_from_validation(err))
         new = status_mod.compute_status(body, plan=None, validation_error=message, now=now)
         await _write(api, rt, body, new)
-        return
+        return refresh.Outcome(phase=new.get("phase"))
 
     output_uri = job.spec.output.uri
     old_status = body.get("status") or {}
@@ -360,14 +397,16 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
         # Finished: children are never recreated. A success whose artifacts were not read yet (the report
         # was unreadable at that moment) keeps looking for them; a failure was read at its transition.
         report = None
-        if (
+        awaiting = (
             old_status.get("phase") == status_mod.SUCCEEDED
             and not old_status.get("artifacts")
             and report_location(output_uri) is not None
-        ):
+        )
+        if awaiting:
             report = await _read_report(rt, output_uri)
-        await _write(api, rt, body, status_mod.compute_status(body, plan=None, report=report, now=now))
-        return
+        new = status_mod.compute_status(body, plan=None, report=report, now=now)
+        await _write(api, rt, body, new)
+        return refresh.Outcome(phase=new.get("phase"), awaiting_artifacts=awaiting and not new.get("artifacts"))
 
     plan = _existing_plan(body)
     if plan is None:
@@ -376,8 +415,9 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
         except sizing.PlanningError as err:
             new = status_mod.compute_status(body, plan=None, planning_error=str(err), now=now)
             await _write(api, rt, body, new)
-            return
+            return refresh.Outcome(phase=new.get("phase"))
 
+    state = rt.job_state(meta["namespace"], meta["name"])
     children = await ensure_children(api, rt, body, job, plan, logger)
     job_obj = dict(children.job) if children.job is not None else None
     kueue = _kueue_managed(body, job_obj)
@@ -388,14 +428,38 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
             job_url = f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{render.child_names(job.metadata.name).job}"
             job_obj = await api.patch(job_url, {"spec": {"suspend": desired}})
             logger.info(f"{'suspended' if desired else 'resumed'} Job {meta.get('name')}")
-        selector = ",".join(f"{k}={v}" for k, v in render.pod_selector(job).items())
-        pods = await api.list(f"/api/v1/namespaces/{meta['namespace']}/pods", label_selector=selector)
-    report = await _read_report(rt, output_uri)
+        suspended = bool((job_obj.get("spec") or {}).get("suspend")) and not _job_finished(job_obj)
+        if not refresh.skip_pods(suspended, len(state.pods)):
+            selector = ",".join(f"{k}={v}" for k, v in render.pod_selector(job).items())
+            pods = await api.list(f"/api/v1/namespaces/{meta['namespace']}/pods", label_selector=selector)
+    report = None
+    # Read once after the last pod went away, then not again until a pod event (no trainer, no writes).
+    skipped = job_obj is not None and refresh.skip_report(len(pods), state.settled)
+    if not skipped:
+        report = await _read_report(rt, output_uri)
+    state.settled = job_obj is not None and not pods and (skipped or report is not None)
     children = status_mod.Children(
         job=job_obj, pods=pods, created=children.created, adopted=children.adopted, foreign=children.foreign
     )
     new = status_mod.compute_status(body, plan=plan, children=children, report=report, kueue_managed=kueue, now=now)
     await _write(api, rt, body, new)
+    return refresh.Outcome(
+        phase=new.get("phase"),
+        children_ready=job_obj is not None and not children.foreign,
+        pods_active=refresh.pods_active(pods),
+        report_changed=refresh.report_changed(old_status, new),
+    )
+
+
+def _schedule(rt: Runtime, body: Mapping[str, Any], outcome: refresh.Outcome) -> None:
+    """Set when the refresher next visits this FineTuneJob (`refresh.next_refresh`)."""
+    meta = body.get("metadata") or {}
+    if str(meta.get("uid")) not in rt.known:
+        return  # deleted meanwhile (or not seen by the watch yet: `track` schedules it then)
+    state = rt.job_state(str(meta.get("namespace")), str(meta.get("name")))
+    decision = refresh.next_refresh(outcome, state.idle, rt.interval)
+    state.idle = decision.idle
+    state.due = None if decision.delay is None else time.monotonic() + decision.delay
 
 
 async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any, cause: str) -> None:
@@ -408,8 +472,9 @@ async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any, cause: 
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             return
         started = time.monotonic()
+        outcome = refresh.Outcome(phase=None, failed=True)
         try:
-            await reconcile_body(api, rt, body, logger)
+            outcome = await reconcile_body(api, rt, body, logger)
         except kube.ApiError as err:
             rt.metrics.reconcile_errors.labels(reason=f"api{err.status}" if err.status else "unreachable").inc()
             raise kopf.TemporaryError(f"Kubernetes API error during {cause}: {err}", delay=5) from err
@@ -421,6 +486,7 @@ async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any, cause: 
             raise
         finally:
             rt.metrics.reconcile_duration.observe(time.monotonic() - started)
+            _schedule(rt, body, outcome)
 
 
 # --- kopf wiring ------------------------------------------------------------------------------------
@@ -485,6 +551,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any,
     settings.watching.server_timeout = 270
     settings.watching.client_timeout = 300
     settings.watching.connect_timeout = 10
+    # The pod watch (`on_pod_event`) streams training pods only, selected by the API server, not every
+    # pod of the cluster filtered here.
+    settings.watching.label_selectors["v1", "pods"] = TRAINING_POD_SELECTOR
     # For kopf's requests and the operator's own (`kube.Kube` reads the same settings).
     settings.networking.request_timeout = 30
     settings.networking.connect_timeout = 10
@@ -531,9 +600,21 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
     await rt.kube.close()
 
 
-async def _refresher(rt: Runtime) -> None:
-    """Every interval, reconcile every known FineTuneJob (progress only lives in S3).
+def _due(rt: Runtime, now: float) -> list[tuple[str, tuple[str, str]]]:
+    """The known FineTuneJobs whose periodic refresh is due at `now` (time.monotonic())."""
+    due = []
+    for uid, (namespace, name) in rt.known.items():
+        state = rt.jobs.get(f"{namespace}/{name}")
+        if state is not None and state.due is not None and state.due <= now:
+            due.append((uid, (namespace, name)))
+    return due
 
+
+async def _refresher(rt: Runtime) -> None:
+    """Reconcile the FineTuneJobs whose refresh is due (`refresh.next_refresh`: running ones, with backoff
+    while their report does not change; suspended, queued, pending-without-pods and finished ones never).
+
+    The schedule is checked every interval (at most every second); a job's pass sets its next due time.
     A pass mostly waits on round trips (five API requests and one S3 read), so passes run
     `REFRESH_CONCURRENCY` at a time. One at a time, a refresh of 1,000 jobs took 31-41 s with a 5 ms
     API round trip (bench/operator_scale_bench.py --api-latency-ms 5), three to four intervals, so
@@ -541,9 +622,13 @@ async def _refresher(rt: Runtime) -> None:
     passes stay serialized by its lock.
     """
     logger = logging.getLogger("finetune_operator.refresher")
+    tick = min(rt.interval, 1.0)
     while True:
-        await asyncio.sleep(rt.interval)
-        pending = iter(list(rt.known.items()))  # shared by the workers: each job is taken once
+        await asyncio.sleep(tick)
+        due = _due(rt, time.monotonic())
+        if not due:
+            continue
+        pending = iter(due)  # shared by the workers: each job is taken once
         await asyncio.gather(*(_refresh_some(rt, pending, logger) for _ in range(REFRESH_CONCURRENCY)))
 
 
@@ -568,12 +653,19 @@ async def track(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
     """Keep the set of FineTuneJobs the refresher visits (no state on the objects)."""
     rt = _runtime(memo)
     uid = str(body.metadata.uid)
+    namespace, name = str(body.metadata.namespace), str(body.metadata.name)
     if type == "DELETED":
         rt.known.pop(uid, None)
-        rt.forget_lock(str(body.metadata.namespace), str(body.metadata.name))
+        rt.forget_lock(namespace, name)
+        rt.jobs.pop(f"{namespace}/{name}", None)
         rt.metrics.forget(uid)
         return
-    rt.known[uid] = (str(body.metadata.namespace), str(body.metadata.name))
+    if uid not in rt.known:
+        # First sight: one refresh after an interval unless a pass (create, resume) schedules it first.
+        state = rt.job_state(namespace, name)
+        if state.due is None:
+            state.due = time.monotonic() + rt.interval
+    rt.known[uid] = (namespace, name)
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
@@ -624,5 +716,25 @@ async def on_job_event(type: str, body: kopf.Body, memo: kopf.Memo, logger: Any,
     try:
         await reconcile(rt, namespace, str(owner.get("name")), logger, f"Job {type or 'event'}")
     except kopf.TemporaryError as err:
-        # Event handlers are not retried; the refresher comes back within one interval.
+        # Event handlers are not retried; the failed pass scheduled a refresh one interval from now.
         logger.warning(f"refresh after a Job event failed: {err}")
+
+
+@kopf.on.event("", "v1", "pods", labels={render.LABEL_JOB: kopf.PRESENT, render.LABEL_COMPONENT: render.COMPONENT_TRAINER})
+async def on_pod_event(type: str, body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    """A training pod appeared, changed or went away: refresh its FineTuneJob now (its name is the pod's
+    `finetune.dev/job` label). Pod transitions come from this watch, not from polling."""
+    rt = _runtime(memo)
+    namespace = str(body.metadata.namespace)
+    owner = str(body.metadata.labels.get(render.LABEL_JOB))
+    state = rt.job_state(namespace, owner)
+    if type == "DELETED":
+        state.pods.discard(str(body.metadata.name))
+    else:
+        state.pods.add(str(body.metadata.name))
+    state.settled = False  # the trainer may have written its report: read it on the next pass
+    try:
+        await reconcile(rt, namespace, owner, logger, f"Pod {type or 'event'}")
+    except kopf.TemporaryError as err:
+        # Event handlers are not retried; the failed pass scheduled a refresh one interval from now.
+        logger.warning(f"refresh after a Pod event failed: {err}")

@@ -83,6 +83,7 @@ class Call:
     name: str | None
     subresource: str | None
     body: str | None = None
+    selector: str | None = None  # the labelSelector of a list or watch
 
     def __str__(self) -> str:
         sub = f"/{self.subresource}" if self.subresource else ""
@@ -153,6 +154,7 @@ class Chaos:
                 name=request.name,
                 subresource=request.subresource,
                 body=request.text if self.keep_bodies and request.text else None,
+                selector=(request.params or {}).get("labelSelector"),
             )
             self.journal.append(call)
         return call

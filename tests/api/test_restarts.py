@@ -10,10 +10,12 @@ exit cleanly) and the next operator starts against the same emulator state.
 The kill points come from a seeded RNG and alternate between two counts, so that they land both anywhere
 and where it hurts:
 
-- even kills: the k-th request of any kind (watches aside), k uniform in [1, MAX_K]. MAX_K = 1000 is the
-  measured cost of a first full pass: 50 fresh FineTuneJobs took 900 to 980 operator requests to all
-  reach Pending (status refresh every 0.3 s, the harness default), so these kills spread over kopf's
-  start-up, the handlers and the refresher's rounds;
+- even kills: the k-th request of any kind (watches aside), k uniform in [1, R], R = the fewest requests
+  the starting operator is certain to make (`startup_requests`: every job is reconciled once at start,
+  and only running jobs are polled after that), so these kills spread over kopf's start-up and the
+  handlers' passes. (Before the refresher polled every job every interval, R was a fixed 1000, the
+  measured cost of a first full pass of 50 fresh jobs; an idle operator now makes almost no requests,
+  so such a k would never come);
 - odd kills: the k-th write (create or patch), k uniform in [1, W], W = the number of jobs whose status
   is behind their Job at that moment; each needs at least one write, so the kill is certain to come.
 
@@ -51,7 +53,6 @@ JOBS = 50
 KILLS = 20
 BATCH = 5
 SEED = 20260601
-MAX_K = 1000
 #: Seconds a killed operator may take to stop (measured: 0.05-5.5 s; the 5 s is kopf's grace for tasks
 #: still running, when the kill falls in its start-up).
 STOP_TIMEOUT = 30
@@ -88,6 +89,15 @@ def check_children(cluster: Cluster, uids: dict[str, str], *, exactly_one: bool)
 
 def phases(cluster: Cluster) -> dict[str, str | None]:
     return {o["metadata"]["name"]: (o.get("status") or {}).get("phase") for o in cluster.list(FTJ)}
+
+
+def startup_requests(seen: dict[str, str | None]) -> int:
+    """The fewest requests (watches aside) an operator starting now makes: it reconciles every FineTuneJob
+    once (on create or resume): one read of it; for a job without a status also its three children's
+    reads, the pod list and the first status write; for one in progress the reads and the pod list; for a
+    finished one nothing more."""
+    cost = {None: 6, "Pending": 5, "Running": 5, "Succeeded": 1, "Failed": 1}
+    return sum(cost[phase] for phase in seen.values())
 
 
 def play_controllers(cluster: Cluster, rng: random.Random, expected: dict[str, str]) -> None:
@@ -128,7 +138,7 @@ def test_killed_at_random_points_every_job_converges(cluster: Cluster) -> None:
             expected[name] = "Pending"
         behind = sum(1 for name, seen in phases(cluster).items() if seen != expected[name])
         writes = cycle % 2 == 1 and behind > 0
-        k = rng.randint(1, behind if writes else MAX_K)
+        k = rng.randint(1, behind if writes else startup_requests(phases(cluster)))
         cluster.chaos.kill_after(k, writes_only=writes)
         with operator(settings=settings, stop_timeout=STOP_TIMEOUT):  # asserts a clean exit after the kill
             assert cluster.chaos.killed.wait(120), f"the operator made fewer than {k} requests"
