@@ -959,7 +959,15 @@ def code_version() -> str:
 
     sha = git("rev-parse", "--short", "HEAD") or "?"
     dirty = [line.split(maxsplit=1)[-1] for line in git("status", "--porcelain", "--", "operator").splitlines()]
-    return f"git {sha}" + (f" plus uncommitted changes to {', '.join(dirty)}" if dirty else "")
+    if not dirty:
+        return f"git {sha}"
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name in sorted(dirty):
+        with contextlib.suppress(OSError):
+            digest.update(name.encode() + b"\0" + (REPO / name).read_bytes())
+    return f"git {sha} plus uncommitted changes to {', '.join(dirty)} (sha256 of them {digest.hexdigest()[:12]})"
 
 
 def resolve_api(choice: str) -> tuple[str, Path | None]:
