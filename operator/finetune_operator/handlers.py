@@ -661,10 +661,12 @@ async def track(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         rt.metrics.forget(uid)
         return
     if uid not in rt.known:
-        # First sight: one refresh after an interval unless a pass (create, resume) schedules it first.
+        # First sight: a safety net, one refresh after BACKOFF_CAP intervals unless a pass schedules it
+        # first (on create and on resume kopf reconciles every object and retries failed passes itself;
+        # after one interval it doubled the work of a burst of creates that queue longer than that).
         state = rt.job_state(namespace, name)
         if state.due is None:
-            state.due = time.monotonic() + rt.interval
+            state.due = time.monotonic() + rt.interval * refresh.BACKOFF_CAP
     rt.known[uid] = (namespace, name)
 
 
