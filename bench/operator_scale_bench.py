@@ -80,14 +80,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import itertools
 import json
 import os
 import platform
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -111,6 +109,10 @@ TARGET_STEADY_CPU_PERCENT = 10.0
 TARGET_SIZE = 1000
 DEFAULT_TIMEOUT_REAL = 3600.0  # --timeout on a real API server: 100 + 1,000 + 5,000 jobs on 2 cores
 REPO = Path(__file__).resolve().parent.parent
+# tests.envtest: the real control plane (--api envtest), free ports, children that die with the bench.
+sys.path.insert(0, str(REPO))
+from tests import envtest  # noqa: E402
+
 #: The identity the operator runs as on envtest: its requests are told apart in the audit log by it.
 OPERATOR_USER = "finetune-operator"
 AUDIT_POLICY = f"""apiVersion: audit.k8s.io/v1
@@ -148,28 +150,11 @@ class BenchError(RuntimeError):
 # --- child processes --------------------------------------------------------------------------------
 
 
-def _libc_prctl() -> Any:
-    try:
-        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-_PRCTL = _libc_prctl() if sys.platform.startswith("linux") else None  # resolved before any fork
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """preexec_fn: the child gets SIGTERM when the bench dies, however it dies (Linux)."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
-
-
 def _spawn(cmd: list[str], env: Mapping[str, str], log: Path, **kwargs: Any) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
             cmd, env=dict(env), stdout=kwargs.pop("stdout", out), stderr=out, stdin=subprocess.DEVNULL,
-            preexec_fn=_die_with_parent if _PRCTL is not None else None, **kwargs,
+            preexec_fn=envtest.die_with_parent, **kwargs,
         )
 
 
@@ -182,12 +167,6 @@ def _stop(proc: subprocess.Popen[bytes] | None, grace: float = 15.0) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(5)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -509,9 +488,6 @@ def scrape(port: int) -> tuple[Histogram, float]:
 def envtest_assets() -> Path | None:
     """The folder of etcd, kube-apiserver and kube-controller-manager: $KUBEBUILDER_ASSETS, else
     ../shared/envtest next to the repository; None when neither holds them."""
-    sys.path.insert(0, str(REPO))
-    from tests import envtest
-
     found = envtest.assets_dir()
     if found is None:
         shared = REPO.parent / "shared" / "envtest"
@@ -524,9 +500,7 @@ def start_plane(assets: Path, workdir: Path) -> Any:
     """A fresh envtest control plane with an audit log of the operator's requests, its CRD installed (by
     main: `install_crd`), and a kubeconfig for the operator's own identity (client certificate
     CN=finetune-operator, O=system:masters)."""
-    sys.path.insert(0, str(REPO))
     import yaml
-    from tests import envtest
 
     workdir.mkdir(parents=True, exist_ok=True)
     policy = workdir / "audit-policy.yaml"
@@ -749,7 +723,7 @@ async def run_one(run: Run) -> None:
             api.watch(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", on_ftj)))
 
         # The operator, as the Helm chart runs it.
-        metrics_port, liveness_port = _free_port(), _free_port()
+        metrics_port, liveness_port = envtest.free_port(), envtest.free_port()
         env.update(run.s3_env)
         env.update({"FT_METRICS_PORT": str(metrics_port), "FT_USE_GPUS": "false", "FT_LOG_FORMAT": "json"})
         if run.operator_kubeconfig is not None:

@@ -33,6 +33,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -176,10 +177,22 @@ def kubeconfig(server: str, ca: Path, cert: Path, key: Path, user: str) -> dict[
 # --- the processes ---------------------------------------------------------------------------------
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """SIGTERM this child when the process that started it dies, even by SIGKILL (Linux prctl)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _libc_prctl() -> Any:
+    try:
+        return ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+# Resolved here, before any fork: loading a library between fork and exec in a threaded process can deadlock.
+_PRCTL = _libc_prctl() if sys.platform.startswith("linux") else None
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """preexec_fn: SIGTERM this child when the process that started it dies, even by SIGKILL (Linux)."""
+    if _PRCTL is not None:
+        _PRCTL(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 class ControlPlaneError(RuntimeError):
@@ -222,7 +235,7 @@ class ControlPlane:
         with open(self.log_path(name), "wb") as sink:
             self.processes[name] = subprocess.Popen(
                 [str(self.assets / name), *args], stdin=subprocess.DEVNULL, stdout=sink,
-                stderr=subprocess.STDOUT, cwd=self.dir, preexec_fn=_die_with_parent,
+                stderr=subprocess.STDOUT, cwd=self.dir, preexec_fn=die_with_parent,
             )
 
     def _check_running(self) -> None:

@@ -1265,8 +1265,7 @@ class PodRunner:
 
         For tests (fault injection). Each leads its own process group, but that group does not hold
         everything it started: torchrun starts its workers in sessions of their own. To kill a whole
-        container as a runtime does (an OOM kill of the cgroup, a node going away), kill the process and
-        all its descendants (psutil's `children(recursive=True)`).
+        container as a runtime does (an OOM kill of the cgroup, a node going away), use `kill_tree`.
         """
         for run in list(self.runs.values()):
             if run.name == pod_name:

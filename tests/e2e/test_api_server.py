@@ -21,6 +21,8 @@ from typing import Any
 import pytest
 import yaml
 
+from finetune_operator.handlers import ftj_url
+from tests.e2e.conftest import wait_for
 from tests.e2e.podrunner import Kube, KubeError
 from tests.unit.admission import admit
 from tests.unit.invalid_corpus import CASES, Case
@@ -34,11 +36,6 @@ GROUP_VERSION = "finetune.dev/v1alpha1"
 MERGE = "application/merge-patch+json"
 #: How the API server words a field in its refusal where it does not use the field's path.
 SERVER_NAMES = {"apiVersion": "API version"}
-
-
-def ftj_url(namespace: str, name: str | None = None) -> str:
-    base = f"/apis/{GROUP_VERSION}/namespaces/{namespace}/finetunejobs"
-    return f"{base}/{name}" if name else base
 
 
 def dry_run_create(kube: Kube, namespace: str, manifest: Any) -> str | None:
@@ -127,8 +124,6 @@ def _undescribed(node: dict[str, Any], path: str, schemas: dict[str, Any]) -> li
 
 
 def test_published_openapi_describes_every_spec_and_status_field(kube: Kube, crd: Any) -> None:
-    from tests.e2e.conftest import wait_for
-
     def published() -> dict[str, Any] | None:
         try:
             return kube.get(f"/openapi/v3/apis/{GROUP_VERSION}")
@@ -149,8 +144,6 @@ def test_published_openapi_describes_every_spec_and_status_field(kube: Kube, crd
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kubectl_explain_teaches_the_lora_fields(kubeconfig: str, crd: Any) -> None:
-    from tests.e2e.conftest import wait_for
-
     def explain() -> str | None:
         done = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "explain", "finetunejob.spec.lora"],
                               capture_output=True, text=True, timeout=60)

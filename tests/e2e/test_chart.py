@@ -22,7 +22,6 @@ import copy
 import os
 import re
 import secrets
-import socket
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ import helm_python as helm
 import pytest
 import yaml
 
+from finetune_operator.handlers import ftj_url
 from finetune_operator.spec import FineTuneJob
 from tests.e2e.conftest import (
     KEEP,
@@ -46,6 +46,7 @@ from tests.e2e.conftest import (
     wait_for,
 )
 from tests.e2e.podrunner import Kube, KubeError
+from tests.envtest import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -58,11 +59,6 @@ UPGRADE_VALUES = {"resources": {"requests": {"cpu": "250m", "memory": "300Mi"}, 
 REFUSAL = re.compile(r'cannot (\w+) resource \\*"([\w./-]+)\\*"')
 #: Anything in the log that says a request was not allowed: API refusals, kopf's permission warnings.
 PERMISSION_TROUBLE = re.compile(r"forbidden|unauthorized|not enough permissions|permission denied", re.IGNORECASE)
-
-
-def ftj_url(namespace: str, name: str | None = None) -> str:
-    base = f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs"
-    return f"{base}/{name}" if name else base
 
 
 # -- the release ----------------------------------------------------------------------------------
@@ -174,12 +170,6 @@ def chart_kubeconfig(kube: Kube, kubeconfig: str, release: Release, tmp_path_fac
 
 
 # -- the operator as the chart runs it ---------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def chart_kopf_args(release: Release, namespace: str, liveness_port: int) -> list[str]:

@@ -21,6 +21,7 @@ import psutil
 import pytest
 
 from finetune_operator.contract import MARKER_NAME, REPORT_KEY
+from finetune_operator.handlers import ftj_url
 from finetune_operator.spec import FineTuneJob
 from tests.e2e.conftest import OUTPUT_BUCKET, Operator, RunnerHandle, healthcare_manifest, wait_for
 from tests.e2e.podrunner import COMPLETION_INDEX_ANNOTATION, Kube, kill_tree
@@ -34,11 +35,6 @@ KILL_STEPS = 24
 #: The kill comes once this checkpoint is complete (with keep=2, an older one exists too, so resuming from
 #: the newest is not the only choice), and before step KILL_STEPS - 4.
 KILL_AFTER_CHECKPOINT = 6
-
-
-def ftj_url(namespace: str, name: str | None = None) -> str:
-    base = f"/apis/finetune.dev/v1alpha1/namespaces/{namespace}/finetunejobs"
-    return f"{base}/{name}" if name else base
 
 
 def two_node_manifest(namespace: str, runner: RunnerHandle, model_uri: str, secret: str, name: str,
@@ -181,13 +177,13 @@ def _kill_and_recover(kube: Kube, namespace: str, operator: Operator, pod_runner
                                      interval=0.3)
     pod0_name, pod1_name = pod0["metadata"]["name"], pod1["metadata"]["name"]
     [pid] = runner.pids(pod1_name).values()
-    tree = psutil.Process(pid).children(recursive=True)
     if what == "container":
         # The container's whole process tree, as a runtime's kill of the cgroup (OOM kill, node loss), with
         # the runner's own kill (torchrun starts its workers in sessions of their own).
         kill_tree(pid)
     else:
         # Only the trainer process torchrun's agent started; the launcher and the agent stay.
+        tree = psutil.Process(pid).children(recursive=True)
         victims = [p for p in tree if p.cmdline()[-2:] == ["-m", "finetune_trainer"]]  # not `--module ...`
         assert len(victims) == 1, [p.cmdline() for p in tree]
         for victim in victims:
