@@ -122,6 +122,10 @@ def resolve(job: FineTuneJob, plan: Plan, image: str | None = None) -> TrainerCo
     spec.method = plan.method  # `auto` resolved once, here
     if plan.method == "qlora" and spec.quantization is None:
         spec.quantization = spec.resolved_quantization()
+    if plan.method == "prefix" and spec.prefix is None:
+        spec.prefix = spec.resolved_prefix()
+    if plan.method == "prompt" and spec.prompt is None:
+        spec.prompt = spec.resolved_prompt()
     return TrainerConfig(
         name=job.metadata.name,
         namespace=job.metadata.namespace,

@@ -130,7 +130,40 @@ def _add_rules(spec_schema: dict[str, Any]) -> None:
             "spec.quantization is only valid with method: qlora",
             fieldPath=".quantization",
             reason="FieldValueForbidden",
-        )
+        ),
+    ]
+    for block in api.VIRTUAL_TOKEN_METHODS:
+        spec_rules.append(_rule(
+            f"!has(self.{block}) || (has(self.method) && self.method == '{block}')",
+            f"spec.{block} is only valid with method: {block}",
+            fieldPath=f".{block}",
+            reason="FieldValueForbidden",
+        ))
+    virtual = "has(self.method) && (self.method == 'prefix' || self.method == 'prompt')"
+    spec_rules += [
+        _rule(
+            f"!({virtual}) || !has(self.hyperparameters) || !has(self.hyperparameters.packing) "
+            "|| !self.hyperparameters.packing",
+            "spec.hyperparameters.packing cannot be used with methods prefix and prompt (virtual tokens break "
+            "the per-example attention of packed rows); set packing: false",
+            fieldPath=".hyperparameters.packing",
+            reason="FieldValueForbidden",
+        ),
+        _rule(
+            "!(has(self.method) && self.method == 'prefix') || !has(self.hyperparameters) "
+            "|| !has(self.hyperparameters.gradientCheckpointing) || !self.hyperparameters.gradientCheckpointing",
+            "spec.hyperparameters.gradientCheckpointing cannot be used with method prefix; set it to false "
+            "(the default for prefix)",
+            fieldPath=".hyperparameters.gradientCheckpointing",
+            reason="FieldValueForbidden",
+        ),
+        _rule(
+            f"!({virtual}) || !has(self.output.saveMerged) || !self.output.saveMerged",
+            "spec.output.saveMerged cannot be used with methods prefix and prompt (nothing to merge); "
+            "set saveMerged: false",
+            fieldPath=".output.saveMerged",
+            reason="FieldValueForbidden",
+        ),
     ]
     for name in props:
         if name in MUTABLE_SPEC_FIELDS:
@@ -150,6 +183,12 @@ def _add_rules(spec_schema: dict[str, Any]) -> None:
             "!(has(self.validation) && has(self.validationSplit))",
             "set at most one of spec.dataset.validation and spec.dataset.validationSplit",
         )
+    ]
+    props["prompt"]["x-kubernetes-validations"] = [
+        _rule("!has(self.init) || self.init != 'text' || has(self.initText)",
+              "spec.prompt.initText is required with init: text"),
+        _rule("!has(self.initText) || (has(self.init) && self.init == 'text')",
+              "spec.prompt.initText is only used with init: text"),
     ]
     gate = props["evaluation"]["properties"]["gates"]["items"]
     gate["x-kubernetes-validations"] = [

@@ -20,7 +20,13 @@ P ~ 12*L*h^2, vocabulary V = 32,000, micro-batch b, sequence length s):
   fp32 keeps fp32 weights (4 bytes) with fp32 gradients and moments, 4+8 = 12. LoRA/QLoRA: adapters kept in fp32 with their
   gradients and moments, 16 bytes per adapter parameter; each targeted module adds r*(h + h*m) parameters
   per layer (m = 1 for attention projections, 8/3 for MLP projections).
-- activations (per GPU, not sharded): with gradient checkpointing each layer keeps its input
+  prefix/prompt: the base is frozen in the training precision like LoRA's, and the trainable state is
+  tiny: fp32 virtual tokens with gradients and moments, 16 bytes per parameter. Prompt tuning trains
+  n*h parameters (n virtual tokens); prefix tuning n*2*L*h (a key and a value per layer), or with
+  `projection` n*h + h^2 + 2*L*h^2 (the MLP's two layers; its hidden size is h).
+- activations (per GPU, not sharded): prompt tuning lengthens every sequence by its n virtual tokens;
+  prefix tuning adds its n keys and values per layer (2*L*b*n*h, 16-bit) and never checkpoints (the spec
+  refuses gradient checkpointing with prefix, so the default there is off). with gradient checkpointing each layer keeps its input
   (2*b*s*h bytes) and one layer at a time is recomputed and back-propagated (its activations and their
   gradients, 2 x 34*b*s*h); without it every layer keeps 34*b*s*h and the layer being back-propagated
   holds as much again in gradients (attention scores are not materialized: SDPA/flash attention). Plus
@@ -29,11 +35,14 @@ P ~ 12*L*h^2, vocabulary V = 32,000, micro-batch b, sequence length s):
 - overhead per GPU: 1.5 GiB (CUDA context, communication buffers) plus 10% of the rest (fragmentation).
 
 With N > 1 GPUs the weights and trainable state are fully sharded (FSDP), activations are not:
-per_gpu(N) = (weights + state) / N + activations + overhead. Layouts are N in 1, 2, 4, ... GPUs of a class
+per_gpu(N) = (weights + state) / N + activations + overhead. Prefix and prompt tuning train data-parallel
+with the frozen base replicated on every GPU (there is next to nothing to shard), so for them
+per_gpu(N) = weights + state + activations + overhead whatever N. Layouts are N in 1, 2, 4, ... GPUs of a class
 in 12, 16, 24, 40, 48, 80 GiB. Full fine-tuning takes the layout with the least GPU memory in total that
 fits (fewer GPUs on a tie): it shards anyway, so small GPUs are as good as large ones. LoRA and QLoRA take
 the fewest GPUs that fit, then the smallest class: adapters train best unsharded, and one GPU avoids
-communication. `estimatedMemoryGiB` is the whole run's need on the chosen layout.
+communication; prefix and prompt therefore plan one GPU, and a base that does not fit one 80 GiB GPU is
+refused (use lora or qlora). `estimatedMemoryGiB` is the whole run's need on the chosen layout.
 """
 
 from __future__ import annotations
@@ -42,7 +51,13 @@ import math
 from dataclasses import dataclass
 
 from finetune_operator.quantity import parse_gpu_memory_gib
-from finetune_operator.spec import AUTO_QLORA_BELOW_EXAMPLES, FineTuneJobSpec, Plan, ResolvedMethod
+from finetune_operator.spec import (
+    AUTO_QLORA_BELOW_EXAMPLES,
+    VIRTUAL_TOKEN_METHODS,
+    FineTuneJobSpec,
+    Plan,
+    ResolvedMethod,
+)
 
 GIB = 1024**3
 GPU_CLASSES_GIB: tuple[int, ...] = (12, 16, 24, 40, 48, 80)
@@ -79,10 +94,12 @@ class MemoryEstimate:
     trainable_state: float
     activations: float
     trainable_parameters: float
+    #: Weights and trainable state sharded over the GPUs (FSDP); False: replicated on each (prefix, prompt).
+    sharded: bool = True
 
     def per_gpu(self, gpus: int) -> float:
-        """GiB one GPU needs when the run is sharded over `gpus` GPUs."""
-        shard = (self.weights + self.trainable_state) / gpus
+        """GiB one GPU needs when the run is spread over `gpus` GPUs."""
+        shard = (self.weights + self.trainable_state) / (gpus if self.sharded else 1)
         body = shard + self.activations
         return body * (1 + OVERHEAD_FRACTION) + OVERHEAD_FIXED_GIB
 
@@ -107,6 +124,18 @@ def lora_parameters(hidden: int, layers: int, r: int, targets: list[str]) -> flo
         widen = 8 / 3 if name in _MLP else 1.0
         per_layer += r * (hidden + hidden * widen)
     return per_layer * layers
+
+
+def virtual_token_parameters(spec: FineTuneJobSpec, method: ResolvedMethod, hidden: int, layers: int) -> float:
+    """Trainable parameters of prefix or prompt tuning (peft's prompt encoders)."""
+    if method == "prompt":
+        return float(spec.resolved_prompt().virtual_tokens * hidden)
+    prefix = spec.resolved_prefix()
+    n = prefix.virtual_tokens
+    if prefix.projection:
+        # embedding (n x h), Linear(h, h) and Linear(h, 2*L*h), with biases
+        return float(n * hidden + hidden * hidden + hidden + hidden * 2 * layers * hidden + 2 * layers * hidden)
+    return float(n * 2 * layers * hidden)
 
 
 def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod,
@@ -135,23 +164,31 @@ def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod,
     if method == "full":
         trainable = p
         state = p * (6 if pure_bf16 else 12)
+    elif method in VIRTUAL_TOKEN_METHODS:
+        trainable = virtual_token_parameters(spec, method, hidden, layers)
+        state = trainable * 16
     else:
         trainable = lora_parameters(hidden, layers, spec.lora.r, spec.lora.target_modules)
         state = trainable * 16
 
     b, s = hp.batch_size, hp.max_seq_length
+    if method == "prompt":
+        s += spec.resolved_prompt().virtual_tokens
     per_layer = 34.0 * b * s * hidden
     if hp.gradient_checkpointing:
         activations = layers * 2.0 * b * s * hidden + 2 * per_layer
     else:
         activations = (layers + 1) * per_layer
     activations += 16.0 * b * s * VOCAB
+    if method == "prefix":
+        activations += 2.0 * layers * b * spec.resolved_prefix().virtual_tokens * hidden * bytes_16
 
     return MemoryEstimate(
         weights=weights / GIB,
         trainable_state=state / GIB,
         activations=activations / GIB,
         trainable_parameters=trainable,
+        sharded=method not in VIRTUAL_TOKEN_METHODS,
     )
 
 
@@ -216,6 +253,16 @@ def plan(spec: FineTuneJobSpec) -> Plan:
         f"weights {_fmt(mem.weights)}, trainable state {_fmt(mem.trainable_state)}, "
         f"activations {_fmt(mem.activations)} GiB"
     )
+    if method in VIRTUAL_TOKEN_METHODS:
+        projected = method == "prefix" and spec.resolved_prefix().projection
+        trained = (f"a trainable state {_fmt(mem.trainable_state)} GiB ({mem.trainable_parameters:,.0f} parameters: "
+                   "the virtual tokens and their projection MLP)" if projected else
+                   f"a tiny trainable state {_fmt(mem.trainable_state)} GiB ({mem.trainable_parameters:,.0f} "
+                   "virtual-token parameters)")
+        parts = (
+            f"{method} tuning: frozen base weights {_fmt(mem.weights)} GiB plus {trained}, activations "
+            f"{_fmt(mem.activations)} GiB; the frozen base is replicated on each GPU, not sharded"
+        )
 
     table_cell = TABLE.get(int(p_b), {}).get(method) if float(p_b).is_integer() else None
     explicit_mem = parse_gpu_memory_gib(res.gpu_memory) if res.gpu_memory else None
@@ -240,6 +287,13 @@ def plan(spec: FineTuneJobSpec) -> Plan:
                 warnings.append(f"{needs}; {advice}")
         else:
             layout = choose_layout(mem, method)
+            if layout is None and not mem.sharded:
+                raise PlanningError(
+                    "spec.method",
+                    f"{size} with method {method} needs {_fmt(mem.per_gpu(1))} GiB on every GPU ({parts}) and "
+                    f"does not fit one GPU of {GPU_CLASSES_GIB[-1]}GiB; use method lora or qlora, or lower "
+                    "hyperparameters.batchSize or maxSeqLength",
+                )
             if layout is None:
                 advice = "lower hyperparameters.batchSize or maxSeqLength (activations are not sharded)"
                 if method != "qlora":

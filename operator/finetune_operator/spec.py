@@ -34,13 +34,17 @@ CATEGORIES = ["finetune", "ml"]
 MAX_NAME_LENGTH = 52
 NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
-Method = Literal["auto", "full", "lora", "qlora"]
-ResolvedMethod = Literal["full", "lora", "qlora"]
+Method = Literal["auto", "full", "lora", "qlora", "prefix", "prompt"]
+ResolvedMethod = Literal["full", "lora", "qlora", "prefix", "prompt"]
 DataFormat = Literal["auto", "instruction", "chat", "text"]
 Precision = Literal["bf16", "fp16", "fp32"]
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
-DEFAULT_LEARNING_RATE = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4}
+#: prefix and prompt: peft's causal-LM prefix- and prompt-tuning examples (3e-2); virtual tokens need far
+#: larger steps than adapters or weights.
+DEFAULT_LEARNING_RATE = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "prefix": 3e-2, "prompt": 3e-2}
+#: Methods that train virtual tokens (peft's prompt learning) in front of a frozen base.
+VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")
 #: `method: auto` picks QLoRA below this many training examples, LoRA at or above it.
 AUTO_QLORA_BELOW_EXAMPLES = 10_000
 
@@ -192,6 +196,61 @@ class QuantizationSpec(_Model):
     )
 
 
+class PrefixSpec(_Model):
+    """Prefix tuning (peft `PrefixTuningConfig`): trainable key/value vectors prepended to every layer's
+    attention. Only with `method: prefix`."""
+
+    virtual_tokens: int = Field(
+        default=20,
+        ge=1,
+        le=1024,
+        description="Virtual tokens prepended to the keys and values of every attention layer. Each one "
+        "trains 2 x layers x hidden parameters (7B: 262,144). Defaults to 20.",
+    )
+    projection: bool = Field(
+        default=False,
+        description="Train the prefix through a two-layer MLP (peft `prefix_projection`, the reparameterization "
+        "of the prefix-tuning paper): often steadier training, at about 2 x layers x hidden^2 more trainable "
+        "parameters (7B: about 1.1 billion, sized by the plan). The saved adapter holds only the projected "
+        "prefix. Defaults to false.",
+    )
+
+
+class PromptSpec(_Model):
+    """Prompt tuning (peft `PromptTuningConfig`): trainable embeddings prepended to the input. Only with
+    `method: prompt`."""
+
+    virtual_tokens: int = Field(
+        default=20,
+        ge=1,
+        le=1024,
+        description="Trainable embeddings prepended to every input; each trains `hidden` parameters and "
+        "lengthens every sequence by one position. Defaults to 20.",
+    )
+    init: Literal["random", "text"] = Field(
+        default="random",
+        description="How the virtual tokens start: `random` (peft's random init) or `text` (the embeddings "
+        "of `initText`'s tokens, repeated or cut to virtualTokens; usually trains faster). Defaults to random.",
+    )
+    init_text: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="Text whose token embeddings initialize the virtual tokens, such as a task description "
+        "('Answer the clinical question concisely'). Required with `init: text`, not allowed otherwise. "
+        "Defaults to none.",
+    )
+
+    @model_validator(mode="after")
+    def _init_text(self) -> PromptSpec:
+        if self.init == "text" and self.init_text is None:
+            raise ValueError("spec.prompt.initText is required with init: text; set initText to a task "
+                             "description, or use init: random")
+        if self.init != "text" and self.init_text is not None:
+            raise ValueError("spec.prompt.initText is only used with init: text; set init: text or remove initText")
+        return self
+
+
 class DatasetSpec(_Model):
     """Training (and validation) data."""
 
@@ -262,7 +321,8 @@ class Hyperparameters(_Model):
         default=None,
         gt=0,
         le=1,
-        description="Peak learning rate. Defaults to 2e-4 for lora and qlora, 2e-5 for full.",
+        description="Peak learning rate. Defaults to 2e-4 for lora and qlora, 2e-5 for full, 3e-2 for prefix "
+        "and prompt.",
     )
     batch_size: int = Field(default=4, ge=1, le=4096, description="Micro-batch per GPU. Defaults to 4.")
     gradient_accumulation_steps: int = Field(
@@ -277,7 +337,8 @@ class Hyperparameters(_Model):
     packing: bool = Field(
         default=False,
         description="Pack several examples into each sequence (attention kept within each example). "
-        "When false, batches are length-grouped and padded only to their own longest row. Defaults to false.",
+        "When false, batches are length-grouped and padded only to their own longest row. Not with methods "
+        "prefix and prompt: their virtual tokens break the per-example attention. Defaults to false.",
     )
     warmup_ratio: float = Field(
         default=0.03, ge=0, le=1, description="Fraction of steps with linear warmup. Defaults to 0.03."
@@ -292,7 +353,9 @@ class Hyperparameters(_Model):
     )
     gradient_checkpointing: bool = Field(
         default=True,
-        description="Recompute activations in the backward pass to save memory. Defaults to true.",
+        description="Recompute activations in the backward pass to save memory. Not with method prefix "
+        "(peft passes the prefix as a KV cache, which checkpointed layers drop). Defaults to true, and to "
+        "false with method prefix.",
     )
 
     def learning_rate_for(self, method: ResolvedMethod) -> float:
@@ -389,7 +452,8 @@ class OutputSpec(_Model):
     )
     save_merged: bool = Field(
         default=False,
-        description="Also write the base model merged with the adapter under `merged/`. Defaults to false.",
+        description="Also write the base model merged with the adapter under `merged/` (lora and qlora; "
+        "prefix and prompt have nothing to merge). Defaults to false.",
     )
 
     _check_uri = field_validator("uri")(_uri_check(("s3", "pvc")))
@@ -505,13 +569,25 @@ class FineTuneJobSpec(_Model):
     method: Method = Field(
         default="auto",
         description="`full` trains every weight; `lora` trains adapters; `qlora` trains adapters on a "
-        "4-bit base. `auto` picks qlora below 10,000 examples (dataset.examples), else lora. Defaults to auto.",
+        "4-bit base; `prefix` trains key/value vectors prepended to every attention layer (prefix tuning); "
+        "`prompt` trains embeddings prepended to the input (prompt tuning). `auto` picks qlora below 10,000 "
+        "examples (dataset.examples), else lora. Defaults to auto.",
     )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings for lora and qlora. Defaults to r=16, alpha=32.")
     quantization: QuantizationSpec | None = Field(
         default=None,
         description="Base-weight quantization; only with `method: qlora`. Defaults to 4-bit nf4 with double "
         "quantization for qlora.",
+    )
+    prefix: PrefixSpec | None = Field(
+        default=None,
+        description="Prefix-tuning settings; only with `method: prefix`. Defaults to 20 virtual tokens without "
+        "projection for prefix.",
+    )
+    prompt: PromptSpec | None = Field(
+        default=None,
+        description="Prompt-tuning settings; only with `method: prompt`. Defaults to 20 randomly initialized "
+        "virtual tokens for prompt.",
     )
     dataset: DatasetSpec = Field(description="Training and validation data.")
     hyperparameters: Hyperparameters = Field(
@@ -566,10 +642,50 @@ class FineTuneJobSpec(_Model):
                 f"spec.quantization is only valid with method 'qlora' (got method {self.method!r}); "
                 "set method: qlora or remove quantization"
             )
+        for block in VIRTUAL_TOKEN_METHODS:
+            if getattr(self, block) is not None and self.method != block:
+                raise ValueError(
+                    f"spec.{block} is only valid with method '{block}' (got method {self.method!r}); "
+                    f"set method: {block} or remove {block}"
+                )
+        if self.method in VIRTUAL_TOKEN_METHODS:
+            self._virtual_token_limits()
         return self
+
+    def _virtual_token_limits(self) -> None:
+        """What peft's prefix and prompt tuning cannot do (measured on a tiny Llama, peft 0.21)."""
+        method, hp = self.method, self.hyperparameters
+        if hp.packing:
+            # Packed rows keep examples apart through position ids that restart at 0. Prompt tuning drops
+            # position ids (peft warns and ignores them) and prefix tuning passes a KV cache, which turns
+            # off transformers' packed-sequence masks: examples of one row would attend to each other.
+            raise ValueError(
+                f"spec.hyperparameters.packing cannot be used with method {method}: its virtual tokens break the "
+                "per-example attention of packed rows (examples would attend to each other); set packing: false"
+            )
+        if method == "prefix":
+            if "gradient_checkpointing" not in hp.model_fields_set:
+                hp.gradient_checkpointing = False  # the documented default for prefix
+            elif hp.gradient_checkpointing:
+                raise ValueError(
+                    "spec.hyperparameters.gradientCheckpointing cannot be used with method prefix: peft passes the "
+                    "prefix to every layer as a KV cache, which checkpointed layers drop (peft refuses it); set "
+                    "gradientCheckpointing: false, or use method prompt or lora"
+                )
+        if self.output.save_merged:
+            raise ValueError(
+                f"spec.output.saveMerged cannot be used with method {method}: virtual tokens are not weights "
+                "and cannot be merged into the base model; set saveMerged: false (model/ holds the adapter)"
+            )
 
     def resolved_quantization(self) -> QuantizationSpec:
         return self.quantization or QuantizationSpec()
+
+    def resolved_prefix(self) -> PrefixSpec:
+        return self.prefix or PrefixSpec()
+
+    def resolved_prompt(self) -> PromptSpec:
+        return self.prompt or PromptSpec()
 
 
 class ObjectMeta(_Model):

@@ -153,3 +153,25 @@ def test_plan_yaml_output_validates_against_kubernetes_schemas():
     assert len(docs) == 3 * len(EXAMPLES)
     for doc in docs:
         kubernetes_validate.validate(doc, "1.31.0", strict=True)
+
+
+def test_plan_accepts_prefix_and_prompt_tuning(tmp_path: Path):
+    files = []
+    for method, block in (("prefix", {"virtualTokens": 20}), ("prompt", {"init": "text", "initText": "Answer"})):
+        doc = yaml.safe_load((ROOT / "examples" / "healthcare-lora.yaml").read_text())
+        doc["metadata"]["name"] = f"healthcare-{method}"
+        doc["spec"]["method"] = method
+        doc["spec"][method] = block
+        doc["spec"]["hyperparameters"]["gradientCheckpointing"] = method == "prompt"
+        path = tmp_path / f"{method}.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        files.append(path)
+    result = run("plan", *map(str, files), "-o", "json")
+    assert result.returncode == 0, result.stderr
+    plans = {item["name"]: item["plan"] for item in json.loads(result.stdout)}
+    for method in ("prefix", "prompt"):
+        plan = plans[f"healthcare-{method}"]
+        assert (plan["method"], plan["source"], plan["gpus"]) == (method, "estimate", 1)
+        assert "frozen base weights" in plan["reason"] and "tiny trainable state" in plan["reason"]
+    table = run("plan", str(files[0]))
+    assert table.returncode == 0 and "healthcare-prefix" in table.stdout and "estimate" in table.stdout

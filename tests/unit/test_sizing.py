@@ -190,3 +190,58 @@ def test_table_cells_warn_when_the_settings_need_more_memory():
     weights = sizing.plan(make("70B", "lora", hyperparameters__batchSize=1, hyperparameters__maxSeqLength=512))
     (warning,) = weights.warnings
     assert "weights and optimizer state alone" in warning and "set spec.resources" in warning
+
+
+# Prefix and prompt tuning: the memory model (source: estimate), frozen base weights plus a tiny trainable
+# state, replicated on each GPU (data-parallel) rather than sharded.
+#: (size, method, block settings, maxSeqLength, GPUs, GiB, trainable parameters), bf16, batch 4. Shapes from
+#: sizing.shape: 1B h=2176 L=18; 7B h=4224 L=33; 13B h=5184 L=40.
+VIRTUAL = [
+    ("7B", "prompt", {}, 2048, 1, 40, 20 * 4224),  # n x h
+    ("7B", "prefix", {}, 2048, 1, 80, 20 * 2 * 33 * 4224),  # n x 2L x h; no checkpointing with prefix
+    ("7B", "prefix", {}, 512, 1, 40, 20 * 2 * 33 * 4224),
+    ("13B", "prompt", {"virtualTokens": 100}, 2048, 1, 40, 100 * 5184),
+    ("1B", "prefix", {"virtualTokens": 30}, 2048, 1, 24, 30 * 2 * 18 * 2176),
+    ("7B", "prefix", {"projection": True}, 512, 1, 48,  # + the MLP: Linear(h, h), Linear(h, 2Lh)
+     20 * 4224 + 4224 * 4224 + 4224 + 4224 * 2 * 33 * 4224 + 2 * 33 * 4224),
+]
+
+
+@pytest.mark.parametrize(("size", "method", "block", "seq", "gpus", "gib", "trainable"), VIRTUAL)
+def test_prefix_and_prompt_are_estimated_with_a_frozen_base(size, method, block, seq, gpus, gib, trainable):
+    spec = make(size, method, hyperparameters__maxSeqLength=seq, **{f"{method}__{k}": v for k, v in block.items()})
+    plan = sizing.plan(spec)
+    assert (plan.method, plan.gpus, plan.gpu_memory_gib, plan.nodes, plan.source) == (method, gpus, gib, 1, "estimate")
+    mem = sizing.estimate_memory(spec, method)
+    assert mem.trainable_parameters == trainable
+    assert mem.trainable_state == pytest.approx(trainable * 16 / sizing.GIB)  # fp32 tokens, grads, AdamW
+    lora = sizing.estimate_memory(make(size, "lora"), "lora")
+    assert mem.weights == pytest.approx(lora.weights)  # the same frozen 16-bit base as LoRA's
+    assert not mem.sharded and mem.per_gpu(4) == mem.per_gpu(1)
+    assert mem.per_gpu(plan.gpus) <= plan.gpu_memory_gib
+    assert "frozen base weights" in plan.reason and "replicated on each GPU" in plan.reason
+    assert ("a tiny trainable state" in plan.reason) is not block.get("projection", False)
+
+
+def test_virtual_token_memory_responds_to_its_settings():
+    prompt = sizing.estimate_memory(make("8B", "prompt"), "prompt")
+    longer = sizing.estimate_memory(make("8B", "prompt", prompt__virtualTokens=1000), "prompt")
+    assert longer.trainable_parameters == 50 * prompt.trainable_parameters
+    assert longer.activations > prompt.activations  # every sequence is 980 positions longer
+    prefix = sizing.estimate_memory(make("8B", "prefix"), "prefix")
+    checkpointed = sizing.estimate_memory(make("8B", "lora"), "lora")
+    assert prefix.activations > 5 * checkpointed.activations  # prefix cannot checkpoint activations
+
+
+def test_prefix_on_a_base_that_fits_no_single_gpu_is_refused_with_advice():
+    with pytest.raises(sizing.PlanningError) as err:
+        sizing.plan(make("70B", "prefix"))
+    assert err.value.field == "spec.method"
+    assert "use method lora or qlora" in err.value.message and "does not fit one GPU of 80GiB" in err.value.message
+
+
+def test_prompt_with_explicit_gpus_plans_them_without_sharding():
+    plan = sizing.plan(make("7B", "prompt", resources__gpus=4))
+    one = sizing.plan(make("7B", "prompt"))
+    assert (plan.gpus, plan.gpu_memory_gib) == (4, one.gpu_memory_gib)  # each GPU holds the whole base
+    assert plan.estimated_memory_gib == pytest.approx(4 * one.estimated_memory_gib, abs=0.2)
