@@ -1,7 +1,8 @@
 """Final artifacts under `<output.uri>`, the output's completion marker, and provenance.
 
-    model/            adapter (lora, qlora) or full weights (full), plus the tokenizer
-    merged/           base + adapter merged into one model (spec.output.saveMerged; lora and qlora)
+    model/            adapter (lora, qlora, prefix, prompt) or full weights (full), plus the tokenizer
+    merged/           base + adapter merged into one model (spec.output.saveMerged; lora and qlora: the
+                      spec refuses it for prefix and prompt, whose virtual tokens are not weights)
     metrics.jsonl     one line per step: step, epoch, loss, learning_rate, tokens; at logging steps also
                       tokens_per_second (non-padding tokens) and window_loss; at checkpoints eval_loss
     evaluation.json   base vs fine-tuned scores (EvaluationStatus)
@@ -105,8 +106,9 @@ def _write_files(run: Run, stage: Path, evaluation: Any, final_loss: float | Non
     kinds = {"model": "model/", "metrics": "metrics.jsonl", "evaluation": "evaluation.json",
              "provenance": PROVENANCE_KEY, "modelCard": "README.md"}
     if run.spec.output.save_merged:
-        if run.config.method == "full":
-            log.warning("spec.output.saveMerged has no effect with method full: model/ is the whole model")
+        if not run.method.mergeable:
+            log.warning("spec.output.saveMerged has no effect with method %s: %s", run.config.method,
+                        "model/ is the whole model" if not run.method.adapter else "there is nothing to merge")
         else:
             _save_merged(run, stage)
             kinds["merged"] = "merged/"

@@ -2,7 +2,9 @@
 
 A checkpoint holds everything needed to continue exactly where training stopped:
 
-    model/             the adapter (lora, qlora) or the full weights (full), save_pretrained layout
+    model/             the adapter (lora, qlora, prefix, prompt) or the full weights (full), save_pretrained
+                       layout, plus what the method needs to resume exactly (prefix and prompt: the whole
+                       prompt encoder, methods/virtual.py)
     optimizer.pt       AdamW state (a full, unsharded state dict also under FSDP)
     scheduler.pt       learning-rate scheduler state
     scaler.pt          the fp16 gradient scaler (fp16 only)
@@ -24,6 +26,7 @@ import logging
 import random
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -169,6 +172,7 @@ def save(
     staging: Path,
     metrics_path: Path | None,
     fsdp: bool,
+    save_state: Callable[[Any, Path], None] | None = None,
 ) -> str:
     """Write checkpoint `state.step` from every process; returns its URI once its marker is written."""
     import torch
@@ -184,6 +188,8 @@ def save(
     rng_json = json.dumps(rng_state())
     if accelerator.is_main_process:
         unwrapped.save_pretrained(str(local / "model"), state_dict=full_state, safe_serialization=True)
+        if save_state is not None:
+            save_state(unwrapped, local / "model")
         torch.save(optim_state, local / "optimizer.pt")
         torch.save(scheduler.state_dict(), local / "scheduler.pt")
         if getattr(accelerator, "scaler", None) is not None:

@@ -15,6 +15,7 @@ import yaml
 
 from finetune_operator.contract import TrainerConfig
 from finetune_operator.spec import EvaluationStatus
+from finetune_trainer import methods
 
 #: (Scores field, label, whether higher is better)
 _METRICS = (
@@ -60,7 +61,7 @@ def _front_matter(config: TrainerConfig) -> str:
         tags.append(spec.dataset.format)
     meta = {
         "base_model": _base_model_id(spec.base_model.uri),
-        "library_name": "transformers" if config.method == "full" else "peft",
+        "library_name": "peft" if methods.get(config.method).adapter else "transformers",
         "pipeline_tag": "text-generation",
         "tags": tags,
     }
@@ -107,6 +108,40 @@ def _evaluation_section(evaluation: EvaluationStatus | None) -> list[str]:
     return lines
 
 
+def _usage_section(config: TrainerConfig, artifacts: Mapping[str, str]) -> list[str]:
+    """How to load the artifact: with peft on the base for adapters, with transformers for whole models."""
+    method = methods.get(config.method)
+    model_dir = "path/to/model"  # model/ downloaded from the artifacts
+    if method.adapter:
+        code = [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'base = AutoModelForCausalLM.from_pretrained("{_base_model_id(config.spec.base_model.uri)}")',
+            f'model = PeftModel.from_pretrained(base, "{model_dir}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{model_dir}")',
+        ]
+    else:
+        code = [
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f'model = AutoModelForCausalLM.from_pretrained("{model_dir}")',
+            f'tokenizer = AutoTokenizer.from_pretrained("{model_dir}")',
+        ]
+    if config.spec.dataset.format == "chat":
+        prompt = ('prompt = tokenizer.apply_chat_template([{"role": "user", "content": "..."}], '
+                  'add_generation_prompt=True, tokenize=False)')
+    elif config.spec.dataset.format == "text":
+        prompt = 'prompt = "..."  # text in the style of the training data'
+    else:  # the instruction layout the trainer trained on (dataset.PROMPT_NO_INPUT)
+        prompt = 'prompt = "### Instruction:\\n...\\n\\n### Response:\\n"'
+    where = f" (`{artifacts['model']}`)" if artifacts.get("model") else ""
+    return ["## Usage", "", f"{method.usage_note} Download `model/`{where}, then:", "", "```python", *code,
+            prompt, 'inputs = tokenizer(prompt, return_tensors="pt")',
+            "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))",
+            "```", ""]
+
+
 def render_model_card(
     config: TrainerConfig,
     *,
@@ -118,29 +153,19 @@ def render_model_card(
     artifacts, intended use and limitations)."""
     spec, plan = config.spec, config.plan
     hp = spec.hyperparameters
-    method_names = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA (4-bit base + LoRA)"}
+    method = methods.get(config.method)
     revision = f" (revision `{spec.base_model.revision}`)" if spec.base_model.revision else ""
     lines = [
         _front_matter(config),
         f"# {config.name}",
         "",
-        f"Fine-tuned from `{spec.base_model.uri}`{revision} with {method_names[config.method]} by "
+        f"Fine-tuned from `{spec.base_model.uri}`{revision} with {method.title} by "
         f"finetune-operator (FineTuneJob `{config.namespace}/{config.name}`).",
         "",
         "## Method and plan",
         "",
     ]
-    method_rows: list[tuple[Any, ...]] = [("method", config.method)]
-    if config.method in ("lora", "qlora"):
-        method_rows += [
-            ("LoRA rank r / alpha", f"{spec.lora.r} / {spec.lora.alpha}"),
-            ("LoRA dropout", spec.lora.dropout),
-            ("target modules", spec.lora.target_modules),
-        ]
-    if config.method == "qlora":
-        q = spec.resolved_quantization()
-        method_rows.append(("quantization", f"{q.bits}-bit {q.type}, double quant {q.double_quant}, "
-                                            f"compute {q.compute_dtype}"))
+    method_rows: list[tuple[Any, ...]] = [("method", config.method), *method.card_rows(spec)]
     method_rows += [
         ("GPUs", f"{plan.gpus} x {plan.gpu_memory_gib} GiB on {plan.nodes} node(s)"),
         ("plan source", plan.source),
@@ -191,6 +216,7 @@ def render_model_card(
     lines += _evaluation_section(evaluation)
     if artifacts:
         lines += ["## Artifacts", ""] + [f"- {kind}: `{uri}`" for kind, uri in sorted(artifacts.items())] + [""]
+    lines += _usage_section(config, artifacts)
     lines += [
         "## Intended use and limitations",
         "",

@@ -10,7 +10,8 @@ Order of a run (every process runs every phase; rank 0 alone writes to the outpu
 2. data and base model fetched (one process per machine first, then the others from the cache)
 3. provenance.json uploaded when `compliance.provenanceRequired` (the run fails if it cannot)
 4. resume from the newest complete checkpoint, if any (incomplete ones are deleted)
-5. base-model evaluation (fresh runs: the model at step 0 is the base, adapters start at zero)
+5. base-model evaluation (fresh runs: the model at step 0, seen through the method's `as_base`: LoRA's
+   adapters start at zero, prefix and prompt tuning's virtual tokens are switched off)
 6. training: AdamW, warmup + cosine/linear/constant (`transformers.get_scheduler`), gradient accumulation
    with token-weighted loss (each optimizer step averages over all its supervised tokens, on all ranks),
    gradient clipping at 1.0, checkpoints every `checkpoint.everySteps` and after the last step
@@ -47,7 +48,7 @@ from finetune_operator.contract import ENV_OUTPUT_URI, TrainerConfig
 from finetune_operator.spec import CheckpointRecord
 from finetune_trainer import checkpoint as ckpt
 from finetune_trainer import dataset as ds
-from finetune_trainer import modeling
+from finetune_trainer import methods, modeling
 from finetune_trainer import world as world_mod
 from finetune_trainer.inputs import load_inputs
 from finetune_trainer.report import Reporter, log_every, now
@@ -183,6 +184,7 @@ class Run:
 
         self.config = config
         self.spec = config.spec
+        self.method = methods.get(config.method)
         self.hp = config.spec.hyperparameters
         self.output_uri = output_uri or os.environ.get(ENV_OUTPUT_URI) or config.spec.output.uri
         self.store = storage.Store.for_uri(self.output_uri)
@@ -230,9 +232,10 @@ class Run:
 
         restored = self._restore()
         set_seed(self.hp.seed)
-        base_dir = restored.model_dir if restored is not None and self.config.method == "full" else model_dir
+        # A checkpoint holds the whole model (full) or an adapter to put on the base (the others).
+        base_dir = restored.model_dir if restored is not None and not self.method.adapter else model_dir
         model = modeling.load_base(base_dir, self.config.method, precision, accelerator.device, self.config)
-        adapter = restored.model_dir if restored is not None and self.config.method != "full" else None
+        adapter = restored.model_dir if restored is not None and self.method.adapter else None
         model = modeling.prepare_for_training(model, self.config, adapter_dir=adapter)
         trainable, total = modeling.trainable_parameters(model)
         log.info("method %s: %d of %d parameters trainable (%.2f%%)", self.config.method, trainable, total,
@@ -266,7 +269,8 @@ class Run:
 
         if state.base_scores is None and restored is None:
             self.reporter.phase("evaluating")
-            state.base_scores = assess.score(self, label="base")
+            with self.method.as_base(accelerator.unwrap_model(model)):
+                state.base_scores = assess.score(self, label="base")
             self.reporter.update(evaluation=assess.evaluation_status(self, state.base_scores, None))
 
         final_loss = self._train(per_rank, total_steps)
@@ -467,7 +471,7 @@ class Run:
             self.reporter.report.eval_loss = eval_loss
         uri = ckpt.save(accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
                         scheduler=self.scheduler, state=self.state, store=self.store, staging=self.work / "staging",
-                        metrics_path=self.metrics_path, fsdp=self.fsdp)
+                        metrics_path=self.metrics_path, fsdp=self.fsdp, save_state=self.method.save_state)
         if self.accelerator.is_main_process:
             ckpt.enforce_retention(self.store, keep)
             log.info("checkpoint %s", uri)
