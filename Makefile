@@ -45,7 +45,12 @@ images:
 crd: install
 	$(BIN)/finetune crd > crds/finetune.dev_finetunejobs.yaml
 
-bench: install
+# The benchmarks also need the `bench` extra (TRL, the peer in bench/throughput_bench.py).
+$(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml constraints.txt
+	$(UV) -e ".[train,test,bench]"
+	touch $@
+
+bench: install $(VENV)/.bench-installed
 	$(BIN)/python bench/run_all.py
 
 clean:

@@ -266,6 +266,124 @@ def worker_ref(method: str, model_dir: Path, train: Path, steps: int, threads: i
     }
 
 
+TRL_VARIANTS = ("padfree", "grouped", "packed")
+
+
+def worker_trl(method: str, model_dir: Path, train: Path, steps: int, threads: int, seed: int,
+               precision: str, variant: str) -> dict[str, Any]:
+    """TRL's SFTTrainer on prompt-completion rows (completion-only loss), configured for speed by `variant`:
+    `padfree` (padding_free=True: each micro-batch flattened into one row, example boundaries from
+    position_ids), `grouped` (padded to each batch's longest row, length-grouped sampler), `packed`
+    (packing=True with best-fit decreasing, which is padding-free too)."""
+    import torch
+    from datasets import Dataset
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        TrainerCallback,
+        set_seed,
+    )
+    from trl import SFTConfig, SFTTrainer
+
+    from finetune_trainer import dataset as ds
+    from finetune_trainer.train import mean_loss
+
+    torch.set_num_threads(threads)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    rows, val_rows = split_rows(train, seed)
+    # TRL tokenizes prompt and prompt + completion with the tokenizer's defaults (no BOS added by this one):
+    # the BOS goes in the prompt text, the EOS is appended to the completion by TRL itself.
+    dataset = Dataset.from_dict({"prompt": [tokenizer.bos_token + ds.instruction_prompt(r) for r in rows],
+                                 "completion": [r["output"] for r in rows]})
+
+    set_seed(seed)
+    bf16 = precision == "bf16"
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    kwargs: dict[str, Any] = {"dtype": dtype, "attn_implementation": "sdpa"}
+    if method == "qlora":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+        kwargs["device_map"] = {"": "cpu"}
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kwargs)
+    model.config.use_cache = False
+    gc_kwargs = {"use_reentrant": False}
+    peft_config = None
+    if method != "full":
+        from peft import LoraConfig, prepare_model_for_kbit_training
+
+        if method == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+                                                    gradient_checkpointing_kwargs=gc_kwargs)
+        peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none",
+                                 target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+
+    stamps: list[tuple[float, float]] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            stamps.append((time.perf_counter(), time.process_time()))
+
+    out = tempfile.mkdtemp(prefix="trl-trainer-")
+    variant_args: dict[str, Any] = {
+        # padding_free without packing requires max_length=None: every row is at most MAX_LEN already (checked)
+        "padfree": {"padding_free": True, "max_length": None},
+        "grouped": {"max_length": MAX_LEN, "train_sampling_strategy": "group_by_length"},
+        "packed": {"packing": True, "packing_strategy": "bfd", "max_length": MAX_LEN},
+    }[variant]
+    targs = SFTConfig(
+        output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
+        learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0,
+        seed=seed, bf16=bf16, gradient_checkpointing=True, gradient_checkpointing_kwargs=gc_kwargs,
+        max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
+        use_cpu=True, disable_tqdm=True, completion_only_loss=True, dataset_num_proc=None, **variant_args)
+    trainer = SFTTrainer(model=model, args=targs, train_dataset=dataset, processing_class=tokenizer,
+                         peft_config=peft_config, callbacks=[Clock()])
+
+    # The token ids and loss mask TRL prepared, against ours (before packing; packing only concatenates them).
+    identical = True
+    prepared = trainer.train_dataset
+    if variant != "packed":
+        encoded = [ds.encode(r, "instruction", tokenizer, MAX_LEN) for r in rows]
+        identical = len(prepared) == len(encoded) and all(
+            e is not None and e.input_ids == p["input_ids"] and e.labels == p["labels"]
+            for e, p in zip(encoded, prepared, strict=True))
+    longest = max(len(p["input_ids"]) for p in prepared)
+    if variant == "padfree" and longest > MAX_LEN:
+        raise RuntimeError(f"a row of {longest} tokens: padding_free without packing does not truncate")
+
+    # Useful tokens per micro-batch: the rows' own lengths (a packed row's length is its examples' sum).
+    counts: list[int] = []
+    examples: list[int] = []
+    collator = trainer.data_collator
+
+    def counted(features: list[dict[str, Any]]) -> Any:
+        counts.append(sum(len(f["input_ids"]) for f in features))
+        examples.append(sum(len(f["seq_lengths"]) if "seq_lengths" in f else 1 for f in features))
+        return collator(features)
+
+    trainer.data_collator = counted
+    trainer.train()
+    shutil.rmtree(out, ignore_errors=True)
+
+    per_step = [sum(counts[ACCUMULATION * k:ACCUMULATION * (k + 1)]) for k in range(len(stamps))]
+    val = [e for e in (ds.encode(r, "instruction", tokenizer, MAX_LEN) for r in val_rows) if e is not None]
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        held_out = mean_loss(trainer.model, val, BATCH, tokenizer.pad_token_id, torch.device("cpu"))
+    train_losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {
+        **step_figures(stamps, per_step),
+        "steps": len(stamps),
+        "examples": sum(examples[:ACCUMULATION * len(stamps)]),
+        "eval_loss": held_out,
+        "train_loss": statistics.mean(train_losses),
+        "identical": identical,
+        "longest": longest,
+        "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
 def worker_ours(method: str, manifest: Path, steps: int, packing: bool, seed: int, threads: int,
                 precision: str) -> dict[str, Any]:
     """Ours: the manifest resolved as `finetune run --local` does, run by the trainer's entrypoint."""
@@ -333,7 +451,7 @@ def packed_examples(manifest: Path, steps: int, seed: int) -> int:
 
 def worker_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("side", choices=["ref", "ours"])
+    parser.add_argument("side", choices=["ref", "ours", "trl"])
     parser.add_argument("method", choices=["full", "lora", "qlora"])
     parser.add_argument("--model", type=Path)
     parser.add_argument("--train", type=Path)
@@ -343,8 +461,12 @@ def worker_main(argv: list[str]) -> int:
     parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--precision", choices=["bf16", "fp32"], required=True)
+    parser.add_argument("--variant", choices=TRL_VARIANTS, default="padfree")
     args = parser.parse_args(argv)
-    if args.side == "ref":
+    if args.side == "trl":
+        result = worker_trl(args.method, args.model, args.train, args.steps, args.threads, args.seed,
+                            args.precision, args.variant)
+    elif args.side == "ref":
         result = worker_ref(args.method, args.model, args.train, args.steps, args.threads, args.seed,
                             args.precision)
     else:
@@ -364,7 +486,7 @@ def main() -> int:
         return worker_main(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=12, help="optimizer steps for full and LoRA (default 12)")
-    parser.add_argument("--qlora-steps", type=int, default=4, help="optimizer steps for QLoRA (default 4)")
+    parser.add_argument("--qlora-steps", type=int, default=6, help="optimizer steps for QLoRA (default 6)")
     parser.add_argument("--packed-steps", type=int, default=3, help="optimizer steps of ours packed (default 3)")
     parser.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS and torch threads, both sides")
     parser.add_argument("--hidden", type=int, default=256)
@@ -372,6 +494,11 @@ def main() -> int:
     parser.add_argument("--methods", default="full,lora,qlora")
     parser.add_argument("--seed", type=int, default=SEED, help="seed of both sides (data order, init, split)")
     parser.add_argument("--no-packed", action="store_true", help="skip ours with packing (LoRA)")
+    parser.add_argument("--no-trl", action="store_true", help="skip TRL's SFTTrainer")
+    parser.add_argument("--trl-packed", action="store_true",
+                        help="also TRL with packing=True (bfd) for LoRA, --packed-steps steps (slow on CPU)")
+    parser.add_argument("--trl-variant", choices=["padfree", "grouped"], default="padfree",
+                        help="TRL's setting at equal examples (default padfree: padding_free=True)")
     parser.add_argument("--noise-seeds", default="43,44",
                         help="more seeds for the LoRA pair, to show loss noise ('' to skip)")
     parser.add_argument("--precision", choices=["auto", "bf16", "fp32"], default="auto",
@@ -404,8 +531,12 @@ def main() -> int:
         for method in methods:
             steps = args.qlora_steps if method == "qlora" else args.steps
             jobs += [("ref", method, steps, False), ("ours", method, steps, False)]
+            if not args.no_trl:
+                jobs.append(("trl", method, steps, False))
         if "lora" in methods and not args.no_packed:
             jobs.append(("ours", "lora", args.packed_steps, True))
+            if args.trl_packed and not args.no_trl:
+                jobs.append(("trl", "lora", args.packed_steps, True))
         noise_seeds = [int(x) for x in args.noise_seeds.split(",") if x.strip()] if "lora" in methods else []
         results: dict[tuple[str, str, bool], dict[str, Any]] = {}
         for side, method, steps, packing in jobs:
@@ -413,6 +544,9 @@ def main() -> int:
                       "--precision", precision]
             if side == "ref":
                 worker += ["--model", str(model), "--train", str(train)]
+            elif side == "trl":
+                worker += ["--model", str(model), "--train", str(train),
+                           "--variant", "packed" if packing else args.trl_variant]
             else:
                 worker += ["--manifest", str(manifest)] + (["--packing"] if packing else [])
             took = time.perf_counter()
@@ -424,6 +558,10 @@ def main() -> int:
                   f"tokens/CPU-s); held-out loss {r['eval_loss']:.4f}, mean train loss {r['train_loss']:.4f}; "
                   f"{r['examples']} examples seen; peak RSS {r['rss_mb']:.0f} MiB; worker "
                   f"{time.perf_counter() - took:.0f} s", flush=True)
+            if side == "trl":
+                print(f"# trl{' packed' if packing else ''} {method} ({'packing, bfd' if packing else args.trl_variant}"
+                      f"): prepared token ids and labels identical to ours: "
+                      f"{r['identical'] if not packing else 'checked unpacked'}; longest row {r['longest']}", flush=True)
             if side == "ref":
                 print(f"# ref {method}: token streams identical to ours: {r['identical']}; "
                       f"{100 * r['tokens'] / r['padded_tokens']:.1f}% of its computed positions are non-padding",
@@ -442,25 +580,46 @@ def main() -> int:
             print(f"train_loss_ours_{method}={ours['train_loss']:.4f}")
             print(f"rss_mb_ref_{method}={ref['rss_mb']:.0f}")
             print(f"rss_mb_ours_{method}={ours['rss_mb']:.0f}")
+        for method in methods if not args.no_trl else []:
+            trl, ours = results[("trl", method, False)], results[("ours", method, False)]
+            print(f"throughput_ratio_vs_trl_{method}={ours['tokens_per_second'] / trl['tokens_per_second']:.2f}")
+            print(f"throughput_ratio_cpu_vs_trl_{method}="
+                  f"{ours['tokens_per_cpu_second'] / trl['tokens_per_cpu_second']:.2f}")
+            print(f"# {method} vs trl: ratio of total wall-clock rates "
+                  f"{ours['tokens_per_second_total'] / trl['tokens_per_second_total']:.2f}")
+            print(f"tokens_per_second_trl_{method}={trl['tokens_per_second']:.0f}")
+            print(f"heldout_loss_trl_{method}={trl['eval_loss']:.4f}")
+            print(f"heldout_loss_ours_{method}={ours['eval_loss']:.4f}")
+            print(f"train_loss_trl_{method}={trl['train_loss']:.4f}")
+            print(f"rss_mb_trl_{method}={trl['rss_mb']:.0f}")
         if noise_seeds:
-            seeded = {args.seed: (results[("ref", "lora", False)]["eval_loss"],
-                                  results[("ours", "lora", False)]["eval_loss"])}
+            sides = ("ref", "ours") if args.no_trl else ("ref", "ours", "trl")
+            seeded = {args.seed: tuple(results[(side, "lora", False)]["eval_loss"] for side in sides)}
             for seed in noise_seeds:
-                pair = []
-                for side in ("ref", "ours"):
+                losses = []
+                for side in sides:
                     worker = [side, "lora", "--steps", str(args.steps), "--threads", str(args.threads),
                               "--seed", str(seed), "--precision", precision]
-                    worker += ["--model", str(model), "--train", str(train)] if side == "ref" \
-                        else ["--manifest", str(manifest)]
-                    pair.append(run_worker(worker, env, timeout=1800)["eval_loss"])
-                seeded[seed] = (pair[0], pair[1])
-                print(f"# lora seed {seed}: held-out loss ref {pair[0]:.4f}, ours {pair[1]:.4f}", flush=True)
-            deltas = [o - r for r, o in seeded.values()]
-            spread = statistics.mean([statistics.stdev([r for r, _ in seeded.values()]),
-                                      statistics.stdev([o for _, o in seeded.values()])])
+                    if side == "ours":
+                        worker += ["--manifest", str(manifest)]
+                    else:
+                        worker += ["--model", str(model), "--train", str(train)]
+                    if side == "trl":
+                        worker += ["--variant", args.trl_variant]
+                    losses.append(run_worker(worker, env, timeout=1800)["eval_loss"])
+                seeded[seed] = tuple(losses)
+                print(f"# lora seed {seed}: held-out loss "
+                      + ", ".join(f"{side} {loss:.4f}" for side, loss in zip(sides, losses, strict=True)),
+                      flush=True)
+            deltas = [v[1] - v[0] for v in seeded.values()]
+            spread = statistics.mean([statistics.stdev([v[k] for v in seeded.values()]) for k in range(len(sides))])
             print(f"# lora over seeds {sorted(seeded)}: ours - ref = {', '.join(f'{d:+.4f}' for d in deltas)}")
             print(f"loss_delta_lora_seeds={statistics.mean(deltas):+.4f}")
             print(f"loss_sd_lora_seeds={spread:.4f}")
+            if "trl" in sides:
+                vs_trl = [v[1] - v[2] for v in seeded.values()]
+                print(f"# lora over seeds {sorted(seeded)}: ours - trl = {', '.join(f'{d:+.4f}' for d in vs_trl)}")
+                print(f"loss_delta_vs_trl_lora_seeds={statistics.mean(vs_trl):+.4f}")
         packed = results.get(("ours", "lora", True))
         if packed is not None:
             ref = results[("ref", "lora", False)]
@@ -470,6 +629,15 @@ def main() -> int:
             print(f"tokens_per_second_ours_lora_packed={packed['tokens_per_second']:.0f}")
             print(f"loss_ours_lora_packed={packed['eval_loss']:.4f}")
             print(f"rss_mb_ours_lora_packed={packed['rss_mb']:.0f}")
+            trl, trl_packed = results.get(("trl", "lora", False)), results.get(("trl", "lora", True))
+            if trl is not None and trl_packed is not None:
+                print(f"throughput_ratio_vs_trl_lora_packed={packed['tokens_per_second'] / trl['tokens_per_second']:.2f}")
+                print(f"throughput_ratio_packed_vs_trl_packed_lora="
+                      f"{packed['tokens_per_second'] / trl_packed['tokens_per_second']:.2f}")
+                print(f"tokens_per_second_trl_lora_packed={trl_packed['tokens_per_second']:.0f}")
+                print(f"heldout_loss_ours_lora_packed={packed['eval_loss']:.4f}")
+                print(f"heldout_loss_trl_lora_packed={trl_packed['eval_loss']:.4f}")
+                print(f"# packed lora: ours saw about {packed['examples']} examples, trl {trl_packed['examples']}")
         print(f"# load_avg_at_end={os.getloadavg()[0]:.2f}; total {time.perf_counter() - start:.0f} s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
