@@ -2,7 +2,7 @@
 
 Each script prints its own `name=value` lines from one run; this runner only collects them. A script that
 fails is reported (with its last lines) and the others still run. GPU benchmarks are skipped where
-torch sees no GPU. The table holds the headline figures beside the targets of issue 5 (`HEADLINES`);
+torch sees no GPU. The table holds the headline figures beside the targets of issues 5 and 12 (`HEADLINES`);
 every figure is in the `name=value` lines above it.
 
 The operator's scale benchmark runs against a real API server when a control plane is at hand
@@ -37,8 +37,8 @@ def scripts() -> list[tuple[str, list[str], str]]:
     if envtest_available():
         scale = [("operator_scale_bench.py", ["--api", "envtest"], ""),
                  ("operator_scale_bench.py", ["--api", "emulator"], "emulator_")]
-    return [("plan_bench.py", [], ""), ("throughput_bench.py", [], ""), ("sizing_accuracy_bench.py", [], ""),
-            *scale, ("gpu_bench.py", [], "")]
+    return [("plan_bench.py", [], ""), ("throughput_bench.py", [], ""), ("scaling_bench.py", [], ""),
+            ("sizing_accuracy_bench.py", [], ""), *scale, ("gpu_bench.py", [], "")]
 
 
 LINE = re.compile(r"^([a-z][a-z0-9_]*)=(\S+)$")
@@ -49,6 +49,24 @@ HEADLINES: dict[str, tuple[str, str, Callable[[float], bool] | None]] = {
     "throughput_ratio_qlora": ("same, QLoRA", ">= 4", lambda v: v >= 4),
     "loss_delta_lora_seeds": ("held-out loss, ours - reference, LoRA, mean of 3 seeds", "<= noise", None),
     "loss_sd_lora_seeds": ("held-out loss noise across seeds (sd)", "", None),
+    "throughput_ratio_vs_trl_full": ("useful tokens/s, ours / TRL SFTTrainer padding_free, full", ">= 1",
+                                     lambda v: v >= 1),
+    "throughput_ratio_vs_trl_lora": ("same, LoRA", ">= 1", lambda v: v >= 1),
+    "throughput_ratio_vs_trl_qlora": ("same, QLoRA", ">= 1", lambda v: v >= 1),
+    "throughput_ratio_vs_trl_lora_packed": ("ours with packing / TRL padding_free, LoRA", "", None),
+    "heldout_loss_ours_full": ("held-out loss after the same examples, ours, full", "", None),
+    "heldout_loss_trl_full": ("same, TRL, full", "", None),
+    "heldout_loss_ours_lora": ("same, ours, LoRA", "", None),
+    "heldout_loss_trl_lora": ("same, TRL, LoRA", "", None),
+    "heldout_loss_ours_qlora": ("same, ours, QLoRA", "", None),
+    "heldout_loss_trl_qlora": ("same, TRL, QLoRA", "", None),
+    "loss_delta_vs_trl_lora_seeds": ("held-out loss, ours - TRL, LoRA, mean of 3 seeds", "<= noise", None),
+    "scaling_efficiency_2proc_lora": ("2 processes vs 1, same global batch, gloo, LoRA (DDP)", "", None),
+    "scaling_efficiency_2proc_full": ("same, full (FSDP2)", "", None),
+    "heldout_loss_1proc_lora": ("held-out loss, 1 process, LoRA", "", None),
+    "heldout_loss_2proc_lora": ("same, 2 processes", "", None),
+    "heldout_loss_1proc_full": ("held-out loss, 1 process, full", "", None),
+    "heldout_loss_2proc_full": ("same, 2 processes", "", None),
     "sizing_error_pct_full": ("memory model vs measured peak, full (mean)", "+-20", lambda v: abs(v) <= 20),
     "sizing_error_pct_lora": ("same, LoRA", "+-20", lambda v: abs(v) <= 20),
     "sizing_error_pct_qlora": ("same, QLoRA", "+-20", lambda v: abs(v) <= 20),
