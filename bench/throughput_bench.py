@@ -1,14 +1,15 @@
-"""Training throughput on CPU: the domain example's reference recipe (HF `transformers.Trainer`, every
-example padded to maxSeqLength) against ours (finetune_trainer's own loop), for full, LoRA and QLoRA.
+"""Training throughput on CPU: ours (finetune_trainer's own loop) against the domain example's reference
+recipe (HF `transformers.Trainer`, every example padded to maxSeqLength) and against TRL's `SFTTrainer`
+configured for speed (the peer users pick today), for full, LoRA and QLoRA.
 
-Both sides train the same tiny Llama (`finetune_trainer.tiny.build_tiny_model`; default hidden 256,
+All sides train the same tiny Llama (`finetune_trainer.tiny.build_tiny_model`; default hidden 256,
 4 layers, 4 heads of 64, MLP 704, vocabulary 2048 of which the byte-level BPE trained on the sample uses
 1,676) on the same rows: the bundled healthcare sample minus the same seeded 10% validation split
 (`dataset.split_holdout`, as the trainer does for `validationSplit: 0.1`). Settings are those of
 examples/healthcare-lora.yaml: LoRA r=16, alpha=32, dropout 0.05 on q,k,v,o; lr 2e-4 with the spec's
 default cosine schedule, warmup 0.03, weight decay 0 and gradient clipping at 1.0; batch 4 x gradient
 accumulation 4; maxSeqLength 512; gradient checkpointing (non-reentrant); seed 42; the precision below.
-QLoRA: bitsandbytes nf4, double quantization, `prepare_model_for_kbit_training`, on both sides.
+QLoRA: bitsandbytes nf4, double quantization, `prepare_model_for_kbit_training`, on every side.
 
 Precision (`--precision`, default auto; printed as `# precision: ...`): the example's bf16 where this CPU
 runs bf16 natively (AVX512-BF16 or AMX, `benchlib.native_bf16`), else fp32, always the same on both sides.
@@ -16,7 +17,8 @@ On a CPU that only emulates bf16 (e.g. an AMD EPYC without AVX512) every bf16 ma
 back, and the figures would time the emulation, not the trainer. bf16: bf16 autocast; full fine-tuning with
 bf16 weights on both sides (ours trains pure bf16 under precision bf16, so the reference loads the model in
 bf16 too); QLoRA computes in bf16. fp32: no autocast, fp32 weights, QLoRA computes in fp32
-(`quantization.computeDtype: float32` for ours).
+(`quantization.computeDtype: float32` for ours). TRL casts a quantized model's LoRA adapters to bf16 by
+itself (following the QLoRA paper), whatever the precision: its QLoRA adapters are bf16 under fp32 too.
 
 - reference: the instruction template is ours (`dataset.instruction_prompt`) and the token ids are
   identical to ours (checked, printed as `# ... token streams identical`): `<s>` + prompt + response +
@@ -29,6 +31,24 @@ bf16 too); QLoRA computes in bf16. fp32: no autocast, fp32 weights, QLoRA comput
   overrides for the method, maxSteps, packing and seed), then `entrypoint.run(config, output)` runs it
   (the launcher and CLI around it only supervise). Batches are grouped by length within each optimizer
   step and padded to their own longest row; `_packed`: `packing: true`.
+- trl: TRL 1.16's `SFTTrainer` (`SFTConfig`) as its documentation recommends for speed at the same
+  examples per step: `padding_free=True` (each micro-batch flattened into one row without padding, example
+  boundaries from `position_ids`; with SDPA, transformers builds the block-diagonal causal mask from them,
+  `masking_utils.find_packed_sequence_indices`, so examples do not attend to each other) and
+  `completion_only_loss=True` on a prompt-completion dataset (prompt `<s>` + our template, completion the
+  response; TRL appends `</s>`). The token ids and labels TRL prepared are checked identical to ours
+  (printed). Length grouping does not apply to padding-free batches (nothing is padded); `--trl-variant
+  grouped` runs TRL padded to each batch's longest row with `train_sampling_strategy="group_by_length"`
+  instead: measured here (2026-12-02, LoRA and full, 12 steps, bf16), about the same tokens per CPU second
+  as padding-free, but a higher held-out loss for full fine-tuning (6.845 against 6.690): transformers'
+  `LengthGroupedSampler` sorts megabatches of 50 batches by length, so each optimizer step holds examples
+  alike in length (ours sorts only inside a step, see `dataset.batch_plan`). `--trl-packed` adds TRL with `packing=True` (best-fit
+  decreasing, padding-free too) beside ours packed; it flattens 4 packed rows of up to 512 tokens into one
+  row of up to 2,048 whose SDPA mask on CPU is dense, and is several times slower per token than TRL's
+  padding-free setting on this model, so `make bench` leaves it out. Same hyperparameters, threads,
+  precision, LoRA/QLoRA settings and gradient checkpointing as the reference (the model is loaded, and
+  prepared for k-bit training, as the reference does; TRL adds the LoRA adapters from the same `LoraConfig`).
+  TRL's defaults stay on: its chunked fused LM-head loss and the entropy and token-accuracy metrics it logs.
 
 Each side runs in its own subprocess with the same OMP_NUM_THREADS and torch threads (default 1: other
 processes on a shared 2-core machine make multi-threaded OpenMP spin at its barriers, and one run's wall
@@ -57,9 +77,19 @@ Figures (all from this run):
   noise a single seed's difference should be read against).
 - `throughput_ratio_lora_packed`, `loss_ours_lora_packed`: ours with packing, for `--packed-steps` steps
   (packed rows hold several examples: the examples seen are printed; the loss is not at equal examples).
+- `throughput_ratio_vs_trl_<method>`: ours / TRL useful tokens per second (wall-clock median step, as
+  above, over the steps of `--trl-repeats` runs of each side, default 2, run alternately: the two are close
+  and one run of 11 steps on a shared machine moves by about 10%; `throughput_ratio_cpu_vs_trl_<method>`
+  with CPU time over all those runs); `heldout_loss_trl_<method>` and
+  `heldout_loss_ours_<method>`: the held-out loss of both after the same optimizer steps and examples.
+  `throughput_ratio_vs_trl_lora_packed`: ours with packing / TRL as above; `loss_delta_vs_trl_lora_seeds`:
+  the mean over the noise seeds of (ours - TRL) held-out loss (TRL runs at every noise seed too).
 
-Usage: python bench/throughput_bench.py [--steps 12] [--qlora-steps 4] [--packed-steps 3] [--threads 1]
+Runtime (`make bench` must finish within 30 minutes on a CPU without AVX512): RUNTIME_PLACEHOLDER
+
+Usage: python bench/throughput_bench.py [--steps 12] [--qlora-steps 6] [--packed-steps 3] [--threads 1]
        [--methods full,lora,qlora] [--seed 42] [--no-packed] [--noise-seeds 43,44] [--precision auto]
+       [--no-trl] [--trl-variant padfree|grouped] [--trl-repeats 2] [--trl-packed]
 """
 
 from __future__ import annotations
@@ -157,7 +187,21 @@ def step_figures(stamps: list[tuple[float, float]], tokens: list[int]) -> dict[s
         "tokens_per_second": statistics.median(t / w for t, w in zip(counted, walls, strict=True)),
         "tokens_per_second_total": sum(counted) / sum(walls),
         "tokens_per_cpu_second": sum(counted) / sum(cpus),
+        "step_rates": [t / w for t, w in zip(counted, walls, strict=True)],
     }
+
+
+def pooled(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's figures, with the throughput taken over the steps and CPU time of all `runs` together."""
+    rates = [rate for r in runs for rate in r["step_rates"]]
+    tokens, walls, cpus = (sum(r[key] for r in runs) for key in ("tokens", "seconds", "cpu_seconds"))
+    return {**runs[0], "tokens_per_second": statistics.median(rates), "tokens_per_second_total": tokens / walls,
+            "tokens_per_cpu_second": tokens / cpus}
+
+
+def each_run(runs: dict[str, list[dict[str, Any]]], key: str) -> str:
+    """`key` of every run of every side, as text."""
+    return ", ".join(side + " " + " ".join(f"{r[key]:.0f}" for r in done) for side, done in runs.items())
 
 
 def worker_ref(method: str, model_dir: Path, train: Path, steps: int, threads: int, seed: int,
@@ -495,6 +539,8 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=SEED, help="seed of both sides (data order, init, split)")
     parser.add_argument("--no-packed", action="store_true", help="skip ours with packing (LoRA)")
     parser.add_argument("--no-trl", action="store_true", help="skip TRL's SFTTrainer")
+    parser.add_argument("--trl-repeats", type=int, default=2,
+                        help="runs of ours and of TRL per method, pooled for their ratio (default 2)")
     parser.add_argument("--trl-packed", action="store_true",
                         help="also TRL with packing=True (bfd) for LoRA, --packed-steps steps (slow on CPU)")
     parser.add_argument("--trl-variant", choices=["padfree", "grouped"], default="padfree",
@@ -581,7 +627,21 @@ def main() -> int:
             print(f"rss_mb_ref_{method}={ref['rss_mb']:.0f}")
             print(f"rss_mb_ours_{method}={ours['rss_mb']:.0f}")
         for method in methods if not args.no_trl else []:
-            trl, ours = results[("trl", method, False)], results[("ours", method, False)]
+            # More runs of the pair (alternating, TRL first), pooled: steps of every run, CPU of every run.
+            runs: dict[str, list[dict[str, Any]]] = {side: [results[(side, method, False)]] for side in ("ours", "trl")}
+            steps = args.qlora_steps if method == "qlora" else args.steps
+            for _ in range(args.trl_repeats - 1):
+                for side in ("trl", "ours"):
+                    worker = [side, method, "--steps", str(steps), "--threads", str(args.threads),
+                              "--seed", str(args.seed), "--precision", precision]
+                    worker += ["--manifest", str(manifest)] if side == "ours" else \
+                        ["--model", str(model), "--train", str(train), "--variant", args.trl_variant]
+                    runs[side].append(run_worker(worker, env, timeout=1800))
+            trl, ours = (pooled(runs[side]) for side in ("trl", "ours"))
+            if args.trl_repeats > 1:
+                print(f"# {method}, {args.trl_repeats} runs of ours and of trl, pooled: median steps "
+                      f"{each_run(runs, 'tokens_per_second')}; tokens/CPU-s "
+                      f"{each_run(runs, 'tokens_per_cpu_second')}", flush=True)
             print(f"throughput_ratio_vs_trl_{method}={ours['tokens_per_second'] / trl['tokens_per_second']:.2f}")
             print(f"throughput_ratio_cpu_vs_trl_{method}="
                   f"{ours['tokens_per_cpu_second'] / trl['tokens_per_cpu_second']:.2f}")
