@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
-from finetune_operator.contract import MARKER_NAME
+from finetune_operator.contract import MARKER_NAME, REPORT_KEY
 from finetune_operator.spec import ResolvedMethod
+from finetune_trainer.methods import virtual
 from tests.trainer import train_helpers as th
 
 GOLDEN_TOLERANCE = 2e-3
@@ -112,12 +113,27 @@ def test_method_trains_and_the_adapter_reloads_and_generates(method: str, s3_env
     prompt = tokenizer("### Instruction:\nWhat is the usual adult dose of this medication?\n\n### Response:\n",
                        return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**prompt, max_new_tokens=8, do_sample=False)
+        out = virtual.generate(model, **prompt, max_new_tokens=8)
         tuned_logits = model(**prompt).logits
         with model.disable_adapter():
             base_logits = model(**prompt).logits
-    assert out.shape[1] > prompt["input_ids"].shape[1]
+    length = prompt["input_ids"].shape[1]
+    assert length < out.shape[1] <= length + 8
+    assert torch.equal(out, _greedy_by_forward_passes(model, prompt["input_ids"], 8)[:, :out.shape[1]])
+    if out.shape[1] < length + 8:
+        assert out[0, -1].item() == tokenizer.eos_token_id  # stopped at the end of the answer
     assert (tuned_logits[:, -1] - base_logits[:, -1]).abs().max() > 1e-3
+
+
+def _greedy_by_forward_passes(model: Any, ids: Any, steps: int) -> Any:
+    """Greedy decoding the slow, obviously right way: peft's training forward over the whole text each step."""
+    import torch
+
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+        ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
 
 
 def _base_eval_loss(staged: th.Staged, tmp: Path, config: Any) -> float:
@@ -216,6 +232,49 @@ def test_virtual_tokens_break_packed_rows(method: str, tiny_model_dir: Path) -> 
     assert mixed > 1e-2, f"{method} with packing now keeps examples apart: the spec's refusal can be lifted"
 
 
+@pytest.mark.parametrize("method", list(METHODS))
+def test_own_generate_decodes_as_forward_passes_do_and_peft_generate_does_not(method: str,
+                                                                               tiny_model_dir: Path) -> None:
+    """virtual.generate (which the evaluation uses) equals greedy decoding by full forward passes, alone and in
+    a left-padded batch, and is the base's generation under as_base; peft's own generate does not (peft 0.21.2
+    with transformers 5.24: a prefix is ignored, prompt tokens are re-inserted at each step). When this last
+    assertion fails, peft has been fixed and the model card's warning can go."""
+    import warnings
+
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_model_dir))
+    base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
+    base.config.use_cache = False
+    torch.manual_seed(0)
+    model = virtual.use_own_generate(get_peft_model(base, _peft_config(method))).eval()
+    with torch.no_grad():
+        model.prompt_encoder["default"].embedding.weight.mul_(20)  # random tokens that matter
+    texts = ["### Instruction:\nWhat\n\n### Response:\n",
+             "### Instruction:\nWhat is the usual adult dose of this medication?\n\n### Response:\n"]
+    config = GenerationConfig(max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    singles = []
+    for text in texts:
+        one = tokenizer([text], return_tensors="pt")
+        out = model.generate(**one, generation_config=config)
+        assert torch.equal(out, _greedy_by_forward_passes(model, one["input_ids"], 10)), text
+        singles.append(out[0, -10:])
+    batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left")
+    batched = model.generate(**batch, generation_config=config)
+    assert all(torch.equal(batched[i, -10:], singles[i]) for i in range(len(texts)))
+    with virtual.as_base(model):
+        off = model.generate(**batch, generation_config=config)
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir)).generate(**batch, generation_config=config)
+    assert torch.equal(off, plain)
+    one = tokenizer([texts[1]], return_tensors="pt")
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_out = type(model).generate(model, **one, generation_config=config)  # peft's own
+    assert not torch.equal(peft_out, _greedy_by_forward_passes(model, one["input_ids"], 10))
+
+
 def test_peft_refuses_prefix_tuning_with_gradient_checkpointing(tiny_model_dir: Path) -> None:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
@@ -224,3 +283,31 @@ def test_peft_refuses_prefix_tuning_with_gradient_checkpointing(tiny_model_dir: 
     model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     with pytest.raises(ValueError, match="gradient checkpointing"):
         get_peft_model(model, _peft_config("prefix"))
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_two_machines_train_it_data_parallel(method: str, s3_env: dict[str, str], staged: th.Staged,
+                                             tmp_path: Path) -> None:
+    """Several nodes: DDP over a c10d rendezvous (FSDP is only for `full`), as test_distributed.py does for
+    LoRA; every process's virtual tokens get the same averaged gradients and the checkpoint resumes them."""
+    spec = th._merge(METHODS[method][0], {"hyperparameters": {"maxSteps": 4}, "checkpoint": {"everySteps": 2},
+                                          "evaluation": {"maxExamples": 2}})
+    config = th.make_config(staged, spec)
+    port = str(th.free_port())
+    procs = []
+    for rank in (0, 1):
+        machine = tmp_path / f"machine-{rank}"
+        machine.mkdir()
+        env = th.trainer_env(config, machine, s3_env, FT_NUM_MACHINES="2", FT_PROCS_PER_MACHINE="1",
+                             JOB_COMPLETION_INDEX=str(rank), FT_MAIN_ADDRESS="127.0.0.1", FT_MAIN_PORT=port)
+        procs.append(th.launch(env))
+    for proc in procs:
+        out, _ = proc.communicate(timeout=300)
+        assert proc.returncode == 0, out.decode(errors="replace")[-4000:]
+    store = _store(config.spec.output.uri)
+    report = store.read_json(REPORT_KEY)
+    assert report["phase"] == "complete" and report["worldSize"] == 2
+    assert store.read_json("checkpoints/step-4/trainer_state.json")["world_size"] == 2
+    assert "checkpoints/step-4/model/prompt_encoder.safetensors" in set(store.list("checkpoints/step-4/"))
+    assert sorted(th.losses(store.read_bytes("metrics.jsonl").decode())) == [1, 2, 3, 4]
+    assert store.is_complete("") and store.exists("model/adapter_model.safetensors")
