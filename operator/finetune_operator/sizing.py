@@ -257,7 +257,7 @@ def plan(spec: FineTuneJobSpec) -> Plan:
         projected = method == "prefix" and spec.resolved_prefix().projection
         trained = (f"a trainable state {_fmt(mem.trainable_state)} GiB ({mem.trainable_parameters:,.0f} parameters: "
                    "the virtual tokens and their projection MLP)" if projected else
-                   f"a tiny trainable state {_fmt(mem.trainable_state)} GiB ({mem.trainable_parameters:,.0f} "
+                   f"a tiny trainable state of {_fmt(mem.trainable_state * 1024)} MiB ({mem.trainable_parameters:,.0f} "
                    "virtual-token parameters)")
         parts = (
             f"{method} tuning: frozen base weights {_fmt(mem.weights)} GiB plus {trained}, activations "

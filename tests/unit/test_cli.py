@@ -52,6 +52,9 @@ def test_plan_examples_json_gives_the_table_for_all_nine_cells():
             next(s for s in ("70", "13", "7") if f"-{s}b" in doc["spec"]["baseModel"]["uri"].lower())
         ]
         key = (plan["method"], size)
+        if plan["method"] in ("prefix", "prompt"):  # not in the table: the memory model sizes them
+            assert plan["source"] == "estimate" and "memory model" in plan["reason"], item
+            continue
         assert (plan["gpus"], plan["gpuMemoryGiB"]) == TABLE[key], item
         assert plan["source"] == "table"
         assert plan["nodes"] == -(-plan["gpus"] // 8)

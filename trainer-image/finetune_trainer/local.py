@@ -379,6 +379,8 @@ def run_local(args: argparse.Namespace) -> int:
             env, _server = stack.enter_context(demo_environment(doc, work, args.keep_s3))
             print("demo overrides for the tiny stand-in:")
             for path, value, why in DEMO_OVERRIDES:
+                if path.startswith("lora.") and plan.method not in ("lora", "qlora"):
+                    continue  # LoRA settings mean nothing to full, prefix or prompt tuning
                 if full_path(path) not in [full_path(own) for own, _ in overrides]:  # --set wins
                     print(f"  {set_path(doc, path, copy.deepcopy(value))} = {value}  ({why})")
             job, plan = validate(doc, str(source))
