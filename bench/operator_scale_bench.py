@@ -382,6 +382,46 @@ class Api:
 # --- what the bench creates ----------------------------------------------------------------------
 
 
+async def minimum_writes_baseline(api: Api, run: Run, namespace: str) -> None:
+    """`operator_minimum_writes_<N>_seconds`: the least any operator must have the API server do for N
+    FineTuneJobs, done by the bench itself with no operator running: per job, create it, then its three
+    children (the operator's own `render.render_children`, owner reference and all), one status write and
+    one event, in that order; `CONCURRENCY` jobs in flight, as for the create-only baseline. The
+    operator's time to every Job is compared with this (`operator_jobs_vs_minimum_writes_<N>`): what it
+    spends beyond it is its own (queueing, reads, retries), not the API server's floor."""
+    from finetune_operator import render, sizing
+    from finetune_operator.settings import OperatorSettings
+    from finetune_operator.spec import FineTuneJob
+
+    settings = OperatorSettings.from_env({})
+    await api.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                  "metadata": {"name": namespace}})
+    gate = asyncio.Semaphore(CONCURRENCY)
+    ftjs = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
+
+    async def one(i: int) -> None:
+        async with gate:
+            _, made = await api.call("POST", ftjs, manifest(i, f"job-{i:05d}", namespace))
+            job = FineTuneJob.model_validate(made)
+            for child in render.render_children(job, sizing.plan(job.spec), settings):
+                plural = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs"}[child["kind"]]
+                prefix = "/api/v1" if child["apiVersion"] == "v1" else f"/apis/{child['apiVersion']}"
+                await api.call("POST", f"{prefix}/namespaces/{namespace}/{plural}", child)
+            await api.call("PATCH", f"{ftjs}/{job.metadata.name}/status", {"status": {"phase": "Suspended"}})
+            await api.call("POST", f"/api/v1/namespaces/{namespace}/events", {
+                "apiVersion": "v1", "kind": "Event",
+                "metadata": {"name": f"job-{i:05d}.baseline", "namespace": namespace},
+                "involvedObject": {"apiVersion": f"{GROUP}/{VERSION}", "kind": "FineTuneJob",
+                                   "name": job.metadata.name, "namespace": namespace, "uid": job.metadata.uid},
+                "reason": "Suspended", "message": "baseline", "type": "Normal",
+                "source": {"component": "bench"}})
+
+    t_start = time.monotonic()
+    await asyncio.gather(*(one(i) for i in range(run.n)))
+    run.put("operator_minimum_writes_{n}_seconds", time.monotonic() - t_start)
+    await api.call("DELETE", f"/api/v1/namespaces/{namespace}", timeout=600)
+
+
 def manifest(i: int, name: str, namespace: str) -> dict[str, Any]:
     """A varied, valid FineTuneJob; suspended so that no cluster ever starts its pods."""
     size, method = (("7B", "qlora"), ("13B", "lora"), ("7B", "lora"), ("70B", "qlora"), ("13B", "full"))[i % 5]
@@ -706,6 +746,8 @@ async def run_one(run: Run) -> None:
             run.put("operator_create_only_{n}_seconds", time.monotonic() - t_base)
             await api.call("DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/{base_ns}/{PLURAL}", timeout=600)
             await api.call("DELETE", f"/api/v1/namespaces/{base_ns}")
+            if run.plane is not None:
+                await minimum_writes_baseline(api, run, f"{namespace}-min")
 
         def on_job(event: dict[str, Any]) -> None:
             name = ((event.get("object") or {}).get("metadata") or {}).get("name")
@@ -1021,6 +1063,9 @@ async def main_async(args: argparse.Namespace) -> int:
             base = run.figures.get(f"operator_create_only_{n}_seconds")
             if took is not None and base is not None:
                 run.put("operator_jobs_vs_create_only", float(took) / float(base))
+            floor = run.figures.get(f"operator_minimum_writes_{n}_seconds")
+            if took is not None and floor is not None:
+                run.put("operator_jobs_vs_minimum_writes", float(took) / float(floor))
             for name, value in run.figures.items():
                 print(f"{name}={value}", flush=True)
             for note in run.notes:

@@ -10,8 +10,9 @@ a fresh read of the object:
    nothing is created;
 2. plan it (`sizing.plan`, kept in status.plan; a plan already in the status wins, so an operator
    upgrade never re-sizes a running job);
-3. make sure the children exist (ConfigMap, Service, Job, in that order): read each; create it when
-   missing; on 409 read it again. An existing child whose controller owner reference is this
+3. make sure the children exist (ConfigMap, Service, Job, in that order): read each and create it when
+   missing (a FineTuneJob without a status yet has never had a pass: its children are created without a
+   read first); on 409 read it again. An existing child whose controller owner reference is this
    FineTuneJob's uid is adopted (labels, and the Service's selector and ports, patched to the desired
    ones; the ConfigMap snapshot and the Job template are never rewritten, the first is the running job's
    frozen config and the second is immutable). Anything else is foreign: Created=False/ForeignChild and
@@ -45,6 +46,14 @@ default) plus the same. The final report of a job that stops (suspended, finishe
 of the pod or Job event that ends it. kopf timers would put a finalizer on every FineTuneJob, which
 blocks `kubectl delete` while the operator is down. There is no finalizer at all: children go with their
 owner through garbage collection.
+
+What a FineTuneJob costs the API server: from create to its first status, its three children, one
+status write, one event, and kopf's annotation patch (its create handler done): 6 requests, no reads
+(bench/operator_scale_bench.py counts them in the audit log). The first pass of an object uses the body
+kopf hands the create or resume handler (nothing of ours wrote it since kopf read it); later passes read
+it under the object's lock. A Job event runs a pass only when it changes what the status reads from the
+Job (`refresh.job_view`): the watch's echo of the operator's create and the controller's bookkeeping on a
+suspended Job do not. At most `PASS_CONCURRENCY` passes run at once, on `kube.CONNECTIONS` connections.
 
 An operator restart at any point converges: the children are found and adopted by owner uid, the status
 is recomputed from what exists, and events are only posted for transitions against the stored status.
@@ -92,6 +101,9 @@ ENV_LOG_FORMAT = "FT_LOG_FORMAT"
 DEFAULT_STATUS_INTERVAL = 10.0
 #: Status refresh passes in flight at once (see `_refresher`).
 REFRESH_CONCURRENCY = 8
+#: Reconcile passes in flight at once, whatever started them (see `reconcile`): a few more than the
+#: client's connections (`kube.CONNECTIONS`), so that a pass reading S3 does not leave one idle.
+PASS_CONCURRENCY = 24
 ANNOTATION_PREFIX = "kopf.finetune.dev"
 COMPONENT = "finetune-operator"
 
@@ -115,6 +127,8 @@ class JobState:
     settled: bool = False
     due: float | None = None
     idle: int = 0
+    passes: int = 0  # passes begun in this process (0: kopf's body of a create or resume is still fresh)
+    job_view: int | None = None  # `refresh.job_view` of the Job the last pass saw
 
 
 @dataclass
@@ -131,6 +145,7 @@ class Runtime:
     known: dict[str, tuple[str, str]] = field(default_factory=dict)  # uid -> (namespace, name)
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # "namespace/name" -> its lock
     jobs: dict[str, JobState] = field(default_factory=dict)  # "namespace/name" -> what the refresher keeps
+    passes: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PASS_CONCURRENCY))
     task: asyncio.Task[None] | None = None
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
@@ -278,13 +293,17 @@ async def ensure_children(
 ) -> status_mod.Children:
     uid = str(job.metadata.uid)
     known = _condition_true(body, "Created")
+    # A FineTuneJob with no status yet has never had a pass: its children almost surely do not exist, so
+    # they are created without a read first (a 409 then reads and decides by owner as below). Later
+    # passes read first: the children usually exist, and a read is cheaper than a refused create.
+    fresh = not body.get("status")
     created: list[str] = []
     adopted: list[str] = []
     job_obj: dict[str, Any] | None = None
     for desired in render.render_children(job, plan, rt.settings):
         label = f"{desired['kind']}/{desired['metadata']['name']}"
         url = child_url(desired)
-        existing = await api.get(url)
+        existing = None if fresh else await api.get(url)
         if existing is None:
             try:
                 made = await api.create(child_url(desired, named=False), desired)
@@ -434,10 +453,14 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
             pods = await api.list(f"/api/v1/namespaces/{meta['namespace']}/pods", label_selector=selector)
     report = None
     # Read once after the last pod went away, then not again until a pod event (no trainer, no writes).
-    skipped = job_obj is not None and refresh.skip_report(len(pods), state.settled)
+    # Nor in the pass that created the Job: none of its trainers has run, so a report at the output URI
+    # is an earlier run's, and this run's first report follows a pod event, whose pass reads it.
+    job_created = any(label.startswith("Job/") for label in children.created)
+    skipped = job_obj is not None and (job_created or refresh.skip_report(len(pods), state.settled))
     if not skipped:
         report = await _read_report(rt, output_uri)
-    state.settled = job_obj is not None and not pods and (skipped or report is not None)
+    state.settled = job_obj is not None and not pods and not job_created and (skipped or report is not None)
+    state.job_view = refresh.job_view(job_obj)
     children = status_mod.Children(
         job=job_obj, pods=pods, created=children.created, adopted=children.adopted, foreign=children.foreign
     )
@@ -462,13 +485,34 @@ def _schedule(rt: Runtime, body: Mapping[str, Any], outcome: refresh.Outcome) ->
     state.due = None if decision.delay is None else time.monotonic() + decision.delay
 
 
-async def reconcile(rt: Runtime, namespace: str, name: str, logger: Any, cause: str) -> None:
-    """Reconcile the FineTuneJob `namespace/name` if it exists, serialized per object."""
+async def reconcile(
+    rt: Runtime, namespace: str, name: str, logger: Any, cause: str, given: Mapping[str, Any] | None = None,
+    job_view: int | None = None,
+) -> None:
+    """Reconcile the FineTuneJob `namespace/name` if it exists, serialized per object.
+
+    `given`: the body kopf handed to a create or resume handler. The first pass of an object in this
+    process uses it as is, since nothing of ours can have written the object since kopf read it (the
+    operator writes only status and Job suspension, and only in passes); every other pass reads it.
+    `job_view`: a Job event's `refresh.job_view`; no pass when the last pass saw the same.
+
+    At most `PASS_CONCURRENCY` passes run at once: a burst of creates then finishes job after job
+    instead of interleaving every job's requests on the shared connections (where each job's status
+    waited for the whole burst), and holds only that many bodies, plans and rendered children at once.
+    """
     api = rt.kube
     # The lock is keyed by the name the caller knows, so one read under it is fresh (no one else is
     # writing): a pass costs one read of the object, not two (a read to learn its uid, then a re-read).
-    async with rt.lock(namespace, name):
-        body = await api.get(ftj_url(namespace, name))
+    async with rt.lock(namespace, name), rt.passes:
+        state = rt.job_state(namespace, name)
+        if job_view is not None and state.job_view == job_view:
+            return
+        first = state.passes == 0
+        state.passes += 1
+        if given is not None and first:
+            body: dict[str, Any] | None = dict(given)
+        else:
+            body = await api.get(ftj_url(namespace, name))
         if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
             return
         started = time.monotonic()
@@ -637,6 +681,8 @@ async def _refresh_some(rt: Runtime, pending: Iterator[tuple[str, tuple[str, str
     for uid, (namespace, name) in pending:
         if uid not in rt.known:
             continue
+        if rt.lock(namespace, name).locked():
+            continue  # a pass is in flight (or waiting for a slot): it sets the next refresh when it ends
         try:
             await reconcile(rt, namespace, name, logger, "refresh")
         except asyncio.CancelledError:
@@ -671,13 +717,13 @@ async def track(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
-async def on_create(namespace: str | None, name: str, memo: Any, logger: Any, **_: Any) -> None:
-    await reconcile(_runtime(memo), str(namespace), name, logger, "create")
+async def on_create(namespace: str | None, name: str, body: kopf.Body, memo: Any, logger: Any, **_: Any) -> None:
+    await reconcile(_runtime(memo), str(namespace), name, logger, "create", given=body)
 
 
 @kopf.on.resume(GROUP, VERSION, PLURAL)
-async def on_resume(namespace: str | None, name: str, memo: Any, logger: Any, **_: Any) -> None:
-    await reconcile(_runtime(memo), str(namespace), name, logger, "resume")
+async def on_resume(namespace: str | None, name: str, body: kopf.Body, memo: Any, logger: Any, **_: Any) -> None:
+    await reconcile(_runtime(memo), str(namespace), name, logger, "resume", given=body)
 
 
 def changed_spec_fields(diff: Any) -> list[str]:
@@ -715,8 +761,12 @@ async def on_job_event(type: str, body: kopf.Body, memo: kopf.Memo, logger: Any,
     if owner is None or owner.get("kind") != KIND:
         return
     namespace = str(body.metadata.namespace)
+    # A pass is only needed when something the status reads from the Job changed since the last pass saw
+    # it: the watch's echo of the operator's own create and the controller's Suspended condition need none
+    # (compared under the object's lock, after a pass in flight has recorded what it saw).
+    view = None if type == "DELETED" else refresh.job_view(body)
     try:
-        await reconcile(rt, namespace, str(owner.get("name")), logger, f"Job {type or 'event'}")
+        await reconcile(rt, namespace, str(owner.get("name")), logger, f"Job {type or 'event'}", job_view=view)
     except kopf.TemporaryError as err:
         # Event handlers are not retried; the failed pass scheduled a refresh one interval from now.
         logger.warning(f"refresh after a Job event failed: {err}")

@@ -20,7 +20,9 @@ Queued, Succeeded, Failed
 
 `skip_pods` and `skip_report` decide what a pass may leave out for a job with no pods: a suspended Job's
 pods are known from the pod watch, and a report with no trainer to write it only needs reading once
-after the last pod went away.
+after the last pod went away. `job_view` decides which Job events need a pass at all: only those that
+change what `status.compute_status` reads from the Job (the controller's own bookkeeping, e.g. its
+`Suspended` condition or the echo of the operator's own create, changes nothing the status shows).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from finetune_operator.render import KUEUE_QUEUE_LABEL
 from finetune_operator.status import FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED, SUSPENDED
 
 #: The longest wait between two refreshes of a running job, in status intervals.
@@ -93,6 +96,44 @@ def report_changed(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None)
     return {k: (old or {}).get(k) for k in REPORT_KEYS} != {k: (new or {}).get(k) for k in REPORT_KEYS}
 
 
+#: The Job conditions the status is computed from (its phase, failure reason and times).
+_JOB_CONDITIONS = ("Complete", "Failed")
+#: The Job's status fields the status is computed from (`startTime`, restarts from `failed`, running
+#: from `ready`; `active` and `succeeded` as the controller's view of the pods).
+_JOB_STATUS_FIELDS = ("startTime", "completionTime", "ready", "failed", "active", "succeeded")
+
+
+def job_view(job: Mapping[str, Any] | None) -> int:
+    """A fingerprint of what the FineTuneJob's status can depend on in its Job: identity, suspension, the
+    Kueue queue label, the finishing conditions (whole) and the counters and times in
+    `_JOB_STATUS_FIELDS`. Two Jobs with the same view give the same status (with the same pods and
+    report), so a Job event whose view equals the one the last pass used needs no pass. Hashed: only an
+    int is kept per job."""
+    if job is None:
+        return hash(None)
+    meta = job.get("metadata") or {}
+    status = job.get("status") or {}
+    conditions = sorted(
+        (str(cond.get("type")), str(cond.get("status")), str(cond.get("reason")), str(cond.get("message")),
+         str(cond.get("lastTransitionTime")))
+        for cond in status.get("conditions") or []
+        if cond.get("type") in _JOB_CONDITIONS
+    )
+    return hash((
+        meta.get("uid"),
+        bool((job.get("spec") or {}).get("suspend")),
+        (meta.get("labels") or {}).get(KUEUE_QUEUE_LABEL),
+        tuple(conditions),
+        tuple(_scalar(status.get(key)) for key in _JOB_STATUS_FIELDS),
+    ))
+
+
+def _scalar(value: Any) -> str:
+    """A Job status field as the status reads it: an absent counter is 0 (the Job controller's first sync
+    writes `ready: 0` and friends onto a Job whose status was empty, which changes nothing)."""
+    return "0" if value in (None, 0, "") else str(value)
+
+
 def skip_pods(job_suspended: bool, known_pods: int) -> bool:
     """A pass need not list pods of a suspended Job when the pod watch knows of none (each pod event
     triggers a pass of its own, so a pod that appears later is seen by that pass)."""
@@ -105,5 +146,5 @@ def skip_report(pods: int, settled: bool) -> bool:
     return pods == 0 and settled
 
 
-__all__ = ["BACKOFF_CAP", "REPORT_KEYS", "Next", "Outcome", "next_refresh", "pods_active", "report_changed",
-           "skip_pods", "skip_report"]
+__all__ = ["BACKOFF_CAP", "REPORT_KEYS", "Next", "Outcome", "job_view", "next_refresh", "pods_active",
+           "report_changed", "skip_pods", "skip_report"]

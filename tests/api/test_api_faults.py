@@ -103,7 +103,7 @@ def test_lost_create_answers_are_adopted_never_duplicated(cluster: Cluster) -> N
 def test_throttling_and_server_errors_are_retried(cluster: Cluster) -> None:
     faults = cluster.inject(
         Fault("create", "jobs", status=429, retry_after=2),
-        Fault("fetch", "configmaps", status=500, times=2),
+        Fault("create", "configmaps", status=500, times=2),  # a first pass creates without reading first
         Fault("update", "finetunejobs", subresource="status", status=503, retry_after=1),
         Fault("list", "pods", status=503),
     )

@@ -151,3 +151,30 @@ def test_an_unchanged_report_is_read_less_and_less_often(cluster: Cluster, repor
     # two apart; backing off, about 5, the later ones BACKOFF_CAP intervals apart.
     assert 1 <= len(reads) <= window / (2 * INTERVAL), (len(reads), gaps)
     assert gaps and max(gaps) >= (BACKOFF_CAP - 1) * INTERVAL, gaps
+
+
+def test_a_new_job_costs_its_children_one_status_write_and_one_event(cluster: Cluster, reports: Reports) -> None:
+    """A suspended FineTuneJob from create to Suspended: no read of it or of its children (kopf's body is
+    fresh on a first pass, the children are created without a read first), and the Job events that change
+    nothing the status shows (the echo of the create, the controller's Suspended condition) cause no pass."""
+    with operator():
+        create(cluster, "idle", suspend=True)
+        wait_for(phase_is(cluster, "Suspended", "idle"), "idle Suspended")
+        # The Job controller's bookkeeping on a suspended Job.
+        cluster.patch("batch/v1/jobs", "idle", {"status": {"conditions": [{
+            "type": "Suspended", "status": "True", "reason": "JobSuspended", "message": "Job suspended",
+            "lastTransitionTime": "2026-01-01T00:00:00Z"}]}}, sub="status")
+        time.sleep(5 * INTERVAL)
+        calls = [str(c) for c in cluster.chaos.calls() if c.verb not in ("watch", "list") and c.plural]
+        reads = len(reports.times(uri("idle")))
+        # Then a change the status does read (the Job fails): a pass, with its reads.
+        finish_job(cluster, "Failed", "BackoffLimitExceeded", "too many failures", name="idle")
+        wait_for(phase_is(cluster, "Failed", "idle"), "idle Failed")
+
+    assert sorted(calls) == sorted([
+        "create configmaps", "create services", "create jobs",  # the children
+        "update finetunejobs/status idle",  # one status write
+        "create events",  # one event (Pending -> Suspended)
+        "update finetunejobs idle",  # kopf: the create handler is done (its annotations)
+    ]), calls
+    assert reads == 0  # never read: no trainer of this Job has run (and none runs while it is suspended)

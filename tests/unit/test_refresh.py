@@ -10,6 +10,7 @@ from finetune_operator.refresh import (
     BACKOFF_CAP,
     Next,
     Outcome,
+    job_view,
     next_refresh,
     pods_active,
     report_changed,
@@ -120,3 +121,54 @@ def test_skip_pods(suspended: bool, known: int, skip: bool) -> None:
 ])
 def test_skip_report(pods: int, settled: bool, skip: bool) -> None:
     assert skip_report(pods, settled) is skip
+
+
+def _job(**changes: Any) -> dict[str, Any]:
+    job: dict[str, Any] = {
+        "metadata": {"name": "demo", "uid": "u1", "resourceVersion": "7", "labels": {"finetune.dev/job": "demo"}},
+        "spec": {"suspend": True, "parallelism": 1},
+        "status": {},
+    }
+    for path, value in changes.items():
+        where = job
+        *parents, leaf = path.split("__")
+        for part in parents:
+            where = where.setdefault(part, {})
+        where[leaf] = value
+    return job
+
+
+SUSPENDED_CONDITION = {"type": "Suspended", "status": "True", "reason": "JobSuspended", "message": "Job suspended",
+                       "lastTransitionTime": "2026-12-02T00:00:00Z"}
+FAILED_CONDITION = {"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "too many",
+                    "lastTransitionTime": "2026-12-02T00:01:00Z"}
+
+
+@pytest.mark.parametrize(("changed", "differs"), [
+    # The controller's bookkeeping and the object's own revision: the status reads none of it.
+    (_job(status__conditions=[SUSPENDED_CONDITION]), False),
+    (_job(metadata__resourceVersion="8", metadata__generation=2), False),
+    (_job(spec__parallelism=2), False),
+    (_job(status__uncountedTerminatedPods={}), False),
+    (_job(status__ready=0, status__terminating=0, status__active=0), False),  # the controller's first sync
+    # What the status is computed from.
+    (_job(spec__suspend=False), True),
+    (_job(metadata__uid="u2"), True),  # a Job of the same name replaced
+    (_job(metadata__labels={"kueue.x-k8s.io/queue-name": "q"}), True),
+    (_job(status__conditions=[SUSPENDED_CONDITION, FAILED_CONDITION]), True),
+    (_job(status__conditions=[{**FAILED_CONDITION, "type": "Complete", "reason": "Completed"}]), True),
+    (_job(status__startTime="2026-12-02T00:00:00Z"), True),
+    (_job(status__completionTime="2026-12-02T00:02:00Z"), True),
+    (_job(status__ready=1), True),
+    (_job(status__failed=1), True),
+    (_job(status__active=2), True),
+    (_job(status__succeeded=1), True),
+])
+def test_job_view_changes_only_with_what_the_status_reads(changed: dict[str, Any], differs: bool) -> None:
+    assert (job_view(changed) != job_view(_job())) is differs
+
+
+def test_job_view_of_no_job() -> None:
+    assert job_view(None) == job_view(None) != job_view(_job())
+    # Equal Jobs read at different times (the create's answer, the watch's copy) have equal views.
+    assert job_view(_job()) == job_view(_job())
