@@ -17,6 +17,7 @@ from finetune_operator.spec import FineTuneJob
 from finetune_trainer.provenance import (
     build_provenance,
     config_sha256,
+    resolved_hyperparameters,
     sha256_file,
     sha256_manifest,
     sha256_tree,
@@ -142,3 +143,23 @@ def test_record_is_deterministic_and_host_free(healthcare_sample: HealthcareSamp
     host = socket.gethostname()
     assert f'"{host}"' not in text and "host" not in text.lower()
     assert str(healthcare_sample.dir) not in text  # no local cache paths
+
+
+@pytest.mark.parametrize(("method", "block", "settings"), [
+    ("prefix", "prefix", {"virtualTokens": 8, "projection": True}),
+    ("prompt", "prompt", {"virtualTokens": 12, "init": "text", "initText": "Answer as a clinician."}),
+])
+def test_virtual_token_methods_record_their_settings(method: str, block: str, settings: dict[str, object]) -> None:
+    manifest = yaml.safe_load((EXAMPLES / "healthcare-lora.yaml").read_text())
+    spec = manifest["spec"]
+    spec["method"] = method
+    spec.pop("lora", None)
+    spec[block] = settings
+    spec["hyperparameters"].update(packing=False, gradientCheckpointing=False)
+    manifest["metadata"]["uid"] = "1234-abcd"
+    job = FineTuneJob.model_validate(manifest)
+    config = contract.resolve(job, sizing.plan(job.spec), image="registry.example/finetune-trainer:0.1.0")
+    resolved = resolved_hyperparameters(config)
+    assert resolved["method"] == method
+    assert {k: resolved[block][k] for k in settings} == settings
+    assert "lora" not in resolved and "quantization" not in resolved

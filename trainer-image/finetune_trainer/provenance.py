@@ -83,6 +83,10 @@ def resolved_hyperparameters(config: TrainerConfig) -> dict[str, Any]:
         resolved["lora"] = spec.lora.wire()
     if config.method == "qlora":
         resolved["quantization"] = spec.resolved_quantization().wire()
+    if config.method == "prefix":
+        resolved["prefix"] = spec.resolved_prefix().wire()
+    if config.method == "prompt":
+        resolved["prompt"] = spec.resolved_prompt().wire()
     return resolved
 
 
