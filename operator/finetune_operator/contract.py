@@ -13,6 +13,10 @@
    `EXIT_GATES_FAILED` (retrying cannot help), and retries anything else within backoffLimit.
 5. **Completion markers**: a checkpoint or the final artifact set is complete only when its marker object
    (`MARKER_NAME`) exists; markers are written last.
+6. **Out-of-memory ladder** (`next_rung`): the rule both sides use to step down after an out-of-memory
+   error. The trainer applies it in-process (`finetune_trainer.oom`) and reports every step as an
+   `Adjustment` (`TrainerReport.adjustments`); after a pod killed as OOMKilled the operator applies it once
+   and passes the result to the next pod in `TrainerConfig.adjustments`.
 """
 
 from __future__ import annotations
@@ -22,10 +26,12 @@ from typing import Any, Literal
 from pydantic import Field
 
 from finetune_operator.spec import (
+    Adjustment,
     CheckpointRecord,
     EvaluationStatus,
     FineTuneJob,
     FineTuneJobSpec,
+    MemoryRung,
     Plan,
     ResolvedMethod,
     _Model,
@@ -75,6 +81,17 @@ class TrainerConfig(_Model):
     plan: Plan = Field(description="The sizing plan.")
     spec: FineTuneJobSpec = Field(description="The full spec with every default filled in.")
     image: str | None = Field(default=None, description="Trainer image (recorded in provenance).")
+    adjustments: list[Adjustment] = Field(
+        default_factory=list, max_length=16,
+        description="Out-of-memory adjustments made before this pod, oldest first (the operator adds one after a pod "
+        "OOMKilled, from `next_rung`). The trainer starts at the last one's `to` rung (or lower, if a checkpoint "
+        "was written at a lower one) and keeps them at the head of its report's adjustments.")
+
+    def start_rung(self) -> MemoryRung:
+        """Where training starts: the last adjustment's rung, else the spec's hyperparameters."""
+        if self.adjustments:
+            return self.adjustments[-1].to
+        return spec_rung(self.spec)
 
 
 class TrainerError(_Model):
@@ -113,7 +130,52 @@ class TrainerReport(_Model):
     artifacts: dict[str, str] = Field(default_factory=dict)
     evaluation: EvaluationStatus | None = None
     error: TrainerError | None = None
+    adjustments: list[Adjustment] = Field(
+        default_factory=list,
+        description="Out-of-memory adjustments of this job, oldest first: those passed in the config (operator, after "
+        "an OOMKilled pod), then the trainer's own (`torch.OutOfMemoryError` in the first steps: the step, the rung that "
+        "ran out of memory, the rung it continued with, and the error). The operator copies them to "
+        "status.adjustments.")
     updated_at: str = Field(description="RFC 3339 time of this report.")
+
+
+def spec_rung(spec: FineTuneJobSpec) -> MemoryRung:
+    """The memory rung the spec asks for."""
+    hp = spec.hyperparameters
+    return MemoryRung(micro_batch=hp.batch_size, grad_accum=hp.gradient_accumulation_steps,
+                      gradient_checkpointing=hp.gradient_checkpointing)
+
+
+def checkpointing_allowed(method: str) -> bool:
+    """Whether the ladder may turn gradient checkpointing on (not for prefix tuning: see the spec)."""
+    return method != "prefix"
+
+
+def next_rung(current: MemoryRung, start: MemoryRung, *, checkpointing: bool = True) -> MemoryRung | None:
+    """The next rung down the out-of-memory ladder from `current` (the run began at `start`), or None at
+    the bottom.
+
+    In order: halve the micro-batch and double the gradient accumulation; once halved, turn gradient
+    checkpointing on (when `checkpointing` allows it); then keep halving down to a micro-batch of 1. A
+    micro-batch that is odd goes to its largest divisor at most half of it (6 -> 3, 5 -> 1), so every rung
+    keeps microBatch x gradAccum: each optimizer step trains on the same examples, and the loss curve is that
+    of a run started at the new rung. Pure: no state, no I/O.
+    """
+    turn_on = checkpointing and not current.gradient_checkpointing
+    if turn_on and current.micro_batch < start.micro_batch:
+        return current.model_copy(update={"gradient_checkpointing": True})
+    if current.micro_batch > 1:
+        smaller = next(d for d in range(current.micro_batch // 2, 0, -1) if current.micro_batch % d == 0)
+        return current.model_copy(update={
+            "micro_batch": smaller, "grad_accum": current.grad_accum * (current.micro_batch // smaller)})
+    if turn_on:
+        return current.model_copy(update={"gradient_checkpointing": True})
+    return None
+
+
+def lower(a: MemoryRung, b: MemoryRung) -> MemoryRung:
+    """The rung of `a` and `b` that needs less memory (a smaller micro-batch, then checkpointing on)."""
+    return min(a, b, key=lambda r: (r.micro_batch, not r.gradient_checkpointing))
 
 
 def resolve(job: FineTuneJob, plan: Plan, image: str | None = None) -> TrainerConfig:

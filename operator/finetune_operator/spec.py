@@ -801,6 +801,33 @@ class EvaluationStatus(_Model):
     failed_gates: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=16, description="Gates that were missed, each naming the metric.")
 
 
+class MemoryRung(_Model):
+    """One rung of the out-of-memory ladder: how a step's examples are split in memory."""
+
+    micro_batch: int = Field(ge=1, description="Examples per forward pass on each GPU (spec.hyperparameters.batchSize).")
+    grad_accum: int = Field(
+        ge=1, description="Micro-batches accumulated per optimizer step (spec.hyperparameters.gradientAccumulationSteps).")
+    gradient_checkpointing: bool = Field(description="Whether activations are recomputed in the backward pass.")
+
+
+class Adjustment(_Model):
+    """A change the trainer (or the operator, across restarts) made to fit in memory.
+
+    Every rung keeps microBatch x gradAccum, so each optimizer step trains on the same examples and the loss
+    curve is that of a run started at the new rung.
+    """
+
+    step: int = Field(ge=0, description="Optimizer steps done when the out-of-memory error hit (training restarted from the "
+                      "newest checkpoint, or from step 0 when there was none).")
+    from_: MemoryRung = Field(alias="from", description="The rung that ran out of memory.")
+    to: MemoryRung = Field(description="The rung training continued with.")
+    reason: str = Field(max_length=1024, description="What happened, e.g. `CUDA out of memory` in the first steps, or "
+                        "the pod OOMKilled.")
+    by: Literal["trainer", "operator"] = Field(
+        default="trainer", description="Who made it: the trainer in its own process, or the operator for the next pod "
+        "after an OOMKilled one.")
+
+
 class FineTuneJobStatus(_Model):
     """Observed state, written by the operator."""
 
@@ -813,6 +840,10 @@ class FineTuneJobStatus(_Model):
         default_factory=dict, max_length=32, description="Artifact URIs by kind: model, merged, metrics, evaluation, provenance, modelCard."
     )
     evaluation: EvaluationStatus | None = Field(default=None, description="Evaluation scores, base beside fine-tuned.")
+    adjustments: list[Adjustment] = Field(
+        default_factory=list, max_length=16,
+        description="Out-of-memory adjustments (micro-batch, gradient accumulation, gradient checkpointing), oldest first, "
+        "from the trainer's report and from OOMKilled pods.")
     restarts: int = Field(default=0, ge=0, description="Training pod restarts (failures and preemptions).")
     start_time: str | None = Field(default=None, description="When training started (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
