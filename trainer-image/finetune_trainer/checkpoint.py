@@ -9,7 +9,9 @@ A checkpoint holds everything needed to continue exactly where training stopped:
     scheduler.pt       learning-rate scheduler state
     scaler.pt          the fp16 gradient scaler (fp16 only)
     rng-<rank>.json    python, numpy and torch (CPU and CUDA) RNG states of every process
-    trainer_state.json step, data position (epoch, micro-batches consumed in it, world size), base scores
+    trainer_state.json step, data position (epoch, micro-batches consumed in it, world size), base scores,
+                       the memory rung (micro-batch, accumulation, gradient checkpointing) and the
+                       out-of-memory adjustments so far
     metrics.jsonl      the metrics log up to this step
     _COMPLETE          written last, by rank 0, after every process's files are uploaded
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import re
 import shutil
@@ -51,6 +54,11 @@ class TrainState:
     #: Base-model scores measured before the first step (so a resumed run does not measure them again).
     base_scores: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    #: The memory rung trained at (contract.MemoryRung, wire form): `batches_in_epoch` counts its micro-batches.
+    #: None in checkpoints from before the out-of-memory ladder (they trained at the spec's rung).
+    rung: dict[str, Any] | None = None
+    #: Out-of-memory adjustments so far (contract.Adjustment, wire form), oldest first.
+    adjustments: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -68,7 +76,23 @@ class TrainState:
         log.warning("resuming a world of %d process(es) from one of %d: data position rescaled",
                     world_size, self.world_size)
         return TrainState(self.step, self.epoch, consumed, world_size, self.total_steps, self.base_scores,
-                          self.extra)
+                          self.extra, self.rung, self.adjustments)
+
+    def regroup(self, micro_batch: int, grad_accum: int) -> TrainState:
+        """The same data position counted in micro-batches of another rung (the out-of-memory ladder).
+
+        A checkpoint is taken after an optimizer step, so `batches_in_epoch` is a whole number of steps of
+        `grad_accum` micro-batches (or the epoch's last, shorter group). Every rung keeps the step's examples
+        (micro-batch x accumulation, `dataset.batch_plan`), so steps done are what carry over. A position past
+        the epoch's last batch at the new rung starts the next epoch, as the loop does anyway.
+        """
+        if self.rung is None or self.rung.get("microBatch") == micro_batch:
+            return self
+        steps_done = math.ceil(self.batches_in_epoch / self.rung["gradAccum"])
+        log.warning("resuming at micro-batch %d x %d from a checkpoint at %d x %d: data position regrouped",
+                    micro_batch, grad_accum, self.rung["microBatch"], self.rung["gradAccum"])
+        return TrainState(self.step, self.epoch, steps_done * grad_accum, self.world_size, self.total_steps,
+                          self.base_scores, self.extra, self.rung, self.adjustments)
 
 
 def prefix(step: int) -> str:

@@ -52,3 +52,16 @@ class GatesFailed(TrainerFailure):
 
     def __init__(self, message: str):
         super().__init__("GatesFailed", message)
+
+
+class OutOfMemory(TrainerFailure):
+    """Out of memory with nothing left to try (`oom.py`): the message names every rung tried.
+
+    `final` (the ladder's last rung failed): exit EXIT_CONFIG_ERROR, the job fails now, since a new pod
+    would only try the same rungs. Otherwise (an OOM the trainer cannot step down from in-process: several
+    processes, or after the first checkpoint) exit 1, so the Job's retry can start one rung lower.
+    """
+
+    def __init__(self, message: str, *, final: bool):
+        super().__init__("OutOfMemory", message)
+        self.exit_code = EXIT_CONFIG_ERROR if final else 1

@@ -108,6 +108,28 @@ def _evaluation_section(evaluation: EvaluationStatus | None) -> list[str]:
     return lines
 
 
+def _rung(rung: Any) -> str:
+    return (f"{rung.micro_batch} x {rung.grad_accum}, gradient checkpointing "
+            f"{'on' if rung.gradient_checkpointing else 'off'}")
+
+
+def _adjustments_section(config: TrainerConfig) -> list[str]:
+    """The out-of-memory adjustments (finetune_trainer/oom.py): the hyperparameters above are the last rung's."""
+    if not config.adjustments:
+        return []
+    rows = [(a.step, a.by, _rung(a.from_), _rung(a.to), a.reason) for a in config.adjustments]
+    return [
+        "## Out-of-memory adjustments",
+        "",
+        "Training ran out of memory and continued with a smaller micro-batch (batch size per GPU x accumulation "
+        "keeps the examples of every optimizer step, so the loss curve is that of a run started there); the "
+        "hyperparameters above are the ones it finished with.",
+        "",
+        _table(("step", "by", "from (micro-batch x accumulation)", "to", "reason"), rows),
+        "",
+    ]
+
+
 def _usage_section(config: TrainerConfig, artifacts: Mapping[str, str]) -> list[str]:
     """How to load the artifact: with peft on the base for adapters, with transformers for whole models."""
     method = methods.get(config.method)
@@ -211,6 +233,7 @@ def render_model_card(
         ),
         "",
     ]
+    lines += _adjustments_section(config)
     if metrics_summary:
         lines += ["## Training", "", _table(("metric", "value"), sorted(metrics_summary.items())), ""]
     lines += _evaluation_section(evaluation)

@@ -10,7 +10,10 @@ window), `evalLoss`, `learningRate`; `tokensPerSecond` (non-padding tokens, all 
 (`{trainExamples, validationExamples, skippedRows, truncatedExamples}`, once the data is read); `checkpoints`
 (complete ones, newest last, each `{step, uri}`); `artifacts` (URIs by kind: model, merged, metrics,
 evaluation, provenance, modelCard); `evaluation` (base and fine-tuned scores; base as soon as it is
-known); `error` (`{reason, message}` when the phase is failed); `updatedAt` (RFC 3339).
+known); `adjustments` (out-of-memory adjustments, oldest first, each `{step, from, to, reason, by}` with
+rungs `{microBatch, gradAccum, gradientCheckpointing}`: the config's, then the trainer's own, `oom.py`);
+`error` (`{reason, message}` when the phase is failed; `OutOfMemory` names every rung tried); `updatedAt`
+(RFC 3339).
 How: the whole object is rewritten each time (JSON, camelCase keys), so readers never see a partial
 update. Because it lives with the output, it survives pod, node and operator restarts; a restarted trainer
 continues the same object (its `checkpoints` list is rebuilt from the complete checkpoints in storage).

@@ -14,7 +14,9 @@ Order of a run (every process runs every phase; rank 0 alone writes to the outpu
    adapters start at zero, prefix and prompt tuning's virtual tokens are switched off)
 6. training: AdamW, warmup + cosine/linear/constant (`transformers.get_scheduler`), gradient accumulation
    with token-weighted loss (each optimizer step averages over all its supervised tokens, on all ranks),
-   gradient clipping at 1.0, checkpoints every `checkpoint.everySteps` and after the last step
+   gradient clipping at 1.0, checkpoints every `checkpoint.everySteps` and after the last step. Steps 4-6
+   run at a memory rung (micro-batch, accumulation, gradient checkpointing: `_attempt`); out of memory
+   before the first checkpoint, they run again one rung lower (`oom.Ladder`, the out-of-memory ladder)
 7. fine-tuned evaluation, gates (GatesFailed, exit 4, naming the metric)
 8. artifacts, then the output's `_COMPLETE` marker (last)
 
@@ -44,11 +46,11 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.contract import ENV_OUTPUT_URI, TrainerConfig
-from finetune_operator.spec import CheckpointRecord
+from finetune_operator.contract import ENV_OUTPUT_URI, TrainerConfig, spec_rung
+from finetune_operator.spec import Adjustment, CheckpointRecord, MemoryRung
 from finetune_trainer import checkpoint as ckpt
 from finetune_trainer import dataset as ds
-from finetune_trainer import methods, modeling
+from finetune_trainer import methods, modeling, oom
 from finetune_trainer import world as world_mod
 from finetune_trainer.inputs import load_inputs
 from finetune_trainer.report import Reporter, log_every, now
@@ -182,6 +184,8 @@ class Run:
     def __init__(self, config: TrainerConfig, output_uri: str | None = None, *, work_dir: Path | None = None):
         from finetune_trainer import storage
 
+        #: The config as given; `self.config` is the one training runs with (`_use_rung`).
+        self.requested = config
         self.config = config
         self.spec = config.spec
         self.method = methods.get(config.method)
@@ -198,7 +202,7 @@ class Run:
     # -- setup -------------------------------------------------------------------------------------
 
     def run(self) -> Outcome:
-        from accelerate.utils import set_seed
+        from finetune_trainer import assess
 
         accelerator, precision, fsdp = make_accelerator(self.config)
         self.accelerator, self.precision, self.fsdp = accelerator, precision, fsdp
@@ -230,50 +234,15 @@ class Run:
             self._upload_provenance()  # before the first training step; raises if it cannot
         accelerator.wait_for_everyone()
 
-        restored = self._restore()
-        set_seed(self.hp.seed)
-        # A checkpoint holds the whole model (full) or an adapter to put on the base (the others).
-        base_dir = restored.model_dir if restored is not None and not self.method.adapter else model_dir
-        model = modeling.load_base(base_dir, self.config.method, precision, accelerator.device, self.config)
-        adapter = restored.model_dir if restored is not None and self.method.adapter else None
-        model = modeling.prepare_for_training(model, self.config, adapter_dir=adapter)
-        trainable, total = modeling.trainable_parameters(model)
-        log.info("method %s: %d of %d parameters trainable (%.2f%%)", self.config.method, trainable, total,
-                 100.0 * trainable / max(total, 1))
-
-        per_rank = self._batches_per_rank()
-        steps_per_epoch = ds.steps_per_epoch(per_rank, self.hp.gradient_accumulation_steps)
-        total_steps = self.hp.max_steps or max(1, math.ceil(self.hp.epochs * steps_per_epoch))
-        optimizer = self._optimizer(model)
-        model, optimizer = accelerator.prepare(model, optimizer)
-        scheduler = self._scheduler(optimizer, total_steps)
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-
-        if restored is not None:
-            ckpt.load_training_state(restored, accelerator=accelerator, model=model, optimizer=optimizer,
-                                     scheduler=scheduler, fsdp=fsdp, seed=self.hp.seed)
-            state = restored.state.rescale(self.world)
-            state.total_steps = total_steps
-            if accelerator.is_main_process and (restored.directory / "metrics.jsonl").is_file():
-                self.metrics_path.write_bytes((restored.directory / "metrics.jsonl").read_bytes())
-        else:
-            state = ckpt.TrainState(world_size=self.world, total_steps=total_steps)
-            self.metrics_path.unlink(missing_ok=True)
-            set_seed(self.hp.seed + self.rank)  # dropout differs per rank, reproducibly
-        self.state = state
-        self.reporter.update(total_steps=total_steps, step=state.step,
-                             resumed_from_step=restored.step if restored else None,
-                             checkpoints=self._checkpoint_records())
-
-        from finetune_trainer import assess
-
-        if state.base_scores is None and restored is None:
-            self.reporter.phase("evaluating")
-            with self.method.as_base(accelerator.unwrap_model(model)):
-                state.base_scores = assess.score(self, label="base")
-            self.reporter.update(evaluation=assess.evaluation_status(self, state.base_scores, None))
-
-        final_loss = self._train(per_rank, total_steps)
+        # Setup and training, again one rung lower after an out-of-memory error in the first steps (oom.py).
+        self.adjustments: list[Adjustment] = list(self.requested.adjustments)
+        self.reporter.update(adjustments=self.adjustments)
+        ladder = oom.Ladder(self.requested, world=self.world, adjustments=self.adjustments,
+                            step=lambda: self.state.step)
+        final_loss, restored = ladder.run(self.requested.start_rung(), self._attempt,
+                                          in_window=lambda: self._oom_window, release=self._release,
+                                          on_adjust=lambda _: self.reporter.update(adjustments=self.adjustments))
+        state = self.state
         if final_loss is None:  # resumed after the last step (evaluation or upload had failed)
             final_loss = self._last_logged_loss()
 
@@ -294,6 +263,92 @@ class Run:
             raise GatesFailed("; ".join(failed))
         self.reporter.phase("complete")
         return Outcome(state, final_loss, uris, evaluation, restored.step if restored else None)
+
+    def _use_rung(self, rung: MemoryRung) -> None:
+        """Train at `rung`: `self.config` becomes the requested config with its micro-batch, accumulation and
+        gradient checkpointing (what the methods, the loop, the model card and provenance read), and the
+        adjustments so far."""
+        self.rung = rung
+        hp = self.requested.spec.hyperparameters.model_copy(update={
+            "batch_size": rung.micro_batch, "gradient_accumulation_steps": rung.grad_accum,
+            "gradient_checkpointing": rung.gradient_checkpointing})
+        spec = self.requested.spec.model_copy(update={"hyperparameters": hp})
+        self.config = self.requested.model_copy(update={"spec": spec, "adjustments": list(self.adjustments)})
+        self.spec, self.hp = self.config.spec, hp
+
+    def _attempt(self, rung: MemoryRung) -> tuple[float | None, ckpt.Restored | None]:
+        """Model, optimizer and data position at `rung` (from the newest checkpoint, if any), the base
+        evaluation of a fresh run, and training; returns the final loss and the checkpoint resumed from."""
+        from accelerate.utils import set_seed
+
+        from finetune_trainer import assess
+
+        accelerator, precision = self.accelerator, self.precision
+        self._oom_window = False  # set by _train until its first checkpoint is written
+        self.state = ckpt.TrainState()
+        restored = self._restore()
+        if restored is not None:
+            # The checkpoint's rung when it is lower: what fitted then fits again, what did not still does not.
+            # (Checkpoints from before the ladder trained at the spec's rung.)
+            restored.state.rung = restored.state.rung or spec_rung(self.requested.spec).wire()
+            rung = oom.lower(rung, MemoryRung.model_validate(restored.state.rung))
+            saved = [Adjustment.model_validate(a) for a in restored.state.adjustments]
+            self.adjustments[:] = saved + [a for a in self.adjustments if a not in saved]
+        self._use_rung(rung)
+        self.reporter.update(adjustments=self.adjustments)
+        set_seed(self.hp.seed)
+        # A checkpoint holds the whole model (full) or an adapter to put on the base (the others).
+        base_dir = restored.model_dir if restored is not None and not self.method.adapter else self.model_dir
+        model = modeling.load_base(base_dir, self.config.method, precision, accelerator.device, self.config)
+        adapter = restored.model_dir if restored is not None and self.method.adapter else None
+        model = modeling.prepare_for_training(model, self.config, adapter_dir=adapter)
+        trainable, total = modeling.trainable_parameters(model)
+        log.info("method %s: %d of %d parameters trainable (%.2f%%)", self.config.method, trainable, total,
+                 100.0 * trainable / max(total, 1))
+
+        per_rank = self._batches_per_rank()
+        steps_per_epoch = ds.steps_per_epoch(per_rank, self.hp.gradient_accumulation_steps)
+        total_steps = self.hp.max_steps or max(1, math.ceil(self.hp.epochs * steps_per_epoch))
+        optimizer = self._optimizer(model)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        scheduler = self._scheduler(optimizer, total_steps)
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+
+        if restored is not None:
+            ckpt.load_training_state(restored, accelerator=accelerator, model=model, optimizer=optimizer,
+                                     scheduler=scheduler, fsdp=self.fsdp, seed=self.hp.seed)
+            state = restored.state.regroup(rung.micro_batch, rung.grad_accum).rescale(self.world)
+            state.total_steps = total_steps
+            if accelerator.is_main_process and (restored.directory / "metrics.jsonl").is_file():
+                self.metrics_path.write_bytes((restored.directory / "metrics.jsonl").read_bytes())
+        else:
+            state = ckpt.TrainState(world_size=self.world, total_steps=total_steps,
+                                    base_scores=getattr(self, "_base_scores", None))
+            self.metrics_path.unlink(missing_ok=True)
+            set_seed(self.hp.seed + self.rank)  # dropout differs per rank, reproducibly
+        state.rung = rung.wire()
+        state.adjustments = [a.wire() for a in self.adjustments]
+        self.state = state
+        self.reporter.update(total_steps=total_steps, step=state.step,
+                             resumed_from_step=restored.step if restored else None,
+                             checkpoints=self._checkpoint_records())
+
+        if state.base_scores is None and restored is None:
+            self.reporter.phase("evaluating")
+            with self.method.as_base(accelerator.unwrap_model(model)):
+                state.base_scores = assess.score(self, label="base")
+            self.reporter.update(evaluation=assess.evaluation_status(self, state.base_scores, None))
+            self._base_scores = state.base_scores
+            # Where a fresh attempt one rung lower starts training from: the same random state as this one.
+            self._fresh_rng = ckpt.rng_state()
+        elif restored is None and getattr(self, "_fresh_rng", None) is not None:
+            ckpt.set_rng_state(self._fresh_rng)
+        return self._train(per_rank, total_steps), restored
+
+    def _release(self) -> None:
+        """Drop the references of an attempt that ran out of memory (oom.Ladder frees the memory)."""
+        self.model = self.optimizer = self.scheduler = None
+        self.accelerator.free_memory()
 
     def _upload_provenance(self) -> None:
         from finetune_trainer import artifacts
@@ -380,6 +435,7 @@ class Run:
 
         if state.step < total_steps:
             self.reporter.phase("training", step=state.step)
+        self._oom_window = True  # until the first checkpoint: an OOM steps down the ladder (oom.py)
         model.train()
         with StopFlag() as flag:
             while state.step < total_steps:
@@ -400,6 +456,7 @@ class Run:
                 tokens = 0
                 for j, batch in enumerate(batches):
                     sync = j == len(batches) - 1
+                    oom.probe(micro_batch=hp.batch_size, step=state.step)
                     with nullcontext() if sync else accelerator.no_sync(model):
                         out = model(**_model_inputs(batch, accelerator.device), use_cache=False,
                                     num_items_in_batch=per_rank_items)
@@ -445,6 +502,7 @@ class Run:
                 stop = self._stop_agreed(flag)
                 if state.step % every == 0 or state.step == total_steps or stop:
                     self._checkpoint(keep)
+                    self._oom_window = False
                     # A SIGTERM during the checkpoint: this step is saved, so stop now rather than one step
                     # and one more checkpoint later (a big model's checkpoint can take most of the grace period).
                     stop = stop or self._stop_agreed(flag)
