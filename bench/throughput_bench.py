@@ -635,6 +635,7 @@ def main() -> int:
             print(f"train_loss_ours_{method}={ours['train_loss']:.4f}")
             print(f"rss_mb_ref_{method}={ref['rss_mb']:.0f}")
             print(f"rss_mb_ours_{method}={ours['rss_mb']:.0f}")
+        trl_best: dict[str, dict[str, Any]] = {}
         for method in methods if not args.no_trl else []:
             # More runs of the pair (alternating, TRL first); each side's best run.
             runs: dict[str, list[dict[str, Any]]] = {side: [results[(side, method, False)]] for side in ("ours", "trl")}
@@ -647,6 +648,7 @@ def main() -> int:
                         ["--model", str(model), "--train", str(train), "--variant", args.trl_variant]
                     runs[side].append(run_worker(worker, env, timeout=1800))
             trl, ours = (best_of(runs[side]) for side in ("trl", "ours"))
+            trl_best[method] = trl
             if args.trl_repeats > 1:
                 print(f"# {method}, {args.trl_repeats} runs of ours and of trl (the best of each taken): median steps "
                       f"{each_run(runs, 'tokens_per_second')}; tokens/CPU-s "
@@ -698,13 +700,14 @@ def main() -> int:
             print(f"tokens_per_second_ours_lora_packed={packed['tokens_per_second']:.0f}")
             print(f"loss_ours_lora_packed={packed['eval_loss']:.4f}")
             print(f"rss_mb_ours_lora_packed={packed['rss_mb']:.0f}")
-            trl, trl_packed = results.get(("trl", "lora", False)), results.get(("trl", "lora", True))
-            if trl is not None and trl_packed is not None:
+            trl, trl_packed = trl_best.get("lora"), results.get(("trl", "lora", True))
+            if trl is not None:
                 print(f"throughput_ratio_vs_trl_lora_packed={packed['tokens_per_second'] / trl['tokens_per_second']:.2f}")
+                print(f"heldout_loss_ours_lora_packed={packed['eval_loss']:.4f}")
+            if trl_packed is not None:
                 print(f"throughput_ratio_packed_vs_trl_packed_lora="
                       f"{packed['tokens_per_second'] / trl_packed['tokens_per_second']:.2f}")
                 print(f"tokens_per_second_trl_lora_packed={trl_packed['tokens_per_second']:.0f}")
-                print(f"heldout_loss_ours_lora_packed={packed['eval_loss']:.4f}")
                 print(f"heldout_loss_trl_lora_packed={trl_packed['eval_loss']:.4f}")
                 print(f"# packed lora: ours saw about {packed['examples']} examples, trl {trl_packed['examples']}")
         print(f"# load_avg_at_end={os.getloadavg()[0]:.2f}; total {time.perf_counter() - start:.0f} s")
