@@ -26,7 +26,10 @@ trainer's own held-out loss (validation split, response tokens) after the last s
 agree on within seed noise (same examples per step; the per-rank split changes how micro-batches are grouped
 and padded, and dropout's random draws). `busy_pct_2proc_<method>`: each rank's CPU time over its wall time
 during steps 2..N (mean of ranks): the rest is time a rank waited, for the other rank (uneven token counts
-per rank in a step) or in gloo's collectives. The `# bound:` line names what the measurements point to.
+per rank in a step), in gloo's collectives, or for a core while other work ran. `cpu_efficiency_2proc_<method>`:
+tokens per CPU second of both ranks together / tokens per CPU second of the one process: the work that
+distribution adds (collectives, FSDP's gathers, smaller micro-batch groups), which other work on the
+machine disturbs far less than wall time. The `# bound:` line names what the measurements point to.
 
 Runtime: about 1.5 minutes with the defaults on the 2-core machine of the README with bf16 native; with fp32
 (what `auto` picks on a CPU without AVX512-BF16) about the same (measured: see the README).
@@ -114,6 +117,7 @@ def worker(method: str, manifest: Path, steps: int, accumulation: int, seed: int
     walls = [boundaries[k][0] - boundaries[k - 1][0] for k in range(1, min(len(boundaries), steps))]
     cpus = [boundaries[k][1] - boundaries[k - 1][1] for k in range(1, min(len(boundaries), steps))]
     result: dict[str, Any] = {"rank": rank, "code": code, "busy": sum(cpus) / sum(walls) if walls else None,
+                              "cpu_seconds": sum(cpus),
                               "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if rank == 0:
         steps_logged = [r for r in records if "loss" in r]
@@ -164,6 +168,7 @@ def run(procs: int, method: str, manifest: Path, steps: int, seed: int, precisio
     shutil.rmtree(output, ignore_errors=True)
     main_rank = next(r for r in ranks if r["rank"] == 0)
     return {**main_rank, "busy": statistics.mean(r["busy"] for r in ranks),
+            "cpu_seconds": sum(r["cpu_seconds"] for r in ranks),
             "rss_mb": max(r["rss_mb"] for r in ranks), "worker_seconds": time.perf_counter() - took}
 
 
@@ -221,7 +226,9 @@ def main() -> int:
                       f"{100 * r['busy']:.0f}% of wall; peak RSS {r['rss_mb']:.0f} MiB per process; "
                       f"run {r['worker_seconds']:.0f} s", flush=True)
             efficiency = two["tokens_per_second"] / (2 * one["tokens_per_second"])
+            cpu_efficiency = (two["tokens"] / two["cpu_seconds"]) / (one["tokens"] / one["cpu_seconds"])
             print(f"scaling_efficiency_2proc_{method}={efficiency:.2f}")
+            print(f"cpu_efficiency_2proc_{method}={cpu_efficiency:.2f}")
             print(f"tokens_per_second_1proc_{method}={one['tokens_per_second']:.0f}")
             print(f"tokens_per_second_2proc_{method}={two['tokens_per_second']:.0f}")
             print(f"heldout_loss_1proc_{method}={one['eval_loss']:.4f}")
@@ -236,9 +243,13 @@ def main() -> int:
 
 def bound_line(method: str, one: dict[str, Any], two: dict[str, Any], params: int) -> str:
     """What the measurements say bounds the two-process throughput on this machine."""
+    cpu_efficiency = (two["tokens"] / two["cpu_seconds"]) / (one["tokens"] / one["cpu_seconds"])
     parts = [f"each rank ran on a core {100 * two['busy']:.0f}% of the wall time (the one-process run "
              f"{100 * one['busy']:.0f}%); the rest it waited for the other rank (uneven micro-batch lengths), in "
-             "gloo's collectives, or descheduled by other work"]
+             "gloo's collectives, or for a core while other work ran",
+             f"per CPU second the two ranks together did {cpu_efficiency:.2f} times the one process's work, so "
+             + ("distribution itself costs little and waiting is what bounds it" if cpu_efficiency >= 0.8
+                else "distribution itself costs CPU")]
     if method == "full":
         parts.append(f"FSDP2 all-gathers the {params / 1e6:.2f}M parameters per decoder layer in every forward and "
                      "recomputation and reduce-scatters the gradients, all through gloo over loopback TCP, on the "
