@@ -20,13 +20,17 @@ For each size N (`-n 100 1000` on the emulator, `100 1000 5000` on a real API se
    jobs too, so stop it for the run;
 2. S3: a local SeaweedFS (`weed mini` on 127.0.0.1, finetune_trainer.s3server) with empty buckets, so
    each reconcile pays for a real report read that finds no report yet (a job that has not started);
-3. the operator as its own process, exactly as the Helm chart runs it
+3. the operator as its own process, in an environment of its own with only what its image installs
+   (`operator_environment`: `pip install .`, no test or trainer packages; `--operator-python` overrides),
+   exactly as the Helm chart runs it
    (`kopf run --module=finetune_operator.handlers --standalone --all-namespaces`, or `--namespace` on a
    cluster), with the production status interval (FT_STATUS_INTERVAL unset: 10 s) and JSON logs to a
    file. One warm-up FineTuneJob proves it is up (its Job exists) before the clock starts;
 4. on a real API server, first the create-only baseline: the same N FineTuneJobs, same concurrency, in a
    namespace of their own, with no operator running yet (after 16 untimed warm-up creates; a fresh CRD's
-   first creates are slow), then deleted again;
+   first creates are slow), then deleted again; then the minimum-writes baseline (`minimum_writes_baseline`:
+   per job what any operator must have the API server do, done by the bench: the FineTuneJob, its three
+   children, one status write, one event), deleted again before the operator starts;
 5. N FineTuneJobs (7B..70B, LoRA/QLoRA/full, all `suspend: true` so a real cluster starts no pods),
    created with 16 requests in flight; the bench watches Jobs and FineTuneJobs and records when each
    Job first appears and when each FineTuneJob first has a status phase;
@@ -53,7 +57,8 @@ Figures (one `name=value` line each, all from this run):
 On a real API server also:
 
 - `operator_create_only_<N>_seconds`: the baseline above; `operator_jobs_vs_create_only_<N>`: the ratio of
-  `operator_jobs_<N>_seconds` to it;
+  `operator_jobs_<N>_seconds` to it; `operator_minimum_writes_<N>_seconds` and
+  `operator_jobs_vs_minimum_writes_<N>`: the same for the minimum-writes baseline;
 - `operator_requests_per_job_<N>` (envtest): the operator's API requests (kopf's and the handlers' own,
   from the audit log) from the first create until the steady state begins, per FineTuneJob, and one
   figure per verb and resource (`operator_requests_per_job_<N>_get_finetunejobs`, `..._create_jobs`,
@@ -382,6 +387,31 @@ class Api:
 # --- what the bench creates ----------------------------------------------------------------------
 
 
+def operator_environment(workdir: Path) -> tuple[str, str]:
+    """A virtual environment with the operator as its image installs it (`pip install .`: the operator's
+    own dependencies, none of the trainer's, the tests' or the bench's), and a line saying what it holds.
+
+    It matters for memory: kopf imports every Kubernetes client library it finds (`kubernetes` and
+    `kubernetes_asyncio`, for their model classes), and the development environment has the synchronous
+    `kubernetes` client for the tests, 21 MiB of RSS the shipped operator does not carry. Built with uv
+    (from the development venv) and the same constraints.txt; `--operator-python` overrides it."""
+    venv = workdir / "operator-venv"
+    uv = Path(sys.executable).with_name("uv")
+    constraints = str(REPO / "constraints.txt")
+    python = venv / "bin" / "python"
+    if uv.exists():
+        subprocess.run([str(uv), "venv", "-q", "--python", sys.executable, str(venv)], check=True)
+        subprocess.run([str(uv), "pip", "install", "-q", "--python", str(python), "-c", constraints, str(REPO)],
+                       check=True)
+    else:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", "-c", constraints, str(REPO)], check=True)
+    found = subprocess.run(
+        [str(python), "-c", "import importlib.util as u; print(' '.join(m for m in ('kopf', 'kubernetes_asyncio', "
+         "'kubernetes', 'torch') if u.find_spec(m)))"], check=True, capture_output=True, text=True).stdout.split()
+    return str(python), f"its own venv with `pip install .` (Python packages it can import: {', '.join(found)})"
+
+
 async def minimum_writes_baseline(api: Api, run: Run, namespace: str) -> None:
     """`operator_minimum_writes_<N>_seconds`: the least any operator must have the API server do for N
     FineTuneJobs, done by the bench itself with no operator running: per job, create it, then its three
@@ -419,7 +449,20 @@ async def minimum_writes_baseline(api: Api, run: Run, namespace: str) -> None:
     t_start = time.monotonic()
     await asyncio.gather(*(one(i) for i in range(run.n)))
     run.put("operator_minimum_writes_{n}_seconds", time.monotonic() - t_start)
+    # Gone before the operator starts: a namespace deletion left to the controller manager would go on
+    # deleting 4N objects in the background of the operator's run.
+    for collection in (ftjs, f"/api/v1/namespaces/{namespace}/events", f"/api/v1/namespaces/{namespace}/configmaps",
+                       f"/apis/batch/v1/namespaces/{namespace}/jobs"):
+        await api.call("DELETE", collection, timeout=600)
+    services = await api.call("GET", f"/api/v1/namespaces/{namespace}/services")
+    await asyncio.gather(*(api.call("DELETE", f"/api/v1/namespaces/{namespace}/services/{item['metadata']['name']}",
+                                    ok=(404,))  # (the garbage collector may be first: their owner is gone)
+                           for item in (services[1] or {}).get("items") or []))
     await api.call("DELETE", f"/api/v1/namespaces/{namespace}", timeout=600)
+    while (await api.call("GET", f"/api/v1/namespaces/{namespace}", ok=(404,)))[0] != 404:
+        if time.monotonic() > run.deadline:
+            raise BenchError(f"namespace {namespace} was not deleted")
+        await asyncio.sleep(0.5)
 
 
 def manifest(i: int, name: str, namespace: str) -> dict[str, Any]:
@@ -619,6 +662,7 @@ class Run:
     operator_kubeconfig: Path | None = None  # the operator's own identity (envtest), else $KUBECONFIG
     audit_log: Path | None = None
     tracemalloc_frames: int = 0
+    python: str = sys.executable  # the operator's interpreter (`operator_environment`)
     figures: dict[str, str] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     jobs_seen: dict[str, float] = field(default_factory=dict)
@@ -771,10 +815,10 @@ async def run_one(run: Run) -> None:
         if run.operator_kubeconfig is not None:
             env["KUBECONFIG"] = str(run.operator_kubeconfig)
         scope = [f"--namespace={namespace}"] if run.cluster else ["--all-namespaces"]
-        kopf_cli = [sys.executable, "-m", "kopf"]
+        kopf_cli = [run.python, "-m", "kopf"]
         heap_out = run.workdir / f"tracemalloc-{run.n}"
         if run.tracemalloc_frames:
-            kopf_cli = [sys.executable, str(Path(__file__).resolve().parent / "kopf_tracemalloc.py")]
+            kopf_cli = [run.python, str(Path(__file__).resolve().parent / "kopf_tracemalloc.py")]
             env.update({"FT_BENCH_TRACEMALLOC_FRAMES": str(run.tracemalloc_frames),
                         "FT_BENCH_TRACEMALLOC_OUT": str(heap_out)})
         operator = _spawn(
@@ -1031,6 +1075,11 @@ async def main_async(args: argparse.Namespace) -> int:
             Path(tmp).mkdir(parents=True, exist_ok=True)
         else:
             tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="ftbench-"))
+        if args.operator_python:
+            python, what = args.operator_python, f"{args.operator_python} (--operator-python)"
+        else:
+            python, what = await asyncio.to_thread(operator_environment, Path(tmp))
+        print(f"# operator process: {what}", flush=True)
         s3 = stack.enter_context(LocalS3(buckets=BUCKETS))
         for bucket in BUCKETS:
             s3.create_bucket(bucket)
@@ -1041,7 +1090,8 @@ async def main_async(args: argparse.Namespace) -> int:
                 continue
             size_start = time.monotonic()
             run = Run(n=n, cluster=cluster, s3_env=s3_env, deadline=deadline, settle=args.settle,
-                      workdir=Path(tmp), latency_ms=args.api_latency_ms, tracemalloc_frames=args.tracemalloc)
+                      workdir=Path(tmp), latency_ms=args.api_latency_ms, tracemalloc_frames=args.tracemalloc,
+                      python=python)
             plane = None
             try:
                 if assets is not None:
@@ -1114,6 +1164,9 @@ def main() -> int:
     parser.add_argument("--api-latency-ms", type=float, default=0.0,
                         help="emulator only: delay every API answer (not watch events) by this many ms, "
                         "like the round trip to a real API server (default 0: loopback only)")
+    parser.add_argument("--operator-python", metavar="PATH",
+                        help="run the operator with this interpreter instead of building its shipped environment "
+                             "(e.g. .venv/bin/python: the development venv)")
     parser.add_argument("--logs", help="keep the operator's and the emulator's logs in this directory")
     parser.add_argument("--serve-emulator", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()

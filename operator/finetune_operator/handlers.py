@@ -439,6 +439,9 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
     state = rt.job_state(meta["namespace"], meta["name"])
     children = await ensure_children(api, rt, body, job, plan, logger)
     job_obj = dict(children.job) if children.job is not None else None
+    # Recorded now, not at the end of the pass: the watch's echo of a Job just created usually arrives
+    # while this pass still writes the status, and can then be dropped without waiting for it.
+    state.job_view = refresh.job_view(job_obj)
     kueue = _kueue_managed(body, job_obj)
     pods: list[dict[str, Any]] = []
     if job_obj is not None:
@@ -765,6 +768,9 @@ async def on_job_event(type: str, body: kopf.Body, memo: kopf.Memo, logger: Any,
     # it: the watch's echo of the operator's own create and the controller's Suspended condition need none
     # (compared under the object's lock, after a pass in flight has recorded what it saw).
     view = None if type == "DELETED" else refresh.job_view(body)
+    state = rt.jobs.get(f"{namespace}/{owner.get('name')}")
+    if view is not None and state is not None and state.job_view == view:
+        return  # dropped at once: waiting for the lock would hold the Job's body until a pass slot is free
     try:
         await reconcile(rt, namespace, str(owner.get("name")), logger, f"Job {type or 'event'}", job_view=view)
     except kopf.TemporaryError as err:

@@ -425,6 +425,10 @@ def _apply_report(new: dict[str, Any], report: TrainerReport | None, *, terminal
         _drop_eta(new)
     new["checkpoints"] = [cp.wire() for cp in report.checkpoints[-_MAX_CHECKPOINTS:]]
     new["artifacts"] = dict(report.artifacts)
+    if report.adjustments:
+        # The trainer's out-of-memory steps (and the operator's, passed to it in its config), as reported;
+        # the newest 16 when there were more (the schema's bound).
+        new["adjustments"] = [a.wire() for a in report.adjustments[-16:]]
     if report.evaluation is not None:
         new["evaluation"] = report.evaluation.wire()
 

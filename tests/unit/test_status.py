@@ -220,6 +220,20 @@ def test_progress_from_the_report() -> None:
     assert "45% 450/1000" in c.find(status["conditions"], "Running")["message"]
 
 
+def test_out_of_memory_adjustments_from_the_report() -> None:
+    step_down = {"step": 0, "from": {"microBatch": 4, "gradAccum": 4, "gradientCheckpointing": False},
+                 "to": {"microBatch": 2, "gradAccum": 8, "gradientCheckpointing": False},
+                 "reason": "CUDA out of memory in the first steps", "by": "trainer"}
+    status = compute_status(ftj(), plan=PLAN, now=NOW, report=report(adjustments=[step_down]),
+                            children=Children(job=job(), pods=[pod()]))
+    assert status["adjustments"] == [step_down]
+    # Kept when a later pass has no report to read; none without any.
+    later = compute_status(ftj(status), plan=PLAN, now=LATER, report=None, children=Children(job=job(), pods=[pod()]))
+    assert later["adjustments"] == [step_down]
+    assert "adjustments" not in compute_status(ftj(), plan=PLAN, now=NOW, report=report(),
+                                               children=Children(job=job(), pods=[pod()]))
+
+
 @pytest.mark.parametrize(("step", "total", "summary", "percent"), [
     (0, 0, "starting", 0), (0, 1000, "0% 0/1000", 0), (999, 1000, "99% 999/1000", 99),
     (1000, 1000, "100% 1000/1000", 100), (1200, 1000, "100% 1200/1000", 100),
