@@ -31,8 +31,10 @@ tokens per CPU second of both ranks together / tokens per CPU second of the one 
 distribution adds (collectives, FSDP's gathers, smaller micro-batch groups), which other work on the
 machine disturbs far less than wall time. The `# bound:` line names what the measurements point to.
 
-Runtime: about 1.5 minutes with the defaults on the 2-core machine of the README with bf16 native; with fp32
-(what `auto` picks on a CPU without AVX512-BF16) about the same (measured: see the README).
+Runtime (measured 2026-12-02 on the README's 2-core Intel Xeon): 80 s wall, 99 s of CPU with bf16 (native
+there); with `--precision fp32`, what `auto` picks on a CPU without AVX512-BF16, 83 s wall and 103 s of CPU.
+Half of it is start-up (four runs, each loading torch and the model; the two-process runs twice). A CPU
+with AVX2 only has half the fp32 vector width: allow up to twice, about 3 minutes.
 
 Usage: python bench/scaling_bench.py [--steps 16] [--methods lora,full] [--precision auto] [--seed 42]
 """
