@@ -33,7 +33,7 @@ machine disturbs far less than wall time. The `# bound:` line names what the mea
 
 Runtime (measured 2026-12-02 on the README's 2-core Intel Xeon): 80 s wall, 99 s of CPU with bf16 (native
 there); with `--precision fp32`, what `auto` picks on a CPU without AVX512-BF16, 83 s wall and 103 s of CPU.
-Half of it is start-up (four runs, each loading torch and the model; the two-process runs twice). A CPU
+More than half is outside the timed steps (four runs, each starting torch, loading the model, evaluating and saving). A CPU
 with AVX2 only has half the fp32 vector width: allow up to twice, about 3 minutes.
 
 Usage: python bench/scaling_bench.py [--steps 16] [--methods lora,full] [--precision auto] [--seed 42]
