@@ -1173,7 +1173,7 @@ def main() -> int:
     if args.serve_emulator:
         asyncio.run(_serve_emulator(args.api_latency_ms / 1000))
         return 0
-    if any(n < 1 for n in args.n):
+    if any(n < 1 for n in args.n or ()):
         parser.error("-n: sizes must be at least 1")
     signal.signal(signal.SIGTERM, _interrupt)
     try:

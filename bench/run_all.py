@@ -38,7 +38,7 @@ def scripts() -> list[tuple[str, list[str], str]]:
         scale = [("operator_scale_bench.py", ["--api", "envtest"], ""),
                  ("operator_scale_bench.py", ["--api", "emulator"], "emulator_")]
     return [("plan_bench.py", [], ""), ("throughput_bench.py", [], ""), ("scaling_bench.py", [], ""),
-            ("sizing_accuracy_bench.py", [], ""), *scale, ("gpu_bench.py", [], "")]
+            ("sizing_accuracy_bench.py", ["--precision", "auto"], ""), *scale, ("gpu_bench.py", [], "")]
 
 
 LINE = re.compile(r"^([a-z][a-z0-9_]*)=(\S+)$")
