@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import secrets
 import tracemalloc
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,9 +30,7 @@ HUGE_BYTES = 50 * 2**20
 
 @pytest.fixture(scope="module")
 def staged(s3: Any, tiny_model_dir: Path, healthcare_sample: Any) -> th.Staged:
-    bucket = "baddata-" + secrets.token_hex(4)
-    s3.create_bucket(bucket)
-    return th.stage(s3, bucket, tiny_model_dir, healthcare_sample)
+    return th.stage_in_new_bucket(s3, "baddata", tiny_model_dir, healthcare_sample)
 
 
 def _lines(*rows: Any) -> bytes:

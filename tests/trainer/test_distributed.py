@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,8 @@ SPEC: dict[str, Any] = {"hyperparameters": {"maxSteps": 4}, "checkpoint": {"ever
 
 @pytest.fixture(scope="module")
 def staged(s3: Any, tiny_model_dir: Path, healthcare_sample: Any) -> th.Staged:
-    bucket = "dist-" + secrets.token_hex(4)
-    s3.create_bucket(bucket)
-    return th.stage(s3, bucket, tiny_model_dir, healthcare_sample)
+    return th.stage_in_new_bucket(s3, "dist", tiny_model_dir, healthcare_sample)
 
-
-def _store(uri: str) -> Any:
-    from finetune_trainer.storage import Store
-
-    return Store.for_uri(uri)
 
 
 def _finish(proc: Any, timeout: float = 300) -> tuple[int, str]:
@@ -92,7 +84,7 @@ def test_two_processes_train_data_parallel(s3_env: dict[str, str], staged: th.St
     code, out = _finish(th.launch(env))
     assert code == 0, out[-4000:]
     assert "--multi_gpu" in out and "--num_processes 2" in out
-    store = _store(config.spec.output.uri)
+    store = th.store(config.spec.output.uri)
     report = store.read_json(REPORT_KEY)
     assert report["phase"] == "complete" and report["worldSize"] == 2
     # every process saved its own RNG state in the checkpoint
@@ -119,7 +111,7 @@ def test_two_machines_rendezvous_on_loopback(s3_env: dict[str, str], staged: th.
     for code, out in results:
         assert code == 0, out[-4000:]
     assert "--rdzv_backend c10d" in results[1][1] and "is_host=0" in results[1][1]
-    report = _store(config.spec.output.uri).read_json(REPORT_KEY)
+    report = th.store(config.spec.output.uri).read_json(REPORT_KEY)
     assert report["phase"] == "complete" and report["worldSize"] == 2
 
 
@@ -158,7 +150,7 @@ def test_frozen_peer_fails_the_survivor_within_the_collective_timeout(
         procs.append(th.launch(env, log=logs[-1]))
     frozen: list[Any] = []
     try:
-        fh.wait_for_step(_store(config.spec.output.uri), 2, procs[0], logs[0])
+        fh.wait_for_step(th.store(config.spec.output.uri), 2, procs[0], logs[0])
         frozen = [psutil.Process(procs[1].pid), *psutil.Process(procs[1].pid).children(recursive=True)]
         for proc in frozen:
             proc.send_signal(signal.SIGSTOP)
@@ -187,5 +179,5 @@ def test_trainer_started_without_the_launcher_stops(s3_env: dict[str, str], stag
     env = th.trainer_env(config, tmp_path, s3_env, FT_NUM_MACHINES="1", FT_PROCS_PER_MACHINE="2")
     code, out = _finish(th.launch(env, module="finetune_trainer"))
     assert code == EXIT_CONFIG_ERROR, out[-3000:]
-    report = _store(config.spec.output.uri).read_json(REPORT_KEY)
+    report = th.store(config.spec.output.uri).read_json(REPORT_KEY)
     assert report["error"]["reason"] == "WorldSizeMismatch"

@@ -4,7 +4,6 @@ is ever marked complete."""
 from __future__ import annotations
 
 import json
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +15,7 @@ from tests.trainer import train_helpers as th
 
 @pytest.fixture(scope="module")
 def staged(s3: Any, tiny_model_dir: Path, healthcare_sample: Any) -> th.Staged:
-    bucket = "errors-" + secrets.token_hex(4)
-    s3.create_bucket(bucket)
-    return th.stage(s3, bucket, tiny_model_dir, healthcare_sample)
+    return th.stage_in_new_bucket(s3, "errors", tiny_model_dir, healthcare_sample)
 
 
 def _report(s3: Any, output: str) -> dict[str, Any]:

@@ -24,7 +24,6 @@ import json
 import logging
 import os
 import random
-import secrets
 import signal
 import threading
 import time
@@ -72,11 +71,6 @@ def kill_plan(seed: int) -> list[tuple[signal.Signals, int]]:
     return list(zip(signals, steps, strict=True))
 
 
-def _store(uri: str) -> Any:
-    from finetune_trainer.storage import Store
-
-    return Store.for_uri(uri)
-
 
 def _step_losses(store: Any) -> list[tuple[int, float]]:
     """(step, loss) of every training record in the output's metrics.jsonl, in file order."""
@@ -86,9 +80,7 @@ def _step_losses(store: Any) -> list[tuple[int, float]]:
 
 @pytest.fixture(scope="module")
 def staged(s3: Any, tiny_model_dir: Path, healthcare_sample: Any) -> th.Staged:
-    bucket = "faults-" + secrets.token_hex(4)
-    s3.create_bucket(bucket)
-    return th.stage(s3, bucket, tiny_model_dir, healthcare_sample)
+    return th.stage_in_new_bucket(s3, "faults", tiny_model_dir, healthcare_sample)
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +89,7 @@ def reference(staged: th.Staged, s3: Any) -> dict[int, float]:
     with scoped_environ(s3.env()):
         config = th.make_config(staged, SPEC)
         assert th.run_in_process(config).state.step == STEPS
-        return dict(_step_losses(_store(config.spec.output.uri)))
+        return dict(_step_losses(th.store(config.spec.output.uri)))
 
 
 def _started(proc: Any, log: Path) -> int | None:
@@ -147,7 +139,7 @@ def test_kills_resume_from_the_newest_complete_checkpoint(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = th.make_config(staged, SPEC)
-    store = _store(config.spec.output.uri)
+    store = th.store(config.spec.output.uri)
     env = th.trainer_env(config, tmp_path, s3_env)
     done: list[fh.Interruption] = []
 
@@ -260,7 +252,7 @@ def test_sigterm_during_a_checkpoint_upload_stops_after_it(
     from finetune_trainer.storage import S3Store
 
     config = th.make_config(staged, SPEC)
-    store = _store(config.spec.output.uri)
+    store = th.store(config.spec.output.uri)
     upload = S3Store.upload_file
     sent: list[str] = []
 
@@ -395,7 +387,7 @@ def test_s3_outage_during_the_final_upload_is_ridden_out(
     caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = th.make_config(private_env, OUTAGE_SPEC)
-    store = _store(config.spec.output.uri)
+    store = th.store(config.spec.output.uri)
     assert store.retry_seconds == 120.0  # the default window (FT_S3_RETRY_SECONDS unset)
     outage = Outage.installed(monkeypatch, private_s3, "outage", back_after=OUTAGE_SECONDS)
     caplog.set_level(logging.WARNING, logger="finetune_trainer.storage")
@@ -434,7 +426,7 @@ def test_s3_outage_longer_than_the_retry_window_fails_with_nothing_complete(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     config = th.make_config(private_env, OUTAGE_SPEC)
-    store = _store(config.spec.output.uri)
+    store = th.store(config.spec.output.uri)
     monkeypatch.setenv("FT_S3_RETRY_SECONDS", "3")
     with monkeypatch.context() as patch:
         outage = Outage.installed(patch, private_s3, "outage", back_after=None)

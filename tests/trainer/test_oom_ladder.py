@@ -10,7 +10,6 @@ bit-identical (largest difference 0.0); LOSS_TOLERANCE leaves room for nothing b
 
 from __future__ import annotations
 
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -77,15 +76,8 @@ def test_next_rung_from_the_middle_knows_the_start() -> None:
 
 @pytest.fixture(scope="module")
 def staged(s3: Any, tiny_model_dir: Path, healthcare_sample: Any) -> th.Staged:
-    bucket = "oom-" + secrets.token_hex(4)
-    s3.create_bucket(bucket)
-    return th.stage(s3, bucket, tiny_model_dir, healthcare_sample)
+    return th.stage_in_new_bucket(s3, "oom", tiny_model_dir, healthcare_sample)
 
-
-def _store(uri: str) -> Any:
-    from finetune_trainer.storage import Store
-
-    return Store.for_uri(uri)
 
 
 def inject(monkeypatch: pytest.MonkeyPatch, at_micro_batch: int, from_step: int = 0) -> list[tuple[int, int]]:
@@ -107,7 +99,7 @@ def inject(monkeypatch: pytest.MonkeyPatch, at_micro_batch: int, from_step: int 
 
 
 def _losses(config: TrainerConfig) -> dict[int, float]:
-    return th.losses(_store(config.spec.output.uri).read_bytes("metrics.jsonl").decode())
+    return th.losses(th.store(config.spec.output.uri).read_bytes("metrics.jsonl").decode())
 
 
 def _wire(micro_batch: int, grad_accum: int, checkpointing: bool = True) -> dict[str, Any]:
@@ -128,7 +120,7 @@ def test_oom_steps_down_and_trains_the_same_losses(s3_env: Any, staged: th.Stage
     raised = inject(monkeypatch, at_micro_batch=4, from_step=1)
     outcome = th.run_in_process(config)
     assert raised == [(4, 1)]
-    store = _store(config.spec.output.uri)
+    store = th.store(config.spec.output.uri)
     assert store.is_complete("")
     losses = _losses(config)
     assert sorted(losses) == [1, 2, 3, 4]  # the failed attempt's step 1 is not kept
@@ -164,7 +156,7 @@ def test_the_operators_adjustment_starts_one_rung_lower(s3_env: Any, staged: th.
     config = config.model_copy(update={"adjustments": [passed]})
     th.run_in_process(config)
     assert raised == []
-    store = _store(config.spec.output.uri)
+    store = th.store(config.spec.output.uri)
     report = store.read_json(REPORT_KEY)
     assert report["phase"] == "complete" and report["adjustments"] == [passed.wire()]
     assert "| 0 | operator | 4 x 4" in store.read_bytes("README.md").decode()
@@ -176,7 +168,7 @@ def test_oom_on_every_rung_fails_naming_what_was_tried(s3_env: Any, staged: th.S
     raised = inject(monkeypatch, at_micro_batch=1)
     assert th.exit_code_in_process(config) == EXIT_CONFIG_ERROR
     assert raised == [(4, 0), (2, 0), (2, 0), (1, 0)]
-    report = _store(config.spec.output.uri).read_json(REPORT_KEY)
+    report = th.store(config.spec.output.uri).read_json(REPORT_KEY)
     assert report["phase"] == "failed" and report["error"]["reason"] == "OutOfMemory"
     message = report["error"]["message"]
     assert ("tried: micro-batch 4 x 4 accumulation, gradient checkpointing off; micro-batch 2 x 8 accumulation, "
@@ -194,7 +186,7 @@ def test_oom_after_the_first_checkpoint_fails_retryably(s3_env: Any, staged: th.
     raised = inject(monkeypatch, at_micro_batch=4, from_step=2)  # the checkpoint of step 2 is written
     assert th.exit_code_in_process(config) == 1
     assert raised == [(4, 2)]
-    report = _store(config.spec.output.uri).read_json(REPORT_KEY)
+    report = th.store(config.spec.output.uri).read_json(REPORT_KEY)
     assert report["error"]["reason"] == "OutOfMemory" and report["adjustments"] == []
     assert "after the first checkpoint" in report["error"]["message"]
     assert "next attempt can start at micro-batch 2 x 8 accumulation" in report["error"]["message"]
@@ -204,7 +196,7 @@ def test_oom_after_the_first_checkpoint_fails_retryably(s3_env: Any, staged: th.
     passed = Adjustment(step=2, from_=R(4, 4, True), to=R(2, 8, True), by="operator", reason="OutOfMemory")
     outcome = th.run_in_process(config.model_copy(update={"adjustments": [passed]}))
     assert outcome.resumed_from == 2 and raised == [(4, 2)]
-    store = _store(config.spec.output.uri)
+    store = th.store(config.spec.output.uri)
     assert store.read_json("checkpoints/step-2/trainer_state.json")["batches_in_epoch"] == 8
     final = store.read_json("checkpoints/step-4/trainer_state.json")
     assert (final["epoch"], final["batches_in_epoch"], final["rung"]) == (0, 32, _wire(2, 8))

@@ -11,7 +11,6 @@ Resume: per-step losses equal the uninterrupted run's within test_resume.py's 1e
 
 from __future__ import annotations
 
-import secrets
 import typing
 from pathlib import Path
 from typing import Any
@@ -43,20 +42,9 @@ METHODS: dict[str, tuple[dict[str, Any], float, float]] = {
 
 @pytest.fixture(scope="module")
 def staged(s3: Any, tiny_model_dir: Path, healthcare_sample: Any) -> th.Staged:
-    bucket = "peft-" + secrets.token_hex(4)
-    s3.create_bucket(bucket)
-    return th.stage(s3, bucket, tiny_model_dir, healthcare_sample)
+    return th.stage_in_new_bucket(s3, "peft", tiny_model_dir, healthcare_sample)
 
 
-def _store(uri: str) -> Any:
-    from finetune_trainer.storage import Store
-
-    return Store.for_uri(uri)
-
-
-def _tail_loss(losses: dict[int, float]) -> float:
-    last = sorted(losses)[-2:]
-    return sum(losses[s] for s in last) / len(last)
 
 
 def test_every_resolved_method_has_one_recipe() -> None:
@@ -73,10 +61,10 @@ def test_method_trains_and_the_adapter_reloads_and_generates(method: str, s3_env
     config = th.make_config(staged, overrides)
     assert config.spec.hyperparameters.gradient_checkpointing is (method == "prompt")  # prefix: off by default
     outcome = th.run_in_process(config)
-    store = _store(config.spec.output.uri)
+    store = th.store(config.spec.output.uri)
     losses = th.losses(store.read_bytes("metrics.jsonl").decode())
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
-    first, tail = (losses[1] + losses[2]) / 2, _tail_loss(losses)
+    first, tail = (losses[1] + losses[2]) / 2, th.tail_loss(losses)
     assert tail < first - fall, losses
     evaluation = outcome.evaluation
     assert evaluation.tuned.eval_loss < evaluation.base.eval_loss
@@ -168,7 +156,7 @@ def test_preempted_run_resumes_to_the_uninterrupted_losses(method: str, s3_env: 
     spec = th._merge(METHODS[method][0], RESUME_SPEC)
     reference_config = th.make_config(staged, spec)
     th.run_in_process(reference_config)
-    reference = th.losses(_store(reference_config.spec.output.uri).read_bytes("metrics.jsonl").decode())
+    reference = th.losses(th.store(reference_config.spec.output.uri).read_bytes("metrics.jsonl").decode())
     assert sorted(reference) == list(range(1, 9))
 
     config = th.make_config(staged, spec)
@@ -177,7 +165,7 @@ def test_preempted_run_resumes_to_the_uninterrupted_losses(method: str, s3_env: 
         patch.setattr(train.Run, "_stop_agreed", lambda self, flag: self.state.step >= 4)
         with pytest.raises(train.Preempted):
             th.run_in_process(config)
-    store = _store(config.spec.output.uri)
+    store = th.store(config.spec.output.uri)
     assert store.is_complete("checkpoints/step-4") and not store.exists(MARKER_NAME)
     outcome = th.run_in_process(config)
     assert outcome.resumed_from == 4 and outcome.state.step == 8
@@ -304,7 +292,7 @@ def test_two_machines_train_it_data_parallel(method: str, s3_env: dict[str, str]
     for proc in procs:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out.decode(errors="replace")[-4000:]
-    store = _store(config.spec.output.uri)
+    store = th.store(config.spec.output.uri)
     report = store.read_json(REPORT_KEY)
     assert report["phase"] == "complete" and report["worldSize"] == 2
     assert store.read_json("checkpoints/step-4/trainer_state.json")["world_size"] == 2

@@ -10,7 +10,6 @@ count (set by the launcher) can change the order of floating-point reductions.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 from pathlib import Path
 from typing import Any
@@ -33,19 +32,12 @@ SPEC: dict[str, Any] = {
 
 @pytest.fixture(scope="module")
 def staged(s3: Any, tiny_model_dir: Path, healthcare_sample: Any) -> th.Staged:
-    bucket = "resume-" + secrets.token_hex(4)
-    s3.create_bucket(bucket)
-    return th.stage(s3, bucket, tiny_model_dir, healthcare_sample)
+    return th.stage_in_new_bucket(s3, "resume", tiny_model_dir, healthcare_sample)
 
-
-def _store(uri: str) -> Any:
-    from finetune_trainer.storage import Store
-
-    return Store.for_uri(uri)
 
 
 def _losses(uri: str) -> dict[int, float]:
-    return th.losses(_store(uri).read_bytes("metrics.jsonl").decode())
+    return th.losses(th.store(uri).read_bytes("metrics.jsonl").decode())
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +61,7 @@ def test_checkpoint_without_marker_is_ignored(s3: Any, s3_env: Any, staged: th.S
     config = th.make_config(staged, SPEC)
     output = config.spec.output.uri
     th.run_in_process(config)
-    store = _store(output)
+    store = th.store(output)
     assert [k for k in store.list("checkpoints/") if k.endswith(MARKER_NAME)] == [
         "checkpoints/step-15/_COMPLETE", "checkpoints/step-16/_COMPLETE"]  # keep: 2
     # The writer of step 16 "died" before its marker, and the output was never finished.
@@ -87,7 +79,7 @@ def test_killed_run_resumes_from_its_checkpoint(s3_env: dict[str, str], staged: 
                                                 reference: dict[int, float]) -> None:
     config = th.make_config(staged, SPEC)
     output = config.spec.output.uri
-    store = _store(output)
+    store = th.store(output)
     env = th.trainer_env(config, tmp_path, s3_env)
     log = tmp_path / "trainer.log"
     proc = th.launch(env, log=log)
@@ -109,7 +101,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(s3_env: dict[str, str], staged
                                                   reference: dict[int, float]) -> None:
     config = th.make_config(staged, SPEC)
     output = config.spec.output.uri
-    store = _store(output)
+    store = th.store(output)
     env = th.trainer_env(config, tmp_path, s3_env)
     log = tmp_path / "trainer.log"
     proc = th.launch(env, log=log)

@@ -10,7 +10,6 @@ loss normalization, optimizer or schedule moves these numbers by far more than t
 from __future__ import annotations
 
 import json
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -42,20 +41,9 @@ METHODS: dict[str, tuple[dict[str, Any], float]] = {
 
 @pytest.fixture(scope="module")
 def staged(s3: Any, tiny_model_dir: Path, healthcare_sample: Any) -> th.Staged:
-    bucket = "train-" + secrets.token_hex(4)
-    s3.create_bucket(bucket)
-    return th.stage(s3, bucket, tiny_model_dir, healthcare_sample)
+    return th.stage_in_new_bucket(s3, "train", tiny_model_dir, healthcare_sample)
 
 
-def _store(uri: str) -> Any:
-    from finetune_trainer.storage import Store
-
-    return Store.for_uri(uri)
-
-
-def _tail_loss(losses: dict[int, float]) -> float:
-    last = sorted(losses)[-2:]
-    return sum(losses[s] for s in last) / len(last)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -63,10 +51,10 @@ def test_method_trains_and_loss_falls(method: str, s3_env: Any, staged: th.Stage
     overrides, golden = METHODS[method]
     config = th.make_config(staged, overrides)
     outcome = th.run_in_process(config)
-    store = _store(config.spec.output.uri)
+    store = th.store(config.spec.output.uri)
     losses = th.losses(store.read_bytes("metrics.jsonl").decode())
     assert sorted(losses) == [1, 2, 3, 4, 5, 6]
-    first, tail = (losses[1] + losses[2]) / 2, _tail_loss(losses)
+    first, tail = (losses[1] + losses[2]) / 2, th.tail_loss(losses)
     assert tail < first - 0.05, losses
     evaluation = outcome.evaluation
     assert evaluation.tuned.eval_loss < evaluation.base.eval_loss
@@ -110,7 +98,7 @@ def test_lora_artifacts_reload_and_generate(s3_env: Any, staged: th.Staged, tmp_
     config = th.make_config(staged, {"compliance": {"provenanceRequired": True}, "hyperparameters": {"packing": True}})
     outcome = th.run_in_process(config)
     assert seen == {"provenance_before_training": True}
-    store = _store(config.spec.output.uri)
+    store = th.store(config.spec.output.uri)
     keys = set(store.list(""))
     for key in ("model/adapter_model.safetensors", "model/adapter_config.json", "model/tokenizer.json",
                 "metrics.jsonl", "evaluation.json", "provenance.json", "README.md", REPORT_KEY, MARKER_NAME):
@@ -153,7 +141,7 @@ def test_missed_gate_fails_the_run_naming_the_metric(s3_env: Any, staged: th.Sta
     config = th.make_config(staged, {"hyperparameters": {"maxSteps": 2},
                                      "evaluation": {"gates": [{"metric": "evalLoss", "max": 0.01}]}})
     assert th.exit_code_in_process(config) == EXIT_GATES_FAILED
-    store = _store(config.spec.output.uri)
+    store = th.store(config.spec.output.uri)
     report = store.read_json(REPORT_KEY)
     assert report["phase"] == "failed" and report["error"]["reason"] == "GatesFailed"
     assert "evalLoss" in report["error"]["message"]

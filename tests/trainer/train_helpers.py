@@ -72,6 +72,26 @@ def stage(s3: Any, bucket: str, model_dir: Path, sample: Any) -> Staged:
                   f"s3://{bucket}/data/test.jsonl", f"s3://{bucket}/data/glossary.txt")
 
 
+def stage_in_new_bucket(s3: Any, prefix: str, model_dir: Path, sample: Any) -> Staged:
+    """`stage` into a fresh bucket `<prefix>-<random>` (each test module its own)."""
+    bucket = f"{prefix}-{secrets.token_hex(4)}"
+    s3.create_bucket(bucket)
+    return stage(s3, bucket, model_dir, sample)
+
+
+def store(uri: str) -> Any:
+    """The trainer's own `Store` for an output URI (what the tests read artifacts back through)."""
+    from finetune_trainer.storage import Store
+
+    return Store.for_uri(uri)
+
+
+def tail_loss(losses: dict[int, float]) -> float:
+    """The mean training loss of the last two logged steps (what golden-loss tests pin)."""
+    last = sorted(losses)[-2:]
+    return sum(losses[s] for s in last) / len(last)
+
+
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     out = copy.deepcopy(base)
     for key, value in extra.items():
