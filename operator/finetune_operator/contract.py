@@ -205,4 +205,7 @@ def config_json(config: TrainerConfig) -> str:
     import json
 
     data: dict[str, Any] = config.model_dump(by_alias=True, exclude_none=True, mode="json")
+    if not data.get("adjustments"):
+        # Only after an OOMKilled pod: a job's first snapshot stays what it was before the field existed.
+        data.pop("adjustments", None)
     return json.dumps(data, sort_keys=True, indent=2)

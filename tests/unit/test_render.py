@@ -688,3 +688,18 @@ def test_settings_defaults_and_round_trip() -> None:
 def test_settings_errors_name_the_variable(var: str, value: str) -> None:
     with pytest.raises(SettingsError, match=var):
         OperatorSettings.from_env({var: value})
+
+
+def test_config_snapshot_carries_adjustments_only_when_there_are_some() -> None:
+    job, _ = load("lora-7b")
+    config = contract.resolve(job, plan(job.spec), image="trainer:1")
+    assert "adjustments" not in json.loads(contract.config_json(config))  # a first pod's snapshot, as before
+    start = config.start_rung()
+    lower = contract.MemoryRung(microBatch=max(1, start.micro_batch // 2), gradAccum=start.grad_accum * 2,
+                                gradientCheckpointing=start.gradient_checkpointing)
+    step_down = contract.Adjustment.model_validate({
+        "step": 0, "from": start.model_dump(by_alias=True), "to": lower.model_dump(by_alias=True),
+        "reason": "the training pod was OOMKilled", "by": "operator"})
+    snapshot = contract.config_json(config.model_copy(update={"adjustments": [step_down]}))
+    again = contract.TrainerConfig.model_validate_json(snapshot)
+    assert again.adjustments == [step_down] and again.start_rung() == lower
