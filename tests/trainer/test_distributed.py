@@ -99,14 +99,7 @@ def test_two_processes_train_data_parallel(s3_env: dict[str, str], staged: th.St
 
 def test_two_machines_rendezvous_on_loopback(s3_env: dict[str, str], staged: th.Staged, tmp_path: Path) -> None:
     config = th.make_config(staged, SPEC)
-    port = str(th.free_port())
-    procs = []
-    for rank in (0, 1):
-        machine = tmp_path / f"machine-{rank}"
-        machine.mkdir()
-        env = th.trainer_env(config, machine, s3_env, FT_NUM_MACHINES="2", FT_PROCS_PER_MACHINE="1",
-                             JOB_COMPLETION_INDEX=str(rank), FT_MAIN_ADDRESS="127.0.0.1", FT_MAIN_PORT=port)
-        procs.append(th.launch(env))
+    procs, _ = th.launch_machines(config, tmp_path, s3_env)
     results = [_finish(p) for p in procs]
     for code, out in results:
         assert code == 0, out[-4000:]
@@ -138,16 +131,7 @@ def test_frozen_peer_fails_the_survivor_within_the_collective_timeout(
 
     config = th.make_config(staged, {"hyperparameters": {"maxSteps": 200}, "checkpoint": {"everySteps": 100},
                                      "evaluation": {"maxExamples": 2}})
-    port = str(th.free_port())
-    procs, logs = [], []
-    for rank in (0, 1):
-        machine = tmp_path / f"machine-{rank}"
-        machine.mkdir()
-        env = th.trainer_env(config, machine, s3_env, FT_NUM_MACHINES="2", FT_PROCS_PER_MACHINE="1",
-                             JOB_COMPLETION_INDEX=str(rank), FT_MAIN_ADDRESS="127.0.0.1", FT_MAIN_PORT=port,
-                             FT_COLLECTIVE_TIMEOUT="20")
-        logs.append(machine / "launch.log")
-        procs.append(th.launch(env, log=logs[-1]))
+    procs, logs = th.launch_machines(config, tmp_path, s3_env, logs=True, FT_COLLECTIVE_TIMEOUT="20")
     frozen: list[Any] = []
     try:
         fh.wait_for_step(th.store(config.spec.output.uri), 2, procs[0], logs[0])

@@ -281,14 +281,7 @@ def test_two_machines_train_it_data_parallel(method: str, s3_env: dict[str, str]
     spec = th._merge(METHODS[method][0], {"hyperparameters": {"maxSteps": 4}, "checkpoint": {"everySteps": 2},
                                           "evaluation": {"maxExamples": 2}})
     config = th.make_config(staged, spec)
-    port = str(th.free_port())
-    procs = []
-    for rank in (0, 1):
-        machine = tmp_path / f"machine-{rank}"
-        machine.mkdir()
-        env = th.trainer_env(config, machine, s3_env, FT_NUM_MACHINES="2", FT_PROCS_PER_MACHINE="1",
-                             JOB_COMPLETION_INDEX=str(rank), FT_MAIN_ADDRESS="127.0.0.1", FT_MAIN_PORT=port)
-        procs.append(th.launch(env))
+    procs, _ = th.launch_machines(config, tmp_path, s3_env)
     for proc in procs:
         out, _ = proc.communicate(timeout=300)
         assert proc.returncode == 0, out.decode(errors="replace")[-4000:]

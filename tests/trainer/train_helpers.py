@@ -183,6 +183,22 @@ def launch(env: dict[str, str], module: str = "finetune_trainer.launch", log: Pa
                             start_new_session=True)
 
 
+def launch_machines(config: TrainerConfig, tmp: Path, s3_env: dict[str, str], *, logs: bool = False,
+                    **extra: str) -> tuple[list[subprocess.Popen[bytes]], list[Path]]:
+    """Two "machines" on loopback, one process each, rendezvousing as an Indexed Job's pods do: rank r runs in
+    `tmp/machine-r` (its log `launch.log` there when `logs`, else a pipe). Returns the processes and logs."""
+    port = str(free_port())
+    procs, log_paths = [], []
+    for rank in (0, 1):
+        machine = tmp / f"machine-{rank}"
+        machine.mkdir()
+        env = trainer_env(config, machine, s3_env, FT_NUM_MACHINES="2", FT_PROCS_PER_MACHINE="1",
+                          JOB_COMPLETION_INDEX=str(rank), FT_MAIN_ADDRESS="127.0.0.1", FT_MAIN_PORT=port, **extra)
+        log_paths.append(machine / "launch.log")
+        procs.append(launch(env, log=log_paths[-1] if logs else None))
+    return procs, log_paths
+
+
 def losses(metrics_text: str) -> dict[int, float]:
     """Step -> training loss from a metrics.jsonl text."""
     import json
