@@ -3,6 +3,7 @@ sys.path, as `python bench/<script>.py`)."""
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -85,3 +86,12 @@ def count_parameters(model_dir: Path) -> int:
                 n *= dim
             count += n
     return count
+
+
+def worker_env(threads: int, work: Path) -> dict[str, str]:
+    """The environment of a benchmark's trainer subprocesses: this one without FT_ settings, `threads` OpenMP
+    and MKL threads, quiet logs, a model cache under `work`."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FT_")}
+    env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
+                "PYTHONUNBUFFERED": "1", "FT_LOG_LEVEL": "WARNING", "FT_CACHE_DIR": str(work / "cache")})
+    return env

@@ -420,6 +420,7 @@ async def minimum_writes_baseline(api: Api, run: Run, namespace: str) -> None:
     operator's time to every Job is compared with this (`operator_jobs_vs_minimum_writes_<N>`): what it
     spends beyond it is its own (queueing, reads, retries), not the API server's floor."""
     from finetune_operator import render, sizing
+    from finetune_operator.handlers import child_url
     from finetune_operator.settings import OperatorSettings
     from finetune_operator.spec import FineTuneJob
 
@@ -434,9 +435,7 @@ async def minimum_writes_baseline(api: Api, run: Run, namespace: str) -> None:
             _, made = await api.call("POST", ftjs, manifest(i, f"job-{i:05d}", namespace))
             job = FineTuneJob.model_validate(made)
             for child in render.render_children(job, sizing.plan(job.spec), settings):
-                plural = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs"}[child["kind"]]
-                prefix = "/api/v1" if child["apiVersion"] == "v1" else f"/apis/{child['apiVersion']}"
-                await api.call("POST", f"{prefix}/namespaces/{namespace}/{plural}", child)
+                await api.call("POST", child_url(child, named=False), child)
             await api.call("PATCH", f"{ftjs}/{job.metadata.name}/status", {"status": {"phase": "Suspended"}})
             await api.call("POST", f"/api/v1/namespaces/{namespace}/events", {
                 "apiVersion": "v1", "kind": "Event",

@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import bench_precision, cpu_model
+from benchlib import bench_precision, cpu_model, worker_env
 
 BATCH, GLOBAL_EXAMPLES = 4, 16
 
@@ -205,9 +205,7 @@ def main() -> int:
 
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="scaling-bench-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FT_")}
-    env.update({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONUNBUFFERED": "1", "FT_LOG_LEVEL": "WARNING", "FT_CACHE_DIR": str(work / "cache")})
+    env = worker_env(1, work)
     try:
         model, train, params = build_inputs(work, args.hidden, args.layers)
         manifest = write_manifest(work, model, train, params)

@@ -118,7 +118,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from benchlib import bench_precision, count_parameters, cpu_model, mlp_width
+from benchlib import bench_precision, count_parameters, cpu_model, mlp_width, worker_env
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "healthcare-lora.yaml"
@@ -566,10 +566,7 @@ def main() -> int:
 
     start = time.perf_counter()
     work = Path(tempfile.mkdtemp(prefix="throughput-bench-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FT_")}
-    env.update({"OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
-                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "FT_LOG_LEVEL": "WARNING",
-                "FT_CACHE_DIR": str(work / "cache")})
+    env = worker_env(args.threads, work)
     try:
         model, train, params = build_inputs(work, args.hidden, args.layers)
         manifest = write_manifest(work, model, train, params)
