@@ -393,7 +393,8 @@ def operator_environment(workdir: Path) -> tuple[str, str]:
 
     It matters for memory: kopf imports every Kubernetes client library it finds (`kubernetes` and
     `kubernetes_asyncio`, for their model classes), and the development environment has the synchronous
-    `kubernetes` client for the tests, 21 MiB of RSS the shipped operator does not carry. Built with uv
+    `kubernetes` client for the tests, 21 MiB of RSS the shipped operator does not carry (the line
+    printed names the client libraries the operator's venv holds: none, since the operator speaks aiohttp). Built with uv
     (from the development venv) and the same constraints.txt; `--operator-python` overrides it."""
     venv = workdir / "operator-venv"
     uv = Path(sys.executable).with_name("uv")

@@ -58,7 +58,7 @@ suspended Job do not. At most `PASS_CONCURRENCY` passes run at once, on `kube.CO
 An operator restart at any point converges: the children are found and adopted by owner uid, the status
 is recomputed from what exists, and events are only posted for transitions against the stored status.
 
-The API calls: `finetune_operator.kube` (kubernetes_asyncio's `ApiClient`, one per operator run, created
+The API calls: `finetune_operator.kube` (one aiohttp session per operator run and identity, created
 at startup and closed at cleanup), with the identity the `login` handler gave kopf, kopf's
 `settings.networking` timeouts and error backoffs, and errors mapped to `kube.ApiError` (`NotFound`,
 `Conflict`). kopf's own client is not used: kopf is used through its public API only.

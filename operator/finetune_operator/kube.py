@@ -1,10 +1,13 @@
-"""The few Kubernetes API calls the operator makes, as plain dicts, over kubernetes_asyncio.
+"""The few Kubernetes API calls the operator makes, as plain dicts, over aiohttp.
 
 kopf stays the framework (watches, handlers, login, settings); this module is the operator's own client
-for what its handlers do: read, create and merge-patch objects, list with a label selector. It uses
-kubernetes_asyncio's `ApiClient` (configuration, TLS, authentication, one shared aiohttp connection
-pool) with raw JSON in and out, no generated models, and adds what kopf's internal client did for it:
+for what its handlers do: read, create and merge-patch objects, list with a label selector, with raw
+JSON in and out. It speaks HTTP through aiohttp, the library kopf's own API client is built on (one
+session, one pool of `CONNECTIONS` connections, per identity), and adds what kopf's internal client did
+for it:
 
+- TLS and credentials from the `kopf.ConnectionInfo` kopf logged in with (`tls`, `headers`): CA, client
+  certificate, bearer token or basic auth, as a kubeconfig or a service account gives them;
 - the identity: the `kopf.ConnectionInfo` the operator's `@kopf.on.login` handler returned, handed over
   through `Identity` (kopf logs in after the startup handlers have run, so the client is built on first
   use, and again whenever kopf logs in anew). A 401 makes the client run the same login once more (a
@@ -17,6 +20,11 @@ pool) with raw JSON in and out, no generated models, and adds what kopf's intern
 - errors: an answer outside 2xx raises `ApiError` (`NotFound` for 404, `Conflict` for 409) with the
   status, the Status reason and message; no answer at all, once the retries are used up, raises
   `Unreachable` (status 0).
+
+Why not a generated client: until 2026-12-02 this module sent its requests through kubernetes_asyncio's
+`ApiClient`, for its TLS and authentication set-up only. Importing it loads every generated model class,
+43 MiB of the operator's 112 MiB resident at start-up (kopf also imports any Kubernetes client library it
+finds installed), for an operator that uses none of them. The operator image no longer installs it.
 
 Writes are not made idempotent here: a create retried after a lost answer meets its own object (409),
 which the caller resolves (the handlers adopt by owner uid; an event with a deterministic name was
@@ -34,14 +42,13 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import tempfile
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import aiohttp
 import kopf
-import kubernetes_asyncio
-from kubernetes_asyncio.client import ApiClient, Configuration
 
 log = logging.getLogger("finetune_operator.kube")
 
@@ -53,11 +60,11 @@ RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
 RETRY_AFTER_STATUSES = frozenset({429, 503})
 #: How long a request waits for the first login (kopf logs in right after the startup handlers).
 LOGIN_WAIT = 60.0
-#: The operator's own connections to the API server at most (kubernetes_asyncio's default is 100). A
+#: The operator's own connections to the API server at most (kubernetes_asyncio's default was 100). A
 #: burst of 1,000 creates opened 224 connections between kopf's client and this one, about 40 MiB of TLS
 #: buffers (bench/results/operator-scale-envtest-heap-1000-*); 16 keep the API server as busy.
 CONNECTIONS = 16
-USER_AGENT = f"finetune-operator kubernetes_asyncio/{kubernetes_asyncio.__version__}"
+USER_AGENT = f"finetune-operator aiohttp/{aiohttp.__version__}"
 
 _TRANSPORT_ERRORS = (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError, TimeoutError)
 
@@ -195,75 +202,78 @@ def _path(value: str | bytes | os.PathLike[str] | os.PathLike[bytes] | None) -> 
     return os.fsdecode(value) if value else None
 
 
-def configuration(info: kopf.ConnectionInfo, directory: str | Callable[[], str]) -> Configuration:
-    """A kubernetes_asyncio `Configuration` for exactly this identity.
+def tls(info: kopf.ConnectionInfo, directory: Callable[[], str]) -> ssl.SSLContext:
+    """The TLS context for exactly this identity: its CA (file or inline), its client certificate and
+    key (files or inline), and no verification when the kubeconfig says `insecure-skip-tls-verify`.
 
-    kubernetes_asyncio reads the CA and the client certificate from files, so data given inline (a
-    kubeconfig's `certificate-authority-data`, `client-certificate-data`, `client-key-data`) is written
-    to `directory` (owner-only; the caller removes it), as kubernetes_asyncio's own kubeconfig loader does.
-    A callable `directory` is only called when there is such data (an in-cluster login has none)."""
+    OpenSSL loads a client certificate only from files, so inline ones (a kubeconfig's
+    `client-certificate-data` and `client-key-data`) are written to a private folder from `directory()`
+    (called only then: an in-cluster login has none, and a pod's root is read-only) and are gone from the
+    disk again as soon as the context holds them: the caller removes the folder right after."""
+    ca = _path(info.ca_path)
+    context = ssl.create_default_context(
+        cafile=ca, cadata=None if ca or not info.ca_data else _pem(info.ca_data).decode("ascii"))
+    if info.insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
 
     def file(name: str, path: Any, data: str | bytes | None) -> str | None:
         if path:
             return _path(path)
         if not data:
             return None
-        target = os.path.join(directory() if callable(directory) else directory, name)
+        target = os.path.join(directory(), name)
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as handle:
             handle.write(_pem(data))
         return target
 
-    config = Configuration(host=info.server.rstrip("/"))
-    # Connections are what a burst of passes costs in memory (each TLS connection holds OpenSSL buffers
-    # outside Python's heap); more than a few in flight only queue on the API server's side anyway.
-    config.connection_pool_maxsize = CONNECTIONS
-    config.ssl_ca_cert = file("ca.crt", info.ca_path, info.ca_data)
-    config.cert_file = file("client.crt", info.certificate_path, info.certificate_data)
-    config.key_file = file("client.key", info.private_key_path, info.private_key_data)
-    config.verify_ssl = not info.insecure
+    certificate = file("client.crt", info.certificate_path, info.certificate_data)
+    if certificate:
+        context.load_cert_chain(certificate, file("client.key", info.private_key_path, info.private_key_data))
+    return context
+
+
+def headers(info: kopf.ConnectionInfo) -> dict[str, str]:
+    """The headers every request of this identity carries: who we are, and its credentials (a bearer
+    token with its scheme, basic auth, or a bare scheme, as kopf sends them)."""
+    sent = {"User-Agent": USER_AGENT}
     if info.token:
-        config.api_key = {"BearerToken": info.token}
-        config.api_key_prefix = {"BearerToken": info.scheme or "Bearer"}
-    config.username = info.username or ""
-    config.password = info.password or ""
-    if info.proxy_url:
-        config.proxy = info.proxy_url
-    return config
+        sent["Authorization"] = f"{info.scheme or 'Bearer'} {info.token}"
+    elif info.username and info.password:
+        sent["Authorization"] = "Basic " + base64.b64encode(f"{info.username}:{info.password}".encode()).decode()
+    elif info.scheme:
+        sent["Authorization"] = info.scheme
+    return sent
 
 
 class _Client:
-    """One `ApiClient` (one connection pool) for one identity, and the files its configuration needs."""
+    """One aiohttp session (one connection pool of `CONNECTIONS`) for one identity."""
 
     def __init__(self, info: kopf.ConnectionInfo):
         self.info = info
-        self.directory: str | None = None
+        self.host = info.server.rstrip("/")
+        scratch: list[str] = []
+
+        def directory() -> str:
+            if not scratch:
+                scratch.append(tempfile.mkdtemp(prefix="finetune-operator-kube-"))  # mode 0700
+            return scratch[0]
+
         try:
-            config = configuration(info, self._scratch)
-            self.api = ApiClient(config)
-        except BaseException:
-            self._remove_files()
-            raise
-        self.api.user_agent = USER_AGENT
-        if info.username and info.password:  # basic auth: not among kubernetes_asyncio's auth settings
-            self.api.set_default_header("Authorization", config.get_basic_auth_token())
-        elif info.scheme and not info.token:
-            self.api.set_default_header("Authorization", info.scheme)
-
-    def _scratch(self) -> str:
-        if self.directory is None:
-            self.directory = tempfile.mkdtemp(prefix="finetune-operator-kube-")  # mode 0700
-        return self.directory
-
-    def _remove_files(self) -> None:
-        if self.directory is not None:
-            shutil.rmtree(self.directory, ignore_errors=True)
+            context = tls(info, directory)
+        finally:
+            for folder in scratch:
+                shutil.rmtree(folder, ignore_errors=True)
+        # Connections are what a burst of passes costs in memory (each TLS connection holds OpenSSL
+        # buffers outside Python's heap); more than a few in flight only queue on the API server's side.
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=CONNECTIONS, ssl=context),
+            headers=headers(info),
+        )
 
     async def close(self) -> None:
-        try:
-            await self.api.close()
-        finally:
-            self._remove_files()
+        await self.session.close()
 
 
 # --- the client -------------------------------------------------------------------------------------
@@ -299,18 +309,14 @@ class Kube:
 
     async def _once(self, client: _Client, method: str, path: str, body: Any, content_type: str,
                     params: list[tuple[str, str]] | None) -> Any:
-        # _preload_content=False: the aiohttp response itself, whatever its status (kubernetes_asyncio
-        # would otherwise log every response body at debug level, and raise before we see the headers).
-        response: aiohttp.ClientResponse = await client.api.call_api(
-            path, method,
-            query_params=params or None,
-            header_params={"Accept": JSON, "Content-Type": content_type},
-            body=body,
-            auth_settings=["BearerToken"],
-            _preload_content=False,
-            _request_timeout=self._timeout(),
-        )
-        async with response:
+        async with client.session.request(
+            method, client.host + path,
+            params=params or None,
+            data=None if body is None else json.dumps(body).encode(),
+            headers={"Accept": JSON, "Content-Type": content_type},
+            proxy=client.info.proxy_url or None,
+            timeout=self._timeout(),
+        ) as response:
             data = await response.read()
         if not 200 <= response.status <= 299:
             raise error_from_answer(method, path, response.status, response.headers, data)
@@ -393,6 +399,7 @@ __all__ = [
     "Unauthorized",
     "Unreachable",
     "backoff_schedule",
-    "configuration",
     "error_from_answer",
+    "headers",
+    "tls",
 ]

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import os
 import socket
 import ssl
 import stat
@@ -302,30 +301,45 @@ def test_a_request_waits_for_the_first_login() -> None:
     assert "Authorization" not in script.seen[0]["headers"]
 
 
-def test_inline_certificates_are_written_owner_only_and_decoded(tmp_path: Path) -> None:
-    pem = b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
-    info = kopf.ConnectionInfo(server="https://h:6443/", ca_data=base64.b64encode(pem).decode(),
-                               certificate_data=pem.decode(), private_key_path="/keys/client.key",
-                               insecure=True, token="abc", scheme="Bearer")
-    config = kube.configuration(info, str(tmp_path))
-    assert config.host == "https://h:6443"
-    assert config.ssl_ca_cert and Path(config.ssl_ca_cert).read_bytes() == pem
-    assert config.cert_file and Path(config.cert_file).read_bytes() == pem
-    assert config.key_file == "/keys/client.key"
-    assert stat.S_IMODE(os.stat(config.ssl_ca_cert).st_mode) == 0o600
-    assert config.verify_ssl is False
-    assert config.api_key == {"BearerToken": "abc"}
+def test_credentials_become_the_headers_kopf_would_send() -> None:
+    assert kube.headers(kopf.ConnectionInfo(server="https://h", token="abc"))["Authorization"] == "Bearer abc"
+    assert kube.headers(kopf.ConnectionInfo(server="https://h", token="abc", scheme="Token"))["Authorization"] \
+        == "Token abc"
+    basic = kube.headers(kopf.ConnectionInfo(server="https://h", username="u", password="p"))
+    assert basic["Authorization"] == "Basic " + base64.b64encode(b"u:p").decode()
+    assert "Authorization" not in kube.headers(kopf.ConnectionInfo(server="https://h"))
+    assert kube.headers(kopf.ConnectionInfo(server="https://h"))["User-Agent"].startswith("finetune-operator ")
 
 
-def test_files_only_when_there_is_inline_data() -> None:
-    """An in-cluster login (CA and token from files) writes nothing: the pod's root is read-only."""
+def test_insecure_skips_verification_and_a_ca_verifies() -> None:
+    insecure = kube.tls(kopf.ConnectionInfo(server="https://h", insecure=True), lambda: "unused")
+    assert insecure.verify_mode == ssl.CERT_NONE and not insecure.check_hostname
+    secure = kube.tls(kopf.ConnectionInfo(server="https://h"), lambda: "unused")
+    assert secure.verify_mode == ssl.CERT_REQUIRED and secure.check_hostname
+
+
+def test_files_only_when_there_is_inline_client_certificate(tmp_path: Path) -> None:
+    """An in-cluster login (CA and token from files) writes nothing: the pod's root is read-only. An
+    inline CA goes to OpenSSL from memory; only an inline client certificate needs a file."""
+    envtest = pytest.importorskip("tests.envtest")  # cryptography: the test extra
+    pki = envtest.Pki(tmp_path / "pki")
+
     def no_scratch() -> str:
         raise AssertionError("no folder needed")
 
-    info = kopf.ConnectionInfo(server="https://kubernetes.default.svc", ca_path="/sa/ca.crt", token="sa")
-    config = kube.configuration(info, no_scratch)
-    assert config.ssl_ca_cert == "/sa/ca.crt" and config.cert_file is None and config.key_file is None
-    assert config.verify_ssl is True
+    info = kopf.ConnectionInfo(server="https://kubernetes.default.svc", ca_path=str(pki.ca), token="sa")
+    assert kube.tls(info, no_scratch).get_ca_certs()
+    inline_ca = kopf.ConnectionInfo(server="https://h", ca_data=base64.b64encode(pki.ca.read_bytes()).decode())
+    assert kube.tls(inline_ca, no_scratch).get_ca_certs()
+    cert, key = pki.admin
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    inline = kopf.ConnectionInfo(server="https://h", certificate_data=cert.read_text(),
+                                 private_key_data=base64.b64encode(key.read_bytes()).decode())
+    kube.tls(inline, lambda: str(scratch))
+    assert sorted(p.name for p in scratch.iterdir()) == ["client.crt", "client.key"]
+    assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in scratch.iterdir())
+    assert (scratch / "client.key").read_bytes() == key.read_bytes()
 
 
 def test_tls_with_client_certificates_from_kubeconfig_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -366,10 +380,8 @@ def test_tls_with_client_certificates_from_kubeconfig_data(tmp_path: Path, monke
             api = kube.Kube(settings(), identity)
             try:
                 answer = await api.get("/version")
-                # The inline data went to a private folder, removed when the client is closed.
-                (folder,) = scratch.iterdir()
-                assert stat.S_IMODE(folder.stat().st_mode) == 0o700
-                assert sorted(p.name for p in folder.iterdir()) == ["ca.crt", "client.crt", "client.key"]
+                # The inline key went to a private folder, gone again once OpenSSL holds it.
+                assert list(scratch.iterdir()) == []
                 return answer
             finally:
                 await api.close()
