@@ -85,13 +85,13 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from finetune_operator import kube, refresh, render, sizing
+from finetune_operator import contract, kube, oomkill, refresh, render, sizing
 from finetune_operator import metrics as metrics_mod
 from finetune_operator import status as status_mod
 from finetune_operator.manifests import issues_from_validation
 from finetune_operator.progress import ReportReader, report_location
 from finetune_operator.settings import OperatorSettings
-from finetune_operator.spec import GROUP, KIND, PLURAL, VERSION, FineTuneJob, Plan
+from finetune_operator.spec import GROUP, KIND, PLURAL, VERSION, Adjustment, FineTuneJob, Plan
 
 log = logging.getLogger("finetune_operator")
 
@@ -536,6 +536,50 @@ async def reconcile(
             _schedule(rt, body, outcome)
 
 
+async def after_oom_kill(rt: Runtime, namespace: str, owner: str, pod: Mapping[str, Any], logger: Any) -> None:
+    """A training pod ran out of memory (OOMKilled, or the trainer's retryable `OutOfMemory`): step the job's
+    config snapshot one rung down the ladder, so the replacement pod (the Job controller waits 10 s or more
+    before it) starts there (`oomkill`)."""
+    term = oomkill.killed_container(pod, render.CONTAINER_NAME)
+    name = oomkill.config_map_name(pod)
+    if term is None or name is None:
+        return
+    url = f"/api/v1/namespaces/{namespace}/configmaps/{name}"
+    ftj = await rt.kube.get(ftj_url(namespace, owner))
+    status = (ftj or {}).get("status") or {}
+    reported = [Adjustment.model_validate(a) for a in status.get("adjustments") or []]
+    step = int((status.get("progress") or {}).get("step") or 0)
+    for _attempt in range(3):  # a lost race with another writer of the ConfigMap: read it again
+        cm = await rt.kube.get(url)
+        if cm is None or contract.CONFIG_KEY not in (cm.get("data") or {}):
+            return
+        meta = cm.get("metadata") or {}
+        config = contract.TrainerConfig.model_validate_json(cm["data"][contract.CONFIG_KEY])
+        decision = oomkill.decide(pod, config, adjusted_at=(meta.get("annotations") or {}).get(
+            oomkill.ADJUSTED_AT_ANNOTATION), reported=reported, step=step, kind=str(term.get("reason")))
+        if decision is None:
+            return
+        if decision.adjustment is not None:
+            config.adjustments.append(decision.adjustment)
+            # The kill's time on the kubelet's clock: pods of the same incident were created before it.
+            at = str(term.get("finishedAt") or datetime.now(UTC).isoformat())
+            try:
+                await rt.kube.patch(url, {
+                    "metadata": {"resourceVersion": meta.get("resourceVersion"),
+                                 "annotations": {oomkill.ADJUSTED_AT_ANNOTATION: at}},
+                    "data": {contract.CONFIG_KEY: contract.config_json(config)},
+                })
+            except kube.Conflict:
+                continue
+        logger.warning(decision.message)
+        if ftj is not None:
+            pod_name = str((pod.get("metadata") or {}).get("name"))
+            await post_event(rt.kube, ftj, "Warning", "OutOfMemory", decision.message,
+                             name=f"{owner}.oomkilled.{pod_name}"[:253])
+        return
+    logger.warning(f"could not step {name} down after an OOMKilled pod: the ConfigMap kept changing")
+
+
 # --- kopf wiring ------------------------------------------------------------------------------------
 
 
@@ -792,6 +836,12 @@ async def on_pod_event(type: str, body: kopf.Body, memo: kopf.Memo, logger: Any,
         state.pods.add(str(body.metadata.name))
     state.settled = False  # the trainer may have written its report: read it on the next pass
     try:
+        if type != "DELETED" and oomkill.killed_container(body, render.CONTAINER_NAME) is not None:
+            try:
+                async with rt.lock(namespace, owner):
+                    await after_oom_kill(rt, namespace, owner, body, logger)
+            except kube.ApiError as err:  # the pass below still runs; the next OOMKilled event tries again
+                logger.warning(f"stepping down after an OOMKilled pod failed: {err}")
         await reconcile(rt, namespace, owner, logger, f"Pod {type or 'event'}")
     except kopf.TemporaryError as err:
         # Event handlers are not retried; the failed pass scheduled a refresh one interval from now.

@@ -22,9 +22,9 @@ for it:
   `Unreachable` (status 0).
 
 Why not a generated client: until 2026-12-02 this module sent its requests through kubernetes_asyncio's
-`ApiClient`, for its TLS and authentication set-up only. Importing it loads every generated model class,
-43 MiB of the operator's 112 MiB resident at start-up (kopf also imports any Kubernetes client library it
-finds installed), for an operator that uses none of them. The operator image no longer installs it.
+`ApiClient`, for its TLS and authentication set-up only. Importing it loads every generated model class:
+the operator's modules imported took 110 MiB resident with it and take 57 MiB without it (kopf also
+imports any Kubernetes client library it finds installed), for an operator that uses none of them. The operator image no longer installs it.
 
 Writes are not made idempotent here: a create retried after a lost answer meets its own object (409),
 which the caller resolves (the handlers adopt by owner uid; an event with a deterministic name was

@@ -32,7 +32,10 @@ whole path (operator -> Job -> pods -> trainer -> S3 -> status) runs for real ag
 8. **Status.** The pod's phase goes back to the API (`pods/status`): Pending -> Running -> Succeeded or
    Failed, with `containerStatuses` carrying the `terminated` exit code, so the Job controller applies the
    Job's podFailurePolicy and completes or fails the Job. A pod being deleted gets SIGTERM, SIGKILL after its
-   grace period, and is then removed with grace period 0, as a kubelet confirms a deletion.
+   grace period, and is then removed with grace period 0, as a kubelet confirms a deletion. A SIGKILL (137)
+   is reported as reason `Error`, as a kubelet reports a kill from outside, and as `OOMKilled` only when the
+   process first wrote the file named by `$PODRUNNER_OOM_MARKER`: there is no memory cgroup here, so a test
+   stands in for the kernel's OOM killer that way.
 
 Limits: no images (the local Python environment must hold the trainer), no container isolation (processes
 run as this user, without resource limits), no probes, no sidecars, no hostPath volumes, no pod networking
@@ -647,9 +650,17 @@ class ContainerState:
         }
 
 
-def exit_reason(exit_code: int) -> str:
-    """The kubelet's terminated reason for an exit code (137 is a SIGKILL, usually the OOM killer)."""
-    return "Completed" if exit_code == 0 else "OOMKilled" if exit_code == 137 else "Error"
+#: Set in every container's environment: the file a process writes before it SIGKILLs itself to be
+#: reported `OOMKilled`. There is no memory cgroup here, so a test stands in for the kernel's OOM killer.
+ENV_OOM_MARKER = "PODRUNNER_OOM_MARKER"
+
+
+def exit_reason(exit_code: int, oom_killed: bool = False) -> str:
+    """The kubelet's terminated reason: `OOMKilled` only for the OOM killer's SIGKILL (137); a SIGKILL from
+    anyone else is an `Error`, as a kubelet reports it."""
+    if exit_code == 0:
+        return "Completed"
+    return "OOMKilled" if exit_code == 137 and oom_killed else "Error"
 
 
 def pod_phase(init: list[ContainerState], main: list[ContainerState], restart_policy: str) -> str:
@@ -834,6 +845,7 @@ class _Proc:
     message_file: Path | None
     policy: str
     pump: threading.Thread
+    oom_marker: Path | None = None
 
 
 @dataclass
@@ -1101,6 +1113,9 @@ class PodRunner:
             log.warning("pod %s container %s cannot start: %s", run.name, state.name, err.message)
             return
         log_path = run.pod_dir / f"{state.name}.{state.restart_count}.log"
+        oom_marker = run.pod_dir / f"{state.name}.{state.restart_count}.oom-killed"
+        oom_marker.unlink(missing_ok=True)
+        env = {**env, ENV_OOM_MARKER: str(oom_marker)}
         popen = subprocess.Popen(
             argv, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             start_new_session=True,  # its own process group, so SIGKILL can take every process it started
@@ -1111,7 +1126,7 @@ class PodRunner:
         state.started_at, state.finished_at, state.exit_code = now(), None, None
         state.container_id = f"local://{popen.pid}"
         policy = container.get("terminationMessagePolicy", "File")
-        run.procs[state.name] = _Proc(state, popen, log_path, message_file, policy, pump)
+        run.procs[state.name] = _Proc(state, popen, log_path, message_file, policy, pump, oom_marker)
         log.info("pod %s container %s started (pid %d): %s", run.name, state.name, popen.pid, " ".join(argv))
 
     def _prepare(
@@ -1181,7 +1196,7 @@ class PodRunner:
             if proc.message_file is not None and proc.message_file.is_file():
                 file_text = proc.message_file.read_text(encoding="utf-8", errors="replace")
             state.state, state.exit_code, state.finished_at = "terminated", exit_code, now()
-            state.reason = exit_reason(exit_code)
+            state.reason = exit_reason(exit_code, proc.oom_marker is not None and proc.oom_marker.exists())
             state.message = termination_message(log_text, exit_code, proc.policy, file_text)
             log.info("pod %s container %s exited with code %d", run.name, name, exit_code)
             retry = exit_code != 0 and restart_policy in ("OnFailure", "Always") and run.kill_deadline is None

@@ -306,7 +306,9 @@ def test_pod_phase_with_init_containers_and_restart_policy() -> None:
     assert podrunner.pod_phase([bad_init], [waiting], "Never") == "Failed"
     assert podrunner.pod_phase([ok_init], [waiting], "Never") == "Pending"
     assert podrunner.pod_phase([], [failed], "OnFailure") == "Running"  # the runner restarts it
-    assert podrunner.exit_reason(137) == "OOMKilled"
+    assert podrunner.exit_reason(137) == "Error"  # a SIGKILL from outside
+    assert podrunner.exit_reason(137, oom_killed=True) == "OOMKilled"
+    assert podrunner.exit_reason(1, oom_killed=True) == "Error"
 
 
 def test_termination_message_falls_back_to_logs_on_error() -> None:
