@@ -60,11 +60,11 @@ def test_pilot_on_a_lora_run_is_refused_naming_the_field(method: str) -> None:
 
 
 def test_pilot_gates_name_known_metrics_and_need_a_bound() -> None:
-    with pytest.raises(ValidationError, match="pilot.gates.0.metric"):
+    with pytest.raises(ValidationError, match=r"pilot\.gates\.0\.metric"):
         load(pilot={"gates": [{"metric": "bleu", "min": 1}]})
     with pytest.raises(ValidationError, match="needs min or max"):
         load(pilot={"gates": [{"metric": "accuracy"}]})
-    with pytest.raises(ValidationError, match="pilot.gates"):
+    with pytest.raises(ValidationError, match=r"pilot\.gates"):
         load(pilot={"maxSteps": 5})
 
 
@@ -200,3 +200,23 @@ def test_a_passing_pilot_leads_to_the_main_stage() -> None:
     assert main["pilot"] == new["pilot"]  # kept as it ended
     assert main["progress"]["summary"] == "45% 450/1000"
     assert not any(e.reason == c.PILOT_GATES_PASSED for e in transition_events(new, main))
+
+
+# --- `finetune plan` ---------------------------------------------------------------------------------
+
+
+def test_finetune_plan_shows_the_pilot_and_prints_its_children_first(capsys: pytest.CaptureFixture[str]) -> None:
+    from pathlib import Path
+
+    import yaml
+
+    from finetune_operator import cli
+
+    example = str(Path(__file__).resolve().parents[2] / "examples" / "healthcare-full-pilot.yaml")
+    assert cli.main(["plan", example]) == 0
+    table = capsys.readouterr().out
+    assert "healthcare-full: pilot first: lora on 1x24GiB (maxSteps 50, 1 gate(s)); the full run's 4 GPU(s)" in table
+    assert cli.main(["plan", example, "-o", "yaml"]) == 0
+    docs = list(yaml.safe_load_all(capsys.readouterr().out))
+    assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [
+        ("ConfigMap", "healthcare-full-pilot-config"), ("Service", "healthcare-full-pilot"), ("Job", "healthcare-full-pilot")]
