@@ -220,3 +220,13 @@ def test_finetune_plan_shows_the_pilot_and_prints_its_children_first(capsys: pyt
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [
         ("ConfigMap", "healthcare-full-pilot-config"), ("Service", "healthcare-full-pilot"), ("Job", "healthcare-full-pilot")]
+
+
+def test_suspend_and_kueue_apply_to_the_pilot_stage() -> None:
+    suspended = compute_status(ftj(suspend=True), plan=PLAN, now=NOW, pilot=pilot_view(job(suspend=True)))
+    assert (suspended["phase"], suspended["stage"], suspended["pilot"]["phase"]) == ("Suspended", "Pilot", "Suspended")
+    queued = compute_status(ftj(queue="gpus"), plan=PLAN, now=NOW, kueue_managed=True,
+                            pilot=pilot_view(job(suspend=True)))
+    assert (queued["phase"], queued["pilot"]["phase"]) == ("Queued", "Queued")
+    assert "pilot" not in compute_status(ftj(), plan=PLAN, now=NOW)  # no pilot: no stage, no pilot block
+    assert "stage" not in compute_status(ftj(), plan=PLAN, now=NOW)
