@@ -317,7 +317,8 @@ def _pilot_stage(new: dict[str, Any], b: _Builder, plan: Plan, pilot: PilotView,
     if failed is not None:
         reason, message = _failure(failed, report, children.pods)
         scores = _scores_text(p.get("evaluation"))
-        if reason == c.GATES_FAILED:
+        missed = report is not None and report.error is not None and report.error.reason == c.GATES_FAILED
+        if reason == c.GATES_FAILED or missed:  # missed: also when the Job gave up by its backoffLimit
             reason, message = c.PILOT_GATES_FAILED, f"the pilot missed pilot.gates: {message}"
         else:
             reason, message = c.PILOT_FAILED, f"the pilot failed ({reason}): {message}"

@@ -177,6 +177,9 @@ def test_exit_code_4_without_a_report_is_pilot_gates_failed_and_other_failures_p
     by_code = run(pilot=pilot_view(job(conditions=[jcond("Failed", "PodFailurePolicy")]),
                                    (pod("Failed", containers=exited(4, "evalLoss 6.1 > 5.58")),)))
     assert c.find(by_code["conditions"], c.FAILED)["reason"] == c.PILOT_GATES_FAILED
+    gave_up = run(pilot=pilot_view(job(conditions=[jcond("Failed", "BackoffLimitExceeded", "too many")]),
+                                   report=report(phase="failed", error={"reason": "GatesFailed", "message": "x"})))
+    assert c.find(gave_up["conditions"], c.FAILED)["reason"] == c.PILOT_GATES_FAILED
     crashed = run(pilot=pilot_view(job(conditions=[jcond("Failed", "BackoffLimitExceeded", "too many")])))
     failed = c.find(crashed["conditions"], c.FAILED)
     assert failed["reason"] == c.PILOT_FAILED and "BackoffLimitExceeded" in failed["message"]
