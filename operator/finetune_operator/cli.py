@@ -27,11 +27,14 @@ EXIT_INVALID = 1
 
 def _plan_dict(loaded: Loaded) -> dict[str, Any]:
     assert loaded.plan is not None
-    return {
+    data = {
         "name": loaded.name,
         "namespace": loaded.namespace,
         "plan": loaded.plan.model_dump(by_alias=True, mode="json"),
     }
+    if loaded.pilot_plan is not None:
+        data["pilot"] = loaded.pilot_plan.model_dump(by_alias=True, mode="json")
+    return data
 
 
 def _table(rows: list[Loaded], out: TextIO) -> None:
@@ -62,6 +65,11 @@ def _table(rows: list[Loaded], out: TextIO) -> None:
         out.write(f"{r.name}: {r.plan.reason}\n")
         for warning in r.plan.warnings:
             out.write(f"{r.name}: WARNING: {warning}\n")
+        if r.pilot_plan is not None and r.job is not None and r.job.spec.pilot is not None:
+            pp, spec = r.pilot_plan, r.job.spec.pilot
+            bound = f"dataFraction {spec.data_fraction:g}" if spec.data_fraction else f"maxSteps {spec.max_steps or 100}"
+            out.write(f"{r.name}: pilot first: lora on {pp.gpus}x{pp.gpu_memory_gib}GiB ({bound}, {len(spec.gates)} "
+                      f"gate(s)); the {r.plan.method} run's {r.plan.gpus} GPU(s) are requested only after it passes\n")
 
 
 def _yaml_stream(rows: list[Loaded], image: str | None, out: TextIO) -> None:
@@ -71,12 +79,21 @@ def _yaml_stream(rows: list[Loaded], image: str | None, out: TextIO) -> None:
     config = settings.OperatorSettings.from_env()
     if image:
         config = dataclasses.replace(config, trainer_image=image)
+    from finetune_operator import pilot
+
     docs: list[str] = []
     for r in rows:
         assert r.job is not None and r.plan is not None
         plan_text = yaml.safe_dump(_plan_dict(r), sort_keys=False, width=10_000)
         comment = "".join(f"# {line}\n" for line in plan_text.splitlines())
-        children = render.render_children(r.job, r.plan, config)
+        if r.pilot_plan is not None:
+            # What the operator creates first: the pilot stage. Its main stage follows only once the pilot
+            # passed its gates, which only the operator can tell.
+            comment += ("# spec.pilot: these are the LoRA pilot's children; the operator creates the main run's "
+                        "only after the pilot passed pilot.gates\n")
+            children = render.render_children(pilot.pilot_job(r.job), r.pilot_plan, config, pilot.STAGE)
+        else:
+            children = render.render_children(r.job, r.plan, config)
         for i, child in enumerate(children):
             body = yaml.safe_dump(child, sort_keys=False, width=120)
             docs.append((comment if i == 0 else "") + body)

@@ -9,6 +9,9 @@ Types (each is `True`, `False` or `Unknown`):
 - `Planned`: the sizing plan exists (status.plan). False/PlanningFailed says why it cannot.
 - `Created`: the ConfigMap, Service and Job exist and are ours. False/ForeignChild names an object of
   the same name that something else controls (it is left alone).
+- `PilotPassed` (only with spec.pilot): Unknown/PilotRunning while the LoRA pilot runs, True/PilotGatesPassed
+  once its Job completed with pilot.gates held (the main Job is created then), False/PilotGatesFailed or
+  False/PilotFailed when it did not (no main Job is ever created).
 - `Queued`: Kueue manages the job. True/WaitingForAdmission while Kueue keeps the Job suspended,
   False/Admitted once it runs.
 - `Running`: training pods run. False with the reason it is not (Starting, Suspended, or the terminal reason).
@@ -16,7 +19,8 @@ Types (each is `True`, `False` or `Unknown`):
   when spec.suspend cannot be applied because Kueue owns the Job's suspension.
 - `Complete`: True/TrainingSucceeded when the Job completed. Terminal.
 - `Failed`: True with the failure reason (InvalidSpec, PlanningFailed, BackoffLimitExceeded,
-  DeadlineExceeded, GatesFailed, TrainerConfigError, the trainer's own reason such as InvalidData, ...).
+  DeadlineExceeded, GatesFailed, TrainerConfigError, the trainer's own reason such as InvalidData,
+  PilotGatesFailed, PilotFailed, ...).
   Terminal.
 """
 
@@ -29,6 +33,7 @@ from typing import Any
 VALID = "Valid"
 PLANNED = "Planned"
 CREATED = "Created"
+PILOT_PASSED = "PilotPassed"
 QUEUED = "Queued"
 RUNNING = "Running"
 SUSPENDED = "Suspended"
@@ -36,7 +41,7 @@ COMPLETE = "Complete"
 FAILED = "Failed"
 
 #: Display order in status.conditions (also the order `kubectl describe` shows them).
-TYPES: tuple[str, ...] = (VALID, PLANNED, CREATED, QUEUED, RUNNING, SUSPENDED, COMPLETE, FAILED)
+TYPES: tuple[str, ...] = (VALID, PLANNED, CREATED, PILOT_PASSED, QUEUED, RUNNING, SUSPENDED, COMPLETE, FAILED)
 
 TRUE = "True"
 FALSE = "False"
@@ -66,6 +71,10 @@ GATES_FAILED = "GatesFailed"
 TRAINER_CONFIG_ERROR = "TrainerConfigError"
 JOB_FAILED = "JobFailed"
 SPEC_IMMUTABLE = "SpecImmutable"
+PILOT_RUNNING = "PilotRunning"
+PILOT_GATES_PASSED = "PilotGatesPassed"
+PILOT_GATES_FAILED = "PilotGatesFailed"
+PILOT_FAILED = "PilotFailed"
 
 #: Reasons that end a FineTuneJob for good (besides the trainer's own reasons on PodFailurePolicy).
 TERMINAL_FAILURE_REASONS = frozenset(
@@ -78,6 +87,8 @@ TERMINAL_FAILURE_REASONS = frozenset(
         GATES_FAILED,
         TRAINER_CONFIG_ERROR,
         JOB_FAILED,
+        PILOT_GATES_FAILED,
+        PILOT_FAILED,
     }
 )
 

@@ -81,6 +81,9 @@ class TrainerConfig(_Model):
     plan: Plan = Field(description="The sizing plan.")
     spec: FineTuneJobSpec = Field(description="The full spec with every default filled in.")
     image: str | None = Field(default=None, description="Trainer image (recorded in provenance).")
+    stage: Literal["pilot"] | None = Field(
+        default=None, description="`pilot` for the LoRA pilot of spec.pilot (its spec is the derived pilot run); "
+        "unset for the main run.")
     adjustments: list[Adjustment] = Field(
         default_factory=list, max_length=16,
         description="Out-of-memory adjustments made before this pod, oldest first (the operator adds one after a pod "
@@ -178,7 +181,7 @@ def lower(a: MemoryRung, b: MemoryRung) -> MemoryRung:
     return min(a, b, key=lambda r: (r.micro_batch, not r.gradient_checkpointing))
 
 
-def resolve(job: FineTuneJob, plan: Plan, image: str | None = None) -> TrainerConfig:
+def resolve(job: FineTuneJob, plan: Plan, image: str | None = None, stage: Literal["pilot"] | None = None) -> TrainerConfig:
     """Freeze a job into the trainer's config snapshot."""
     spec = job.spec.model_copy(deep=True)
     spec.method = plan.method  # `auto` resolved once, here
@@ -197,6 +200,7 @@ def resolve(job: FineTuneJob, plan: Plan, image: str | None = None) -> TrainerCo
         plan=plan,
         spec=spec,
         image=image or spec.image,
+        stage=stage,
     )
 
 

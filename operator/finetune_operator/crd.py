@@ -21,6 +21,8 @@ MUTABLE_SPEC_FIELDS = frozenset({"suspend"})
 
 PRINTER_COLUMNS: list[dict[str, Any]] = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Lifecycle phase."},
+    {"name": "Stage", "type": "string", "jsonPath": ".status.stage",
+     "description": "With spec.pilot: Pilot while the LoRA pilot runs, Main after it passed."},
     {"name": "Method", "type": "string", "jsonPath": ".status.plan.method", "description": "Resolved training method."},
     {"name": "Model", "type": "string", "jsonPath": ".spec.baseModel.uri", "description": "Base model."},
     {"name": "GPUs", "type": "integer", "jsonPath": ".status.plan.gpus", "description": "Planned GPUs."},
@@ -165,6 +167,29 @@ def _add_rules(spec_schema: dict[str, Any]) -> None:
             reason="FieldValueForbidden",
         ),
     ]
+    methods = ", ".join(f"'{m}'" for m in api.PILOT_METHODS)
+    spec_rules += [
+        _rule(
+            f"!has(self.pilot) || (has(self.method) && self.method in [{methods}])",
+            "spec.pilot is only valid with methods full, prefix and prompt: the pilot is a short LoRA run, and "
+            "lora, qlora and auto already are one; remove pilot, or bound the run with hyperparameters.maxSteps",
+            fieldPath=".pilot",
+            reason="FieldValueForbidden",
+        ),
+        _rule(
+            "!has(self.pilot) || !has(self.evaluation) || !has(self.evaluation.enabled) || self.evaluation.enabled",
+            "spec.pilot.gates are checked on the evaluation; set spec.evaluation.enabled: true or remove pilot",
+            fieldPath=".pilot",
+            reason="FieldValueForbidden",
+        ),
+        _rule(
+            "!has(self.pilot) || self.pilot.gates.all(g, g.metric != 'formatCompliance') || (has(self.evaluation) "
+            "&& (has(self.evaluation.formatSchema) || has(self.evaluation.formatRegex)))",
+            "spec.pilot.gates: formatCompliance is only measured with spec.evaluation.formatSchema or formatRegex",
+            fieldPath=".pilot.gates",
+            reason="FieldValueForbidden",
+        ),
+    ]
     for name in props:
         if name in MUTABLE_SPEC_FIELDS:
             continue
@@ -190,10 +215,15 @@ def _add_rules(spec_schema: dict[str, Any]) -> None:
         _rule("!has(self.initText) || (has(self.init) && self.init == 'text')",
               "spec.prompt.initText is only used with init: text"),
     ]
-    gate = props["evaluation"]["properties"]["gates"]["items"]
-    gate["x-kubernetes-validations"] = [
-        _rule("has(self.min) || has(self.max)", "a gate needs min or max"),
-        _rule("!has(self.min) || !has(self.max) || self.min <= self.max", "a gate's min must not exceed its max"),
+    for gate in (props["evaluation"]["properties"]["gates"]["items"], props["pilot"]["properties"]["gates"]["items"]):
+        gate["x-kubernetes-validations"] = [
+            _rule("has(self.min) || has(self.max) || has(self.minImprovement)",
+                  "a gate needs min or max (or minImprovement)"),
+            _rule("!has(self.min) || !has(self.max) || self.min <= self.max", "a gate's min must not exceed its max"),
+        ]
+    props["pilot"]["x-kubernetes-validations"] = [
+        _rule("!(has(self.maxSteps) && has(self.dataFraction))",
+              "set at most one of spec.pilot.maxSteps and spec.pilot.dataFraction"),
     ]
 
 

@@ -87,6 +87,7 @@ from pydantic import ValidationError
 
 from finetune_operator import contract, kube, oomkill, refresh, render, sizing
 from finetune_operator import metrics as metrics_mod
+from finetune_operator import pilot as pilot_mod
 from finetune_operator import status as status_mod
 from finetune_operator.manifests import issues_from_validation
 from finetune_operator.progress import ReportReader, report_location
@@ -289,7 +290,8 @@ def _adoption_patch(existing: Mapping[str, Any], desired: Mapping[str, Any]) -> 
 
 
 async def ensure_children(
-    api: kube.Kube, rt: Runtime, body: Mapping[str, Any], job: FineTuneJob, plan: Plan, logger: Any
+    api: kube.Kube, rt: Runtime, body: Mapping[str, Any], job: FineTuneJob, plan: Plan, logger: Any,
+    stage: str | None = None,
 ) -> status_mod.Children:
     uid = str(job.metadata.uid)
     known = _condition_true(body, "Created")
@@ -300,7 +302,7 @@ async def ensure_children(
     created: list[str] = []
     adopted: list[str] = []
     job_obj: dict[str, Any] | None = None
-    for desired in render.render_children(job, plan, rt.settings):
+    for desired in render.render_children(job, plan, rt.settings, stage):
         label = f"{desired['kind']}/{desired['metadata']['name']}"
         url = child_url(desired)
         existing = None if fresh else await api.get(url)
@@ -357,8 +359,9 @@ def _kueue_managed(body: Mapping[str, Any], job_obj: Mapping[str, Any] | None) -
     return bool(mine.get(render.KUEUE_QUEUE_LABEL) or theirs.get(render.KUEUE_QUEUE_LABEL))
 
 
-def _existing_plan(body: Mapping[str, Any]) -> Plan | None:
-    raw = (body.get("status") or {}).get("plan")
+def _existing_plan(body: Mapping[str, Any], stage: str | None = None) -> Plan | None:
+    status = body.get("status") or {}
+    raw = (status.get("pilot") or {}).get("plan") if stage else status.get("plan")
     if not raw:
         return None
     try:
@@ -437,7 +440,65 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
             return refresh.Outcome(phase=new.get("phase"))
 
     state = rt.job_state(meta["namespace"], meta["name"])
-    children = await ensure_children(api, rt, body, job, plan, logger)
+    pilot_view: status_mod.PilotView | None = None
+    if job.spec.pilot is not None and (old_status.get("pilot") or {}).get("phase") != status_mod.SUCCEEDED:
+        # The pilot stage first: the main Job (and its large GPU request) only after the pilot's Job completed.
+        pilot_view = await _pilot_pass(api, rt, body, job, logger, state)
+        pilot_job = pilot_view.children.job
+        if pilot_job is None or not _condition_of(pilot_job, "Complete"):
+            new = status_mod.compute_status(body, plan=plan, pilot=pilot_view,
+                                            kueue_managed=_kueue_managed(body, pilot_job), now=now)
+            await _write(api, rt, body, new)
+            return refresh.Outcome(
+                phase=new.get("phase"),
+                children_ready=pilot_job is not None and not pilot_view.children.foreign,
+                pods_active=refresh.pods_active(pilot_view.children.pods),
+                report_changed=refresh.report_changed(old_status, new),
+            )
+        logger.info(f"the pilot of {meta['name']} passed its gates; creating the main stage")
+    elif job.spec.pilot is not None:
+        pilot_view = status_mod.PilotView()  # passed in an earlier pass: status.pilot stays as it is
+
+    children, report, kueue = await _observe_stage(api, rt, body, job, plan, logger, state)
+    new = status_mod.compute_status(body, plan=plan, children=children, report=report, kueue_managed=kueue,
+                                    pilot=pilot_view, now=now)
+    await _write(api, rt, body, new)
+    return refresh.Outcome(
+        phase=new.get("phase"),
+        children_ready=children.job is not None and not children.foreign,
+        pods_active=refresh.pods_active(children.pods),
+        report_changed=refresh.report_changed(old_status, new),
+    )
+
+
+async def _pilot_pass(api: kube.Kube, rt: Runtime, body: dict[str, Any], job: FineTuneJob, logger: Any,
+                      state: JobState) -> status_mod.PilotView:
+    """What the pilot stage looks like now: its plan, its children (created when missing), pods, report."""
+    stage_job = pilot_mod.pilot_job(job)
+    plan = _existing_plan(body, pilot_mod.STAGE)
+    if plan is None:
+        try:
+            plan = sizing.plan(stage_job.spec)
+        except sizing.PlanningError as err:
+            return status_mod.PilotView(planning_error=str(err))
+    children, report, _ = await _observe_stage(api, rt, body, stage_job, plan, logger, state, pilot_mod.STAGE)
+    return status_mod.PilotView(plan=plan, children=children, report=report)
+
+
+def _condition_of(obj: Mapping[str, Any], type_: str) -> bool:
+    return any(cond.get("type") == type_ and cond.get("status") == "True"
+               for cond in (obj.get("status") or {}).get("conditions") or [])
+
+
+async def _observe_stage(
+    api: kube.Kube, rt: Runtime, body: dict[str, Any], job: FineTuneJob, plan: Plan, logger: Any, state: JobState,
+    stage: str | None = None,
+) -> tuple[status_mod.Children, Any, bool]:
+    """One stage's children (made sure of), its Job's suspension (applied), its pods and its report.
+
+    `job` is the stage's job (`pilot.pilot_job` for the pilot: its output URI is the pilot's)."""
+    meta = body.get("metadata") or {}
+    children = await ensure_children(api, rt, body, job, plan, logger, stage)
     job_obj = dict(children.job) if children.job is not None else None
     # Recorded now, not at the end of the pass: the watch's echo of a Job just created usually arrives
     # while this pass still writes the status, and can then be dropped without waiting for it.
@@ -447,13 +508,16 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
     if job_obj is not None:
         desired = bool(job.spec.suspend)
         if not kueue and not _job_finished(job_obj) and bool((job_obj.get("spec") or {}).get("suspend")) != desired:
-            job_url = f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{render.child_names(job.metadata.name).job}"
+            name = render.child_names(job.metadata.name, stage).job
+            job_url = f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{name}"
             job_obj = await api.patch(job_url, {"spec": {"suspend": desired}})
-            logger.info(f"{'suspended' if desired else 'resumed'} Job {meta.get('name')}")
+            logger.info(f"{'suspended' if desired else 'resumed'} Job {name}")
         suspended = bool((job_obj.get("spec") or {}).get("suspend")) and not _job_finished(job_obj)
         if not refresh.skip_pods(suspended, len(state.pods)):
-            selector = ",".join(f"{k}={v}" for k, v in render.pod_selector(job).items())
-            pods = await api.list(f"/api/v1/namespaces/{meta['namespace']}/pods", label_selector=selector)
+            # The main stage's selector also matches the pilot's pods: each stage keeps its own.
+            selector = ",".join(f"{k}={v}" for k, v in render.pod_selector(job, stage).items())
+            pods = [pod for pod in await api.list(f"/api/v1/namespaces/{meta['namespace']}/pods", label_selector=selector)
+                    if render.stage_of(pod) == stage]
     report = None
     # Read once after the last pod went away, then not again until a pod event (no trainer, no writes).
     # Nor in the pass that created the Job: none of its trainers has run, so a report at the output URI
@@ -461,20 +525,13 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
     job_created = any(label.startswith("Job/") for label in children.created)
     skipped = job_obj is not None and (job_created or refresh.skip_report(len(pods), state.settled))
     if not skipped:
-        report = await _read_report(rt, output_uri)
+        report = await _read_report(rt, job.spec.output.uri)
     state.settled = job_obj is not None and not pods and not job_created and (skipped or report is not None)
     state.job_view = refresh.job_view(job_obj)
     children = status_mod.Children(
         job=job_obj, pods=pods, created=children.created, adopted=children.adopted, foreign=children.foreign
     )
-    new = status_mod.compute_status(body, plan=plan, children=children, report=report, kueue_managed=kueue, now=now)
-    await _write(api, rt, body, new)
-    return refresh.Outcome(
-        phase=new.get("phase"),
-        children_ready=job_obj is not None and not children.foreign,
-        pods_active=refresh.pods_active(pods),
-        report_changed=refresh.report_changed(old_status, new),
-    )
+    return children, report, kueue
 
 
 def _schedule(rt: Runtime, body: Mapping[str, Any], outcome: refresh.Outcome) -> None:

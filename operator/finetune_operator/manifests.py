@@ -55,6 +55,7 @@ class Loaded:
     namespace: str | None = None
     job: FineTuneJob | None = None
     plan: Plan | None = None
+    pilot_plan: Plan | None = None  # with spec.pilot: the LoRA pilot's plan
     issues: list[Issue] = field(default_factory=list)
 
     @property
@@ -204,6 +205,13 @@ def validate_document(doc: Any, source: str = "<input>", index: int = 0) -> Load
         loaded.plan = sizing.plan(job.spec)
     except sizing.PlanningError as err:
         loaded.issues.append(Issue(err.field, err.message))
+    if job.spec.pilot is not None:
+        from finetune_operator import pilot
+
+        try:
+            loaded.pilot_plan = pilot.plan(job)
+        except sizing.PlanningError as err:
+            loaded.issues.append(Issue("spec.pilot", f"the LoRA pilot cannot be planned: {err.message}"))
     return loaded
 
 

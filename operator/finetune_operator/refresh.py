@@ -37,7 +37,7 @@ from finetune_operator.status import FAILED, PENDING, QUEUED, RUNNING, SUCCEEDED
 #: The longest wait between two refreshes of a running job, in status intervals.
 BACKOFF_CAP = 6
 #: Status keys filled from the trainer's report.
-REPORT_KEYS: tuple[str, ...] = ("progress", "checkpoints", "artifacts", "evaluation", "adjustments")
+REPORT_KEYS: tuple[str, ...] = ("progress", "checkpoints", "artifacts", "evaluation", "adjustments", "pilot")
 
 _POD_DONE = frozenset({"Succeeded", "Failed"})
 

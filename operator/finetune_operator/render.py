@@ -13,6 +13,11 @@ A FineTuneJob `<name>` owns three children:
 - Job `<name>`: an Indexed Job with one pod per node; `JOB_COMPLETION_INDEX` is the machine rank and
   pod 0 is the rendezvous host.
 
+With `spec.pilot`, the pilot stage (`finetune_operator.pilot`) is rendered by the same functions with
+`stage="pilot"` from the derived pilot job: `<name>-pilot-config`, Service and Job `<name>-pilot`, every
+object and pod labelled `finetune.dev/stage: pilot` (the pilot Service selects only pilot pods). The main
+stage's objects are exactly what they are without a pilot.
+
 Design choices (why, not what):
 
 - GPU memory placement uses NVIDIA GPU feature discovery's `nvidia.com/gpu.memory` node label (MiB per
@@ -51,6 +56,7 @@ from finetune_operator.spec import API_VERSION, KIND, FineTuneJob, ObjectMeta, P
 MAX_DNS_LABEL = 63
 
 LABEL_JOB = "finetune.dev/job"
+LABEL_STAGE = "finetune.dev/stage"
 LABEL_NAME = "app.kubernetes.io/name"
 LABEL_INSTANCE = "app.kubernetes.io/instance"
 LABEL_COMPONENT = "app.kubernetes.io/component"
@@ -88,36 +94,57 @@ class ChildNames:
     job: str
 
 
-def child_names(job_name: str) -> ChildNames:
+def child_names(job_name: str, stage: str | None = None) -> ChildNames:
     """Deterministic child names. The spec model limits `job_name` to 52 characters, so each name, and the
-    longest pod host name `<job>-<index>` (sizing caps a run at 4096 GPUs, so index <= 4095), fit in 63."""
+    longest pod host name `<job>-<index>` (sizing caps a run at 4096 GPUs, so index <= 4095), fit in 63.
+
+    `stage="pilot"`: `<name>-pilot-config` (a ConfigMap name may have 253 characters) and `<name>-pilot`
+    (58 at most: pod host names fit 63 up to index 9999; a LoRA pilot has a node or two)."""
+    if stage is not None:
+        base = f"{job_name}-{stage}"
+        names = ChildNames(config_map=f"{base}-config", service=base, job=base)
+        assert len(base) <= MAX_DNS_LABEL - 5, f"child name {base!r} is too long"
+        return names
     names = ChildNames(config_map=f"{job_name}-config", service=job_name, job=job_name)
     for name in (names.config_map, names.service, names.job):
         assert len(name) <= MAX_DNS_LABEL, f"child name {name!r} is longer than {MAX_DNS_LABEL} characters"
     return names
 
 
-def main_address(job_name: str, namespace: str) -> str:
+def main_address(job_name: str, namespace: str, stage: str | None = None) -> str:
     """DNS name of pod 0 (the rendezvous host) through the headless Service."""
-    names = child_names(job_name)
+    names = child_names(job_name, stage)
     return f"{names.job}-0.{names.service}.{namespace}.svc"
 
 
-def labels(job: FineTuneJob) -> dict[str, str]:
-    """Labels every child carries; `finetune.dev/job` selects a job's objects and pods."""
+def labels(job: FineTuneJob, stage: str | None = None) -> dict[str, str]:
+    """Labels every child carries; `finetune.dev/job` selects a job's objects and pods (of both stages),
+    `finetune.dev/stage` marks the pilot stage's."""
     name = job.metadata.name
-    return {
+    result = {
         LABEL_NAME: APP_NAME,
         LABEL_INSTANCE: name,
         LABEL_MANAGED_BY: MANAGED_BY,
         LABEL_PART_OF: "finetune",
         LABEL_JOB: name,
     }
+    if stage is not None:
+        result[LABEL_STAGE] = stage
+    return result
 
 
-def pod_selector(job: FineTuneJob) -> dict[str, str]:
-    """Labels that select exactly the training pods of a job (the Service's selector)."""
-    return {LABEL_JOB: job.metadata.name, LABEL_COMPONENT: COMPONENT_TRAINER}
+def pod_selector(job: FineTuneJob, stage: str | None = None) -> dict[str, str]:
+    """Labels that select the training pods of a job (the Service's selector). The main stage's also
+    matches the pilot's pods (it predates stages; `stage_of` tells them apart), the pilot's only its own."""
+    selector = {LABEL_JOB: job.metadata.name, LABEL_COMPONENT: COMPONENT_TRAINER}
+    if stage is not None:
+        selector[LABEL_STAGE] = stage
+    return selector
+
+
+def stage_of(obj: Mapping[str, Any]) -> str | None:
+    """The stage of a child or pod: "pilot", or None for the main stage."""
+    return ((obj.get("metadata") or {}).get("labels") or {}).get(LABEL_STAGE)
 
 
 def owner_reference(job_meta: ObjectMeta | Mapping[str, Any]) -> dict[str, Any]:
@@ -140,11 +167,12 @@ def owner_reference(job_meta: ObjectMeta | Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _metadata(job: FineTuneJob, name: str, extra_labels: Mapping[str, str] | None = None) -> dict[str, Any]:
+def _metadata(job: FineTuneJob, name: str, extra_labels: Mapping[str, str] | None = None,
+              stage: str | None = None) -> dict[str, Any]:
     meta: dict[str, Any] = {
         "name": name,
         "namespace": job.metadata.namespace,
-        "labels": {**labels(job), **(extra_labels or {})},
+        "labels": {**labels(job, stage), **(extra_labels or {})},
     }
     # Without a uid (plan time, `finetune plan -o yaml`) there is nothing to own the children yet;
     # `kubectl apply` rejects an owner reference without a uid.
@@ -157,30 +185,32 @@ def trainer_image(job: FineTuneJob, settings: OperatorSettings) -> str:
     return job.spec.image or settings.trainer_image
 
 
-def render_config_map(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> dict[str, Any]:
+def render_config_map(job: FineTuneJob, plan: Plan, settings: OperatorSettings,
+                      stage: str | None = None) -> dict[str, Any]:
     """The ConfigMap holding the trainer's config snapshot."""
-    names = child_names(job.metadata.name)
-    snapshot = contract.resolve(job, plan, trainer_image(job, settings))
+    names = child_names(job.metadata.name, stage)
+    snapshot = contract.resolve(job, plan, trainer_image(job, settings), "pilot" if stage == "pilot" else None)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": _metadata(job, names.config_map),
+        "metadata": _metadata(job, names.config_map, stage=stage),
         "data": {contract.CONFIG_KEY: contract.config_json(snapshot)},
     }
 
 
-def render_service(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> dict[str, Any]:
+def render_service(job: FineTuneJob, plan: Plan, settings: OperatorSettings,
+                   stage: str | None = None) -> dict[str, Any]:
     """The headless Service that gives each training pod a stable DNS name."""
-    names = child_names(job.metadata.name)
+    names = child_names(job.metadata.name, stage)
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": _metadata(job, names.service),
+        "metadata": _metadata(job, names.service, stage=stage),
         "spec": {
             "clusterIP": "None",
             # Rank 0 must resolve while the pods start, long before any readiness.
             "publishNotReadyAddresses": True,
-            "selector": pod_selector(job),
+            "selector": pod_selector(job, stage),
             "ports": [
                 {
                     "name": PORT_NAME,
@@ -322,8 +352,7 @@ def _tolerations(job: FineTuneJob, settings: OperatorSettings) -> list[dict[str,
     return result
 
 
-def _env(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> list[dict[str, Any]]:
-    names = child_names(job.metadata.name)
+def _env(job: FineTuneJob, plan: Plan, settings: OperatorSettings, stage: str | None = None) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = [
         {"name": contract.ENV_CONFIG, "value": contract.CONFIG_PATH},
         {"name": contract.ENV_NUM_MACHINES, "value": str(plan.nodes)},
@@ -335,7 +364,7 @@ def _env(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> list[dict[
                 "fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX_ANNOTATION}']"}
             },
         },
-        {"name": contract.ENV_MAIN_ADDRESS, "value": main_address(names.job, job.metadata.namespace)},
+        {"name": contract.ENV_MAIN_ADDRESS, "value": main_address(job.metadata.name, job.metadata.namespace, stage)},
         {"name": contract.ENV_MAIN_PORT, "value": str(settings.main_port)},
         {"name": contract.ENV_PROCS_PER_MACHINE, "value": str(_processes(plan, settings))},
         {"name": contract.ENV_OUTPUT_URI, "value": job.spec.output.uri},
@@ -354,8 +383,9 @@ def _env(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> list[dict[
     return env
 
 
-def _volumes(job: FineTuneJob, settings: OperatorSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    names = child_names(job.metadata.name)
+def _volumes(job: FineTuneJob, settings: OperatorSettings,
+             stage: str | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    names = child_names(job.metadata.name, stage)
     volumes: list[dict[str, Any]] = [
         {
             "name": VOLUME_CONFIG,
@@ -432,12 +462,12 @@ def kueue_labels(job: FineTuneJob) -> dict[str, str]:
     return {key: own[key] for key in (KUEUE_QUEUE_LABEL, KUEUE_PRIORITY_LABEL) if key in own}
 
 
-def render_job(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> dict[str, Any]:
+def render_job(job: FineTuneJob, plan: Plan, settings: OperatorSettings, stage: str | None = None) -> dict[str, Any]:
     """The Indexed Job running one training pod per node."""
-    names = child_names(job.metadata.name)
+    names = child_names(job.metadata.name, stage)
     spec = job.spec
     pod_security, container_security = _pod_security(settings)
-    volumes, mounts = _volumes(job, settings)
+    volumes, mounts = _volumes(job, settings, stage)
     queued = kueue_labels(job)
 
     env_from = [{"secretRef": {"name": name}} for name in secret_names(job, settings)]
@@ -447,7 +477,7 @@ def render_job(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> dict
         "imagePullPolicy": settings.image_pull_policy,
         # An argv list, never a shell string: no spec value is ever parsed by a shell.
         "command": list(TRAINER_COMMAND),
-        "env": _env(job, plan, settings),
+        "env": _env(job, plan, settings, stage),
         "ports": [{"name": PORT_NAME, "containerPort": settings.main_port, "protocol": "TCP"}],
         "resources": _resources(job, plan, settings),
         "volumeMounts": mounts,
@@ -496,7 +526,7 @@ def render_job(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> dict
         # A replacement pod starts only once the old one is gone, so two pods never share a rank's host name.
         "podReplacementPolicy": "Failed",
         "template": {
-            "metadata": {"labels": {**labels(job), LABEL_COMPONENT: COMPONENT_TRAINER}},
+            "metadata": {"labels": {**labels(job, stage), LABEL_COMPONENT: COMPONENT_TRAINER}},
             "spec": pod_spec,
         },
     }
@@ -506,15 +536,18 @@ def render_job(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> dict
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": _metadata(job, names.job, queued),
+        "metadata": _metadata(job, names.job, queued, stage),
         "spec": job_spec,
     }
 
 
-def render_children(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> list[dict[str, Any]]:
-    """All children in creation order: ConfigMap, Service, Job (the Job's pods need the other two)."""
+def render_children(job: FineTuneJob, plan: Plan, settings: OperatorSettings,
+                    stage: str | None = None) -> list[dict[str, Any]]:
+    """All children in creation order: ConfigMap, Service, Job (the Job's pods need the other two).
+
+    `stage="pilot"`: the pilot stage's, rendered from `pilot.pilot_job(job)` and its plan."""
     return [
-        render_config_map(job, plan, settings),
-        render_service(job, plan, settings),
-        render_job(job, plan, settings),
+        render_config_map(job, plan, settings, stage),
+        render_service(job, plan, settings, stage),
+        render_job(job, plan, settings, stage),
     ]

@@ -475,11 +475,19 @@ class Gate(_Model):
     metric: GateMetric = Field(description="Evaluation score the gate checks.")
     min: float | None = Field(default=None, description="Lowest acceptable value. Defaults to none.")
     max: float | None = Field(default=None, description="Highest acceptable value. Defaults to none.")
+    min_improvement: float | None = Field(
+        default=None,
+        gt=0,
+        le=100,
+        description="Least relative improvement on the base model's score, as a fraction: 0.2 means evalLoss, "
+        "perplexity or hallucination (lower is better) must fall to at most 0.8 x the base's, and accuracy, "
+        "terminology or formatCompliance must rise to at least 1.2 x the base's. Defaults to none.",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> Gate:
-        if self.min is None and self.max is None:
-            raise ValueError(f"gate for {self.metric!r} needs min or max")
+        if self.min is None and self.max is None and self.min_improvement is None:
+            raise ValueError(f"gate for {self.metric!r} needs min or max (or minImprovement)")
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"gate for {self.metric!r} has min {self.min} above max {self.max}")
         return self
@@ -552,6 +560,53 @@ class EvaluationSpec(_Model):
         return value
 
 
+#: `spec.pilot` bound when neither maxSteps nor dataFraction is set.
+DEFAULT_PILOT_MAX_STEPS = 100
+#: Methods a pilot may precede: the pilot is a LoRA run, so lora, qlora and auto (which resolves to one of
+#: them) are refused: the run is already the pilot.
+PILOT_METHODS = ("full", "prefix", "prompt")
+
+
+class PilotSpec(_Model):
+    """A short LoRA run that must pass its gates before the main (full, prefix or prompt) run is created."""
+
+    max_steps: int | None = Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Optimizer steps of the pilot. At most one of maxSteps and dataFraction. Defaults to 100 "
+        "when neither is set.",
+    )
+    data_fraction: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Share of one pass over the training data the pilot trains on, in (0, 1] (0.1: a tenth of "
+        "an epoch). At most one of maxSteps and dataFraction. Defaults to none.",
+    )
+    learning_rate: float | None = Field(
+        default=None,
+        gt=0,
+        le=1,
+        description="Peak learning rate of the pilot's LoRA adapter. Defaults to 2e-4 (the LoRA default), not "
+        "the main run's hyperparameters.learningRate.",
+    )
+    gates: list[Gate] = Field(
+        min_length=1,
+        max_length=16,
+        description="Thresholds the pilot's adapter must meet on the evaluation (spec.evaluation's test set, "
+        "scored against the base model) before the main run starts, such as `{metric: evalLoss, "
+        "minImprovement: 0.1}` or `{metric: accuracy, min: 0.3}`; a miss ends the FineTuneJob Failed with "
+        "reason PilotGatesFailed and the pilot's scores. At least one.",
+    )
+
+    @model_validator(mode="after")
+    def _one_bound(self) -> PilotSpec:
+        if self.max_steps is not None and self.data_fraction is not None:
+            raise ValueError("set at most one of spec.pilot.maxSteps and spec.pilot.dataFraction, not both")
+        return self
+
+
 class ComplianceSpec(_Model):
     """Regulatory requirements."""
 
@@ -600,6 +655,12 @@ class FineTuneJobSpec(_Model):
     output: OutputSpec = Field(description="Where checkpoints and artifacts go.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint cadence and retention.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Domain evaluation and quality gates.")
+    pilot: PilotSpec | None = Field(
+        default=None,
+        description="Validate with a short LoRA run first (methods full, prefix and prompt only): the operator "
+        "runs a bounded LoRA pilot with its own plan and Job, writing under `<output.uri>/pilot/`; only a pilot "
+        "that passes pilot.gates leads to the main run. Defaults to none (no pilot).",
+    )
     compliance: ComplianceSpec = Field(default_factory=ComplianceSpec, description="Provenance requirements.")
     suspend: bool = Field(
         default=False,
@@ -650,7 +711,26 @@ class FineTuneJobSpec(_Model):
                 )
         if self.method in VIRTUAL_TOKEN_METHODS:
             self._virtual_token_limits()
+        if self.pilot is not None:
+            self._pilot_limits(self.pilot)
         return self
+
+    def _pilot_limits(self, pilot: PilotSpec) -> None:
+        if self.method not in PILOT_METHODS:
+            raise ValueError(
+                f"spec.pilot is only valid with methods full, prefix and prompt (got method {self.method!r}): the "
+                "pilot is a short LoRA run, and this run already is one (auto resolves to lora or qlora); remove "
+                "pilot, or bound the run with hyperparameters.maxSteps"
+            )
+        if not self.evaluation.enabled:
+            raise ValueError("spec.pilot.gates are checked on the evaluation; set spec.evaluation.enabled: true "
+                             "or remove pilot")
+        for index, gate in enumerate(pilot.gates):
+            if gate.metric == "formatCompliance" and not (self.evaluation.format_schema or self.evaluation.format_regex):
+                raise ValueError(
+                    f"spec.pilot.gates[{index}].metric formatCompliance is only measured with "
+                    "spec.evaluation.formatSchema or formatRegex; set one, or gate another metric"
+                )
 
     def _virtual_token_limits(self) -> None:
         """What peft's prefix and prompt tuning cannot do (measured on a tiny Llama, peft 0.21)."""
@@ -828,6 +908,26 @@ class Adjustment(_Model):
         "after an OOMKilled one.")
 
 
+Stage = Literal["Pilot", "Main"]
+
+
+class PilotStatus(_Model):
+    """The pilot stage (spec.pilot): its own plan, progress and evaluation."""
+
+    phase: Phase | None = Field(default=None, description="Pending, Queued, Running, Succeeded (gates passed), "
+                                "Failed or Suspended.")
+    plan: Plan | None = Field(default=None, description="The pilot's sizing plan (LoRA on the same base model).")
+    progress: Progress | None = Field(default=None, description="The pilot's training progress.")
+    evaluation: EvaluationStatus | None = Field(default=None, description="The pilot's scores beside the base "
+                                                "model's, and whether pilot.gates held.")
+    artifacts: dict[str, Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=dict, max_length=32, description="The pilot's artifact URIs by kind, under "
+        "`<output.uri>/pilot/`: model (the LoRA adapter, kept), metrics, evaluation, provenance, modelCard.")
+    restarts: int = Field(default=0, ge=0, description="Pilot pod restarts (failures and preemptions).")
+    start_time: str | None = Field(default=None, description="When the pilot started (RFC 3339).")
+    completion_time: str | None = Field(default=None, description="When the pilot finished (RFC 3339).")
+
+
 class FineTuneJobStatus(_Model):
     """Observed state, written by the operator."""
 
@@ -848,3 +948,6 @@ class FineTuneJobStatus(_Model):
     start_time: str | None = Field(default=None, description="When training started (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
     observed_generation: int | None = Field(default=None, ge=0, description="Spec generation the status reflects.")
+    stage: Stage | None = Field(default=None, description="With spec.pilot: `Pilot` while the pilot runs (phase is "
+                                "the pilot's), `Main` once it passed. Unset without a pilot.")
+    pilot: PilotStatus | None = Field(default=None, description="The pilot stage, with spec.pilot.")

@@ -22,6 +22,15 @@ Running     at least one training pod runs (or is ready)                        
 Pending     children missing or foreign, or pods not running yet                Created=False or Running=False/Starting
 ==========  ===================================================================  =====================
 
+With spec.pilot the job has two stages (`status.stage`): while the LoRA pilot runs (`Pilot`), the phase
+is decided by the pilot's Job as above and its plan, progress, evaluation and artifacts go to
+`status.pilot`; condition PilotPassed is Unknown/PilotRunning. The pilot's Job Complete means its gates held
+(the trainer fails the Job otherwise): PilotPassed=True/PilotGatesPassed, `status.pilot.phase` Succeeded,
+and the main stage (`Main`) follows from the main Job exactly as without a pilot. The pilot's Job Failed
+ends the FineTuneJob Failed with reason PilotGatesFailed (the trainer's GatesFailed, or exit code 4),
+naming the missed gates and the pilot's scores, or PilotFailed (any other failure, its reason in the
+message); the main Job is never created.
+
 Succeeded and Failed are terminal: once reached, later observations (the Job deleted by its TTL, a
 stray report) change only progress, checkpoints, artifacts and evaluation, never the phase.
 
@@ -56,6 +65,8 @@ FAILED = "Failed"
 SUSPENDED = "Suspended"
 PHASES: tuple[str, ...] = (PENDING, QUEUED, RUNNING, SUCCEEDED, FAILED, SUSPENDED)
 TERMINAL_PHASES = frozenset({SUCCEEDED, FAILED})
+STAGE_PILOT = "Pilot"
+STAGE_MAIN = "Main"
 
 #: Status keys this module owns (camelCase, as on the wire): exactly FineTuneJobStatus' fields.
 OWNED_KEYS: tuple[str, ...] = tuple(
@@ -80,6 +91,18 @@ class Children:
     created: tuple[str, ...] = ()
     adopted: tuple[str, ...] = ()
     foreign: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PilotView:
+    """What the operator observed of the pilot stage (spec.pilot) in one pass: its plan (None with
+    `planning_error`), its children and its report (`<output.uri>/pilot/status/report.json`). Ignored once
+    status.pilot.phase is Succeeded."""
+
+    plan: Plan | None = None
+    children: Children = field(default_factory=Children)
+    report: TrainerReport | None = None
+    planning_error: str | None = None
 
 
 @dataclass(frozen=True)
@@ -118,6 +141,7 @@ def compute_status(
     children: Children | None = None,
     report: TrainerReport | None = None,
     kueue_managed: bool = False,
+    pilot: PilotView | None = None,
     now: str,
 ) -> dict[str, Any]:
     """The new status of FineTuneJob `job` (a dict as read from the API). See the module docstring."""
@@ -147,6 +171,10 @@ def compute_status(
         return _finish(new, b)
     new["plan"] = plan.wire()
     b.set(c.PLANNED, c.TRUE, c.PLANNED_REASON, _plan_message(plan))
+    if pilot is not None:
+        if _pilot_stage(new, b, plan, pilot, meta, spec, kueue_managed):
+            return _finish(new, b)
+        new["stage"] = STAGE_MAIN
 
     _apply_report(new, report, terminal=False)
     job_obj = children.job
@@ -186,6 +214,17 @@ def compute_status(
         _drop_eta(new)
         return _finish(new, b)
 
+    _active_phase(new, b, job_obj, children.pods, plan, meta, spec, kueue_managed, "training")
+    return _finish(new, b)
+
+
+def _active_phase(new: dict[str, Any], b: _Builder, job_obj: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
+                  plan: Plan, meta: Mapping[str, Any], spec: Mapping[str, Any], kueue_managed: bool,
+                  what: str) -> None:
+    """The phase of a stage whose Job has not finished: Queued, Suspended, Running or Pending."""
+    now = b.now
+    jstatus = job_obj.get("status") or {}
+    progress: Mapping[str, Any] = ((new.get("pilot") or {}).get("progress") if what == "pilot" else new.get("progress")) or {}
     wants_suspend = bool(spec.get("suspend"))
     if kueue_managed and wants_suspend:
         b.set(
@@ -202,31 +241,124 @@ def compute_status(
         new["phase"] = QUEUED
         b.set(c.QUEUED, c.TRUE, c.WAITING_FOR_ADMISSION, message)
         b.set(c.RUNNING, c.FALSE, c.WAITING_FOR_ADMISSION, message)
-        return _finish(new, b)
+        return
     if job_suspended:
         message = "spec.suspend is true: training pods are stopped; unset it to resume from the newest checkpoint"
         new["phase"] = SUSPENDED
         b.set(c.SUSPENDED, c.TRUE, c.SUSPENDED_REASON, message)
         b.set(c.RUNNING, c.FALSE, c.SUSPENDED_REASON, message)
-        return _finish(new, b)
+        return
 
     if kueue_managed:
         b.set(c.QUEUED, c.FALSE, c.ADMITTED, "admitted by Kueue")
     if c.is_true(b.conditions, c.SUSPENDED):
         b.set(c.SUSPENDED, c.FALSE, c.RESUMED, "resumed; the trainer continues from the newest checkpoint")
-    running = [p for p in children.pods if _pod_running(p)]
+    running = [p for p in pods if _pod_running(p)]
     ready = int(jstatus.get("ready") or 0)
     if running or ready:
         count = max(len(running), ready)
-        message = f"{count} of {plan.nodes} training pod(s) running"
-        if new.get("progress", {}).get("summary"):
-            message += f"; {new['progress']['summary']}"
+        message = f"{count} of {plan.nodes} {what} pod(s) running"
+        if progress.get("summary"):
+            message += f"; {progress['summary']}"
         new["phase"] = RUNNING
         new["startTime"] = new.get("startTime") or jstatus.get("startTime") or now
         b.set(c.RUNNING, c.TRUE, c.RUNNING_REASON, message)
-        return _finish(new, b)
-    _pending(new, b, c.STARTING, _waiting_message(children.pods, plan.nodes))
-    return _finish(new, b)
+        return
+    _pending(new, b, c.STARTING, _waiting_message(pods, plan.nodes, what))
+
+
+def _pilot_stage(new: dict[str, Any], b: _Builder, plan: Plan, pilot: PilotView, meta: Mapping[str, Any],
+                 spec: Mapping[str, Any], kueue_managed: bool) -> bool:
+    """The pilot stage (see the module docstring): True when it decides the status (the pilot has not
+    passed), False once it has, when the main stage decides."""
+    p: dict[str, Any] = dict(new.get("pilot") or {})
+    if p.get("phase") == SUCCEEDED:
+        return False
+    new["pilot"] = p
+    new["stage"] = STAGE_PILOT
+    if pilot.plan is None:
+        message = f"the pilot cannot be planned: {pilot.planning_error or 'no sizing plan'}"
+        b.set(c.PLANNED, c.FALSE, c.PLANNING_FAILED, message)
+        p["phase"] = FAILED
+        _fail(new, b, c.PLANNING_FAILED, message, None)
+        return True
+    p["plan"] = pilot.plan.wire()
+    b.set(c.PLANNED, c.TRUE, c.PLANNED_REASON, f"{_plan_message(plan)}; pilot first: {_plan_message(pilot.plan)}")
+    report = pilot.report if _fresh(pilot.report, meta.get("creationTimestamp")) else None
+    _apply_pilot_report(p, report)
+    children = pilot.children
+    if children.foreign:
+        b.set(c.CREATED, c.FALSE, c.FOREIGN_CHILD, "; ".join(children.foreign))
+        _pending(new, b, c.FOREIGN_CHILD, "waiting for the conflicting objects to be removed")
+        p["phase"] = PENDING
+        return True
+    job_obj = children.job
+    if job_obj is None:
+        b.set(c.CREATED, c.FALSE, c.CHILDREN_MISSING, "the pilot's Job does not exist yet")
+        b.set(c.PILOT_PASSED, c.UNKNOWN, c.PILOT_RUNNING, "the pilot has not started")
+        _pending(new, b, c.STARTING, "the pilot's Job does not exist yet")
+        p["phase"] = PENDING
+        return True
+    _set_created(b, children)
+    jstatus = job_obj.get("status") or {}
+    jconds = jstatus.get("conditions") or []
+    p["restarts"] = max(int(p.get("restarts") or 0), _restarts(jstatus, children.pods))
+    p["startTime"] = p.get("startTime") or jstatus.get("startTime")
+    complete = _true_condition(jconds, "Complete")
+    failed = _true_condition(jconds, "Failed")
+    if complete is not None:
+        p["phase"] = SUCCEEDED
+        p["completionTime"] = jstatus.get("completionTime") or complete.get("lastTransitionTime") or b.now
+        _drop_eta(p)
+        scores = _scores_text(p.get("evaluation"))
+        b.set(c.PILOT_PASSED, c.TRUE, c.PILOT_GATES_PASSED,
+              "the pilot passed pilot.gates" + (f" ({scores})" if scores else "") + "; the main run starts")
+        return False
+    if failed is not None:
+        reason, message = _failure(failed, report, children.pods)
+        scores = _scores_text(p.get("evaluation"))
+        missed = report is not None and report.error is not None and report.error.reason == c.GATES_FAILED
+        if reason == c.GATES_FAILED or missed:  # missed: also when the Job gave up by its backoffLimit
+            reason, message = c.PILOT_GATES_FAILED, f"the pilot missed pilot.gates: {message}"
+        else:
+            reason, message = c.PILOT_FAILED, f"the pilot failed ({reason}): {message}"
+        if scores:
+            message += f"; pilot scores: {scores}"
+        message += "; the main run was not started"
+        when = jstatus.get("completionTime") or failed.get("lastTransitionTime")
+        p["phase"] = FAILED
+        p["completionTime"] = when or b.now
+        _drop_eta(p)
+        new["startTime"] = new.get("startTime") or p.get("startTime")
+        b.set(c.PILOT_PASSED, c.FALSE, reason, message)
+        _fail(new, b, reason, message, when)
+        b.clear(c.QUEUED, c.ADMITTED, "admitted by Kueue")
+        return True
+    b.set(c.PILOT_PASSED, c.UNKNOWN, c.PILOT_RUNNING,
+          "the LoRA pilot runs; the main run starts once it passes pilot.gates")
+    _active_phase(new, b, job_obj, children.pods, pilot.plan, meta, spec, kueue_managed, "pilot")
+    p["phase"] = new["phase"]
+    return True
+
+
+_SCORE_KEYS = ("accuracy", "terminology", "hallucination", "formatCompliance", "evalLoss", "perplexity")
+
+
+def _scores_text(evaluation: Mapping[str, Any] | None) -> str:
+    """`evalLoss 1.38 (base 6.24), accuracy 0.526 (base 0.016)`: the tuned scores beside the base's."""
+    if not evaluation:
+        return ""
+    tuned = evaluation.get("tuned") or {}
+    base = evaluation.get("base") or {}
+    parts = []
+    for key in _SCORE_KEYS:
+        if tuned.get(key) is None:
+            continue
+        text = f"{key} {tuned[key]:.4g}"
+        if base.get(key) is not None:
+            text += f" (base {base[key]:.4g})"
+        parts.append(text)
+    return ", ".join(parts)
 
 
 def status_changed(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None) -> bool:
@@ -255,6 +387,9 @@ def transition_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> 
             not was or was.get("reason") != reason or was.get("message") != now_cond.get("message")
         ):
             warnings.append(Event("Warning", reason, now_cond.get("message", "")))
+    pilot = c.find(new.get("conditions"), c.PILOT_PASSED)
+    if pilot and pilot.get("status") == c.TRUE and not c.is_true(old.get("conditions"), c.PILOT_PASSED):
+        warnings.append(Event("Normal", c.PILOT_GATES_PASSED, pilot.get("message", "")))
     phase = new.get("phase")
     if phase and phase != old.get("phase"):
         cond = _deciding_condition(new)
@@ -366,7 +501,7 @@ def _pod_running(pod: Mapping[str, Any]) -> bool:
     return (pod.get("status") or {}).get("phase") == "Running" and not meta.get("deletionTimestamp")
 
 
-def _waiting_message(pods: Sequence[Mapping[str, Any]], nodes: int) -> str:
+def _waiting_message(pods: Sequence[Mapping[str, Any]], nodes: int, what: str = "training") -> str:
     """Why pods are not running yet, from the first pod that says (scheduling or container waits)."""
     for pod in pods:
         name = (pod.get("metadata") or {}).get("name", "?")
@@ -379,8 +514,9 @@ def _waiting_message(pods: Sequence[Mapping[str, Any]], nodes: int) -> str:
             if waiting and waiting.get("reason"):
                 return f"pod {name} is waiting: {waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
     if pods:
-        return f"waiting for {nodes} training pod(s) to start ({len(pods)} created)"
-    return f"waiting for the Job to create {nodes} training pod(s)"
+        return f"waiting for {nodes} {what} pod(s) to start ({len(pods)} created)"
+    job = "the pilot's Job" if what == "pilot" else "the Job"
+    return f"waiting for {job} to create {nodes} {what} pod(s)"
 
 
 def _fresh(report: TrainerReport | None, created: str | None) -> bool:
@@ -402,9 +538,7 @@ def _parse_time(text: str) -> datetime:
     return parsed
 
 
-def _apply_report(new: dict[str, Any], report: TrainerReport | None, *, terminal: bool) -> None:
-    if report is None:
-        return
+def _progress(report: TrainerReport) -> dict[str, Any]:
     total = report.total_steps
     step = report.step
     percent = min(100, math.floor(step * 100 / total)) if total > 0 else 0
@@ -420,7 +554,23 @@ def _apply_report(new: dict[str, Any], report: TrainerReport | None, *, terminal
         "etaSeconds": report.eta_seconds,
         "updatedAt": report.updated_at,
     }
-    new["progress"] = {k: v for k, v in progress.items() if v is not None}
+    return {k: v for k, v in progress.items() if v is not None}
+
+
+def _apply_pilot_report(pilot: dict[str, Any], report: TrainerReport | None) -> None:
+    """The pilot's report into status.pilot: progress, artifacts (the adapter under pilot/) and scores."""
+    if report is None:
+        return
+    pilot["progress"] = _progress(report)
+    pilot["artifacts"] = dict(report.artifacts)
+    if report.evaluation is not None:
+        pilot["evaluation"] = report.evaluation.wire()
+
+
+def _apply_report(new: dict[str, Any], report: TrainerReport | None, *, terminal: bool) -> None:
+    if report is None:
+        return
+    new["progress"] = _progress(report)
     if terminal:
         _drop_eta(new)
     new["checkpoints"] = [cp.wire() for cp in report.checkpoints[-_MAX_CHECKPOINTS:]]

@@ -134,6 +134,20 @@ def test_gate_messages_name_metric_value_and_threshold() -> None:
     assert check_gates(Scores(accuracy=0.599), [Gate(metric="accuracy", min=0.6)]) == ["accuracy 0.599 < min 0.60"]
 
 
+def test_min_improvement_gates_compare_with_the_base_model() -> None:
+    base = Scores(eval_loss=6.0, accuracy=0.2)
+    falls = Gate(metric="evalLoss", min_improvement=0.25)  # eval loss must fall to 4.5 or below
+    rises = Gate(metric="accuracy", min_improvement=0.5)  # accuracy must rise to 0.3 or above
+    assert check_gates(Scores(eval_loss=4.5, accuracy=0.3), [falls, rises], base) == []
+    assert check_gates(Scores(eval_loss=4.6, accuracy=0.29), [falls, rises], base) == [
+        "evalLoss 4.60 > 4.50 (base 6.00 lowered by minImprovement 0.25)",
+        "accuracy 0.29 < 0.30 (base 0.20 raised by minImprovement 0.50)",
+    ]
+    assert check_gates(Scores(eval_loss=1.0), [falls]) == [
+        "evalLoss: the base model's score was not measured (gate: minImprovement 0.25)"]
+    assert compare(base, Scores(eval_loss=6.0), 10, gates=[falls]).gates_passed is False
+
+
 def test_compare_fills_the_status() -> None:
     base, tuned = Scores(accuracy=0.1), Scores(accuracy=0.7)
     status = compare(base, tuned, 50)

@@ -79,3 +79,36 @@ def test_override_parsing() -> None:
     assert doc == {"spec": {"hyperparameters": {"epochs": 1}}}
     with pytest.raises(local.UsageError, match="PATH=VALUE"):
         local.parse_override("epochs")
+
+
+PILOT_MANIFEST = REPO / "examples" / "healthcare-full-pilot.yaml"
+SMALL = ["--set", "hyperparameters.maxSteps=2", "--set", "evaluation.maxExamples=2"]
+
+
+def test_a_passing_pilot_then_the_main_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both stages, as the operator runs them: the LoRA pilot under <output>/pilot/, its gate, then the full run."""
+    output = tmp_path / "out"
+    code = local.main([str(PILOT_MANIFEST), "--local", "--demo", "--output", str(output), *SMALL,
+                       "--set", "pilot.maxSteps=6", "--set", "pilot.gates=[{metric: evalLoss, minImprovement: 0.02}]"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-4000:]
+    assert out.index("stage 1/2: LoRA pilot (6 steps") < out.index("the pilot passed pilot.gates") < out.index(
+        "stage 2/2: the main run")
+    pilot = json.loads((output / "pilot" / REPORT_KEY).read_text())
+    assert pilot["phase"] == "complete" and pilot["step"] == 6 and pilot["evaluation"]["gatesPassed"] is True
+    assert (output / "pilot" / "model" / "adapter_model.safetensors").is_file()  # the pilot's adapter is kept
+    main = json.loads((output / REPORT_KEY).read_text())
+    assert main["phase"] == "complete" and main["step"] == 2
+    assert (output / MARKER_NAME).is_file() and (output / "model" / "model.safetensors").is_file()  # full weights
+
+
+def test_a_pilot_that_misses_its_gates_stops_before_the_main_run(tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "out"
+    code = local.main([str(PILOT_MANIFEST), "--local", "--demo", "--output", str(output), *SMALL,
+                       "--set", "pilot.maxSteps=1", "--set", "pilot.gates=[{metric: accuracy, min: 0.99}]"])
+    out = capsys.readouterr().out
+    assert code == 4, out[-4000:]
+    assert "PilotGatesFailed" in out and "accuracy" in out and "stage 2/2" not in out
+    assert (output / "pilot" / "model" / "adapter_model.safetensors").is_file()
+    assert not (output / REPORT_KEY).exists() and not (output / "model").exists()  # the main run never started

@@ -41,6 +41,8 @@ class Case:
         return doc
 
 
+LOSS_GATE = {"metric": "evalLoss", "minImprovement": 0.1}
+
 CASES = [
     Case("unknown-method", {"spec.method": "sft"}, "spec.method", "must be one of"),
     Case("wrong-api-version", {"apiVersion": "finetune.dev/v1"}, "apiVersion", "must be finetune.dev/v1alpha1"),
@@ -152,4 +154,18 @@ CASES = [
     Case("unknown-top-level-field", {"spec.gpus": 4}, "spec.gpus", "unknown field; allowed fields: baseModel"),
     Case("missing-metadata-name", {"metadata": {"labels": {"a": "b"}}}, "metadata.name", "required"),
     Case("zero-keep", {"spec.checkpoint": {"keep": 0}}, "spec.checkpoint.keep", "must be >= 1"),
+    # spec.pilot: a LoRA pilot before a full, prefix or prompt run.
+    Case("pilot-on-lora", {"spec.pilot": {"gates": [LOSS_GATE]}}, "spec", "only valid with methods full, prefix and prompt"),
+    Case("pilot-both-bounds", {"spec.method": "full", "spec.pilot": {"maxSteps": 10, "dataFraction": 0.1, "gates": [LOSS_GATE]}},
+         "spec.pilot", "at most one of spec.pilot.maxSteps and spec.pilot.dataFraction"),
+    Case("pilot-without-gates", {"spec.method": "full", "spec.pilot": {"maxSteps": 10}}, "spec.pilot.gates", "required"),
+    Case("pilot-unknown-gate-metric", {"spec.method": "full", "spec.pilot": {"gates": [{"metric": "bleu", "min": 0.1}]}},
+         "spec.pilot.gates[0].metric", "must be one of"),
+    Case("pilot-gate-without-bounds", {"spec.method": "full", "spec.pilot": {"gates": [{"metric": "accuracy"}]}},
+         "spec.pilot.gates[0]", "needs min or max"),
+    Case("pilot-without-evaluation", {"spec.method": "full", "spec.evaluation.enabled": False,
+                                      "spec.pilot": {"gates": [LOSS_GATE]}}, "spec", "checked on the evaluation"),
+    Case("pilot-format-gate-without-format", {"spec.method": "full",
+                                              "spec.pilot": {"gates": [{"metric": "formatCompliance", "min": 0.9}]}},
+         "spec", "formatCompliance is only measured with spec.evaluation.formatSchema or formatRegex"),
 ]

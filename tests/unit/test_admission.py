@@ -43,6 +43,13 @@ MUST_FAIL_AT_ADMISSION = {
     "bad-secret-name",
     "oversized-uri",
     "too-many-gates",
+    "pilot-on-lora",
+    "pilot-both-bounds",
+    "pilot-without-gates",
+    "pilot-unknown-gate-metric",
+    "pilot-gate-without-bounds",
+    "pilot-without-evaluation",
+    "pilot-format-gate-without-format",
 }
 
 

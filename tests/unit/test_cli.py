@@ -44,7 +44,9 @@ def test_plan_examples_json_gives_the_table_for_all_nine_cells():
     assert isinstance(plans, list) and len(plans) == len(EXAMPLES)
     seen = set()
     for item in plans:
-        assert set(item) == {"name", "namespace", "plan"}
+        assert set(item) == {"name", "namespace", "plan"} | ({"pilot"} if "pilot" in item else set())
+        if "pilot" in item:  # spec.pilot: the LoRA pilot's own plan, from the same table
+            assert (item["pilot"]["method"], item["pilot"]["gpus"], item["pilot"]["gpuMemoryGiB"]) == ("lora", 1, 24)
         plan = item["plan"]
         assert set(plan) >= {"method", "gpus", "gpuMemoryGiB", "nodes", "gpusPerNode", "estimatedMemoryGiB", "source", "reason"}
         doc = yaml.safe_load(next(p for p in EXAMPLES if yaml.safe_load(p.read_text())["metadata"]["name"] == item["name"]).read_text())

@@ -73,6 +73,7 @@ def test_names_columns_and_subresources():
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
         "Phase",
+        "Stage",
         "Method",
         "Model",
         "GPUs",

@@ -338,12 +338,19 @@ def _fmt(value: float) -> str:
     return f"{whole}.{frac.ljust(2, '0')}"
 
 
-def check_gates(tuned: Scores, gates: Sequence[Gate]) -> list[str]:
-    """One message per missed gate, naming the metric, its value and the threshold."""
+#: Scores where lower is better: a gate's minImprovement asks them to fall, the others to rise.
+LOWER_IS_BETTER = frozenset({"evalLoss", "perplexity", "hallucination"})
+
+
+def check_gates(tuned: Scores, gates: Sequence[Gate], base: Scores | None = None) -> list[str]:
+    """One message per missed gate, naming the metric, its value and the threshold (`minImprovement`: against
+    the base model's score in `base`)."""
     failures = []
     for gate in gates:
         value = getattr(tuned, _snake(gate.metric))
-        bounds = [f"{name} {_fmt(limit)}" for name, limit in (("min", gate.min), ("max", gate.max)) if limit is not None]
+        bounds = [f"{name} {_fmt(limit)}" for name, limit in (("min", gate.min), ("max", gate.max),
+                                                              ("minImprovement", gate.min_improvement))
+                  if limit is not None]
         if value is None:
             failures.append(f"{gate.metric} was not measured (gate: {', '.join(bounds)})")
             continue
@@ -351,14 +358,33 @@ def check_gates(tuned: Scores, gates: Sequence[Gate]) -> list[str]:
             failures.append(f"{gate.metric} {_fmt(value)} < min {_fmt(gate.min)}")
         if gate.max is not None and value > gate.max:
             failures.append(f"{gate.metric} {_fmt(value)} > max {_fmt(gate.max)}")
+        if gate.min_improvement is not None:
+            failures += _improvement_miss(gate.metric, value, getattr(base, _snake(gate.metric)) if base else None,
+                                          gate.min_improvement)
     return failures
+
+
+def _improvement_miss(metric: str, value: float, before: float | None, fraction: float) -> list[str]:
+    """[] when `value` improved on the base's `before` by at least `fraction` of it, else the miss."""
+    if before is None:
+        return [f"{metric}: the base model's score was not measured (gate: minImprovement {_fmt(fraction)})"]
+    if metric in LOWER_IS_BETTER:
+        limit = round(before * (1 - fraction), 12)  # 6.0 x 0.75 is 4.5, not 4.500000000000001
+        if value > limit:
+            return [f"{metric} {_fmt(value)} > {_fmt(limit)} (base {_fmt(before)} lowered by minImprovement "
+                    f"{_fmt(fraction)})"]
+        return []
+    limit = round(before * (1 + fraction), 12)
+    if value < limit:
+        return [f"{metric} {_fmt(value)} < {_fmt(limit)} (base {_fmt(before)} raised by minImprovement {_fmt(fraction)})"]
+    return []
 
 
 def compare(base: Scores, tuned: Scores, examples: int, *, gates: Sequence[Gate] | None = None) -> EvaluationStatus:
     """The evaluation status: base beside tuned; with `gates`, whether they held and which were missed."""
     status = EvaluationStatus(accuracy_metric=ACCURACY_METRIC, examples=examples, base=base, tuned=tuned)
     if gates:
-        failed = check_gates(tuned, gates)
+        failed = check_gates(tuned, gates, base)
         status.gates_passed = not failed
         status.failed_gates = failed[:16]
     return status

@@ -17,6 +17,11 @@ Flags:
   --keep-s3             (demo) keep the S3 server running at the end until Ctrl+C
   --log FILE            trainer log file (default: a file in the work directory)
 
+With `spec.pilot` it runs both stages as the operator does: first the LoRA pilot (`finetune_operator.pilot`:
+bounded, writing under `<output>/pilot/`, gated by pilot.gates), then, only when the pilot passed, the main
+run. A pilot that misses its gates stops there with exit code 4 and its scores; its adapter stays in
+`<output>/pilot/model/`.
+
 Exit code: the trainer's (0 ok, 3 bad config/data/credentials, 4 gates missed, 143 stopped, 1 crash);
 2 for usage errors.
 """
@@ -40,6 +45,7 @@ from typing import Any
 
 import yaml
 
+from finetune_operator import pilot as pilot_stage
 from finetune_operator.contract import (
     ENV_CACHE_DIR,
     ENV_CONFIG,
@@ -48,7 +54,9 @@ from finetune_operator.contract import (
     ENV_OUTPUT_URI,
     ENV_PROCS_PER_MACHINE,
     EXIT_CONFIG_ERROR,
+    EXIT_GATES_FAILED,
     EXIT_PREEMPTED,
+    TrainerConfig,
     config_json,
     resolve,
 )
@@ -63,6 +71,7 @@ DEMO_OVERRIDES: list[tuple[str, Any, str]] = [
     ("lora.r", 64, "the full width of the tiny model (hidden size 64)"),
     ("lora.targetModules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"],
      "its random frozen output head caps the logits near +-1.3, so the head gets an adapter too"),
+    ("pilot.learningRate", 5e-3, "the LoRA pilot of a random tiny model needs larger steps too"),
 ]
 DEMO_MODEL_BUCKET = "finetune-demo-models"
 DEMO_MODEL_PREFIX = "tiny-llama/"
@@ -378,59 +387,105 @@ def run_local(args: argparse.Namespace) -> int:
             print("demo setup:")
             env, _server = stack.enter_context(demo_environment(doc, work, args.keep_s3))
             print("demo overrides for the tiny stand-in:")
+            has_pilot = job.spec.pilot is not None
             for path, value, why in DEMO_OVERRIDES:
-                if path.startswith("lora.") and plan.method not in ("lora", "qlora"):
-                    continue  # LoRA settings mean nothing to full, prefix or prompt tuning
+                if path.startswith("lora.") and plan.method not in ("lora", "qlora") and not has_pilot:
+                    continue  # LoRA settings mean nothing to full, prefix or prompt tuning (but to their pilot)
+                if path.startswith("pilot.") and not has_pilot:
+                    continue
                 if full_path(path) not in [full_path(own) for own, _ in overrides]:  # --set wins
                     print(f"  {set_path(doc, path, copy.deepcopy(value))} = {value}  ({why})")
             job, plan = validate(doc, str(source))
-        config = resolve(job, plan)
         output = args.output or job.spec.output.uri
         if "://" not in output:
             output = str(Path(output).resolve())
             Path(output).mkdir(parents=True, exist_ok=True)
-        config_path = work / "job.json"
-        config_path.write_text(config_json(config))
-        child_env = {**os.environ, **env,
-                     ENV_CONFIG: str(config_path), ENV_OUTPUT_URI: output, ENV_NUM_MACHINES: "1",
-                     ENV_PROCS_PER_MACHINE: str(args.processes), ENV_MAIN_PORT: str(_free_port()),
-                     ENV_CACHE_DIR: os.environ.get(ENV_CACHE_DIR) or str(work / "cache")}
-        child_env.pop("JOB_COMPLETION_INDEX", None)
-        child_env.pop("FT_MAIN_ADDRESS", None)
-        log_path = Path(args.log) if args.log else work / "trainer.log"
-        print(f"output: {output}\ntrainer log: {log_path}")
-        with open(log_path, "wb") as log_file:
-            proc = subprocess.Popen([sys.executable, "-m", "finetune_trainer.launch"], env=child_env,
-                                    stdout=log_file, stderr=subprocess.STDOUT)
-            try:
-                report = watch(proc, output, env, sys.stdout.isatty())
-            except KeyboardInterrupt:
-                print("\ninterrupted: the trainer saves a checkpoint and stops (Ctrl+C again to abandon it)")
-                proc.terminate()  # the launcher passes SIGTERM on to the trainer processes
-                proc.wait()
-                report = None
-        code = proc.returncode
-        print(f"trainer exited with code {code}")
-        if code == EXIT_PREEMPTED:
-            print(f"stopped after a checkpoint; run the same command with --output {output} to resume from it")
-        if report is not None and report.error is not None:
-            print(f"error: {report.error.reason}: {report.error.message}")
-        if code != 0:
-            tail = log_path.read_text(errors="replace").splitlines()[-25:]
-            print("last lines of the trainer log:\n  " + "\n  ".join(tail))
-        if code in (0, 4):
-            print("\nartifacts:")
-            for line in summarize(*_listing(output, env)):
-                print(f"  {line}")
-            if args.demo and output.startswith("s3://") and not args.keep_s3:
-                print("  (the demo's S3 server and its data are removed at exit: add --keep-s3 to browse them, "
-                      "or --output DIR to keep the artifacts in a directory)")
-        if report is not None and report.evaluation is not None:
-            print("\nevaluation (base vs fine-tuned):")
-            print(evaluation_table(report.evaluation))
-        if not os.environ.get(ENV_CACHE_DIR):
-            shutil.rmtree(work / "cache", ignore_errors=True)  # copies of the model and data
-        return code
+        try:
+            if job.spec.pilot is not None:
+                code = _run_pilot(args, job, output, work, env)
+                if code != 0:
+                    return code
+                print("\nstage 2/2: the main run")
+            return _run_stage(args, resolve(job, plan), output, work, env, "trainer")
+        finally:
+            if not os.environ.get(ENV_CACHE_DIR):
+                shutil.rmtree(work / "cache", ignore_errors=True)  # copies of the model and data
+
+
+def _run_pilot(args: argparse.Namespace, job: Any, output: str, work: Path, env: dict[str, str]) -> int:
+    """Stage 1 of a job with spec.pilot: the LoRA pilot, as the operator runs it; its exit code."""
+    plan = pilot_stage.plan(job)
+    config = resolve(pilot_stage.pilot_job(job), plan, stage="pilot")
+    hp = config.spec.hyperparameters
+    bound = f"{hp.max_steps} steps" if hp.max_steps else f"{hp.epochs:g} of an epoch"
+    print(f"\nstage 1/2: LoRA pilot ({bound}; on a cluster {plan.gpus}x{plan.gpu_memory_gib}GiB GPU), gates: "
+          + "; ".join(_gate_text(g) for g in config.spec.evaluation.gates))
+    if "://" not in output:
+        Path(pilot_stage.output_uri(output)).mkdir(parents=True, exist_ok=True)
+    code = _run_stage(args, config, pilot_stage.output_uri(output), work, env, "pilot")
+    if code == EXIT_GATES_FAILED:
+        print("\nPilotGatesFailed: the pilot missed pilot.gates; the main run was not started "
+              f"(the pilot's adapter is kept in {pilot_stage.output_uri(output)}model/)")
+    elif code != 0:
+        print("\nPilotFailed: the pilot did not finish; the main run was not started")
+    else:
+        print("\nthe pilot passed pilot.gates")
+    return code
+
+
+def _gate_text(gate: Any) -> str:
+    bounds = [f"{name} {value:g}" for name, value in (("min", gate.min), ("max", gate.max),
+                                                      ("minImprovement", gate.min_improvement)) if value is not None]
+    return f"{gate.metric} {', '.join(bounds)}"
+
+
+def _run_stage(args: argparse.Namespace, config: TrainerConfig, output: str, work: Path, env: dict[str, str],
+               label: str) -> int:
+    """Run the trainer for one config with a progress display; print the outcome; return its exit code."""
+    config_path = work / f"{label}.json"
+    config_path.write_text(config_json(config))
+    child_env = {**os.environ, **env,
+                 ENV_CONFIG: str(config_path), ENV_OUTPUT_URI: output, ENV_NUM_MACHINES: "1",
+                 ENV_PROCS_PER_MACHINE: str(args.processes), ENV_MAIN_PORT: str(_free_port()),
+                 ENV_CACHE_DIR: os.environ.get(ENV_CACHE_DIR) or str(work / "cache")}
+    child_env.pop("JOB_COMPLETION_INDEX", None)
+    child_env.pop("FT_MAIN_ADDRESS", None)
+    if args.log:
+        log_path = Path(args.log) if label == "trainer" else Path(f"{args.log}.{label}")
+    else:
+        log_path = work / f"{label}.log"
+    print(f"output: {output}\ntrainer log: {log_path}")
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen([sys.executable, "-m", "finetune_trainer.launch"], env=child_env,
+                                stdout=log_file, stderr=subprocess.STDOUT)
+        try:
+            report = watch(proc, output, env, sys.stdout.isatty())
+        except KeyboardInterrupt:
+            print("\ninterrupted: the trainer saves a checkpoint and stops (Ctrl+C again to abandon it)")
+            proc.terminate()  # the launcher passes SIGTERM on to the trainer processes
+            proc.wait()
+            report = None
+    code = proc.returncode
+    print(f"trainer exited with code {code}")
+    if code == EXIT_PREEMPTED:
+        print(f"stopped after a checkpoint; run the same command with --output {args.output or output} to resume "
+              "from it")
+    if report is not None and report.error is not None:
+        print(f"error: {report.error.reason}: {report.error.message}")
+    if code != 0:
+        tail = log_path.read_text(errors="replace").splitlines()[-25:]
+        print("last lines of the trainer log:\n  " + "\n  ".join(tail))
+    if code in (0, 4):
+        print("\nartifacts:")
+        for line in summarize(*_listing(output, env)):
+            print(f"  {line}")
+        if args.demo and output.startswith("s3://") and not args.keep_s3:
+            print("  (the demo's S3 server and its data are removed at exit: add --keep-s3 to browse them, "
+                  "or --output DIR to keep the artifacts in a directory)")
+    if report is not None and report.evaluation is not None:
+        print(f"\nevaluation (base vs {'pilot' if label == 'pilot' else 'fine-tuned'}):")
+        print(evaluation_table(report.evaluation))
+    return code
 
 
 def main(argv: list[str]) -> int:
