@@ -75,6 +75,8 @@ PILOT_RUNNING = "PilotRunning"
 PILOT_GATES_PASSED = "PilotGatesPassed"
 PILOT_GATES_FAILED = "PilotGatesFailed"
 PILOT_FAILED = "PilotFailed"
+#: The trainer's reason when spec.budget.maxGpuHours was reached (a checkpoint was saved first).
+BUDGET_EXCEEDED = "BudgetExceeded"
 
 #: Reasons that end a FineTuneJob for good (besides the trainer's own reasons on PodFailurePolicy).
 TERMINAL_FAILURE_REASONS = frozenset(

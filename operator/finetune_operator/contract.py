@@ -126,6 +126,9 @@ class TrainerReport(_Model):
     learning_rate: float | None = None
     tokens_per_second: float | None = None
     eta_seconds: int | None = None
+    gpu_hours: float | None = Field(
+        default=None, description="GPU-hours used so far over every attempt: wall-clock hours of the training "
+        "processes times their number, as spec.budget.maxGpuHours counts them.")
     world_size: int | None = None
     resumed_from_step: int | None = None
     data_stats: DataStats | None = None

@@ -617,6 +617,17 @@ class ComplianceSpec(_Model):
     )
 
 
+class BudgetSpec(_Model):
+    """A cap on what the run may spend, in GPU-hours."""
+
+    max_gpu_hours: float = Field(
+        gt=0, le=1_000_000,
+        description="The most GPU-hours the run may use: wall-clock hours of the training processes times their "
+        "number (one process per GPU), over every attempt, counted up to each checkpoint. Reaching it, the "
+        "trainer saves a checkpoint and stops; the job fails with BudgetExceeded and a new FineTuneJob with "
+        "the same output.uri and a larger budget resumes from that checkpoint.")
+
+
 class FineTuneJobSpec(_Model):
     """Desired fine-tuning run. Immutable after creation except `suspend`."""
 
@@ -662,6 +673,8 @@ class FineTuneJobSpec(_Model):
         "that passes pilot.gates leads to the main run. Defaults to none (no pilot).",
     )
     compliance: ComplianceSpec = Field(default_factory=ComplianceSpec, description="Provenance requirements.")
+    budget: BudgetSpec | None = Field(
+        default=None, description="A GPU-hours cap on the run. Defaults to none (no cap).")
     suspend: bool = Field(
         default=False,
         description="Pause the run: training pods stop after a checkpoint; unsetting resumes from the newest "
@@ -846,6 +859,9 @@ class Progress(_Model):
     loss: float | None = Field(default=None, description="Latest training loss.")
     eval_loss: float | None = Field(default=None, description="Latest validation loss.")
     tokens_per_second: float | None = Field(default=None, description="Training throughput, non-padding tokens per second.")
+    gpu_hours: float | None = Field(
+        default=None, ge=0, description="GPU-hours used so far (what spec.budget.maxGpuHours caps), as the trainer "
+        "measures them.")
     eta_seconds: int | None = Field(default=None, ge=0, description="Estimated seconds until training ends.")
     updated_at: str | None = Field(default=None, description="When the trainer last reported (RFC 3339).")
 

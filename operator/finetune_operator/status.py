@@ -552,6 +552,7 @@ def _progress(report: TrainerReport) -> dict[str, Any]:
         "evalLoss": report.eval_loss,
         "tokensPerSecond": report.tokens_per_second,
         "etaSeconds": report.eta_seconds,
+        "gpuHours": round(report.gpu_hours, 4) if report.gpu_hours is not None else None,
         "updatedAt": report.updated_at,
     }
     return {k: v for k, v in progress.items() if v is not None}

@@ -168,4 +168,7 @@ CASES = [
     Case("pilot-format-gate-without-format", {"spec.method": "full",
                                               "spec.pilot": {"gates": [{"metric": "formatCompliance", "min": 0.9}]}},
          "spec", "formatCompliance is only measured with spec.evaluation.formatSchema or formatRegex"),
+    # spec.budget: a GPU-hours cap.
+    Case("zero-budget", {"spec.budget": {"maxGpuHours": 0}}, "spec.budget.maxGpuHours", "must be > 0"),
+    Case("budget-without-cap", {"spec.budget": {}}, "spec.budget.maxGpuHours", "required"),
 ]

@@ -117,6 +117,11 @@ ROWS: list[tuple[str, dict[str, Any], str, dict[str, tuple[str, str] | None]]] =
         job=ftj(), plan=PLAN, report=report(phase="failed", error={"reason": "InvalidData", "message": "row 7 bad"}),
         children=Children(job=job(conditions=[jcond("Failed", "PodFailurePolicy", "exit code 3")]))),
      "Failed", {"Failed": ("True", "InvalidData")}),
+    ("budget reached", dict(
+        job=ftj(), plan=PLAN, report=report(phase="failed", gpu_hours=2.0, error={
+            "reason": "BudgetExceeded", "message": "used 2 GPU-hours, reaching spec.budget.maxGpuHours (2)"}),
+        children=Children(job=job(conditions=[jcond("Failed", "PodFailurePolicy", "exit code 3")]))),
+     "Failed", {"Failed": ("True", c.BUDGET_EXCEEDED)}),
     ("pod failure policy, gates exit code", dict(job=ftj(), plan=PLAN, children=Children(
         job=job(conditions=[jcond("Failed", "PodFailurePolicy", "exit code 4")]),
         pods=[pod("Failed", containers=exited(4, "accuracy 0.41 < min 0.6"))])),
@@ -218,6 +223,14 @@ def test_progress_from_the_report() -> None:
     assert status["checkpoints"] == [{"step": 400, "uri": "s3://b/o/checkpoints/step-400/"}]
     assert status["artifacts"] == {"model": "s3://b/o/model/"}
     assert "45% 450/1000" in c.find(status["conditions"], "Running")["message"]
+
+
+def test_gpu_hours_from_the_report() -> None:
+    status = compute_status(ftj(), plan=PLAN, now=NOW, report=report(gpu_hours=0.123456789),
+                            children=Children(job=job(active=1), pods=[pod()]))
+    assert status["progress"]["gpuHours"] == 0.1235
+    assert "gpuHours" not in compute_status(ftj(), plan=PLAN, now=NOW, report=report(),
+                                            children=Children(job=job(active=1), pods=[pod()]))["progress"]
 
 
 def test_out_of_memory_adjustments_from_the_report() -> None:

@@ -30,7 +30,7 @@ import random
 import re
 import shutil
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +59,9 @@ class TrainState:
     rung: dict[str, Any] | None = None
     #: Out-of-memory adjustments so far (contract.Adjustment, wire form), oldest first.
     adjustments: list[dict[str, Any]] = field(default_factory=list)
+    #: GPU-seconds used up to this checkpoint over every attempt (wall seconds x training processes), what
+    #: spec.budget.maxGpuHours caps. Time after an attempt's last checkpoint is not known to the next one.
+    gpu_seconds: float = 0.0
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -75,8 +78,7 @@ class TrainState:
         consumed = self.batches_in_epoch * self.world_size // world_size
         log.warning("resuming a world of %d process(es) from one of %d: data position rescaled",
                     world_size, self.world_size)
-        return TrainState(self.step, self.epoch, consumed, world_size, self.total_steps, self.base_scores,
-                          self.extra, self.rung, self.adjustments)
+        return replace(self, batches_in_epoch=consumed, world_size=world_size)
 
     def regroup(self, micro_batch: int, grad_accum: int) -> TrainState:
         """The same data position counted in micro-batches of another rung (the out-of-memory ladder).
@@ -91,8 +93,7 @@ class TrainState:
         steps_done = math.ceil(self.batches_in_epoch / self.rung["gradAccum"])
         log.warning("resuming at micro-batch %d x %d from a checkpoint at %d x %d: data position regrouped",
                     micro_batch, grad_accum, self.rung["microBatch"], self.rung["gradAccum"])
-        return TrainState(self.step, self.epoch, steps_done * grad_accum, self.world_size, self.total_steps,
-                          self.base_scores, self.extra, self.rung, self.adjustments)
+        return replace(self, batches_in_epoch=steps_done * grad_accum)
 
 
 def prefix(step: int) -> str:

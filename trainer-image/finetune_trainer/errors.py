@@ -65,3 +65,11 @@ class OutOfMemory(TrainerFailure):
     def __init__(self, message: str, *, final: bool):
         super().__init__("OutOfMemory", message)
         self.exit_code = EXIT_CONFIG_ERROR if final else 1
+
+
+class BudgetExceeded(TrainerFailure):
+    """spec.budget.maxGpuHours reached: a checkpoint is saved and the job fails now (a retry would only
+    spend more); a FineTuneJob with the same output.uri and a larger budget resumes from the checkpoint."""
+
+    def __init__(self, message: str):
+        super().__init__("BudgetExceeded", message)

@@ -204,6 +204,8 @@ class Run:
     def run(self) -> Outcome:
         from finetune_trainer import assess
 
+        self._started = time.monotonic()  # this process's share of the GPU-hours counts from here
+        self._gpu_base: float | None = None  # GPU-seconds of earlier attempts, from the first checkpoint restored
         accelerator, precision, fsdp = make_accelerator(self.config)
         self.accelerator, self.precision, self.fsdp = accelerator, precision, fsdp
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
@@ -287,6 +289,8 @@ class Run:
         self._oom_window = False  # set by _train until its first checkpoint is written
         self.state = ckpt.TrainState()
         restored = self._restore()
+        if self._gpu_base is None:  # once per process: a later restore (the ladder) holds this process's time
+            self._gpu_base = restored.state.gpu_seconds if restored is not None else 0.0
         if restored is not None:
             # The checkpoint's rung when it is lower: what fitted then fits again, what did not still does not.
             # (Checkpoints from before the ladder trained at the spec's rung.)
@@ -412,12 +416,25 @@ class Run:
     # -- the loop ----------------------------------------------------------------------------------
 
     def _stop_agreed(self, flag: StopFlag) -> bool:
+        return self._agreed(flag.requested)
+
+    def _agreed(self, wanted: bool) -> bool:
+        """True on every rank when it is true on any (so all stop after the same step)."""
         if self.world == 1:
-            return flag.requested
+            return wanted
         import torch
 
-        wanted = torch.tensor([1.0 if flag.requested else 0.0], device=self.accelerator.device)
-        return bool(self.accelerator.reduce(wanted, "max").item() > 0)
+        value = torch.tensor([1.0 if wanted else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, "max").item() > 0)
+
+    def gpu_hours(self) -> float:
+        """GPU-hours used by every attempt so far: earlier attempts up to their last checkpoint, plus this
+        process's wall time times the number of training processes (one per GPU)."""
+        return ((self._gpu_base or 0.0) + (time.monotonic() - self._started) * self.world) / 3600
+
+    def _over_budget(self) -> bool:
+        budget = self.spec.budget
+        return self._agreed(budget is not None and self.gpu_hours() >= budget.max_gpu_hours)
 
     def _train(self, per_rank: int, total_steps: int) -> float | None:
         import torch
@@ -496,11 +513,14 @@ class Run:
                     eta = (time.monotonic() - run_start) / done * (total_steps - state.step) if done else None
                     self.reporter.update(step=state.step, epoch=round(epoch, 4), loss=window_loss / window_steps,
                                          learning_rate=lr, tokens_per_second=rate,
-                                         eta_seconds=int(eta) if eta is not None else None)
+                                         eta_seconds=int(eta) if eta is not None else None,
+                                         gpu_hours=round(self.gpu_hours(), 6))
                     window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
 
                 stop = self._stop_agreed(flag)
-                if state.step % every == 0 or state.step == total_steps or stop:
+                # The budget is checked after the step, so a run always makes progress it can keep.
+                spent = state.step < total_steps and self._over_budget()
+                if state.step % every == 0 or state.step == total_steps or stop or spent:
                     self._checkpoint(keep)
                     self._oom_window = False
                     # A SIGTERM during the checkpoint: this step is saved, so stop now rather than one step
@@ -508,6 +528,16 @@ class Run:
                     stop = stop or self._stop_agreed(flag)
                 if stop:
                     raise Preempted(state.step)
+                if spent:
+                    from finetune_trainer.errors import BudgetExceeded
+
+                    budget = self.spec.budget
+                    assert budget is not None
+                    raise BudgetExceeded(
+                        f"used {self.gpu_hours():.4g} GPU-hours, reaching spec.budget.maxGpuHours "
+                        f"({budget.max_gpu_hours:g}), at step {state.step} of {total_steps}; checkpoint "
+                        f"{ckpt.prefix(state.step)} is saved: a FineTuneJob with the same output.uri and a larger "
+                        "spec.budget.maxGpuHours resumes from it")
         return final_loss
 
     def _last_logged_loss(self) -> float | None:
@@ -527,6 +557,7 @@ class Run:
             if self.accelerator.is_main_process:
                 self._metric({"step": self.state.step, "eval_loss": eval_loss})
             self.reporter.report.eval_loss = eval_loss
+        self.state.gpu_seconds = self.gpu_hours() * 3600
         uri = ckpt.save(accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
                         scheduler=self.scheduler, state=self.state, store=self.store, staging=self.work / "staging",
                         metrics_path=self.metrics_path, fsdp=self.fsdp, save_state=self.method.save_state)
