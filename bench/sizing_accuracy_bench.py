@@ -201,10 +201,11 @@ def worker(config_path: Path, output: Path, threads: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-def predict(config: Any, hidden: int, layers: int) -> dict[str, float]:
+def predict(config: Any, model_dir: Path) -> dict[str, float]:
+    from finetune_operator.architecture import read_architecture
     from finetune_operator.sizing import estimate_memory
 
-    mem = estimate_memory(config.spec, config.method, architecture=(hidden, layers))
+    mem = estimate_memory(config.spec, config.method, architecture=read_architecture(model_dir))
     return {"weights": mem.weights * GIB / MIB, "trainable_state": mem.trainable_state * GIB / MIB,
             "activations": mem.activations * GIB / MIB}
 
@@ -282,7 +283,7 @@ def main() -> int:
                 for gc in gcs:
                     config = make_config(model_dir, data, count, method, gc, args.batch, args.seq, args.steps,
                                          precision)
-                    pred = predict(config, hidden, layers)
+                    pred = predict(config, model_dir)
                     m = run_config(config, work, env, args.threads)
                     measured = (m["peak_kib"] - m["before_load_kib"]) / 1024
                     predicted = sum(pred.values())
