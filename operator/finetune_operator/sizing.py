@@ -282,6 +282,8 @@ def _fmt(x: float) -> str:
 
 
 def _shape_words(arch: Architecture) -> str:
+    """The architecture in a few words for a plan's reason (which is capped at 2,048 characters, so the
+    path in front of these is cut to its last 200)."""
     kv = f"{arch.kv_heads} of {arch.attention_heads} KV heads" if arch.kv_heads != arch.attention_heads else "MHA"
     return (f"hidden {arch.hidden_size}, {arch.layers} layers, MLP {arch.intermediate_size}, {kv}, vocabulary "
             f"{arch.vocab_size:,}, {'tied' if arch.tied_embeddings else 'untied'} embeddings")
@@ -358,7 +360,8 @@ def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Pla
             source = "estimate"
             sized_by = "the memory model sized it"
             if architecture is not None:
-                sized_by += f" with the architecture read from {architecture.path}/config.json" + (
+                where = architecture.path if len(architecture.path) <= 200 else "..." + architecture.path[-200:]
+                sized_by += f" with the architecture read from {where}/config.json" + (
                     " and the safetensors headers" if architecture.parameters_source == "safetensors headers" else "")
                 sized_by += f" ({_shape_words(architecture)})"
             reason = (

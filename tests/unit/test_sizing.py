@@ -330,3 +330,9 @@ def test_an_estimate_from_an_architecture_says_where_the_numbers_came_from():
     assert "8,030,261,248 parameters" in plan.reason
     mem = sizing.estimate_memory(make("8.03B", "lora"), "lora", arch(**LLAMA3_8B))
     assert mem.per_gpu(plan.gpus) <= plan.gpu_memory_gib
+
+
+def test_a_long_model_path_keeps_the_reason_within_its_limit():
+    long_path = "/models/" + "deep/" * 500 + "base"
+    plan = sizing.plan(make("8.03B", "lora"), arch(path=long_path, **LLAMA3_8B))
+    assert len(plan.reason) <= 2048 and long_path[-200:] + "/config.json" in plan.reason
