@@ -76,6 +76,9 @@ MAX_GPUS = 4096
 VOCAB = 32_000
 OVERHEAD_FIXED_GIB = 1.5
 OVERHEAD_FRACTION = 0.10
+#: How far a nominal size may be from an inspected model's count before the plan warns (7B names 6.74B
+#: and 7.24B models; Gemma-7B's 8.5B is 22% above its name and warned about).
+NOMINAL_TOLERANCE = 0.15
 
 #: The model-size table: parameters (billions) -> method -> (GPUs, GiB per GPU).
 TABLE: dict[int, dict[ResolvedMethod, tuple[int, int]]] = {
@@ -281,9 +284,13 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}"
 
 
+def _short_path(path: str) -> str:
+    """A model path for a plan's reason or warning (capped at 2,048 and 1,024 characters): its last 200."""
+    return path if len(path) <= 200 else "..." + path[-200:]
+
+
 def _shape_words(arch: Architecture) -> str:
-    """The architecture in a few words for a plan's reason (which is capped at 2,048 characters, so the
-    path in front of these is cut to its last 200)."""
+    """The architecture in a few words for a plan's reason."""
     kv = f"{arch.kv_heads} of {arch.attention_heads} KV heads" if arch.kv_heads != arch.attention_heads else "MHA"
     return (f"hidden {arch.hidden_size}, {arch.layers} layers, MLP {arch.intermediate_size}, {kv}, vocabulary "
             f"{arch.vocab_size:,}, {'tied' if arch.tied_embeddings else 'untied'} embeddings")
@@ -302,6 +309,13 @@ def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Pla
     size = f"{p_b:g}B"
     if architecture is not None:
         size = f"{size} ({architecture.parameters:,} parameters)"
+        off = p_b * 1e9 / architecture.parameters - 1
+        if abs(off) > NOMINAL_TOLERANCE:
+            # The nominal size picks the table cell; one far from the files' count picks the wrong cell.
+            warnings.append(
+                f"the spec's size {p_b:g}B (baseModel.parameters or the model name) is {abs(off):.0%} "
+                f"{'above' if off > 0 else 'below'} the {architecture.parameters:,} parameters in "
+                f"{_short_path(architecture.path)}; fix spec.baseModel.parameters")
     parts = (
         f"weights {_fmt(mem.weights)}, trainable state {_fmt(mem.trainable_state)}, "
         f"activations {_fmt(mem.activations)} GiB"
@@ -360,8 +374,7 @@ def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Pla
             source = "estimate"
             sized_by = "the memory model sized it"
             if architecture is not None:
-                where = architecture.path if len(architecture.path) <= 200 else "..." + architecture.path[-200:]
-                sized_by += f" with the architecture read from {where}/config.json" + (
+                sized_by += f" with the architecture read from {_short_path(architecture.path)}/config.json" + (
                     " and the safetensors headers" if architecture.parameters_source == "safetensors headers" else "")
                 sized_by += f" ({_shape_words(architecture)})"
             reason = (

@@ -336,3 +336,16 @@ def test_a_long_model_path_keeps_the_reason_within_its_limit():
     long_path = "/models/" + "deep/" * 500 + "base"
     plan = sizing.plan(make("8.03B", "lora"), arch(path=long_path, **LLAMA3_8B))
     assert len(plan.reason) <= 2048 and long_path[-200:] + "/config.json" in plan.reason
+    far = sizing.plan(make("80B", "lora"), arch(path=long_path, **LLAMA3_8B))  # warns, naming the path
+    assert far.warnings and all(len(w) <= 1024 for w in far.warnings)
+
+
+def test_a_nominal_size_far_from_the_files_is_warned_about():
+    near = sizing.plan(make("7B", "lora"), arch()).warnings
+    assert not any(w.startswith("the spec's size") for w in near)  # 6.74B is a 7B model
+    plan = sizing.plan(make("7B", "lora"), arch(parameters=70_553_706_496, hidden_size=8192, layers=80))
+    (warning,) = [w for w in plan.warnings if w.startswith("the spec's size")]
+    assert "7B" in warning and "90% above" not in warning and "below the 70,553,706,496 parameters" in warning
+    assert "fix spec.baseModel.parameters" in warning
+    warnings = sizing.plan(make("13B", "lora"), arch()).warnings
+    assert any(w.startswith("the spec's size 13B") and "is 93% above the 6,738,415,616" in w for w in warnings)
