@@ -1,11 +1,18 @@
 """Sizing accuracy on CPU: the planner's memory model (operator/finetune_operator/sizing.py) against the
 memory our trainer really uses, for models small enough to train here.
 
-For each size (default 0.1B; `--sizes 0.1,0.3` adds 0.3B), method (full, LoRA, QLoRA) and gradient
-checkpointing (on, off) one subprocess trains a few steps with our trainer (`train.Run`, in the process, as
-the tests run it) on a Llama built with exactly the shape the memory model assumes: `sizing.shape(P)` gives
-hidden size h and layers L; MLP width 8/3 h (rounded to a multiple of 64, so 12*L*h^2 layer parameters),
-64-wide heads, vocabulary 32,000 (`sizing.VOCAB`), untied head. Data: text rows longer than maxSeqLength,
+For each size (default 0.1B; `--sizes 0.1,0.3` adds 0.3B), architecture (`--shapes`, default both), method
+(full, LoRA, QLoRA) and gradient checkpointing (on, off) one subprocess trains a few steps with our trainer
+(`train.Run`, in the process, as the tests run it) on a Llama built here. `sizing.shape(P)` gives hidden
+size h and layers L for both architectures:
+
+- `mha`: the shape the memory model assumes without an architecture: MLP width 8/3 h (rounded to a multiple
+  of 64, so 12*L*h^2 layer parameters), 64-wide heads, one key/value head per attention head, vocabulary
+  32,000 (`sizing.VOCAB`), untied head;
+- `gqa`: grouped-query attention (a quarter as many key/value heads as attention heads), an MLP of 3h, a
+  vocabulary of 49,152 and the head tied to the input embeddings: the terms an architecture changes.
+
+Data: text rows longer than maxSeqLength,
 so every example is truncated to exactly maxSeqLength tokens and every batch is b x s (the memory model's
 worst case). The spec is the healthcare example's (LoRA r=16 on q,k,v,o; bf16) with batch 4 x 512,
 gradient accumulation 1, 2 optimizer steps (the second one runs with the AdamW states allocated).
@@ -19,11 +26,12 @@ EPYC without AVX512) the same configurations run slower, not larger. `--precisio
 where native, else fp32) measures an fp32 run against the model's fp32 prediction, the same precision on
 both sides.
 
-Prediction: `estimate_memory(spec, method, architecture=(h, L))`: weights + trainable_state + activations,
-with `baseModel.parameters` set to the model's real parameter count (embeddings included) and its real
-shape. Without `architecture` the memory model guesses (h, L) from the count as if every parameter sat in
-the layers; at 0.1B the 32,000-row embeddings and head are 39% of the parameters, so that guess (and
-the nominal size, which leaves them out) would measure the guess, not the memory model. Its fixed 1.5 GiB
+Prediction: `estimate_memory(spec, method, architecture)`: weights + trainable_state + activations, with the
+architecture read from the saved model's config.json and safetensors headers (`finetune_operator.
+architecture`, as `finetune plan --inspect` reads it): the exact parameter count, h, L, MLP width,
+key/value width, vocabulary and tied embeddings. Without it the memory model guesses (h, L) from the count
+as if every parameter sat in the layers; at 0.1B the 32,000-row embeddings and head are 39% of the
+parameters, so that guess would measure the guess, not the memory model. Its fixed 1.5 GiB
 and 10% overhead model a CUDA GPU (context, fragmentation) and are left out here: only the model-dependent
 part is compared.
 
@@ -42,16 +50,19 @@ freed tensors in its heap: the same configurations measured 31% (LoRA) and 45% (
 way, all of it memory no tensor held. `--malloc-default` measures with glibc's defaults.
 
 Figures: `sizing_error_pct_<method>` = (predicted - measured) / measured x 100, the mean over the configs
-of that method, and `sizing_error_pct_<method>_worst` the signed error of largest magnitude.
-Configs run in separate processes; each line `# config ...` shows the parts.
+of that method, and `sizing_error_pct_<method>_worst` the signed error of largest magnitude; the same per
+architecture (`sizing_error_pct_<shape>_<method>`), and `sizing_configs_within_20pct` = how many configs
+are within +-20%, of how many. Configs run in separate processes; each line `# config ...` shows the parts
+and the config's own error.
 
-Usage: python bench/sizing_accuracy_bench.py [--sizes 0.1] [--methods full,lora,qlora] [--gc on,off]
+Usage: python bench/sizing_accuracy_bench.py [--sizes 0.1] [--shapes mha,gqa] [--methods full,lora,qlora] [--gc on,off]
        [--batch 4] [--seq 512] [--steps 2] [--threads 2] [--malloc-default] [--precision bf16]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -95,16 +106,32 @@ def reset_peak() -> bool:
 # ------------------------------------------------------------------------------------------------
 
 
-def build_model(out: Path, parameters_b: float, seq: int) -> tuple[Path, int, int, int]:
-    """A Llama of the memory model's shape for `parameters_b`; returns (dir, hidden, layers, parameters)."""
+#: The GQA architecture's vocabulary (a multiple of 64, as bitsandbytes' CPU kernels need; SmolLM's size).
+GQA_VOCAB = 49_152
+
+
+def build_model(out: Path, parameters_b: float, seq: int, kind: str) -> tuple[Path, Any]:
+    """A Llama of `kind` (mha, gqa; see the docstring) for `parameters_b`; returns (dir, its Architecture)."""
+    from finetune_operator.architecture import read_architecture
     from finetune_operator.sizing import VOCAB, shape
     from finetune_trainer import tiny
 
     hidden, layers = shape(parameters_b)
-    model = tiny.build_tiny_model(out, seed=0, hidden_size=hidden, num_layers=layers, num_heads=hidden // 64,
-                                  intermediate_size=mlp_width(hidden), vocab_size=VOCAB,
-                                  max_position_embeddings=max(1024, seq))
-    return model, hidden, layers, count_parameters(model)
+    heads = hidden // 64
+    if kind == "mha":
+        widths = {"intermediate_size": mlp_width(hidden), "vocab_size": VOCAB, "num_kv_heads": heads,
+                  "tie_word_embeddings": False}
+    elif kind == "gqa":
+        widths = {"intermediate_size": 3 * hidden, "vocab_size": GQA_VOCAB, "num_kv_heads": max(1, heads // 4),
+                  "tie_word_embeddings": True}
+    else:
+        raise ValueError(f"unknown shape {kind!r}: expected mha or gqa")
+    model = tiny.build_tiny_model(out, seed=0, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                                  max_position_embeddings=max(1024, seq), **widths)
+    arch = read_architecture(model)
+    if arch.parameters != count_parameters(model):  # the inspector against the safetensors library's count
+        raise RuntimeError(f"architecture reader counts {arch.parameters:,}, safetensors {count_parameters(model):,}")
+    return model, arch
 
 
 def write_data(path: Path, rows: int, seq: int) -> None:
@@ -201,10 +228,11 @@ def worker(config_path: Path, output: Path, threads: int) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------------
 
 
-def predict(config: Any, hidden: int, layers: int) -> dict[str, float]:
+def predict(config: Any, model_dir: Path) -> dict[str, float]:
+    from finetune_operator.architecture import read_architecture
     from finetune_operator.sizing import estimate_memory
 
-    mem = estimate_memory(config.spec, config.method, architecture=(hidden, layers))
+    mem = estimate_memory(config.spec, config.method, architecture=read_architecture(model_dir))
     return {"weights": mem.weights * GIB / MIB, "trainable_state": mem.trainable_state * GIB / MIB,
             "activations": mem.activations * GIB / MIB}
 
@@ -236,6 +264,8 @@ def main() -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="0.1", help="parameter counts in billions, comma-separated")
+    parser.add_argument("--shapes", default="mha,gqa", help="architectures: mha (the memory model's default "
+                        "shape), gqa (GQA, wider MLP, 49,152 tokens, tied embeddings)")
     parser.add_argument("--methods", default="full,lora,qlora")
     parser.add_argument("--gc", default="on,off", help="gradient checkpointing settings to run")
     parser.add_argument("--batch", type=int, default=4)
@@ -250,6 +280,7 @@ def main() -> int:
     args = parser.parse_args()
     precision, precision_why = bench_precision(args.precision)
     sizes = [float(s) for s in args.sizes.split(",") if s]
+    shapes = [s for s in args.shapes.split(",") if s]
     methods = [m for m in args.methods.split(",") if m]
     gcs = [g == "on" for g in args.gc.split(",") if g]
 
@@ -270,28 +301,31 @@ def main() -> int:
              "glibc MALLOC_MMAP_THRESHOLD_=1MiB, MALLOC_ARENA_MAX=2 (RSS follows live memory)"))
     print(f"# precision: {precision_why}; predicted and measured alike", flush=True)
     errors: dict[str, list[float]] = {m: [] for m in methods}
+    by_shape: dict[tuple[str, str], list[float]] = {}
     try:
         data = work / "train.jsonl"
         write_data(data, rows=8 * args.batch * args.steps, seq=args.seq)
-        for size in sizes:
-            model_dir, hidden, layers, count = build_model(work / f"model-{size:g}B", size, args.seq)
-            print(f"# model {size:g}B: sizing.shape -> hidden {hidden}, layers {layers}, MLP {mlp_width(hidden)}, "
-                  f"vocab 32000: {count / 1e6:.1f}M parameters ({12 * layers * hidden**2 / 1e6:.1f}M in the layers, "
-                  f"{2 * 32000 * hidden / 1e6:.1f}M embeddings + head)", flush=True)
+        for size, kind in itertools.product(sizes, shapes):
+            model_dir, arch = build_model(work / f"model-{size:g}B-{kind}", size, args.seq, kind)
+            hidden, count = arch.hidden_size, arch.parameters
+            embeddings = arch.vocab_size * hidden * (1 if arch.tied_embeddings else 2)
+            print(f"# model {size:g}B {kind}: {arch.describe()} ({(count - embeddings) / 1e6:.1f}M in the layers, "
+                  f"{embeddings / 1e6:.1f}M embeddings{'' if arch.tied_embeddings else ' + head'})", flush=True)
             for method in methods:
                 for gc in gcs:
                     config = make_config(model_dir, data, count, method, gc, args.batch, args.seq, args.steps,
                                          precision)
-                    pred = predict(config, hidden, layers)
+                    pred = predict(config, model_dir)
                     m = run_config(config, work, env, args.threads)
                     measured = (m["peak_kib"] - m["before_load_kib"]) / 1024
                     predicted = sum(pred.values())
                     error = (predicted - measured) / measured * 100
                     errors[method].append(error)
+                    by_shape.setdefault((kind, method), []).append(error)
                     weights_rss = (m["after_prepare_kib"] - m["before_load_kib"]) / 1024
                     state = (m["grad_bytes"] + m["optimizer_bytes"]) / MIB
                     rest = measured - weights_rss - state
-                    print(f"# config {size:g}B {method} gc={'on' if gc else 'off'}: predicted {predicted:.0f} MiB "
+                    print(f"# config {size:g}B {kind} {method} gc={'on' if gc else 'off'}: predicted {predicted:.0f} MiB "
                           f"(weights {pred['weights']:.0f} + state {pred['trainable_state']:.0f} + activations "
                           f"{pred['activations']:.0f}); measured {measured:.0f} MiB (weights by RSS {weights_rss:.0f}"
                           f" [tensors {m['weights_bytes'] / MIB:.0f}] + grads and AdamW state {state:.0f} [tensors] + "
@@ -306,6 +340,13 @@ def main() -> int:
             if values:
                 print(f"sizing_error_pct_{method}={statistics.mean(values):+.1f}")
                 print(f"sizing_error_pct_{method}_worst={max(values, key=abs):+.1f}")
+        for (kind, method), values in by_shape.items():
+            print(f"sizing_error_pct_{kind}_{method}={statistics.mean(values):+.1f}")
+            print(f"sizing_error_pct_{kind}_{method}_worst={max(values, key=abs):+.1f}")
+        every = [e for values in errors.values() for e in values]
+        within = sum(abs(e) <= 20 for e in every)
+        print(f"sizing_configs_within_20pct={within}/{len(every)}")
+        print(f"# every config within +-20%: {'yes' if within == len(every) else 'no'}")
         print(f"# load_avg_at_end={os.getloadavg()[0]:.2f}; total {time.perf_counter() - start:.0f} s")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -1,6 +1,8 @@
 """The `finetune` command.
 
-- `finetune plan FILE... [-o table|json|yaml]`: validate manifests and show what the operator would create.
+- `finetune plan FILE... [-o table|json|yaml] [--inspect [--model-dir DIR] [--mount CLAIM=PATH]]`: validate
+  manifests and show what the operator would create; `--inspect` reads the base model's architecture from
+  its config.json and safetensors headers (`finetune_operator.architecture`) and plans from it.
 - `finetune run FILE --local ...`: run a FineTuneJob on this machine (the trainer package; needs the
   `train` extra).
 - `finetune crd`: print the CustomResourceDefinition generated from the spec model.
@@ -18,23 +20,63 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 import yaml
+from pydantic.alias_generators import to_camel
 
-from finetune_operator import __version__
-from finetune_operator.manifests import Loaded, load_file
+from finetune_operator import __version__, uris
+from finetune_operator.architecture import Architecture, ArchitectureError, read_architecture
+from finetune_operator.manifests import Inspector, Loaded, load_file
 
 EXIT_INVALID = 1
+#: The spec's refusal when no size is known (spec.BaseModelSpec); `plan` adds how --inspect helps.
+_SIZE_UNKNOWN = "the model size cannot be read from uri"
 
 
 def _plan_dict(loaded: Loaded) -> dict[str, Any]:
     assert loaded.plan is not None
-    data = {
+    out: dict[str, Any] = {
         "name": loaded.name,
         "namespace": loaded.namespace,
         "plan": loaded.plan.model_dump(by_alias=True, mode="json"),
     }
     if loaded.pilot_plan is not None:
-        data["pilot"] = loaded.pilot_plan.model_dump(by_alias=True, mode="json")
-    return data
+        out["pilot"] = loaded.pilot_plan.model_dump(by_alias=True, mode="json")
+    if loaded.architecture is not None:
+        # camelCase like the plan's fields
+        out["architecture"] = {to_camel(k): v for k, v in dataclasses.asdict(loaded.architecture).items()}
+    return out
+
+
+def inspector(model_dir: str | None, mounts: Sequence[str]) -> Inspector:
+    """Reads the architecture of the model a URI names from a path on this machine.
+
+    `file://` URIs are read where they point; `pvc://claim/path` under the local mount given for the claim
+    (`mounts`: CLAIM=PATH); `model_dir`, when given, is read for every URI (a local copy of an `hf://` or
+    `s3://` model). Anything else cannot be read from here, and the error says what to pass.
+    """
+    claims: dict[str, str] = {}
+    for item in mounts:
+        claim, sep, path = item.partition("=")
+        if not sep or not claim or not path:
+            raise ValueError(f"--mount {item!r}: expected CLAIM=PATH, the local path where the claim is mounted")
+        claims[claim] = path
+
+    def read(uri: str) -> Architecture:
+        if model_dir is not None:
+            return read_architecture(model_dir)
+        parsed = uris.parse(uri)
+        if parsed.scheme == "file":
+            return read_architecture(parsed.path)
+        if parsed.scheme == "pvc":
+            if parsed.authority not in claims:
+                raise ArchitectureError(
+                    f"{uri} is on the claim {parsed.authority!r}, which is not mounted here; inspection needs a "
+                    f"readable path: pass --mount {parsed.authority}=/local/mount/path (or --model-dir DIR)")
+            return read_architecture(f"{claims[parsed.authority].rstrip('/')}/{parsed.path}")
+        raise ArchitectureError(
+            f"{uri} is not on this machine; inspection needs a readable path: download its config.json (and its "
+            "*.safetensors files or model.safetensors.index.json) and pass --model-dir DIR")
+
+    return read
 
 
 def _table(rows: list[Loaded], out: TextIO) -> None:
@@ -62,6 +104,8 @@ def _table(rows: list[Loaded], out: TextIO) -> None:
     out.write("\n")
     for r in rows:
         assert r.plan is not None
+        if r.architecture is not None:
+            out.write(f"{r.name}: inspected {r.architecture.path}: {r.architecture.describe()}\n")
         out.write(f"{r.name}: {r.plan.reason}\n")
         for warning in r.plan.warnings:
             out.write(f"{r.name}: WARNING: {warning}\n")
@@ -101,15 +145,29 @@ def _yaml_stream(rows: list[Loaded], image: str | None, out: TextIO) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    inspect: Inspector | None = None
+    if args.inspect:
+        try:
+            inspect = inspector(args.model_dir, args.mount)
+        except ValueError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    elif args.model_dir or args.mount:
+        print("error: --model-dir and --mount are for --inspect; add --inspect", file=sys.stderr)
+        return 2
     loaded: list[Loaded] = []
     for path in args.files:
-        loaded.extend(load_file(path))
+        loaded.extend(load_file(path, inspect))
     bad = [item for item in loaded if not item.ok]
     if bad:
         # Nothing is printed to stdout when anything is invalid, so `| kubectl apply -f -` applies nothing.
         for item in bad:
             for issue in item.issues:
-                print(f"{item.label}: {issue}", file=sys.stderr)
+                hint = ""
+                if inspect is None and _SIZE_UNKNOWN in issue.message:
+                    hint = ("; or run `finetune plan --inspect` to read it from the model's config.json (file:// "
+                            "URIs, pvc:// with --mount, or a local copy with --model-dir)")
+                print(f"{item.label}: {issue}{hint}", file=sys.stderr)
         count = sum(len(i.issues) for i in bad)
         print(f"error: {count} problem(s) in {len(bad)} of {len(loaded)} manifest(s)", file=sys.stderr)
         return EXIT_INVALID
@@ -153,6 +211,15 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("files", nargs="+", metavar="FILE", help="FineTuneJob manifests (YAML, multi-document allowed)")
     plan.add_argument("-o", "--output", choices=["table", "json", "yaml"], default="table")
     plan.add_argument("--image", help="trainer image for -o yaml (default: $FT_TRAINER_IMAGE or the built-in)")
+    plan.add_argument("--inspect", action="store_true",
+                      help="read the base model's architecture (config.json, safetensors headers; never the "
+                      "tensors) and plan from it: exact parameters, GQA, vocabulary; baseModel.parameters "
+                      "becomes optional")
+    plan.add_argument("--model-dir", metavar="DIR",
+                      help="with --inspect: read this local directory instead of the URI (a downloaded copy of "
+                      "an hf:// or s3:// model)")
+    plan.add_argument("--mount", action="append", default=[], metavar="CLAIM=PATH",
+                      help="with --inspect: where a pvc:// claim is mounted on this machine (repeatable)")
     plan.set_defaults(func=cmd_plan)
 
     crd = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,8 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from finetune_operator import sizing
+from finetune_operator import sizing, uris
+from finetune_operator.architecture import Architecture, ArchitectureError
 from finetune_operator.spec import API_VERSION, KIND, MAX_NAME_LENGTH, FineTuneJob, Plan
 
 _VALUE_WIDTH = 60
@@ -57,6 +59,8 @@ class Loaded:
     plan: Plan | None = None
     pilot_plan: Plan | None = None  # with spec.pilot: the LoRA pilot's plan
     issues: list[Issue] = field(default_factory=list)
+    #: the base model's architecture, when it was inspected (`finetune plan --inspect`)
+    architecture: Architecture | None = None
 
     @property
     def ok(self) -> bool:
@@ -178,8 +182,37 @@ def issues_from_validation(error: ValidationError) -> list[Issue]:
     return issues
 
 
-def validate_document(doc: Any, source: str = "<input>", index: int = 0) -> Loaded:
-    """Validate one parsed YAML document and plan it."""
+#: Reads the architecture of the model a `spec.baseModel.uri` names (raises ArchitectureError).
+Inspector = Callable[[str], Architecture]
+
+
+def _inspect(doc: dict[str, Any], inspect: Inspector, loaded: Loaded) -> dict[str, Any]:
+    """Read the base model's architecture into `loaded`; returns the document, with `baseModel.parameters`
+    set to the exact count when neither the spec nor the model name gives a size."""
+    spec = doc.get("spec")
+    base = spec.get("baseModel") if isinstance(spec, dict) else None
+    uri = base.get("uri") if isinstance(base, dict) else None
+    if not isinstance(uri, str):
+        return doc  # validation reports the missing or malformed URI
+    try:
+        uris.parse(uri)
+    except ValueError:
+        return doc  # likewise
+    try:
+        loaded.architecture = inspect(uri)
+    except ArchitectureError as err:
+        loaded.issues.append(Issue("spec.baseModel.uri", f"cannot be inspected: {err}"))
+        return doc
+    assert isinstance(base, dict) and isinstance(spec, dict)
+    if base.get("parameters") is None and uris.parameters_from_name(uri) is None:
+        # exact in millions (six decimals), within the field's 16 characters up to 9,999,999M
+        exact = f"{loaded.architecture.parameters / 1e6:.6f}M"
+        return {**doc, "spec": {**spec, "baseModel": {**base, "parameters": exact}}}
+    return doc
+
+
+def validate_document(doc: Any, source: str = "<input>", index: int = 0, inspect: Inspector | None = None) -> Loaded:
+    """Validate one parsed YAML document and plan it; with `inspect`, from the base model's architecture."""
     loaded = Loaded(source, index)
     if not isinstance(doc, dict):
         loaded.issues.append(Issue("(document)", "must be a mapping with apiVersion, kind, metadata and spec", doc, True))
@@ -194,6 +227,10 @@ def validate_document(doc: Any, source: str = "<input>", index: int = 0) -> Load
         loaded.issues.append(Issue("kind", f"must be {KIND}", doc.get("kind"), "kind" in doc))
     if loaded.issues:
         return loaded
+    if inspect is not None:
+        doc = _inspect(doc, inspect, loaded)
+        if loaded.issues:
+            return loaded
     try:
         job = FineTuneJob.model_validate(doc)
     except ValidationError as err:
@@ -202,7 +239,7 @@ def validate_document(doc: Any, source: str = "<input>", index: int = 0) -> Load
     loaded.job = job
     loaded.name, loaded.namespace = job.metadata.name, job.metadata.namespace
     try:
-        loaded.plan = sizing.plan(job.spec)
+        loaded.plan = sizing.plan(job.spec, loaded.architecture)
     except sizing.PlanningError as err:
         loaded.issues.append(Issue(err.field, err.message))
     if job.spec.pilot is not None:
@@ -215,7 +252,7 @@ def validate_document(doc: Any, source: str = "<input>", index: int = 0) -> Load
     return loaded
 
 
-def load_text(text: str, source: str = "<input>") -> list[Loaded]:
+def load_text(text: str, source: str = "<input>", inspect: Inspector | None = None) -> list[Loaded]:
     try:
         docs = [d for d in yaml.load_all(text, Loader=_LOADER) if d is not None]
     except yaml.YAMLError as err:
@@ -225,10 +262,10 @@ def load_text(text: str, source: str = "<input>") -> list[Loaded]:
         return [Loaded(source, 0, issues=[Issue("(yaml)", f"not valid YAML at {where}: {problem}")])]
     if not docs:
         return [Loaded(source, 0, issues=[Issue("(document)", "the file holds no YAML document")])]
-    return [validate_document(doc, source, i) for i, doc in enumerate(docs)]
+    return [validate_document(doc, source, i, inspect) for i, doc in enumerate(docs)]
 
 
-def load_file(path: str | Path) -> list[Loaded]:
+def load_file(path: str | Path, inspect: Inspector | None = None) -> list[Loaded]:
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -236,4 +273,4 @@ def load_file(path: str | Path) -> list[Loaded]:
         return [Loaded(str(p), 0, issues=[Issue("(file)", "no such file")])]
     except (OSError, UnicodeDecodeError) as err:
         return [Loaded(str(p), 0, issues=[Issue("(file)", f"cannot be read: {err}")])]
-    return load_text(text, str(p))
+    return load_text(text, str(p), inspect)

@@ -10,27 +10,37 @@ Listed sizes (7B, 13B, 70B) come from the model-size table, which is a product c
 Any other size comes from the memory model below, rounded up to a standard GPU class and a GPU count.
 
 Memory model (bytes; P = parameters, a Llama-shaped decoder with hidden size h, L = h/128 layers,
-P ~ 12*L*h^2, vocabulary V = 32,000, micro-batch b, sequence length s):
+P ~ 12*L*h^2, vocabulary V = 32,000, micro-batch b, sequence length s). When the model's architecture is
+known (`finetune_operator.architecture`, read from its config.json and safetensors headers by `finetune plan
+--inspect`), its exact P, h, L, vocabulary V, MLP width I, key/value width (GQA: KV heads x head dim) and
+tied embeddings replace that guess; otherwise I = 8/3 h, the key/value width is h (multi-head) and the head
+is untied:
 
 - weights: P x 2 (bf16/fp16) or 4 (fp32; and full fine-tuning in fp16, which keeps fp32 weights).
   QLoRA: the non-embedding weights at `bits` + 0.127 bits of constants with double quantization (0.5
-  without); embeddings and head (2*V*h) in fp32, since peft's k-bit preparation upcasts them.
+  without); embeddings and head (2*V*h, or V*h when tied) in fp32, since peft's k-bit preparation upcasts
+  them.
 - trainable state: full in bf16 trains pure bf16 (the trainer's choice, as torchtune's): bf16 gradients
   and AdamW's two bf16 moments, 2+4 = 6 bytes per parameter on top of the 2-byte weights; full in fp16 or
   fp32 keeps fp32 weights (4 bytes) with fp32 gradients and moments, 4+8 = 12. LoRA/QLoRA: adapters kept in fp32 with their
-  gradients and moments, 16 bytes per adapter parameter; each targeted module adds r*(h + h*m) parameters
-  per layer (m = 1 for attention projections, 8/3 for MLP projections).
+  gradients and moments, 16 bytes per adapter parameter; each targeted module adds r*(in + out) parameters
+  per layer: q_proj h -> heads*head_dim, k_proj and v_proj h -> the key/value width, o_proj back to h, MLP
+  projections h <-> I, other modules h -> h.
   prefix/prompt: the base is frozen in the training precision like LoRA's, and the trainable state is
   tiny: fp32 virtual tokens with gradients and moments, 16 bytes per parameter. Prompt tuning trains
   n*h parameters (n virtual tokens); prefix tuning n*2*L*h (a key and a value per layer), or with
   `projection` n*h + h^2 + 2*L*h^2 (the MLP's two layers; its hidden size is h).
 - activations (per GPU, not sharded): prompt tuning lengthens every sequence by its n virtual tokens;
   prefix tuning adds its n keys and values per layer (2*L*b*n*h, 16-bit) and never checkpoints (the spec
-  refuses gradient checkpointing with prefix, so the default there is off). with gradient checkpointing each layer keeps its input
-  (2*b*s*h bytes) and one layer at a time is recomputed and back-propagated (its activations and their
-  gradients, 2 x 34*b*s*h); without it every layer keeps 34*b*s*h and the layer being back-propagated
-  holds as much again in gradients (attention scores are not materialized: SDPA/flash attention). Plus
-  the loss path: 16-bit logits, their fp32 upcast, fp32 log-softmax and its gradient (16*b*s*V).
+  refuses gradient checkpointing with prefix, so the default there is off). A layer's activations are
+  A = b*s*(34*h + 4*(kv - h) + 8*(I - 8/3 h)): the refitted 34*b*s*h of the default shape, less the 16-bit
+  keys and values GQA does not compute (2 tensors x 2 bytes per unit of key/value width below h), plus
+  the 16-bit gate, up, activation and product tensors of a wider or narrower MLP (4 x 2 bytes per unit of
+  I above 8/3 h). With gradient checkpointing each layer keeps its input (2*b*s*h bytes) and one layer at
+  a time is recomputed and back-propagated (its activations and their gradients, 2 x A); without it every
+  layer keeps A and the layer being back-propagated holds as much again in gradients (attention scores
+  are not materialized: SDPA/flash attention). Plus the loss path: 16-bit logits, their fp32 upcast, fp32
+  log-softmax and its gradient (16*b*s*V).
   (Refitted against an H100: bench/results/gpu-h100.txt.)
 - overhead per GPU: 1.5 GiB (CUDA context, communication buffers) plus 10% of the rest (fragmentation).
 
@@ -50,6 +60,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from finetune_operator.architecture import Architecture
 from finetune_operator.quantity import parse_gpu_memory_gib
 from finetune_operator.spec import (
     AUTO_QLORA_BELOW_EXAMPLES,
@@ -65,6 +76,9 @@ MAX_GPUS = 4096
 VOCAB = 32_000
 OVERHEAD_FIXED_GIB = 1.5
 OVERHEAD_FRACTION = 0.10
+#: How far a nominal size may be from an inspected model's count before the plan warns (7B names 6.74B
+#: and 7.24B models; Gemma-7B's 8.5B is 22% above its name and warned about).
+NOMINAL_TOLERANCE = 0.15
 
 #: The model-size table: parameters (billions) -> method -> (GPUs, GiB per GPU).
 TABLE: dict[int, dict[ResolvedMethod, tuple[int, int]]] = {
@@ -115,14 +129,44 @@ def shape(parameters_b: float) -> tuple[int, int]:
     return hidden, layers
 
 
-def lora_parameters(hidden: int, layers: int, r: int, targets: list[str]) -> float:
+@dataclass(frozen=True)
+class Dims:
+    """The model dimensions the memory model uses: a real architecture's, or the guess from a size."""
+
+    parameters: float
+    hidden: int
+    layers: int
+    #: MLP width I (8/3 h, unrounded, when guessed)
+    intermediate: float
+    vocab: int
+    #: query width (heads x head dim) and key/value width (KV heads x head dim; < q_dim with GQA)
+    q_dim: int
+    kv_dim: int
+    tied: bool
+
+    @classmethod
+    def guess(cls, parameters_b: float) -> Dims:
+        """A Llama of `shape`'s guess: multi-head attention, MLP 8/3 h, 32,000 tokens, untied head."""
+        hidden, layers = shape(parameters_b)
+        return cls(parameters_b * 1e9, hidden, layers, hidden * 8 / 3, VOCAB, hidden, hidden, False)
+
+    @classmethod
+    def of(cls, arch: Architecture) -> Dims:
+        return cls(float(arch.parameters), arch.hidden_size, arch.layers, float(arch.intermediate_size),
+                   arch.vocab_size, arch.q_dim, arch.kv_dim, arch.tied_embeddings)
+
+
+def lora_parameters(hidden: int, layers: int, r: int, targets: list[str], dims: Dims | None = None) -> float:
+    """Adapter parameters of rank `r` on `targets` (with `dims`: the real projection widths)."""
     names = set(targets)
     if "all_linear" in names:
         names = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    q_dim, kv_dim, inter = (dims.q_dim, dims.kv_dim, dims.intermediate) if dims else (hidden, hidden, hidden * 8 / 3)
+    # (in + out) of each projection; GQA narrows k and v, the MLP's width is I
+    widths = {"q_proj": hidden + q_dim, "k_proj": hidden + kv_dim, "v_proj": hidden + kv_dim, "o_proj": q_dim + hidden}
     per_layer = 0.0
     for name in names:
-        widen = 8 / 3 if name in _MLP else 1.0
-        per_layer += r * (hidden + hidden * widen)
+        per_layer += r * widths.get(name, hidden + (inter if name in _MLP else hidden))
     return per_layer * layers
 
 
@@ -139,18 +183,17 @@ def virtual_token_parameters(spec: FineTuneJobSpec, method: ResolvedMethod, hidd
 
 
 def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod,
-                    architecture: tuple[int, int] | None = None) -> MemoryEstimate:
+                    architecture: Architecture | None = None) -> MemoryEstimate:
     """The memory model for a spec trained with `method` (see the module docstring).
 
-    `architecture`: the model's real (hidden size, layers) instead of `shape`'s guess from the parameter
-    count (bench/sizing_accuracy_bench.py: small models, whose embeddings `shape` does not separate)."""
-    p_b = spec.base_model.parameters_billion()
-    p = p_b * 1e9
-    hidden, layers = architecture or shape(p_b)
+    `architecture`: the model's real shape and exact parameter count (read from its files) instead of
+    `shape`'s guess from the spec's parameter count."""
+    dims = Dims.of(architecture) if architecture else Dims.guess(spec.base_model.parameters_billion())
+    p, hidden, layers, vocab = dims.parameters, dims.hidden, dims.layers, dims.vocab
     hp = spec.hyperparameters
     bytes_16 = 4 if hp.precision == "fp32" else 2
     pure_bf16 = method == "full" and hp.precision == "bf16"
-    embed = min(p, 2.0 * VOCAB * hidden)
+    embed = min(p, (1.0 if dims.tied else 2.0) * vocab * hidden)
 
     if method == "qlora":
         q = spec.resolved_quantization()
@@ -168,18 +211,18 @@ def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod,
         trainable = virtual_token_parameters(spec, method, hidden, layers)
         state = trainable * 16
     else:
-        trainable = lora_parameters(hidden, layers, spec.lora.r, spec.lora.target_modules)
+        trainable = lora_parameters(hidden, layers, spec.lora.r, spec.lora.target_modules, dims)
         state = trainable * 16
 
     b, s = hp.batch_size, hp.max_seq_length
     if method == "prompt":
         s += spec.resolved_prompt().virtual_tokens
-    per_layer = 34.0 * b * s * hidden
+    per_layer = b * s * (34.0 * hidden + 4 * (dims.kv_dim - hidden) + 8 * (dims.intermediate - hidden * 8 / 3))
     if hp.gradient_checkpointing:
         activations = layers * 2.0 * b * s * hidden + 2 * per_layer
     else:
         activations = (layers + 1) * per_layer
-    activations += 16.0 * b * s * VOCAB
+    activations += 16.0 * b * s * vocab
     if method == "prefix":
         activations += 2.0 * layers * b * spec.resolved_prefix().virtual_tokens * hidden * bytes_16
 
@@ -241,14 +284,38 @@ def _fmt(x: float) -> str:
     return f"{x:.1f}"
 
 
-def plan(spec: FineTuneJobSpec) -> Plan:
-    """Plan the GPUs for a spec. Pure; raises PlanningError for specs that cannot be planned."""
+def _short_path(path: str) -> str:
+    """A model path for a plan's reason or warning (capped at 2,048 and 1,024 characters): its last 200."""
+    return path if len(path) <= 200 else "..." + path[-200:]
+
+
+def _shape_words(arch: Architecture) -> str:
+    """The architecture in a few words for a plan's reason."""
+    kv = f"{arch.kv_heads} of {arch.attention_heads} KV heads" if arch.kv_heads != arch.attention_heads else "MHA"
+    return (f"hidden {arch.hidden_size}, {arch.layers} layers, MLP {arch.intermediate_size}, {kv}, vocabulary "
+            f"{arch.vocab_size:,}, {'tied' if arch.tied_embeddings else 'untied'} embeddings")
+
+
+def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Plan:
+    """Plan the GPUs for a spec. Pure; raises PlanningError for specs that cannot be planned.
+
+    `architecture` (read from the model's files by `finetune plan --inspect`) refines the memory model; the
+    model-size table still decides the spec's nominal 7B, 13B and 70B sizes."""
     method, method_reason = resolve_method(spec)
-    mem = estimate_memory(spec, method)
+    mem = estimate_memory(spec, method, architecture)
     p_b = spec.base_model.parameters_billion()
     res = spec.resources
     warnings: list[str] = []
     size = f"{p_b:g}B"
+    if architecture is not None:
+        size = f"{size} ({architecture.parameters:,} parameters)"
+        off = p_b * 1e9 / architecture.parameters - 1
+        if abs(off) > NOMINAL_TOLERANCE:
+            # The nominal size picks the table cell; one far from the files' count picks the wrong cell.
+            warnings.append(
+                f"the spec's size {p_b:g}B (baseModel.parameters or the model name) is {abs(off):.0%} "
+                f"{'above' if off > 0 else 'below'} the {architecture.parameters:,} parameters in "
+                f"{_short_path(architecture.path)}; fix spec.baseModel.parameters")
     parts = (
         f"weights {_fmt(mem.weights)}, trainable state {_fmt(mem.trainable_state)}, "
         f"activations {_fmt(mem.activations)} GiB"
@@ -305,8 +372,13 @@ def plan(spec: FineTuneJobSpec) -> Plan:
                 )
             gpus, gib = layout
             source = "estimate"
+            sized_by = "the memory model sized it"
+            if architecture is not None:
+                sized_by += f" with the architecture read from {_short_path(architecture.path)}/config.json" + (
+                    " and the safetensors headers" if architecture.parameters_source == "safetensors headers" else "")
+                sized_by += f" ({_shape_words(architecture)})"
             reason = (
-                f"{method_reason}; {size} is not in the model-size table, so the memory model sized it: "
+                f"{method_reason}; {size} is not in the model-size table, so {sized_by}: "
                 f"{parts}; {_fmt(mem.per_gpu(gpus))} GiB per GPU on {gpus} GPU(s) -> {gpus}x{gib}GiB, "
                 + ("the least total GPU memory that fits" if method == "full" else "the fewest GPUs that fit")
             )

@@ -117,7 +117,8 @@ class BaseModelSpec(_Model):
     parameters: str | None = Field(
         default=None,
         description="Parameter count used for sizing, such as `7B`, `13B`, `70B`, `1.1B` or `350M`. Required "
-        "when the size cannot be read from the URI. Defaults to the size in the model name.",
+        "when the size cannot be read from the URI; `finetune plan --inspect` reads the exact count from the "
+        "model's config.json and safetensors headers and fills it in. Defaults to the size in the model name.",
         max_length=16,
     )
     secret_ref: SecretRef | None = Field(

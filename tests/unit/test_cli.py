@@ -180,3 +180,98 @@ def test_plan_accepts_prefix_and_prompt_tuning(tmp_path: Path):
         assert "frozen base weights" in plan["reason"] and "tiny trainable state" in plan["reason"]
     table = run("plan", str(files[0]))
     assert table.returncode == 0 and "healthcare-prefix" in table.stdout and "estimate" in table.stdout
+
+
+# `finetune plan --inspect`: the base model's architecture read from its files (test_architecture writes them).
+def _local_job(tmp_path: Path, uri: str, name: str = "local-model", **base: str) -> Path:
+    doc = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},
+           "spec": {"baseModel": {"uri": uri, **base}, "method": "lora", "dataset": {"train": "s3://data/t.jsonl"},
+                    "output": {"uri": "s3://out/run/"}}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def _model(directory: Path, config: dict) -> Path:
+    from .test_architecture import llama_tensors, write_safetensors
+
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(config))
+    write_safetensors(directory / "model.safetensors", llama_tensors(config))
+    return directory
+
+
+def test_a_local_model_without_a_size_is_refused_with_a_pointer_to_inspect(tmp_path: Path, capsys):
+    from .test_architecture import LLAMA3_8B
+
+    model = _model(tmp_path / "my-model", LLAMA3_8B)
+    job = _local_job(tmp_path, f"file://{model}")
+    assert cli.main(["plan", str(job)]) == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert "set spec.baseModel.parameters" in err and "finetune plan --inspect" in err
+
+
+def test_inspect_plans_a_local_model_from_its_config_and_safetensors(tmp_path: Path, capsys):
+    from .test_architecture import LLAMA3_8B
+
+    model = _model(tmp_path / "my-model", LLAMA3_8B)
+    job = _local_job(tmp_path, f"file://{model}")
+    assert cli.main(["plan", "--inspect", str(job), "-o", "json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["architecture"]["parameters"] == 8_030_261_248
+    assert (out["architecture"]["parametersSource"], out["architecture"]["kvHeads"]) == ("safetensors headers", 8)
+    plan = out["plan"]
+    assert plan["source"] == "estimate" and f"architecture read from {model}/config.json" in plan["reason"]
+    assert "8,030,261,248 parameters" in plan["reason"]
+    assert cli.main(["plan", "--inspect", str(job)]) == 0
+    table = capsys.readouterr().out
+    assert f"local-model: inspected {model}: 8,030,261,248 parameters" in table
+    # the rendered config carries the exact size, so the operator can plan the job without the files
+    assert cli.main(["plan", "--inspect", str(job), "-o", "yaml"]) == 0
+    assert "8030.261248M" in capsys.readouterr().out
+
+
+def test_inspect_keeps_the_table_for_a_nominal_size(tmp_path: Path, capsys):
+    from .test_architecture import LLAMA2_7B
+
+    model = _model(tmp_path / "llama-2-7b", LLAMA2_7B)
+    assert cli.main(["plan", "--inspect", str(_local_job(tmp_path, f"file://{model}")), "-o", "json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert (plan["gpus"], plan["gpuMemoryGiB"], plan["source"]) == (*TABLE[("lora", "7B")], "table")
+    assert "6,738,415,616 parameters" in plan["reason"]
+
+
+def test_inspect_reads_pvc_through_a_mount_and_remote_uris_through_model_dir(tmp_path: Path, capsys):
+    from .test_architecture import SMALL_TIED
+
+    _model(tmp_path / "mnt" / "models" / "base", SMALL_TIED)
+    pvc = _local_job(tmp_path, "pvc://models/models/base", name="on-pvc")
+    assert cli.main(["plan", "--inspect", str(pvc)]) == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert "spec.baseModel.uri: cannot be inspected" in err and "inspection needs a readable path" in err
+    assert "--mount models=" in err
+    assert cli.main(["plan", "--inspect", "--mount", f"models={tmp_path / 'mnt'}", str(pvc), "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["architecture"]["tiedEmbeddings"] is True
+    hf = _local_job(tmp_path, "hf://org/some-model", name="on-hub")
+    assert cli.main(["plan", "--inspect", str(hf)]) == cli.EXIT_INVALID
+    assert "is not on this machine; inspection needs a readable path" in capsys.readouterr().err
+    assert cli.main(["plan", "--inspect", "--model-dir", str(tmp_path / "mnt/models/base"), str(hf)]) == 0
+    assert "1,235,814,400 parameters" in capsys.readouterr().out
+
+
+def test_inspect_reports_an_unreadable_config_naming_file_and_field(tmp_path: Path, capsys):
+    from .test_architecture import LLAMA2_7B
+
+    model = _model(tmp_path / "broken", LLAMA2_7B)
+    (model / "config.json").write_text(json.dumps({k: v for k, v in LLAMA2_7B.items() if k != "vocab_size"}))
+    assert cli.main(["plan", "--inspect", str(_local_job(tmp_path, f"file://{model}"))]) == cli.EXIT_INVALID
+    err = capsys.readouterr().err
+    assert f"{model}/config.json: field 'vocab_size' is missing" in err and "Traceback" not in err
+
+
+def test_model_dir_and_mount_need_inspect(tmp_path: Path, capsys):
+    job = _local_job(tmp_path, "hf://org/model-7b")
+    assert cli.main(["plan", "--model-dir", str(tmp_path), str(job)]) == 2
+    assert "add --inspect" in capsys.readouterr().err
+    assert cli.main(["plan", "--inspect", "--mount", "no-equals-sign", str(job)]) == 2
+    assert "expected CLAIM=PATH" in capsys.readouterr().err

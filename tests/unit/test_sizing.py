@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from finetune_operator import sizing
+from finetune_operator.architecture import Architecture
 from finetune_operator.spec import FineTuneJobSpec
 
 
@@ -245,3 +246,106 @@ def test_prompt_with_explicit_gpus_plans_them_without_sharding():
     one = sizing.plan(make("7B", "prompt"))
     assert (plan.gpus, plan.gpu_memory_gib) == (4, one.gpu_memory_gib)  # each GPU holds the whole base
     assert plan.estimated_memory_gib == pytest.approx(4 * one.estimated_memory_gib, abs=0.2)
+
+
+# A known architecture (finetune_operator.architecture, read from config.json and safetensors by
+# `finetune plan --inspect`) refines the memory model; the table still decides nominal 7B/13B/70B.
+def arch(**overrides: object) -> Architecture:
+    """Llama-2-7B's architecture (6,738,415,616 parameters), with overrides."""
+    fields: dict = {"parameters": 6_738_415_616, "parameters_source": "safetensors headers", "layers": 32,
+                    "hidden_size": 4096, "intermediate_size": 11008, "vocab_size": 32000, "attention_heads": 32,
+                    "kv_heads": 32, "head_dim": 128, "tied_embeddings": False, "dtype": "float16",
+                    "path": "/models/base"}
+    return Architecture(**(fields | overrides))
+
+
+LLAMA3_8B = {"parameters": 8_030_261_248, "intermediate_size": 14336, "vocab_size": 128256, "kv_heads": 8}
+
+
+@pytest.mark.parametrize("method", ["full", "lora", "qlora"])
+def test_the_table_still_decides_nominal_sizes_with_an_architecture(method):
+    with_arch = sizing.plan(make("7B", method), arch())
+    expected = sizing.TABLE[7][method]
+    assert (with_arch.gpus, with_arch.gpu_memory_gib, with_arch.source) == (*expected, "table")
+    assert "6,738,415,616 parameters" in with_arch.reason
+
+
+@pytest.mark.parametrize(("architecture", "adapters"), [
+    (arch(), 16_777_216),  # peft's count for Llama-2-7B, r=16 on q,k,v,o
+    (arch(**LLAMA3_8B), 13_631_488),  # Llama-3-8B: k and v are 1024 wide (8 KV heads of 128)
+])
+def test_lora_adapters_follow_the_real_projection_widths(architecture, adapters):
+    mem = sizing.estimate_memory(make("6.5B", "lora"), "lora", architecture)
+    assert mem.trainable_parameters == adapters
+
+
+def test_the_estimate_uses_the_exact_parameter_count():
+    a = arch(**LLAMA3_8B)
+    full = sizing.estimate_memory(make("6.5B", "full"), "full", a)  # the spec's size is ignored for memory
+    assert full.weights == pytest.approx(8_030_261_248 * 2 / sizing.GIB)
+    assert full.trainable_parameters == 8_030_261_248
+    assert full.trainable_state == pytest.approx(8_030_261_248 * 6 / sizing.GIB)
+
+
+def test_gqa_vocabulary_and_mlp_change_the_activations_by_their_terms():
+    spec = make("8B", "lora", hyperparameters__batchSize=2, hyperparameters__maxSeqLength=1024,
+                hyperparameters__gradientCheckpointing=False)
+    b_s = 2 * 1024
+    mha = sizing.estimate_memory(spec, "lora", arch())
+    gqa = sizing.estimate_memory(spec, "lora", arch(kv_heads=8))
+    vocab = sizing.estimate_memory(spec, "lora", arch(vocab_size=128256))
+    wide = sizing.estimate_memory(spec, "lora", arch(intermediate_size=14336))
+    layers_held = 32 + 1  # without checkpointing: every layer, and the one back-propagated again
+    assert (mha.activations - gqa.activations) * sizing.GIB == pytest.approx(layers_held * b_s * 4 * (4096 - 1024))
+    assert (vocab.activations - mha.activations) * sizing.GIB == pytest.approx(16 * b_s * (128256 - 32000))
+    assert (wide.activations - mha.activations) * sizing.GIB == pytest.approx(layers_held * b_s * 8 * (14336 - 11008))
+
+
+def test_the_default_shape_is_the_architecture_the_guess_assumes():
+    hidden, layers = sizing.shape(7)
+    guessed = arch(parameters=7_000_000_000, hidden_size=hidden, layers=layers, intermediate_size=hidden * 8 // 3,
+                   head_dim=hidden // 32)
+    for method in ("full", "lora", "qlora"):
+        a = sizing.estimate_memory(make("7B", method), method, guessed)
+        b = sizing.estimate_memory(make("7B", method), method)
+        # the MLP width rounds down to a whole number: the only difference
+        assert a.weights == pytest.approx(b.weights) and a.activations == pytest.approx(b.activations, rel=1e-3)
+
+
+def test_tied_embeddings_are_held_once_under_qlora():
+    untied = sizing.estimate_memory(make("1B", "qlora"), "qlora", arch(parameters=1_498_482_688, vocab_size=128256,
+                                                                        hidden_size=2048, layers=16))
+    tied = sizing.estimate_memory(make("1B", "qlora"), "qlora", arch(parameters=1_235_814_400, vocab_size=128256,
+                                                                      hidden_size=2048, layers=16,
+                                                                      tied_embeddings=True))
+    # the tied model has one V x h matrix fewer, and that matrix is fp32 under QLoRA: 4 bytes each
+    assert (untied.weights - tied.weights) * sizing.GIB == pytest.approx(128256 * 2048 * 4)
+
+
+def test_an_estimate_from_an_architecture_says_where_the_numbers_came_from():
+    plan = sizing.plan(make("8.03B", "lora"), arch(**LLAMA3_8B))
+    assert plan.source == "estimate"
+    assert "architecture read from /models/base/config.json and the safetensors headers" in plan.reason
+    assert "8 of 32 KV heads" in plan.reason and "vocabulary 128,256" in plan.reason
+    assert "8,030,261,248 parameters" in plan.reason
+    mem = sizing.estimate_memory(make("8.03B", "lora"), "lora", arch(**LLAMA3_8B))
+    assert mem.per_gpu(plan.gpus) <= plan.gpu_memory_gib
+
+
+def test_a_long_model_path_keeps_the_reason_within_its_limit():
+    long_path = "/models/" + "deep/" * 500 + "base"
+    plan = sizing.plan(make("8.03B", "lora"), arch(path=long_path, **LLAMA3_8B))
+    assert len(plan.reason) <= 2048 and long_path[-200:] + "/config.json" in plan.reason
+    far = sizing.plan(make("80B", "lora"), arch(path=long_path, **LLAMA3_8B))  # warns, naming the path
+    assert far.warnings and all(len(w) <= 1024 for w in far.warnings)
+
+
+def test_a_nominal_size_far_from_the_files_is_warned_about():
+    near = sizing.plan(make("7B", "lora"), arch()).warnings
+    assert not any(w.startswith("the spec's size") for w in near)  # 6.74B is a 7B model
+    plan = sizing.plan(make("7B", "lora"), arch(parameters=70_553_706_496, hidden_size=8192, layers=80))
+    (warning,) = [w for w in plan.warnings if w.startswith("the spec's size")]
+    assert "7B" in warning and "90% above" not in warning and "below the 70,553,706,496 parameters" in warning
+    assert "fix spec.baseModel.parameters" in warning
+    warnings = sizing.plan(make("13B", "lora"), arch()).warnings
+    assert any(w.startswith("the spec's size 13B") and "is 93% above the 6,738,415,616" in w for w in warnings)

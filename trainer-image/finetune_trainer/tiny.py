@@ -88,14 +88,22 @@ def build_tiny_model(
     vocab_size: int = 512,
     max_position_embeddings: int = 1024,
     corpus: Iterable[str] | None = None,
+    num_kv_heads: int | None = None,
+    tie_word_embeddings: bool = False,
 ) -> Path:
-    """Write a tiny LlamaForCausalLM (safetensors) and its tokenizer to `out_dir`; returns the directory."""
+    """Write a tiny LlamaForCausalLM (safetensors) and its tokenizer to `out_dir`; returns the directory.
+
+    `num_kv_heads` below `num_heads` gives grouped-query attention (default: as many as the heads);
+    `tie_word_embeddings` shares one matrix between the input embeddings and the output head."""
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
     _check_widths(hidden_size=hidden_size, intermediate_size=intermediate_size, vocab_size=vocab_size)
     if hidden_size % num_heads:
         raise ValueError(f"hidden_size={hidden_size} must be divisible by num_heads={num_heads}")
+    kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    if kv_heads < 1 or num_heads % kv_heads:
+        raise ValueError(f"num_kv_heads={kv_heads} must divide num_heads={num_heads}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -108,12 +116,12 @@ def build_tiny_model(
         intermediate_size=intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
-        num_key_value_heads=num_heads,
+        num_key_value_heads=kv_heads,
         max_position_embeddings=max_position_embeddings,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
         dtype="float32",
     )
     # Seeded init on the default generator, restored afterwards so callers' RNG state is unaffected.
