@@ -20,7 +20,7 @@ import pytest
 from finetune_operator import contract, oomkill
 from finetune_operator.handlers import ftj_url
 from finetune_operator.spec import FineTuneJob
-from tests.e2e.conftest import Operator, RunnerHandle, healthcare_manifest, wait_for
+from tests.e2e.conftest import OUTPUT_BUCKET, Operator, RunnerHandle, healthcare_manifest, wait_for
 from tests.e2e.podrunner import Kube
 
 pytestmark = pytest.mark.e2e
@@ -34,6 +34,7 @@ def test_an_oom_killed_pod_is_followed_by_one_a_rung_lower(kube: Kube, namespace
                                                            model_uri: str) -> None:
     manifest = healthcare_manifest(namespace, pod_runner.runner.node_name, model_uri, secret=s3_secret)
     manifest["metadata"]["name"] = NAME
+    manifest["spec"]["output"]["uri"] = f"s3://{OUTPUT_BUCKET}/{NAME}/"  # its own: the shared example's may be done
     manifest["spec"]["hyperparameters"].update({"batchSize": 4, "gradientAccumulationSteps": 1})
     manifest["spec"]["backoffLimit"] = 1  # the replacement pod
     FineTuneJob.model_validate(manifest)
