@@ -18,6 +18,10 @@ Types (each is `True`, `False` or `Unknown`):
 - `Failed`: True with the failure reason (InvalidSpec, PlanningFailed, BackoffLimitExceeded,
   DeadlineExceeded, GatesFailed, TrainerConfigError, the trainer's own reason such as InvalidData, ...).
   Terminal.
+- `HallucinationHigh`: only for jobs without spec.retrieval, once the fine-tuned model is evaluated.
+  True/HallucinationAboveThreshold when its hallucination score is above evaluation.hallucinationThreshold
+  (default 0.5; a Warning event recommends spec.retrieval with the measured score), else
+  False/HallucinationWithinThreshold. A recommendation only: gates decide failure.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ RUNNING = "Running"
 SUSPENDED = "Suspended"
 COMPLETE = "Complete"
 FAILED = "Failed"
+HALLUCINATION_HIGH = "HallucinationHigh"
 
 #: Display order in status.conditions (also the order `kubectl describe` shows them).
-TYPES: tuple[str, ...] = (VALID, PLANNED, CREATED, QUEUED, RUNNING, SUSPENDED, COMPLETE, FAILED)
+TYPES: tuple[str, ...] = (VALID, PLANNED, CREATED, QUEUED, RUNNING, SUSPENDED, COMPLETE, FAILED,
+                          HALLUCINATION_HIGH)
 
 TRUE = "True"
 FALSE = "False"
@@ -66,6 +72,8 @@ GATES_FAILED = "GatesFailed"
 TRAINER_CONFIG_ERROR = "TrainerConfigError"
 JOB_FAILED = "JobFailed"
 SPEC_IMMUTABLE = "SpecImmutable"
+HALLUCINATION_ABOVE_THRESHOLD = "HallucinationAboveThreshold"
+HALLUCINATION_WITHIN_THRESHOLD = "HallucinationWithinThreshold"
 
 #: Reasons that end a FineTuneJob for good (besides the trainer's own reasons on PodFailurePolicy).
 TERMINAL_FAILURE_REASONS = frozenset(
