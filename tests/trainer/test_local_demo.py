@@ -79,3 +79,20 @@ def test_override_parsing() -> None:
     assert doc == {"spec": {"hyperparameters": {"epochs": 1}}}
     with pytest.raises(local.UsageError, match="PATH=VALUE"):
         local.parse_override("epochs")
+
+
+def test_rag_demo_uploads_the_corpus_and_shows_both_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`make demo-rag` (examples/healthcare-rag.yaml), cut to 2 steps: the corpus goes to spec.retrieval.corpus,
+    the index is an artifact, and the table has the with-retrieval columns (the figures are in the README)."""
+    output = tmp_path / "out"
+    code = local.main([str(REPO / "examples" / "healthcare-rag.yaml"), "--local", "--demo", "--output", str(output),
+                       "--set", "hyperparameters.maxSteps=2", "--set", "evaluation.maxExamples=2",
+                       "--set", "evaluation.maxNewTokens=4"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-4000:]
+    assert "uploaded healthcare_corpus.jsonl    -> s3://healthcare-data/corpus/healthcare_corpus.jsonl" in out
+    assert (output / "retrieval" / "retriever.json").is_file() and (output / MARKER_NAME).is_file()
+    header = next(line for line in out.splitlines() if line.strip().startswith("metric"))
+    assert header.split() == ["metric", "base", "fine-tuned", "base+RAG", "tuned+RAG"]
+    row = next(line for line in out.splitlines() if line.strip().startswith("hallucination (lower is better)"))
+    assert len(row.split()) == 4 + 4  # the label's four words and four values
