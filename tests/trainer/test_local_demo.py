@@ -96,3 +96,18 @@ def test_rag_demo_uploads_the_corpus_and_shows_both_settings(tmp_path: Path, cap
     assert header.split() == ["metric", "base", "fine-tuned", "base+RAG", "tuned+RAG"]
     row = next(line for line in out.splitlines() if line.strip().startswith("hallucination (lower is better)"))
     assert len(row.split()) == 4 + 4  # the label's four words and four values
+
+
+def test_hallucination_advice_follows_the_threshold_and_retrieval() -> None:
+    from finetune_operator.spec import EvaluationStatus, FineTuneJob, Scores
+
+    doc = local.load_manifest(MANIFEST)
+    spec = FineTuneJob.model_validate(doc).spec
+    high = EvaluationStatus(base=Scores(hallucination=0.94), tuned=Scores(hallucination=0.83))
+    advice = local.hallucination_advice(spec, high)
+    assert advice is not None and "83.0%" in advice and "50.0%" in advice and "make demo-rag" in advice
+    assert local.hallucination_advice(spec, EvaluationStatus(tuned=Scores(hallucination=0.4))) is None
+    assert local.hallucination_advice(spec.model_copy(update={"evaluation": spec.evaluation.model_copy(
+        update={"hallucination_threshold": 0.9})}), high) is None
+    rag = FineTuneJob.model_validate(local.load_manifest(REPO / "examples" / "healthcare-rag.yaml")).spec
+    assert local.hallucination_advice(rag, high) is None

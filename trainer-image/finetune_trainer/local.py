@@ -337,6 +337,18 @@ def evaluation_table(evaluation: Any) -> str:
     return "\n".join(lines)
 
 
+def hallucination_advice(spec: Any, evaluation: Any) -> str | None:
+    """What the operator's HallucinationHigh condition would say of this run (no spec.retrieval, the fine-tuned
+    hallucination score above evaluation.hallucinationThreshold), or None."""
+    score = evaluation.tuned.hallucination
+    threshold = spec.evaluation.resolved_hallucination_threshold()
+    if spec.retrieval is not None or score is None or score <= threshold:
+        return None
+    return (f"HallucinationHigh: the fine-tuned model's hallucination score is {score:.1%}, above "
+            f"evaluation.hallucinationThreshold {threshold:.1%} (a cluster run gets this condition and a Warning "
+            "event). Consider spec.retrieval: `make demo-rag` runs this example with a retrieval corpus.")
+
+
 def _listing(output_uri: str, env: dict[str, str]) -> tuple[str, list[str]]:
     from finetune_trainer.storage import Store
 
@@ -435,6 +447,9 @@ def run_local(args: argparse.Namespace) -> int:
         if report is not None and report.evaluation is not None:
             print("\nevaluation (base vs fine-tuned):")
             print(evaluation_table(report.evaluation))
+            advice = hallucination_advice(job.spec, report.evaluation)
+            if advice:
+                print(f"\n{advice}")
         if not os.environ.get(ENV_CACHE_DIR):
             shutil.rmtree(work / "cache", ignore_errors=True)  # copies of the model and data
         return code
