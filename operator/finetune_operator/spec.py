@@ -898,7 +898,8 @@ class EvaluationStatus(_Model):
     with_retrieval: RetrievalScores | None = Field(
         default=None,
         description="With spec.retrieval: the same test set with each prompt's top-k passages (base and tuned "
-        "hold the scores without them). Unset without spec.retrieval.",
+        "hold the scores without them); the passages count as context for hallucination. Unset without "
+        "spec.retrieval.",
     )
     gates_passed: bool | None = Field(default=None, description="Whether every gate held; unset without gates.")
     failed_gates: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=16, description="Gates that were missed, each naming the metric.")
@@ -940,7 +941,8 @@ class FineTuneJobStatus(_Model):
     progress: Progress | None = Field(default=None, description="Training progress from the trainer.")
     checkpoints: list[CheckpointRecord] = Field(default_factory=list, max_length=100, description="Complete checkpoints, newest last.")
     artifacts: dict[str, Annotated[str, Field(max_length=1024)]] = Field(
-        default_factory=dict, max_length=32, description="Artifact URIs by kind: model, merged, metrics, evaluation, provenance, modelCard."
+        default_factory=dict, max_length=32, description="Artifact URIs by kind: model, merged, metrics, evaluation, provenance, modelCard, "
+        "retrieval (the index of spec.retrieval)."
     )
     evaluation: EvaluationStatus | None = Field(default=None, description="Evaluation scores, base beside fine-tuned.")
     adjustments: list[Adjustment] = Field(
