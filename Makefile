@@ -8,7 +8,7 @@ FIND_LINKS ?= $(PIP_FIND_LINKS)
 UV     := $(BIN)/uv pip install -q --python $(BIN)/python -c constraints.txt $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 PYTEST_ARGS ?=
 
-.PHONY: install test demo lint crd bench clean
+.PHONY: install test demo demo-rag lint crd bench clean
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ test: install
 
 demo: install
 	$(BIN)/finetune run examples/healthcare-lora.yaml --local --demo
+
+# The same demo with retrieval augmentation (spec.retrieval): hallucination with and without retrieval.
+demo-rag: install
+	$(BIN)/finetune run examples/healthcare-rag.yaml --local --demo
 
 lint: install
 	$(BIN)/ruff check operator trainer-image tests bench

@@ -22,6 +22,10 @@ Types (each is `True`, `False` or `Unknown`):
   DeadlineExceeded, GatesFailed, TrainerConfigError, the trainer's own reason such as InvalidData,
   PilotGatesFailed, PilotFailed, ...).
   Terminal.
+- `HallucinationHigh`: only for jobs without spec.retrieval, once the fine-tuned model is evaluated.
+  True/HallucinationAboveThreshold when its hallucination score is above evaluation.hallucinationThreshold
+  (default 0.5; a Warning event recommends spec.retrieval with the measured score), else
+  False/HallucinationWithinThreshold. A recommendation only: gates decide failure.
 """
 
 from __future__ import annotations
@@ -39,9 +43,11 @@ RUNNING = "Running"
 SUSPENDED = "Suspended"
 COMPLETE = "Complete"
 FAILED = "Failed"
+HALLUCINATION_HIGH = "HallucinationHigh"
 
 #: Display order in status.conditions (also the order `kubectl describe` shows them).
-TYPES: tuple[str, ...] = (VALID, PLANNED, CREATED, PILOT_PASSED, QUEUED, RUNNING, SUSPENDED, COMPLETE, FAILED)
+TYPES: tuple[str, ...] = (VALID, PLANNED, CREATED, PILOT_PASSED, QUEUED, RUNNING, SUSPENDED, COMPLETE, FAILED,
+                          HALLUCINATION_HIGH)
 
 TRUE = "True"
 FALSE = "False"
@@ -77,6 +83,8 @@ PILOT_GATES_FAILED = "PilotGatesFailed"
 PILOT_FAILED = "PilotFailed"
 #: The trainer's reason when spec.budget.maxGpuHours was reached (a checkpoint was saved first).
 BUDGET_EXCEEDED = "BudgetExceeded"
+HALLUCINATION_ABOVE_THRESHOLD = "HallucinationAboveThreshold"
+HALLUCINATION_WITHIN_THRESHOLD = "HallucinationWithinThreshold"
 
 #: Reasons that end a FineTuneJob for good (besides the trainer's own reasons on PodFailurePolicy).
 TERMINAL_FAILURE_REASONS = frozenset(

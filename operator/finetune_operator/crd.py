@@ -190,6 +190,7 @@ def _add_rules(spec_schema: dict[str, Any]) -> None:
             reason="FieldValueForbidden",
         ),
     ]
+    spec_rules += _retrieval_rules()
     for name in props:
         if name in MUTABLE_SPEC_FIELDS:
             continue
@@ -224,6 +225,32 @@ def _add_rules(spec_schema: dict[str, Any]) -> None:
     props["pilot"]["x-kubernetes-validations"] = [
         _rule("!(has(self.maxSteps) && has(self.dataFraction))",
               "set at most one of spec.pilot.maxSteps and spec.pilot.dataFraction"),
+    ]
+
+
+def _retrieval_rules() -> list[dict[str, Any]]:
+    """spec.retrieval's cross-field rules (the spec model's `_retrieval_limits`), with the model's defaults
+    spelled out: the CRD carries no defaults, so an unset field is read as its documented default."""
+    top_k = f"(has(self.retrieval.topK) ? self.retrieval.topK : {api.DEFAULT_TOP_K})"
+    chunk = f"(has(self.retrieval.chunkTokens) ? self.retrieval.chunkTokens : {api.DEFAULT_CHUNK_TOKENS})"
+    longest = api.Hyperparameters.model_fields["max_seq_length"].default
+    seq = (f"(has(self.hyperparameters) && has(self.hyperparameters.maxSeqLength) ? "
+           f"self.hyperparameters.maxSeqLength : {longest})")
+    return [
+        _rule(
+            "!has(self.retrieval) || !has(self.dataset.format) || self.dataset.format != 'text'",
+            "spec.retrieval cannot be used with spec.dataset.format text (text rows have no question to retrieve "
+            "passages for); use format instruction or chat, or remove retrieval",
+            fieldPath=".retrieval",
+            reason="FieldValueForbidden",
+        ),
+        _rule(
+            f"!has(self.retrieval) || {top_k} * {chunk} < {seq}",
+            "spec.retrieval.chunkTokens: topK x chunkTokens must stay below spec.hyperparameters.maxSeqLength "
+            "(room for the question and answer); lower chunkTokens or topK, or raise maxSeqLength",
+            fieldPath=".retrieval.chunkTokens",
+            reason="FieldValueInvalid",
+        ),
     ]
 
 

@@ -238,6 +238,7 @@ def pvc_mounts(job: FineTuneJob) -> list[_PvcMount]:
         spec.dataset.validation,
         spec.evaluation.test_set,
         spec.evaluation.glossary,
+        spec.retrieval.corpus if spec.retrieval else None,
     ]
     claims: dict[str, bool] = {}
     for uri in read:
@@ -257,22 +258,26 @@ def _uses_s3(job: FineTuneJob) -> bool:
         spec.output.uri,
         spec.evaluation.test_set,
         spec.evaluation.glossary,
+        spec.retrieval.corpus if spec.retrieval else None,
     ]
     return any(uri and uri.startswith("s3://") for uri in named)
 
 
 def secret_names(job: FineTuneJob, settings: OperatorSettings) -> list[str]:
-    """Secrets projected with `envFrom`, in precedence order (last wins): model, dataset, output.
+    """Secrets projected with `envFrom`, in precedence order (last wins): model, dataset, retrieval corpus,
+    output.
 
     The operator's default S3 secret stands in when the spec names no dataset or output secret, uses S3,
     and sets no service account -- static keys in the environment would shadow IRSA's web identity.
     """
     spec = job.spec
-    refs = [spec.base_model.secret_ref, spec.dataset.secret_ref, spec.output.secret_ref]
+    retrieval = spec.retrieval.secret_ref if spec.retrieval else None
+    refs = [spec.base_model.secret_ref, spec.dataset.secret_ref, retrieval, spec.output.secret_ref]
     ordered = [ref.name for ref in refs if ref is not None]
     if (
         settings.s3_secret
         and spec.dataset.secret_ref is None
+        and retrieval is None
         and spec.output.secret_ref is None
         and spec.service_account_name is None
         and _uses_s3(job)

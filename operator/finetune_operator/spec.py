@@ -47,6 +47,13 @@ DEFAULT_LEARNING_RATE = {"full": 2e-5, "lora": 2e-4, "qlora": 2e-4, "prefix": 3e
 VIRTUAL_TOKEN_METHODS = ("prefix", "prompt")
 #: `method: auto` picks QLoRA below this many training examples, LoRA at or above it.
 AUTO_QLORA_BELOW_EXAMPLES = 10_000
+#: spec.retrieval defaults (passages per prompt, tokens per passage, RAFT's share of distractor-only examples).
+DEFAULT_TOP_K = 3
+DEFAULT_CHUNK_TOKENS = 128
+DEFAULT_DISTRACTOR_SHARE = 0.2
+#: spec.evaluation.hallucinationThreshold's default: above it (without spec.retrieval) the FineTuneJob gets
+#: the HallucinationHigh condition and a Warning event recommending spec.retrieval.
+DEFAULT_HALLUCINATION_THRESHOLD = 0.5
 
 _K8S_NAME = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 _IMAGE = r"^[A-Za-z0-9][A-Za-z0-9._/:@-]*$"
@@ -308,6 +315,51 @@ class DatasetSpec(_Model):
         return self
 
 
+class RetrievalSpec(_Model):
+    """Retrieval augmentation: a document corpus the trainer indexes (BM25, bm25s) and whose top-k passages
+    every training and evaluation prompt carries (RAFT-style training)."""
+
+    corpus: str = Field(
+        description="The documents: a JSONL or JSON file (one document per row, its text under `text`, "
+        "optional `title`), a UTF-8 text file (`.txt` or `.md`, one document per file) or a Parquet file "
+        "(a `text` column), or a prefix of such files, as `s3://`, `pvc://` or `file://` URI (the schemes "
+        "of spec.dataset). Their sha256 are recorded in provenance.json.",
+        min_length=1,
+        max_length=1024,
+    )
+    top_k: int = Field(
+        default=DEFAULT_TOP_K,
+        ge=1,
+        le=32,
+        description="Passages put in front of each prompt: the top-k of a BM25 search with the question "
+        "(instruction and input, or the user turns). topK x chunkTokens must stay below "
+        "spec.hyperparameters.maxSeqLength. Defaults to 3.",
+    )
+    chunk_tokens: int = Field(
+        default=DEFAULT_CHUNK_TOKENS,
+        ge=16,
+        le=8192,
+        description="Longest passage, in tokens of the base model's tokenizer: documents are cut into "
+        "passages of whole sentences up to this length (a longer sentence is cut at words). Defaults to 128.",
+    )
+    distractor_share: float = Field(
+        default=DEFAULT_DISTRACTOR_SHARE,
+        ge=0.0,
+        lt=1.0,
+        description="Share of training examples, in [0, 1), whose prompt carries distractor passages only "
+        "(topK passages drawn, seeded, from those not retrieved for the example), as in RAFT, so the model "
+        "learns to answer without help from the context and to ignore context that does not help. The "
+        "others carry their top-k passages. Evaluation prompts always carry their top-k. Defaults to 0.2.",
+    )
+    secret_ref: SecretRef | None = Field(
+        default=None,
+        description="Credentials for reading the corpus. Defaults to the dataset's secretRef, the output's, "
+        "or the pod's service account.",
+    )
+
+    _check_corpus = field_validator("corpus")(_uri_check(("s3", "pvc", "file")))
+
+
 class Hyperparameters(_Model):
     """Optimization settings. Batch sizes are per process (per GPU)."""
 
@@ -530,7 +582,17 @@ class EvaluationSpec(_Model):
     gates: list[Gate] = Field(
         default_factory=list,
         max_length=16,
-        description="Thresholds on the fine-tuned scores; a miss fails the job naming the metric. Defaults to none.",
+        description="Thresholds on the fine-tuned scores; a miss fails the job naming the metric. With "
+        "spec.retrieval they check the scores with retrieval (the setting the model is trained for). "
+        "Defaults to none.",
+    )
+    hallucination_threshold: float | None = Field(
+        default=None,
+        ge=0.0,
+        le=1.0,
+        description="Hallucination score (0..1) above which a job without spec.retrieval gets the condition "
+        "HallucinationHigh and a Warning event recommending spec.retrieval, with the measured score. Only a "
+        "recommendation: gates decide failure. Defaults to 0.5.",
     )
 
     _check_uris = field_validator("test_set", "glossary")(_uri_check(("s3", "pvc", "file")))
@@ -546,6 +608,11 @@ class EvaluationSpec(_Model):
             if not isinstance(parsed, dict):
                 raise ValueError("must be a JSON object (a JSON Schema)")
         return value
+
+    def resolved_hallucination_threshold(self) -> float:
+        if self.hallucination_threshold is None:
+            return DEFAULT_HALLUCINATION_THRESHOLD
+        return self.hallucination_threshold
 
     def format_schema_dict(self) -> dict[str, Any] | None:
         return json.loads(self.format_schema) if self.format_schema else None
@@ -657,6 +724,12 @@ class FineTuneJobSpec(_Model):
         "virtual tokens for prompt.",
     )
     dataset: DatasetSpec = Field(description="Training and validation data.")
+    retrieval: RetrievalSpec | None = Field(
+        default=None,
+        description="Retrieval augmentation (RAFT): index a document corpus and put each example's top-k "
+        "passages in its prompt at training and evaluation; the evaluation then scores both models with and "
+        "without retrieval. Not with dataset.format text. Defaults to none (prompts carry no passages).",
+    )
     hyperparameters: Hyperparameters = Field(
         default_factory=Hyperparameters, description="Optimization settings. Defaults as documented per field."
     )
@@ -727,6 +800,8 @@ class FineTuneJobSpec(_Model):
             self._virtual_token_limits()
         if self.pilot is not None:
             self._pilot_limits(self.pilot)
+        if self.retrieval is not None:
+            self._retrieval_limits(self.retrieval)
         return self
 
     def _pilot_limits(self, pilot: PilotSpec) -> None:
@@ -745,6 +820,22 @@ class FineTuneJobSpec(_Model):
                     f"spec.pilot.gates[{index}].metric formatCompliance is only measured with "
                     "spec.evaluation.formatSchema or formatRegex; set one, or gate another metric"
                 )
+
+    def _retrieval_limits(self, retrieval: RetrievalSpec) -> None:
+        if self.dataset.format == "text":
+            raise ValueError(
+                "spec.retrieval cannot be used with spec.dataset.format text: text rows have no question to "
+                "retrieve passages for; use format instruction or chat, or remove retrieval"
+            )
+        budget = retrieval.top_k * retrieval.chunk_tokens
+        longest = self.hyperparameters.max_seq_length
+        if budget >= longest:
+            raise ValueError(
+                f"spec.retrieval.chunkTokens: topK x chunkTokens = {retrieval.top_k} x {retrieval.chunk_tokens} "
+                f"= {budget} passage tokens leave no room for the question and answer within "
+                f"spec.hyperparameters.maxSeqLength {longest}; lower retrieval.chunkTokens or retrieval.topK, "
+                "or raise maxSeqLength"
+            )
 
     def _virtual_token_limits(self) -> None:
         """What peft's prefix and prompt tuning cannot do (measured on a tiny Llama, peft 0.21)."""
@@ -887,6 +978,13 @@ class Scores(_Model):
     perplexity: float | None = Field(default=None, description="exp(evalLoss).")
 
 
+class RetrievalScores(_Model):
+    """Scores of both models when every test prompt carries its top-k passages (spec.retrieval)."""
+
+    base: Scores = Field(default_factory=Scores, description="The base model's scores with retrieval.")
+    tuned: Scores = Field(default_factory=Scores, description="The fine-tuned model's scores with retrieval.")
+
+
 class EvaluationStatus(_Model):
     """Scores of the base and the fine-tuned model on the test set."""
 
@@ -894,6 +992,12 @@ class EvaluationStatus(_Model):
     examples: int = Field(default=0, ge=0, description="Test examples scored.")
     base: Scores = Field(default_factory=Scores, description="The base model's scores.")
     tuned: Scores = Field(default_factory=Scores, description="The fine-tuned model's scores.")
+    with_retrieval: RetrievalScores | None = Field(
+        default=None,
+        description="With spec.retrieval: the same test set with each prompt's top-k passages (base and tuned "
+        "hold the scores without them); the passages count as context for hallucination. Unset without "
+        "spec.retrieval.",
+    )
     gates_passed: bool | None = Field(default=None, description="Whether every gate held; unset without gates.")
     failed_gates: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=16, description="Gates that were missed, each naming the metric.")
 
@@ -954,7 +1058,8 @@ class FineTuneJobStatus(_Model):
     progress: Progress | None = Field(default=None, description="Training progress from the trainer.")
     checkpoints: list[CheckpointRecord] = Field(default_factory=list, max_length=100, description="Complete checkpoints, newest last.")
     artifacts: dict[str, Annotated[str, Field(max_length=1024)]] = Field(
-        default_factory=dict, max_length=32, description="Artifact URIs by kind: model, merged, metrics, evaluation, provenance, modelCard."
+        default_factory=dict, max_length=32, description="Artifact URIs by kind: model, merged, metrics, evaluation, provenance, modelCard, "
+        "retrieval (the index of spec.retrieval)."
     )
     evaluation: EvaluationStatus | None = Field(default=None, description="Evaluation scores, base beside fine-tuned.")
     adjustments: list[Adjustment] = Field(

@@ -38,6 +38,12 @@ Restarts count training-pod failures (Job status.failed) plus preemptions and ev
 condition DisruptionTarget=True, which the Job's podFailurePolicy ignores, so they are not in
 status.failed). Pods can be garbage-collected, so the count never goes below its previous value.
 
+HallucinationHigh (jobs without spec.retrieval): once status.evaluation has the fine-tuned model's
+hallucination score, True/HallucinationAboveThreshold when it is above evaluation.hallucinationThreshold
+(default `spec.DEFAULT_HALLUCINATION_THRESHOLD`), else False/HallucinationWithinThreshold; it turning True
+posts a Warning event that recommends spec.retrieval and gives the score. It changes no phase: gates
+decide failure.
+
 Progress, checkpoints, artifacts and evaluation come from the trainer's report
 (`<output.uri>/status/report.json`). Without a readable report (pvc:// outputs, S3 trouble) they keep
 their previous values. A report older than the FineTuneJob is from an earlier run with the same
@@ -55,7 +61,7 @@ from typing import Any
 
 from finetune_operator import conditions as c
 from finetune_operator.contract import EXIT_CONFIG_ERROR, EXIT_GATES_FAILED, TrainerReport
-from finetune_operator.spec import FineTuneJobStatus, Plan
+from finetune_operator.spec import DEFAULT_HALLUCINATION_THRESHOLD, FineTuneJobStatus, Plan
 
 PENDING = "Pending"
 QUEUED = "Queued"
@@ -162,6 +168,7 @@ def compute_status(
 
     if old.get("phase") in TERMINAL_PHASES:
         _apply_report(new, report, terminal=True)
+        _hallucination(new, b, spec)
         return _finish(new, b)
 
     if planning_error is not None or plan is None:
@@ -177,6 +184,7 @@ def compute_status(
         new["stage"] = STAGE_MAIN
 
     _apply_report(new, report, terminal=False)
+    _hallucination(new, b, spec)
     job_obj = children.job
     if children.foreign:
         b.set(c.CREATED, c.FALSE, c.FOREIGN_CHILD, "; ".join(children.foreign))
@@ -380,6 +388,9 @@ def transition_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> 
     plus a Warning when a foreign child or an unappliable suspend first shows up."""
     old = old or {}
     warnings: list[Event] = []
+    high = c.find(new.get("conditions"), c.HALLUCINATION_HIGH)
+    if high and high.get("status") == c.TRUE and not c.is_true(old.get("conditions"), c.HALLUCINATION_HIGH):
+        warnings.append(Event("Warning", c.HALLUCINATION_HIGH, high.get("message", "")))
     for type_, reason in ((c.CREATED, c.FOREIGN_CHILD), (c.SUSPENDED, c.KUEUE_MANAGED)):
         now_cond = c.find(new.get("conditions"), type_)
         was = c.find(old.get("conditions"), type_)
@@ -582,6 +593,30 @@ def _apply_report(new: dict[str, Any], report: TrainerReport | None, *, terminal
         new["adjustments"] = [a.wire() for a in report.adjustments[-16:]]
     if report.evaluation is not None:
         new["evaluation"] = report.evaluation.wire()
+
+
+def _hallucination(new: dict[str, Any], b: _Builder, spec: Mapping[str, Any]) -> None:
+    """HallucinationHigh from the fine-tuned model's score (see the module docstring)."""
+    if spec.get("retrieval"):
+        return
+    evaluation = new.get("evaluation") or {}
+    score = (evaluation.get("tuned") or {}).get("hallucination")
+    if not isinstance(score, int | float):
+        return
+    configured = (spec.get("evaluation") or {}).get("hallucinationThreshold")
+    threshold = float(configured) if isinstance(configured, int | float) else DEFAULT_HALLUCINATION_THRESHOLD
+    base = (evaluation.get("base") or {}).get("hallucination")
+    measured = f"the fine-tuned model's hallucination score is {score:.1%}" + (
+        f" (base model {base:.1%})" if isinstance(base, int | float) else "")
+    if score > threshold:
+        b.set(c.HALLUCINATION_HIGH, c.TRUE, c.HALLUCINATION_ABOVE_THRESHOLD,
+              f"{measured}, above evaluation.hallucinationThreshold {threshold:.1%}: its answers use domain terms "
+              "and numbers found in neither the question nor the reference. Consider spec.retrieval (a document "
+              "corpus whose top-k passages every prompt carries, trained RAFT-style) to ground the answers. "
+              "A recommendation: evaluation.gates decide failure.")
+    else:
+        b.set(c.HALLUCINATION_HIGH, c.FALSE, c.HALLUCINATION_WITHIN_THRESHOLD,
+              f"{measured}, at or below evaluation.hallucinationThreshold {threshold:.1%}")
 
 
 def _drop_eta(new: dict[str, Any]) -> None:

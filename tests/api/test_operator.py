@@ -421,3 +421,41 @@ def test_job_deadline_exceeded(cluster: Cluster) -> None:
 
 
 __all__ = ["NAMESPACE"]
+
+
+def test_retrieval_is_accepted_and_high_hallucination_is_flagged(cluster: Cluster,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """spec.retrieval reaches the trainer through the ConfigMap; a job without it whose fine-tuned model
+    hallucinates above evaluation.hallucinationThreshold gets HallucinationHigh and one Warning event with the
+    score and the recommendation, and still succeeds (gates decide failure)."""
+    from finetune_trainer.s3server import LocalS3
+
+    with LocalS3(buckets=("out",)).start() as s3:
+        s3.create_bucket("out")
+        for key, value in s3.env().items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("FT_S3_ENDPOINT", s3.endpoint_url)
+        evaluation = {"accuracyMetric": "rougeL-f1", "examples": 50, "base": {"hallucination": 0.94},
+                      "tuned": {"hallucination": 0.83}}
+
+        with operator():
+            cluster.create(FTJ, ftj_manifest("rag", uid=None, retrieval={"corpus": "s3://data/corpus/", "topK": 2},
+                                             output={"uri": "s3://out/rag/"}))
+            cluster.create(FTJ, ftj_manifest())
+            config_map = wait_for(lambda: cluster.get("v1/configmaps", "rag-config"), "the rag job's ConfigMap")
+            assert json.loads(config_map["data"]["job.json"])["spec"]["retrieval"]["topK"] == 2
+            wait_for(phase_is(cluster, "Pending", "rag"), "the rag job's status")
+
+            wait_for(lambda: cluster.get("batch/v1/jobs", "demo"), "the Job")
+            start_pod(cluster)
+            body = {"phase": "uploading", "step": 10, "totalSteps": 10, "evaluation": evaluation,
+                    "updatedAt": (datetime.now(UTC) + timedelta(seconds=5)).isoformat()}
+            s3.client().put_object(Bucket="out", Key=f"demo/{REPORT_KEY}", Body=json.dumps(body).encode())
+            high = wait_for(lambda: condition(cluster, "HallucinationHigh"), "HallucinationHigh")
+            assert (high["status"], high["reason"]) == ("True", "HallucinationAboveThreshold")
+            assert "83.0%" in high["message"] and "spec.retrieval" in high["message"]
+            wait_for(lambda: ("Warning", "HallucinationHigh") in reasons(cluster), "the HallucinationHigh event")
+            finish_job(cluster, "Complete", "CompletionsReached")
+            wait_for(phase_is(cluster, "Succeeded"), "phase Succeeded")
+            assert reasons(cluster).count(("Warning", "HallucinationHigh")) == 1
+            assert condition(cluster, "HallucinationHigh", "rag") is None

@@ -178,3 +178,29 @@ def test_spec_is_immutable_except_suspend(kube: Kube, crd: Any, namespace: str) 
         assert created["metadata"]["uid"] == kube.get(url)["metadata"]["uid"]
     finally:
         kube.request("DELETE", url)
+
+
+def _retrieval_cases() -> tuple[list[Any], list[Any]]:
+    from tests.unit import test_spec_retrieval as retrieval
+
+    return retrieval.VALID, retrieval.AT_ADMISSION
+
+
+@pytest.mark.parametrize("case", _retrieval_cases()[0], ids=lambda c: c[0])
+def test_retrieval_manifests_are_admitted(kube: Kube, crd: Any, namespace: str, case: Any) -> None:
+    from tests.unit.test_spec_methods import manifest
+
+    _, spec = case
+    assert dry_run_create(kube, namespace, manifest("lora", **spec)) is None
+
+
+@pytest.mark.parametrize("case", _retrieval_cases()[1], ids=lambda c: c[0])
+def test_invalid_retrieval_is_refused_naming_the_field(kube: Kube, crd: Any, namespace: str, case: Any) -> None:
+    """spec.retrieval's CEL rules and ranges on the real API server (the unit tests check the simulator)."""
+    from tests.unit.test_spec_methods import manifest
+
+    case_id, spec, path, _ = case
+    message = dry_run_create(kube, namespace, manifest("lora", **spec))
+    assert message is not None, f"{case_id}: admitted"
+    named = "spec.retrieval" if path == "spec" else path
+    assert named in message, f"{case_id}: the refusal does not name {named}: {message}"

@@ -112,3 +112,35 @@ def test_a_pilot_that_misses_its_gates_stops_before_the_main_run(tmp_path: Path,
     assert "PilotGatesFailed" in out and "accuracy" in out and "stage 2/2" not in out
     assert (output / "pilot" / "model" / "adapter_model.safetensors").is_file()
     assert not (output / REPORT_KEY).exists() and not (output / "model").exists()  # the main run never started
+
+
+def test_rag_demo_uploads_the_corpus_and_shows_both_settings(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`make demo-rag` (examples/healthcare-rag.yaml), cut to 2 steps: the corpus goes to spec.retrieval.corpus,
+    the index is an artifact, and the table has the with-retrieval columns (the figures are in the README)."""
+    output = tmp_path / "out"
+    code = local.main([str(REPO / "examples" / "healthcare-rag.yaml"), "--local", "--demo", "--output", str(output),
+                       "--set", "hyperparameters.maxSteps=2", "--set", "evaluation.maxExamples=2",
+                       "--set", "evaluation.maxNewTokens=4"])
+    out = capsys.readouterr().out
+    assert code == 0, out[-4000:]
+    assert "uploaded healthcare_corpus.jsonl    -> s3://healthcare-data/corpus/healthcare_corpus.jsonl" in out
+    assert (output / "retrieval" / "retriever.json").is_file() and (output / MARKER_NAME).is_file()
+    header = next(line for line in out.splitlines() if line.strip().startswith("metric"))
+    assert header.split() == ["metric", "base", "fine-tuned", "base+RAG", "tuned+RAG"]
+    row = next(line for line in out.splitlines() if line.strip().startswith("hallucination (lower is better)"))
+    assert len(row.split()) == 4 + 4  # the label's four words and four values
+
+
+def test_hallucination_advice_follows_the_threshold_and_retrieval() -> None:
+    from finetune_operator.spec import EvaluationStatus, FineTuneJob, Scores
+
+    doc = local.load_manifest(MANIFEST)
+    spec = FineTuneJob.model_validate(doc).spec
+    high = EvaluationStatus(base=Scores(hallucination=0.94), tuned=Scores(hallucination=0.83))
+    advice = local.hallucination_advice(spec, high)
+    assert advice is not None and "83.0%" in advice and "50.0%" in advice and "make demo-rag" in advice
+    assert local.hallucination_advice(spec, EvaluationStatus(tuned=Scores(hallucination=0.4))) is None
+    assert local.hallucination_advice(spec.model_copy(update={"evaluation": spec.evaluation.model_copy(
+        update={"hallucination_threshold": 0.9})}), high) is None
+    rag = FineTuneJob.model_validate(local.load_manifest(REPO / "examples" / "healthcare-rag.yaml")).spec
+    assert local.hallucination_advice(rag, high) is None

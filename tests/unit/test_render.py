@@ -703,3 +703,27 @@ def test_config_snapshot_carries_adjustments_only_when_there_are_some() -> None:
     snapshot = contract.config_json(config.model_copy(update={"adjustments": [step_down]}))
     again = contract.TrainerConfig.model_validate_json(snapshot)
     assert again.adjustments == [step_down] and again.start_rung() == lower
+
+
+# ------------------------------------------------------------------------------------------------
+# spec.retrieval
+# ------------------------------------------------------------------------------------------------
+
+
+def test_retrieval_corpus_gets_its_claim_its_secret_and_the_snapshot() -> None:
+    """The corpus is read like the data: its pvc:// claim mounted read-only, its secretRef projected between
+    the dataset's and the output's; the config snapshot carries the block only when it is set."""
+    data = copy.deepcopy(CASES["pvc-model"][0])
+    data["spec"]["retrieval"] = {"corpus": "pvc://corpora/healthcare/", "topK": 2,
+                                 "secretRef": {"name": "corpus-reader"}}
+    job = FineTuneJob.model_validate(data)
+    mounts = {m.claim: m.read_only for m in render.pvc_mounts(job)}
+    assert mounts["corpora"] is True
+    settings = OperatorSettings.from_env({"FT_S3_SECRET": "s3-default"})
+    assert "corpus-reader" in render.secret_names(job, settings)
+    snapshot = json.loads(contract.config_json(contract.resolve(job, plan(job.spec))))
+    assert snapshot["spec"]["retrieval"] == {"corpus": "pvc://corpora/healthcare/", "topK": 2, "chunkTokens": 128,
+                                             "distractorShare": 0.2, "secretRef": {"name": "corpus-reader"}}
+    plain = FineTuneJob.model_validate(copy.deepcopy(CASES["pvc-model"][0]))
+    text = contract.config_json(contract.resolve(plain, plan(plain.spec)))
+    assert "retrieval" not in text and "hallucinationThreshold" not in text

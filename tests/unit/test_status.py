@@ -398,3 +398,66 @@ def test_set_condition_is_pure_and_ordered() -> None:
 def test_set_condition_rejects_a_bad_status() -> None:
     with pytest.raises(ValueError, match="True, False or Unknown"):
         c.set_condition([], "Running", "yes", "Running", "", None, NOW)
+
+
+# --- HallucinationHigh -------------------------------------------------------------------------------
+
+RUNNING_JOB = Children(job=job(), pods=[pod()])
+
+
+def evaluated(tuned: float | None, base: float | None = 0.9) -> TrainerReport:
+    return report(phase="uploading", evaluation={"accuracy_metric": "rougeL-f1", "examples": 50,
+                                                 "base": {"hallucination": base}, "tuned": {"hallucination": tuned}})
+
+
+def with_spec(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    obj = ftj(status)
+    obj["spec"].update(spec)
+    return obj
+
+
+# id, spec, report, expected HallucinationHigh (status, reason) or None (absent), and the message fragments.
+HALLUCINATION_ROWS: list[tuple[str, dict[str, Any], TrainerReport, tuple[str, str] | None, list[str]]] = [
+    ("above-the-default", {}, evaluated(0.83), ("True", "HallucinationAboveThreshold"),
+     ["83.0%", "base model 90.0%", "above evaluation.hallucinationThreshold 50.0%", "spec.retrieval",
+      "gates decide failure"]),
+    ("at-the-default", {}, evaluated(0.5), ("False", "HallucinationWithinThreshold"), ["50.0%", "at or below"]),
+    ("below-a-set-threshold", {"evaluation": {"hallucinationThreshold": 0.9}}, evaluated(0.83),
+     ("False", "HallucinationWithinThreshold"), ["83.0%", "90.0%"]),
+    ("above-a-set-threshold", {"evaluation": {"hallucinationThreshold": 0.2}}, evaluated(0.3, base=None),
+     ("True", "HallucinationAboveThreshold"), ["30.0%", "20.0%"]),
+    ("with-retrieval-no-recommendation", {"retrieval": {"corpus": "s3://b/c/"}}, evaluated(0.83), None, []),
+    ("base-only-evaluated-yet", {}, evaluated(None), None, []),
+    ("no-evaluation", {}, report(), None, []),
+]
+
+
+@pytest.mark.parametrize(("spec", "rep", "expected", "fragments"), [r[1:] for r in HALLUCINATION_ROWS],
+                         ids=[r[0] for r in HALLUCINATION_ROWS])
+def test_hallucination_high(spec: dict[str, Any], rep: TrainerReport, expected: tuple[str, str] | None,
+                            fragments: list[str]) -> None:
+    status = compute_status(with_spec(**spec), plan=PLAN, now=NOW, report=rep, children=RUNNING_JOB)
+    assert status["phase"] == "Running"  # a recommendation: never a phase
+    assert cond(status, "HallucinationHigh") == expected
+    if expected:
+        message = c.find(status["conditions"], "HallucinationHigh")["message"]
+        assert all(f in message for f in fragments), message
+
+
+def test_hallucination_high_posts_one_warning_and_survives_success() -> None:
+    before = compute_status(ftj(), plan=PLAN, now=NOW, report=report(), children=RUNNING_JOB)
+    high = compute_status(ftj(before), plan=PLAN, now=LATER, report=evaluated(0.83), children=RUNNING_JOB)
+    events = transition_events(before, high)
+    assert [(e.type, e.reason) for e in events] == [("Warning", "HallucinationHigh")]
+    assert "83.0%" in events[0].message and "spec.retrieval" in events[0].message
+    assert transition_events(high, compute_status(ftj(high), plan=PLAN, now=LATER, report=evaluated(0.83),
+                                                  children=RUNNING_JOB)) == []
+    # The Job completes: Succeeded (gates decide failure), the condition stays, no second warning.
+    done = compute_status(ftj(high), plan=PLAN, now=LATER, report=evaluated(0.83),
+                          children=Children(job=job(conditions=[jcond("Complete")])))
+    assert done["phase"] == "Succeeded" and cond(done, "HallucinationHigh") == ("True", "HallucinationAboveThreshold")
+    assert [(e.type, e.reason) for e in transition_events(high, done)] == [("Normal", "TrainingSucceeded")]
+    # The evaluation first seen after success (the Job finished before the last report was read).
+    late = compute_status(ftj(compute_status(ftj(), plan=PLAN, now=NOW, children=Children(
+        job=job(conditions=[jcond("Complete")])))), plan=None, now=LATER, report=evaluated(0.83))
+    assert late["phase"] == "Succeeded" and cond(late, "HallucinationHigh") == ("True", "HallucinationAboveThreshold")

@@ -6,7 +6,10 @@
     metrics.jsonl     one line per step: step, epoch, loss, learning_rate, tokens; at logging steps also
                       tokens_per_second (non-padding tokens) and window_loss; at checkpoints eval_loss
     evaluation.json   base vs fine-tuned scores (EvaluationStatus)
-    provenance.json   data files with sha256, data stats, base model files with sha256, config, image, world
+    provenance.json   data files with sha256, data stats, base model files with sha256, config, image, world;
+                      with spec.retrieval the corpus files with sha256 and the index settings (`retrieval`)
+    retrieval/        spec.retrieval: the BM25 index (`index/`), `passages.jsonl`, `retriever.json` (settings,
+                      prompt layout, corpus sha256): what a serving stack loads (`retrieval.Retriever.load`)
     README.md         model card
     _COMPLETE         written last (a manifest of every file above with sizes and sha256)
 
@@ -48,7 +51,16 @@ def _provenance(run: Run) -> dict[str, Any]:
         world_size=run.world,
         started_at=run.started_at,
         data_stats=run.inputs.stats().wire(),
+        retrieval=_retrieval_provenance(run),
     )
+
+
+def _retrieval_provenance(run: Run) -> dict[str, Any] | None:
+    if run.inputs.retrieval is None or run.spec.retrieval is None:
+        return None
+    from finetune_trainer import retrieval
+
+    return retrieval.provenance_record(run.inputs.retrieval, run.spec.retrieval)
 
 
 def upload_provenance(run: Run) -> str:
@@ -112,6 +124,9 @@ def _write_files(run: Run, stage: Path, evaluation: Any, final_loss: float | Non
         else:
             _save_merged(run, stage)
             kinds["merged"] = "merged/"
+    if run.inputs.retrieval is not None:
+        run.inputs.retrieval.retriever.save(stage / "retrieval")
+        kinds["retrieval"] = "retrieval/"
     if run.metrics_path.is_file():
         shutil.copy(run.metrics_path, stage / "metrics.jsonl")
     else:

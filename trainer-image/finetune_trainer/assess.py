@@ -5,62 +5,91 @@ hallucination, format compliance) on the test set, plus the test set's mean toke
 computed here with the training loss (same masking: answer tokens only). With `evaluation.enabled: false`
 only the loss and perplexity are measured. Every process computes the same scores on the same examples
 (under FSDP the forward passes are collective), and rank 0 reports them.
+
+With `spec.retrieval` every model is scored twice: on the plain test prompts and on the same prompts with
+their top-k passages (`EvaluationStatus.withRetrieval`); the gates then check the scores with retrieval,
+the setting the model was trained for.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from finetune_operator.spec import EvaluationStatus, Scores
+from finetune_operator.spec import EvaluationStatus, RetrievalScores, Scores
 
 if TYPE_CHECKING:
     from finetune_trainer.train import Run
 
 
-def _examples(run: Run) -> list[Any]:
+#: Key of the with-retrieval scores in the dict `score` returns (kept in checkpoints as it is).
+WITH_RETRIEVAL = "withRetrieval"
+
+
+def _examples(items: list[Any]) -> list[Any]:
     from finetune_trainer import evaluate
 
-    return [evaluate.EvalExample(prompt=i.prompt, reference=i.reference, context=i.context)
-            for i in run.inputs.eval_items]
+    return [evaluate.EvalExample(prompt=i.prompt, reference=i.reference, context=i.context) for i in items]
 
 
-def score(run: Run, label: str) -> dict[str, Any]:
-    """Scores of the model as it is now, as a JSON-able dict (it is kept in checkpoints)."""
-    import logging
-
+def _scores(run: Run, model: Any, items: list[Any], test: list[Any]) -> Scores:
     from finetune_trainer.train import mean_loss
 
-    model = run.accelerator.unwrap_model(run.model)
     scores = Scores()
-    was_training = model.training
-    model.eval()
-    try:
-        if run.spec.evaluation.enabled and run.inputs.eval_items:
-            from finetune_trainer import evaluate
+    if run.spec.evaluation.enabled and items:
+        from finetune_trainer import evaluate
 
-            glossary = evaluate.load_glossary(run.inputs.glossary) if run.inputs.glossary else None
-            scores = evaluate.evaluate_model(model, run.tokenizer, _examples(run), run.spec.evaluation, glossary)
-        loss = mean_loss(model, run.inputs.test, run.hp.batch_size, run.tokenizer.pad_token_id,
-                         run.accelerator.device)
-    finally:
-        model.train(was_training)
+        glossary = evaluate.load_glossary(run.inputs.glossary) if run.inputs.glossary else None
+        scores = evaluate.evaluate_model(model, run.tokenizer, _examples(items), run.spec.evaluation, glossary)
+    loss = mean_loss(model, test, run.hp.batch_size, run.tokenizer.pad_token_id, run.accelerator.device)
     if loss is not None:
         from finetune_trainer.evaluate import perplexity_from_loss
 
         scores.eval_loss = loss
         scores.perplexity = perplexity_from_loss(loss)
-    logging.getLogger(__name__).info("%s model: %s", label, scores.wire())
-    return scores.model_dump(mode="json")
+    return scores
+
+
+def score(run: Run, label: str) -> dict[str, Any]:
+    """Scores of the model as it is now, as a JSON-able dict (it is kept in checkpoints); with retrieval,
+    the scores with passages under WITH_RETRIEVAL."""
+    import logging
+
+    model = run.accelerator.unwrap_model(run.model)
+    was_training = model.training
+    model.eval()
+    try:
+        scores = _scores(run, model, run.inputs.eval_items, run.inputs.test)
+        rag = _scores(run, model, run.inputs.rag_eval_items, run.inputs.rag_test) \
+            if run.inputs.retrieval is not None else None
+    finally:
+        model.train(was_training)
+    logger = logging.getLogger(__name__)
+    logger.info("%s model: %s", label, scores.wire())
+    result = scores.model_dump(mode="json")
+    if rag is not None:
+        logger.info("%s model with retrieval: %s", label, rag.wire())
+        result[WITH_RETRIEVAL] = rag.model_dump(mode="json")
+    return result
 
 
 def evaluation_status(run: Run, base: dict[str, Any] | None, tuned: dict[str, Any] | None) -> EvaluationStatus:
-    """Base beside fine-tuned (`tuned` None: not measured yet), with the gates checked on `tuned`."""
+    """Base beside fine-tuned (`tuned` None: not measured yet), with the gates checked on `tuned` (with
+    retrieval: on the tuned scores with retrieval)."""
     from finetune_trainer import evaluate
 
+    base, tuned = dict(base or {}), (dict(tuned) if tuned is not None else None)
+    rag_base, rag_tuned = base.pop(WITH_RETRIEVAL, None), (tuned or {}).pop(WITH_RETRIEVAL, None)
     gates = run.spec.evaluation.gates if tuned is not None else None
-    status = evaluate.compare(Scores.model_validate(base or {}), Scores.model_validate(tuned or {}),
+    status = evaluate.compare(Scores.model_validate(base), Scores.model_validate(tuned or {}),
                               len(run.inputs.eval_items) if run.spec.evaluation.enabled else len(run.inputs.test),
-                              gates=gates)
+                              gates=None if run.inputs.retrieval is not None else gates)
+    if run.inputs.retrieval is not None:
+        status.with_retrieval = RetrievalScores(base=Scores.model_validate(rag_base or {}),
+                                                tuned=Scores.model_validate(rag_tuned or {}))
+        if gates:
+            failed = evaluate.check_gates(status.with_retrieval.tuned, gates)
+            status.gates_passed = not failed
+            status.failed_gates = [f"{message} (with retrieval)" for message in failed][:16]
     if not run.spec.evaluation.enabled:
         status.accuracy_metric = ""  # nothing was generated: loss and perplexity only
     return status

@@ -64,6 +64,8 @@ PROMPT_WITH_INPUT = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n#
 PROMPT_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n"
 FALLBACK_TURN = "<|{role}|>\n{content}\n"
 FALLBACK_GENERATION = "<|assistant|>\n"
+#: Where a row carries its retrieved passages, rendered (`retrieval.augment`; spec.retrieval).
+CONTEXT_KEY = "__retrieval_context__"
 
 
 @dataclass(frozen=True)
@@ -390,10 +392,12 @@ def split_holdout(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row
 
 
 def instruction_prompt(record: dict[str, Any]) -> str:
-    """The prompt text of an instruction row (training and evaluation use the same)."""
+    """The prompt text of an instruction row (training and evaluation use the same), after the row's
+    retrieved passages when it carries them (`retrieval.augment`)."""
+    context = record.get(CONTEXT_KEY) or ""
     if record.get("input"):
-        return PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
-    return PROMPT_NO_INPUT.format(instruction=record["instruction"])
+        return context + PROMPT_WITH_INPUT.format(instruction=record["instruction"], input=record["input"])
+    return context + PROMPT_NO_INPUT.format(instruction=record["instruction"])
 
 
 def _render_chat(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
@@ -521,6 +525,8 @@ def eval_item(record: dict[str, Any], fmt: Format, tokenizer: Any) -> EvalItem:
     """
     if fmt == "instruction":
         context = record["instruction"] + ("\n" + record["input"] if record.get("input") else "")
+        # Retrieved passages are context too: a fact taken from them is supported, not hallucinated.
+        context = (record.get(CONTEXT_KEY) or "") + context
         return EvalItem(instruction_prompt(record), record["output"], context)
     if fmt == "chat":
         messages = record["messages"]

@@ -5,6 +5,11 @@ Splits:
   the training rows, else none.
 - test set (base vs fine-tuned evaluation): `evaluation.testSet`, else the validation rows, else a seeded
   5% of the training rows, held out of training. At most `evaluation.maxExamples` rows are scored.
+
+With `spec.retrieval` (`retrieval.py`): the corpus is indexed, the training prompts carry their top-k
+passages (RAFT's distractor share carries distractors only), the validation prompts their top-k, and the
+test set is kept twice: plain (`eval_items`, `test`) and with its top-k passages (`rag_eval_items`,
+`rag_test`), so the evaluation scores both models with and without retrieval.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 from finetune_operator.contract import DataStats, TrainerConfig
 from finetune_trainer import dataset as ds
+from finetune_trainer import retrieval as rag
 from finetune_trainer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -41,6 +47,10 @@ class Inputs:
     train_examples: int = 0
     #: Training examples longer than maxSeqLength (cut, or dropped: `truncated_away` of them).
     truncated: int = 0
+    #: spec.retrieval: the index, and the test set with its passages (empty without retrieval).
+    retrieval: rag.Prepared | None = None
+    rag_test: list[ds.Encoded] = field(default_factory=list)
+    rag_eval_items: list[ds.EvalItem] = field(default_factory=list)
 
     def stats(self) -> DataStats:
         """The data stats of the progress report (`contract.DataStats`)."""
@@ -91,6 +101,20 @@ def load_inputs(config: TrainerConfig, tokenizer: Any, cache: Path) -> Inputs:
         rows, test_rows = ds.split_holdout(rows, HOLDOUT_FRACTION, hp.seed + 1)
     test_rows = test_rows[: ev.max_examples]
 
+    prepared, rag_test_rows = None, []
+    if spec.retrieval is not None:
+        if fmt == "text":
+            raise DataError("spec.retrieval cannot be used with text rows (dataset.format detected as text): they have "
+                            "no question to retrieve passages for; use instruction or chat rows, or remove "
+                            "spec.retrieval", reason="InvalidSpec")
+        prepared = rag.prepare(spec.retrieval, tokenizer, cache, seed=hp.seed)
+        rows = rag.augment_rows(prepared, rows, fmt, share=spec.retrieval.distractor_share, seed=hp.seed,
+                                training=True)
+        validation_rows = rag.augment_rows(prepared, validation_rows, fmt)
+        rag_test_rows = rag.augment_rows(prepared, test_rows, fmt)
+        log.info("retrieval: %d of %d training prompts carry distractor passages only (distractorShare %s)",
+                 prepared.distractor_examples, len(rows), spec.retrieval.distractor_share)
+
     encoded, dropped = ds.encode_all(rows, fmt, tokenizer, hp.max_seq_length)
     if dropped:
         log.warning("%d training example(s) have no answer tokens left after truncation to maxSeqLength=%d",
@@ -122,4 +146,7 @@ def load_inputs(config: TrainerConfig, tokenizer: Any, cache: Path) -> Inputs:
         truncated_away=dropped,
         train_examples=len(encoded),
         truncated=dropped + sum(1 for example in encoded if example.truncated),
+        retrieval=prepared,
+        rag_test=ds.encode_all(rag_test_rows, fmt, tokenizer, hp.max_seq_length)[0],
+        rag_eval_items=[ds.eval_item(r.data, fmt, tokenizer) for r in rag_test_rows],
     )

@@ -205,9 +205,11 @@ def demo_environment(doc: dict[str, Any], work: Path, keep: bool) -> Iterator[tu
         for uri, local in ((dataset.get("train"), data / "healthcare_train.jsonl"),
                            (dataset.get("validation"), data / "healthcare_test.jsonl"),
                            (evaluation.get("testSet"), data / "healthcare_test.jsonl"),
-                           (evaluation.get("glossary"), data / "healthcare_glossary.txt")):
+                           (evaluation.get("glossary"), data / "healthcare_glossary.txt"),
+                           ((spec.get("retrieval") or {}).get("corpus"), data / "healthcare_corpus.jsonl")):
             if isinstance(uri, str) and uri.startswith("s3://"):
-                uploads.append((uri, local))
+                # A prefix (ending in /) gets the file under its own name.
+                uploads.append((uri + local.name if uri.endswith("/") else uri, local))
         output = spec.get("output", {}).get("uri")
         buckets = {_split_s3(uri)[0] for uri, _ in uploads} | {DEMO_MODEL_BUCKET}
         if isinstance(output, str) and output.startswith("s3://"):
@@ -320,7 +322,7 @@ def _fmt(value: float | None, percent: bool = False) -> str:
 
 
 def evaluation_table(evaluation: Any) -> str:
-    """Base vs fine-tuned scores as a small text table."""
+    """Base vs fine-tuned scores as a small text table; with retrieval, both again with passages."""
     rows = [
         (f"accuracy ({evaluation.accuracy_metric or 'n/a'})", "accuracy", True),
         ("terminology", "terminology", True),
@@ -330,13 +332,30 @@ def evaluation_table(evaluation: Any) -> str:
         ("perplexity", "perplexity", False),
     ]
     width = max(len(r[0]) for r in rows)
-    lines = [f"  {'metric':<{width}}  {'base':>10}  {'fine-tuned':>10}", f"  {'-' * width}  {'-' * 10}  {'-' * 10}"]
+    rag = getattr(evaluation, "with_retrieval", None)
+    columns = [("base", evaluation.base), ("fine-tuned", evaluation.tuned)]
+    if rag is not None:
+        columns += [("base+RAG", rag.base), ("tuned+RAG", rag.tuned)]
+    lines = [f"  {'metric':<{width}}" + "".join(f"  {name:>10}" for name, _ in columns),
+             f"  {'-' * width}" + f"  {'-' * 10}" * len(columns)]
     for label, field, percent in rows:
-        base = getattr(evaluation.base, field)
-        tuned = getattr(evaluation.tuned, field)
-        lines.append(f"  {label:<{width}}  {_fmt(base, percent):>10}  {_fmt(tuned, percent):>10}")
-    lines.append(f"  ({evaluation.examples} test examples)")
+        lines.append(f"  {label:<{width}}" + "".join(f"  {_fmt(getattr(scores, field), percent):>10}"
+                                                      for _, scores in columns))
+    lines.append(f"  ({evaluation.examples} test examples" + (
+        "; +RAG: each prompt with its top-k passages from spec.retrieval.corpus)" if rag is not None else ")"))
     return "\n".join(lines)
+
+
+def hallucination_advice(spec: Any, evaluation: Any) -> str | None:
+    """What the operator's HallucinationHigh condition would say of this run (no spec.retrieval, the fine-tuned
+    hallucination score above evaluation.hallucinationThreshold), or None."""
+    score = evaluation.tuned.hallucination
+    threshold = spec.evaluation.resolved_hallucination_threshold()
+    if spec.retrieval is not None or score is None or score <= threshold:
+        return None
+    return (f"HallucinationHigh: the fine-tuned model's hallucination score is {score:.1%}, above "
+            f"evaluation.hallucinationThreshold {threshold:.1%} (a cluster run gets this condition and a Warning "
+            "event). Consider spec.retrieval: `make demo-rag` runs this example with a retrieval corpus.")
 
 
 def _listing(output_uri: str, env: dict[str, str]) -> tuple[str, list[str]]:
@@ -485,6 +504,9 @@ def _run_stage(args: argparse.Namespace, config: TrainerConfig, output: str, wor
     if report is not None and report.evaluation is not None:
         print(f"\nevaluation (base vs {'pilot' if label == 'pilot' else 'fine-tuned'}):")
         print(evaluation_table(report.evaluation))
+        advice = hallucination_advice(config.spec, report.evaluation) if label == "trainer" else None
+        if advice:
+            print(f"\n{advice}")
     return code
 
 

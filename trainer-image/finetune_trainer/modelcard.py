@@ -68,13 +68,10 @@ def _front_matter(config: TrainerConfig) -> str:
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, default_flow_style=False) + "---\n"
 
 
-def _evaluation_section(evaluation: EvaluationStatus | None) -> list[str]:
-    if evaluation is None:
-        return ["## Evaluation", "", "No evaluation was run (`spec.evaluation.enabled: false`, or training did "
-                "not finish).", ""]
+def _score_rows(evaluation: EvaluationStatus, base_scores: Any, tuned_scores: Any) -> list[tuple[Any, ...]]:
     rows = []
     for field, label, higher_better in _METRICS:
-        base, tuned = getattr(evaluation.base, field), getattr(evaluation.tuned, field)
+        base, tuned = getattr(base_scores, field), getattr(tuned_scores, field)
         if base is None and tuned is None:
             continue
         if field == "accuracy" and evaluation.accuracy_metric:
@@ -84,15 +81,33 @@ def _evaluation_section(evaluation: EvaluationStatus | None) -> list[str]:
             delta = tuned - base
             change = f"{delta:+.4g}" + ("" if delta == 0 else " (better)" if (delta > 0) == higher_better else " (worse)")
         rows.append((label, base, tuned, change))
+    return rows
+
+
+def _evaluation_section(evaluation: EvaluationStatus | None) -> list[str]:
+    if evaluation is None:
+        return ["## Evaluation", "", "No evaluation was run (`spec.evaluation.enabled: false`, or training did "
+                "not finish).", ""]
+    rows = _score_rows(evaluation, evaluation.base, evaluation.tuned)
     lines = [
         "## Evaluation",
         "",
         f"Base model and fine-tuned model on the same {evaluation.examples} held-out test examples "
-        "(greedy decoding).",
+        "(greedy decoding)" + (", without retrieval (plain prompts)." if evaluation.with_retrieval else "."),
         "",
         _table(("metric", "base", "fine-tuned", "change"), rows) if rows else "No scores were recorded.",
         "",
     ]
+    if evaluation.with_retrieval is not None:
+        rag = _score_rows(evaluation, evaluation.with_retrieval.base, evaluation.with_retrieval.tuned)
+        lines += [
+            "With retrieval: the same test examples, each prompt carrying its top-k passages from the corpus "
+            "(the layout under Usage). Passages count as context: a term or number taken from them is not a "
+            "hallucination.",
+            "",
+            _table(("metric (with retrieval)", "base", "fine-tuned", "change"), rag) if rag else "No scores.",
+            "",
+        ]
     if evaluation.gates_passed is not None:
         if evaluation.gates_passed:
             lines += ["All quality gates passed.", ""]
@@ -158,10 +173,54 @@ def _usage_section(config: TrainerConfig, artifacts: Mapping[str, str]) -> list[
     else:  # the instruction layout the trainer trained on (dataset.PROMPT_NO_INPUT)
         prompt = 'prompt = "### Instruction:\\n...\\n\\n### Response:\\n"'
     where = f" (`{artifacts['model']}`)" if artifacts.get("model") else ""
+    retrieval_lines: list[str] = []
+    if config.spec.retrieval is not None:
+        prompt, retrieval_lines = _retrieval_usage(config, artifacts)
     return ["## Usage", "", f"{method.usage_note} Download `model/`{where}, then:", "", "```python", *code,
             prompt, 'inputs = tokenizer(prompt, return_tensors="pt")',
             "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=64)[0], skip_special_tokens=True))",
-            "```", ""]
+            "```", "", *retrieval_lines]
+
+
+def _retrieval_usage(config: TrainerConfig, artifacts: Mapping[str, str]) -> tuple[str, list[str]]:
+    """The prompt line of the usage code with retrieval, and the layout the model was trained on (rendered
+    by the trainer's own functions, so the card shows exactly what training and evaluation used)."""
+    from finetune_trainer import retrieval as rag
+
+    spec = config.spec.retrieval
+    assert spec is not None
+    where = f" (`{artifacts['retrieval']}`)" if artifacts.get("retrieval") else ""
+    if config.spec.dataset.format == "chat":
+        prompt = ('prompt = tokenizer.apply_chat_template([{"role": "system", "content": context_block(retriever.texts('
+                  'retriever.search([question])[0])).rstrip()}, {"role": "user", "content": question}], '
+                  'add_generation_prompt=True, tokenize=False)')
+    else:
+        prompt = ("prompt = render_instruction_prompt(instruction, input_text, retriever.texts("
+                  "retriever.search([instruction + '\\n' + input_text])[0]))")
+    example = rag.render_instruction_prompt("<instruction>", "<input>", ["<passage 1>", "<passage 2>"])
+    lines = [
+        f"This model was trained with retrieval augmentation (RAFT): every prompt carried up to {spec.top_k} "
+        f"passages of at most {spec.chunk_tokens} tokens from `{spec.corpus}`, found by BM25 with the question; "
+        f"{spec.distractor_share:.0%} of the training prompts carried unrelated (distractor) passages only. Serve it "
+        f"with the same retriever: download `retrieval/`{where} (the index, the passages, retriever.json) and "
+        "build prompts with the trainer's functions, before the code above:",
+        "",
+        "```python",
+        "from pathlib import Path",
+        "from finetune_trainer.retrieval import Retriever, context_block, render_instruction_prompt",
+        "",
+        'retriever = Retriever.load(Path("path/to/retrieval"))',
+        'question = "..."' if config.spec.dataset.format == "chat" else 'instruction, input_text = "...", ""',
+        "```",
+        "",
+        "The layout (instruction rows; chat rows get the same block as a system message):",
+        "",
+        "```text",
+        *example.rstrip("\n").split("\n"),
+        "```",
+        "",
+    ]
+    return prompt, lines
 
 
 def render_model_card(

@@ -24,7 +24,7 @@ from finetune_operator.contract import TrainerConfig
 
 SCHEMA_VERSION = 1
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "tokenizers",
-             "safetensors", "finetune-operator")
+             "safetensors", "bm25s", "finetune-operator")
 _CHUNK = 1 << 20
 
 
@@ -145,6 +145,7 @@ def build_provenance(
     world_size: int,
     started_at: datetime | str | None,
     data_stats: Mapping[str, int] | None = None,
+    retrieval: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The provenance record (a JSON-ready dict with sorted keys).
 
@@ -153,6 +154,8 @@ def build_provenance(
     `base_model_files_sha256`: one digest, or {relative path: sha256} of the model files (then the digest
     is `sha256_manifest` of it). `started_at`: a datetime (rendered RFC 3339 UTC) or an RFC 3339 string.
     `data_stats`: what was trained on (`contract.DataStats` wire form: examples, skipped rows, truncated).
+    `retrieval`: spec.retrieval's corpus (every file's URI, sha256 and size), passages and settings
+    (`retrieval.provenance_record`); left out without retrieval.
     """
     base_model: dict[str, Any] = {"uri": base_model_uri, "revision": base_model_revision}
     if isinstance(base_model_files_sha256, Mapping):
@@ -182,4 +185,6 @@ def build_provenance(
     }
     if data_stats is not None:
         record["dataStats"] = dict(data_stats)
+    if retrieval is not None:
+        record["retrieval"] = dict(retrieval)
     return _sorted(record)

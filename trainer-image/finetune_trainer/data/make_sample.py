@@ -2,8 +2,10 @@
 
     python trainer-image/finetune_trainer/data/make_sample.py [--check]
 
-Writes `healthcare_train.jsonl`, `healthcare_test.jsonl` and `healthcare_glossary.txt` next to this script
-from the fact tables below and a fixed seed. `--check` regenerates in memory and exits 1 if the committed
+Writes `healthcare_train.jsonl`, `healthcare_test.jsonl`, `healthcare_glossary.txt` and the retrieval corpus
+`healthcare_corpus.jsonl` (a small clinical handbook: one document per drug, lab, code, abbreviation and
+admission type, in prose of its own, with `title` and `text`) next to this script from the fact tables below
+and a fixed seed. `--check` regenerates in memory and exits 1 if the committed
 files differ.
 
 The rows use the instruction format (`instruction`, `input`, `output`). Every task answers with one fixed
@@ -333,6 +335,45 @@ def glossary() -> list[str]:
     return sorted(terms - NOT_TERMS, key=str.lower)
 
 
+def _lab_meaning(meaning: str) -> str:
+    return "is usually of no clinical concern" if meaning == "no clinical concern" else f"suggests {meaning}"
+
+
+def corpus() -> list[dict[str, str]]:
+    """The handbook behind `spec.retrieval` in the demo: the fact tables, written as reference prose (not as
+    the answers' templates), plus a few general documents that answer no test question."""
+    docs = []
+    for drug, (dose, route, freq, maximum) in DRUGS.items():
+        docs.append({"title": f"Medication: {drug}", "text": (
+            f"{cap(drug)} is given to adults {route}. The usual adult dose is {dose} {freq}. "
+            f"Do not exceed {maximum} of {drug} in 24 hours.")})
+    for lab, (unit, low, high, decimals, when_low, when_high) in LABS.items():
+        reference = f"{fmt(low, decimals)}-{fmt(high, decimals)} {unit}".strip()
+        docs.append({"title": f"Laboratory: {lab}", "text": (
+            f"The adult reference range for {lab} is {reference}. A result below the range "
+            f"{_lab_meaning(when_low)}. A result above the range {_lab_meaning(when_high)}.")})
+    for diagnosis, code in ICD10.items():
+        docs.append({"title": f"ICD-10-CM {code}", "text": (
+            f"ICD-10-CM code {code} is assigned for {diagnosis}. Use it when the record documents "
+            f"{diagnosis.split(',')[0]}.")})
+    for abbr, expansion in ABBREVIATIONS.items():
+        docs.append({"title": f"Abbreviation {abbr}", "text": (
+            f"In clinical documentation {abbr} stands for {expansion}.")})
+    for reason, (diagnosis, drugs, labs) in ADMISSIONS.items():
+        docs.append({"title": f"Admission: {reason}", "text": (
+            f"An admission for {reason} is coded {ICD10[diagnosis]} ({diagnosis}). Medications often started: "
+            f"{', '.join(drugs)}. Checked before discharge: {', '.join(labs)}.")})
+    docs += [
+        {"title": "Hand hygiene", "text": "Clean hands before and after every patient contact, with an "
+         "alcohol-based rub or with soap and water when hands are visibly soiled."},
+        {"title": "Medication reconciliation", "text": "At admission and at discharge, compare the medication "
+         "list with what the patient actually takes, and record every change with its reason."},
+        {"title": "Discharge summaries", "text": "A discharge summary states the reason for admission, the "
+         "treatment given, the relevant results at discharge and the follow-up plan."},
+    ]
+    return docs
+
+
 def generate() -> dict[str, str]:
     rng = random.Random(SEED)
     rows = dosing_rows() + lab_rows(rng) + icd_rows() + abbreviation_rows() + discharge_rows(rng, 90)
@@ -348,6 +389,7 @@ def generate() -> dict[str, str]:
         "healthcare_train.jsonl": jsonl(train),
         "healthcare_test.jsonl": jsonl(test),
         "healthcare_glossary.txt": "".join(term + "\n" for term in glossary()),
+        "healthcare_corpus.jsonl": jsonl(corpus()),
     }
 
 
