@@ -378,7 +378,7 @@ def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Pla
                     " and the safetensors headers" if architecture.parameters_source == "safetensors headers" else "")
                 sized_by += f" ({_shape_words(architecture)})"
             reason = (
-                f"{method_reason}; {size} is not in the model-size table, so {sized_by}: "
+                f"{method_reason}; {size} {method} is not in the model-size table, so {sized_by}: "
                 f"{parts}; {_fmt(mem.per_gpu(gpus))} GiB per GPU on {gpus} GPU(s) -> {gpus}x{gib}GiB, "
                 + ("the least total GPU memory that fits" if method == "full" else "the fewest GPUs that fit")
             )
