@@ -65,6 +65,46 @@ def test_good_job_reports_the_model_and_the_data(staged: Staged, s3_env: dict[st
         assert split.sampled is (split.examples > 2000)
 
 
+def test_s3_model_is_read_without_its_weights(staged: Staged, s3_env: dict[str, str], tiny_model_dir: Path,
+                                             tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whole objects read are the small files only; of a safetensors object, only its header's bytes."""
+    from finetune_trainer.storage import S3Store
+
+    whole: list[str] = []
+    ranged: dict[str, int] = {}
+    read_bytes, read_range = S3Store.read_bytes, S3Store.read_range
+
+    def spy_bytes(self: S3Store, key: str) -> bytes:
+        whole.append(key)
+        return read_bytes(self, key)
+
+    def spy_range(self: S3Store, key: str, start: int, length: int) -> bytes:
+        data = read_range(self, key, start, length)
+        ranged[key] = ranged.get(key, 0) + len(data)
+        return data
+
+    monkeypatch.setattr(S3Store, "read_bytes", spy_bytes)
+    monkeypatch.setattr(S3Store, "read_range", spy_range)
+    result, code = _run(make_config(staged), tmp_path)
+
+    assert code == 0, result.error
+    assert "config.json" in whole and not any(key.endswith(".safetensors") for key in whole)
+    weights = sorted(p for p in tiny_model_dir.glob("*.safetensors"))
+    assert sorted(ranged) == [p.name for p in weights]
+    for path in weights:
+        assert 8 < ranged[path.name] < path.stat().st_size
+
+
+def test_file_model_is_read_in_place(staged: Staged, s3_env: dict[str, str], tiny_model_dir: Path,
+                                     tmp_path: Path) -> None:
+    from_s3, _ = _run(make_config(staged), tmp_path)
+    in_place, code = _run(make_config(staged, {"baseModel": {"uri": f"file://{tiny_model_dir}"}}), tmp_path)
+
+    assert code == 0, in_place.error
+    assert in_place.architecture == from_s3.architecture is not None
+    assert in_place.splits == from_s3.splits
+
+
 def test_sampled_token_count_is_extrapolated(staged: Staged, s3_env: dict[str, str], tmp_path: Path,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     from finetune_trainer import preflight
