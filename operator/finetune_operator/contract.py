@@ -59,6 +59,9 @@ DEFAULT_PVC_ROOT = "/mnt/pvc"
 DEFAULT_MAIN_PORT = 29500
 
 REPORT_KEY = "status/report.json"
+#: The CPU pre-flight's result (`PreflightResult`), at `<output.uri>/PREFLIGHT_KEY`.
+PREFLIGHT_KEY = "preflight.json"
+PREFLIGHT_VERSION = 1
 CHECKPOINTS_PREFIX = "checkpoints/"
 MARKER_NAME = "_COMPLETE"
 
@@ -143,6 +146,65 @@ class TrainerReport(_Model):
         "ran out of memory, the rung it continued with, and the error). The operator copies them to "
         "status.adjustments.")
     updated_at: str = Field(description="RFC 3339 time of this report.")
+
+
+class PreflightArchitecture(_Model):
+    """The base model's shape as the pre-flight read it (`architecture.Architecture`, torch-free)."""
+
+    parameters: int = Field(description="Exact parameter count (safetensors headers), or computed from config.json.")
+    parameters_source: str = Field(description="Where the count came from: safetensors headers or config.json.")
+    layers: int
+    hidden_size: int
+    intermediate_size: int
+    vocab_size: int
+    attention_heads: int
+    kv_heads: int
+    head_dim: int
+    tied_embeddings: bool
+    dtype: str | None = None
+    model_type: str | None = None
+
+
+class PreflightFile(_Model):
+    """One data file of a split."""
+
+    uri: str
+    rows: int = Field(description="Rows read from the file (valid and skipped).")
+    tokens: int = Field(description="Tokens of the valid rows with the model's tokenizer, as each example is "
+                        "encoded for training but before truncation to maxSeqLength; extrapolated when sampled.")
+    sampled: bool = Field(description="Whether `tokens` is extrapolated from the first `sampleRows` valid rows.")
+    sample_rows: int = Field(description="Valid rows tokenized.")
+
+
+class PreflightSplit(_Model):
+    """One dataset field (spec.dataset.train, spec.dataset.validation, spec.evaluation.testSet)."""
+
+    field: str = Field(description="The spec field, e.g. spec.dataset.train.")
+    uri: str
+    format: str = Field(description="The format the rows were checked against (declared or detected).")
+    examples: int = Field(description="Valid rows, before any validationSplit or held-out test set is taken.")
+    skipped_rows: int = Field(default=0, description="Invalid rows dropped under invalidRows: skip.")
+    tokens: int = Field(description="Sum of the files' tokens (extrapolated where sampled).")
+    sampled: bool = Field(description="Whether any file's token count is extrapolated from a sample.")
+    longer_than_max_seq_length: int = Field(
+        default=0, description="Tokenized rows longer than maxSeqLength (counted in the sample only).")
+    files: list[PreflightFile] = Field(default_factory=list)
+
+
+class PreflightResult(_Model):
+    """What the CPU pre-flight found, at `<output.uri>/preflight.json` (`python -m finetune_trainer.preflight`)."""
+
+    version: int = Field(default=PREFLIGHT_VERSION, description="Schema version of this object.")
+    ok: bool = Field(description="Whether every check passed.")
+    model_uri: str
+    revision: str | None = None
+    output_uri: str
+    architecture: PreflightArchitecture | None = None
+    splits: list[PreflightSplit] = Field(default_factory=list)
+    error: TrainerError | None = Field(
+        default=None, description="The first failure: reason ModelUnreadable, DataInvalid or OutputNotWritable, and "
+        "a message naming the URI, file and line.")
+    checked_at: str = Field(description="RFC 3339 time of the check.")
 
 
 def spec_rung(spec: FineTuneJobSpec) -> MemoryRung:

@@ -223,6 +223,11 @@ class Store(ABC):
     @abstractmethod
     def write_bytes(self, key: str, data: bytes) -> None: ...
 
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        """Up to `length` bytes of `key` from byte `start` (fewer at the end of the object). The stores below
+        read only those bytes (a ranged GET on S3); this fallback reads the whole object."""
+        return self.read_bytes(key)[start:start + length]
+
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Keys (relative to the root) that start with `prefix`, sorted."""
@@ -356,6 +361,16 @@ class LocalStore(Store):
     def read_bytes(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise StorageError(f"{self.child(key)} does not exist", reason="MissingObject") from None
+        except PermissionError:
+            raise StorageError(f"permission denied reading {self.child(key)}", reason="AccessDenied") from None
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        try:
+            with open(self._path(key), "rb") as fh:
+                fh.seek(start)
+                return fh.read(length)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise StorageError(f"{self.child(key)} does not exist", reason="MissingObject") from None
         except PermissionError:
@@ -574,6 +589,18 @@ class S3Store(Store):
     def read_bytes(self, key: str) -> bytes:
         def get() -> bytes:
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]
+            with contextlib.closing(body):
+                return bytes(body.read())
+
+        return self._call("read", self.child(key), get)
+
+    def read_range(self, key: str, start: int, length: int) -> bytes:
+        if length <= 0:
+            return b""
+
+        def get() -> bytes:
+            body = self.client.get_object(Bucket=self.bucket, Key=self._key(key),
+                                          Range=f"bytes={start}-{start + length - 1}")["Body"]
             with contextlib.closing(body):
                 return bytes(body.read())
 
