@@ -58,7 +58,7 @@ class Inputs:
                          skipped_rows=self.skipped_rows, truncated_examples=self.truncated)
 
 
-def _files(uri: str, cache: Path) -> list[tuple[Path, str]]:
+def data_files(uri: str, cache: Path) -> list[tuple[Path, str]]:
     """Local copies of the data at `uri`, each with its own URI (for error messages and provenance)."""
     from finetune_trainer import storage
 
@@ -70,7 +70,7 @@ def _files(uri: str, cache: Path) -> list[tuple[Path, str]]:
 
 
 def _load(uri: str, fmt: str, invalid_rows: str, cache: Path, what: str) -> tuple[ds.Dataset, list[tuple[Path, str]]]:
-    files = _files(uri, cache)
+    files = data_files(uri, cache)
     loaded = ds.load_dataset(files, fmt, invalid_rows, what=what)
     if loaded.skipped:
         log.warning("%s: skipped %d invalid row(s), first: %s", what, len(loaded.skipped), loaded.skipped[0])

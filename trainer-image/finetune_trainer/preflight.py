@@ -252,7 +252,7 @@ def check_split(field: str, uri: str, declared: str, config: TrainerConfig, toke
     from finetune_trainer import inputs
 
     try:
-        files = inputs._files(uri, cache)
+        files = inputs.data_files(uri, cache)
         loaded = ds.load_dataset(files, declared, config.spec.dataset.invalid_rows, what=field)
     except TrainerFailure as err:
         if _retryable(err):
