@@ -241,6 +241,13 @@ def next_rung(current: MemoryRung, start: MemoryRung, *, checkpointing: bool = T
     return None
 
 
+def describe(rung: MemoryRung) -> str:
+    """`micro-batch 4 x 4 accumulation, gradient checkpointing on` (the trainer's messages and the operator's
+    events name rungs the same way)."""
+    return (f"micro-batch {rung.micro_batch} x {rung.grad_accum} accumulation, gradient checkpointing "
+            f"{'on' if rung.gradient_checkpointing else 'off'}")
+
+
 def lower(a: MemoryRung, b: MemoryRung) -> MemoryRung:
     """The rung of `a` and `b` that needs less memory (a smaller micro-batch, then checkpointing on)."""
     return min(a, b, key=lambda r: (r.micro_batch, not r.gradient_checkpointing))

@@ -28,7 +28,7 @@ from datetime import datetime
 from typing import Any
 
 from finetune_operator import contract
-from finetune_operator.spec import Adjustment, MemoryRung
+from finetune_operator.spec import Adjustment
 
 #: On the config ConfigMap: when the operator last stepped the config down (RFC 3339, the pod's clock is
 #: the API server's: both come from it).
@@ -85,11 +85,6 @@ def _time(value: str | None) -> datetime | None:
         return None
 
 
-def describe(rung: MemoryRung) -> str:
-    checkpointing = "on" if rung.gradient_checkpointing else "off"
-    return f"micro-batch {rung.micro_batch} x {rung.grad_accum} accumulation, gradient checkpointing {checkpointing}"
-
-
 def decide(pod: Mapping[str, Any], config: contract.TrainerConfig, *, adjusted_at: str | None,
            reported: Sequence[Adjustment] = (), step: int = 0, kind: str = OOM_KILLED) -> Decision | None:
     """The step down after `pod` was OOMKilled, or None when this kill needs nothing (already handled).
@@ -114,14 +109,14 @@ def decide(pod: Mapping[str, Any], config: contract.TrainerConfig, *, adjusted_a
     lower = contract.next_rung(current, start, checkpointing=contract.checkpointing_allowed(config.method))
     if lower is None:
         tried = [start, *(a.to for a in (*config.adjustments, *reported))]
-        return Decision(None, f"{reason} at {describe(current)}, the bottom of the out-of-memory ladder "
-                        f"(tried: {'; '.join(dict.fromkeys(describe(r) for r in tried))}); the next attempts will "
+        return Decision(None, f"{reason} at {contract.describe(current)}, the bottom of the out-of-memory ladder "
+                        f"(tried: {'; '.join(dict.fromkeys(contract.describe(r) for r in tried))}); the next attempts will "
                         "run out of memory too: give the pod more memory (spec.resources) or use qlora", bottom=True)
     adjustment = Adjustment.model_validate({"step": step, "from": current.model_dump(by_alias=True),
                                             "to": lower.model_dump(by_alias=True), "reason": reason,
                                             "by": "operator"})
-    return Decision(adjustment, f"{reason} at {describe(current)}; the next pod starts at {describe(lower)} "
+    return Decision(adjustment, f"{reason} at {contract.describe(current)}; the next pod starts at {contract.describe(lower)} "
                     "(the same examples per optimizer step)")
 
 
-__all__ = ["ADJUSTED_AT_ANNOTATION", "OOM_KILLED", "OUT_OF_MEMORY", "Decision", "config_map_name", "decide", "describe", "killed_container"]
+__all__ = ["ADJUSTED_AT_ANNOTATION", "OOM_KILLED", "OUT_OF_MEMORY", "Decision", "config_map_name", "decide", "killed_container"]

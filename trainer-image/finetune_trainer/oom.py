@@ -35,7 +35,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from finetune_operator.contract import checkpointing_allowed, lower, next_rung, spec_rung
+from finetune_operator.contract import checkpointing_allowed, describe, lower, next_rung, spec_rung
 from finetune_operator.spec import Adjustment, MemoryRung
 from finetune_trainer.errors import OutOfMemory
 
@@ -54,12 +54,6 @@ def is_oom(err: BaseException) -> bool:
     import torch
 
     return isinstance(err, torch.OutOfMemoryError)
-
-
-def describe(rung: MemoryRung) -> str:
-    """`micro-batch 4 x 4 accumulation, gradient checkpointing on`"""
-    return (f"micro-batch {rung.micro_batch} x {rung.grad_accum} accumulation, gradient checkpointing "
-            f"{'on' if rung.gradient_checkpointing else 'off'}")
 
 
 def free_memory(accelerator: Any = None) -> None:
