@@ -593,13 +593,13 @@ async def reconcile(
             _schedule(rt, body, outcome)
 
 
-async def after_oom_kill(rt: Runtime, namespace: str, owner: str, pod: Mapping[str, Any], logger: Any) -> None:
+async def after_oom_kill(rt: Runtime, namespace: str, owner: str, pod: Mapping[str, Any],
+                         term: Mapping[str, Any], logger: Any) -> None:
     """A training pod ran out of memory (OOMKilled, or the trainer's retryable `OutOfMemory`): step the job's
     config snapshot one rung down the ladder, so the replacement pod (the Job controller waits 10 s or more
-    before it) starts there (`oomkill`)."""
-    term = oomkill.killed_container(pod, render.CONTAINER_NAME)
+    before it) starts there (`oomkill`). `term`: the container's terminated state (`oomkill.killed_container`)."""
     name = oomkill.config_map_name(pod)
-    if term is None or name is None:
+    if name is None:
         return
     url = f"/api/v1/namespaces/{namespace}/configmaps/{name}"
     ftj = await rt.kube.get(ftj_url(namespace, owner))
@@ -893,10 +893,11 @@ async def on_pod_event(type: str, body: kopf.Body, memo: kopf.Memo, logger: Any,
         state.pods.add(str(body.metadata.name))
     state.settled = False  # the trainer may have written its report: read it on the next pass
     try:
-        if type != "DELETED" and oomkill.killed_container(body, render.CONTAINER_NAME) is not None:
+        term = None if type == "DELETED" else oomkill.killed_container(body, render.CONTAINER_NAME)
+        if term is not None:
             try:
                 async with rt.lock(namespace, owner):
-                    await after_oom_kill(rt, namespace, owner, body, logger)
+                    await after_oom_kill(rt, namespace, owner, body, term, logger)
             except kube.ApiError as err:  # the pass below still runs; the next OOMKilled event tries again
                 logger.warning(f"stepping down after an OOMKilled pod failed: {err}")
         await reconcile(rt, namespace, owner, logger, f"Pod {type or 'event'}")
