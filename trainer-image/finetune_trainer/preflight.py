@@ -172,11 +172,8 @@ def _hf_failure(err: BaseException) -> bool:
 
 
 def _architecture(arch: Architecture) -> PreflightArchitecture:
-    return PreflightArchitecture(
-        parameters=arch.parameters, parameters_source=arch.parameters_source, layers=arch.layers,
-        hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size, vocab_size=arch.vocab_size,
-        attention_heads=arch.attention_heads, kv_heads=arch.kv_heads, head_dim=arch.head_dim,
-        tied_embeddings=arch.tied_embeddings, dtype=arch.dtype, model_type=arch.model_type)
+    """The wire form: every field of `PreflightArchitecture` taken from the `Architecture` of the same name."""
+    return PreflightArchitecture(**{name: getattr(arch, name) for name in PreflightArchitecture.model_fields})
 
 
 def read_model(uri: str, revision: str | None, cache: Path, work: Path) -> tuple[Architecture, Path]:
