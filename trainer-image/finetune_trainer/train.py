@@ -416,27 +416,29 @@ class Run:
     # -- the loop ----------------------------------------------------------------------------------
 
     def _stop_agreed(self, flag: StopFlag) -> bool:
-        return self._agreed(flag.requested)[0]
+        return self._agreed(flag.requested)
 
-    def _agreed(self, *wanted: bool) -> tuple[bool, ...]:
-        """Each flag true on every rank when it is true on any (so all stop after the same step), in one
-        collective whatever the number of flags."""
+    def _agreed(self, wanted: bool) -> bool:
+        """True on every rank when it is true on any (so all stop after the same step)."""
         if self.world == 1:
             return wanted
         import torch
 
-        value = torch.tensor([1.0 if w else 0.0 for w in wanted], device=self.accelerator.device)
-        return tuple(v > 0 for v in self.accelerator.reduce(value, "max").tolist())
+        value = torch.tensor([1.0 if wanted else 0.0], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, "max").item() > 0)
 
     def gpu_hours(self) -> float:
         """GPU-hours used by every attempt so far: earlier attempts up to their last checkpoint, plus this
         process's wall time times the number of training processes (one per GPU)."""
         return ((self._gpu_base or 0.0) + (time.monotonic() - self._started) * self.world) / 3600
 
-    def _budget_reached(self) -> bool:
-        """On this rank's clock (`_agreed` makes it every rank's)."""
+    def _over_budget(self) -> bool:
+        """Whether any rank's clock reached spec.budget.maxGpuHours (agreed, so all stop after the same step).
+        Without a budget, which every rank's spec says alike, no collective is run: the step loop pays nothing."""
         budget = self.spec.budget
-        return budget is not None and self.gpu_hours() >= budget.max_gpu_hours
+        if budget is None:
+            return False
+        return self._agreed(self.gpu_hours() >= budget.max_gpu_hours)
 
     def _train(self, per_rank: int, total_steps: int) -> float | None:
         import torch
@@ -519,9 +521,9 @@ class Run:
                                          gpu_hours=round(self.gpu_hours(), 6))
                     window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
 
-                # The budget is checked after the step, so a run always makes progress it can keep; one
-                # collective for both questions, as before the budget.
-                stop, spent = self._agreed(flag.requested, state.step < total_steps and self._budget_reached())
+                stop = self._stop_agreed(flag)
+                # The budget is checked after the step, so a run always makes progress it can keep.
+                spent = state.step < total_steps and self._over_budget()
                 if state.step % every == 0 or state.step == total_steps or stop or spent:
                     self._checkpoint(keep)
                     self._oom_window = False
