@@ -9,6 +9,10 @@ Types (each is `True`, `False` or `Unknown`):
 - `Planned`: the sizing plan exists (status.plan). False/PlanningFailed says why it cannot.
 - `Created`: the ConfigMap, Service and Job exist and are ours. False/ForeignChild names an object of
   the same name that something else controls (it is left alone).
+- `PreflightPassed` (when the operator runs the CPU pre-flight, `finetune_operator.preflight`): Unknown/
+  PreflightRunning while it runs, True/PreflightSucceeded once the model, data and output checked out (the plan
+  is then completed from its counts), False with its reason (DataInvalid, ModelUnreadable, OutputNotWritable,
+  PreflightFailed) when they did not: no GPU Job is ever created.
 - `PilotPassed` (only with spec.pilot): Unknown/PilotRunning while the LoRA pilot runs, True/PilotGatesPassed
   once its Job completed with pilot.gates held (the main Job is created then), False/PilotGatesFailed or
   False/PilotFailed when it did not (no main Job is ever created).
@@ -20,7 +24,8 @@ Types (each is `True`, `False` or `Unknown`):
 - `Complete`: True/TrainingSucceeded when the Job completed. Terminal.
 - `Failed`: True with the failure reason (InvalidSpec, PlanningFailed, BackoffLimitExceeded,
   DeadlineExceeded, GatesFailed, TrainerConfigError, the trainer's own reason such as InvalidData,
-  PilotGatesFailed, PilotFailed, ...).
+  PilotGatesFailed, PilotFailed, the pre-flight's reasons, BudgetExceeded: refused before start when the
+  estimate exceeds spec.budget.maxGpuHours, or stopped by the trainer when the cap was reached, ...).
   Terminal.
 - `HallucinationHigh`: only for jobs without spec.retrieval, once the fine-tuned model is evaluated.
   True/HallucinationAboveThreshold when its hallucination score is above evaluation.hallucinationThreshold
@@ -37,6 +42,7 @@ from typing import Any
 VALID = "Valid"
 PLANNED = "Planned"
 CREATED = "Created"
+PREFLIGHT_PASSED = "PreflightPassed"
 PILOT_PASSED = "PilotPassed"
 QUEUED = "Queued"
 RUNNING = "Running"
@@ -46,7 +52,7 @@ FAILED = "Failed"
 HALLUCINATION_HIGH = "HallucinationHigh"
 
 #: Display order in status.conditions (also the order `kubectl describe` shows them).
-TYPES: tuple[str, ...] = (VALID, PLANNED, CREATED, PILOT_PASSED, QUEUED, RUNNING, SUSPENDED, COMPLETE, FAILED,
+TYPES: tuple[str, ...] = (VALID, PREFLIGHT_PASSED, PLANNED, CREATED, PILOT_PASSED, QUEUED, RUNNING, SUSPENDED, COMPLETE, FAILED,
                           HALLUCINATION_HIGH)
 
 TRUE = "True"
@@ -77,6 +83,13 @@ GATES_FAILED = "GatesFailed"
 TRAINER_CONFIG_ERROR = "TrainerConfigError"
 JOB_FAILED = "JobFailed"
 SPEC_IMMUTABLE = "SpecImmutable"
+PREFLIGHT_RUNNING = "PreflightRunning"
+PREFLIGHT_SUCCEEDED = "PreflightSucceeded"
+#: The pre-flight's verdicts (`finetune_operator.preflight`), and its failure without one.
+DATA_INVALID = "DataInvalid"
+MODEL_UNREADABLE = "ModelUnreadable"
+OUTPUT_NOT_WRITABLE = "OutputNotWritable"
+PREFLIGHT_FAILED = "PreflightFailed"
 PILOT_RUNNING = "PilotRunning"
 PILOT_GATES_PASSED = "PilotGatesPassed"
 PILOT_GATES_FAILED = "PilotGatesFailed"
@@ -99,6 +112,11 @@ TERMINAL_FAILURE_REASONS = frozenset(
         JOB_FAILED,
         PILOT_GATES_FAILED,
         PILOT_FAILED,
+        DATA_INVALID,
+        MODEL_UNREADABLE,
+        OUTPUT_NOT_WRITABLE,
+        PREFLIGHT_FAILED,
+        BUDGET_EXCEEDED,
     }
 )
 

@@ -84,9 +84,9 @@ class TrainerConfig(_Model):
     plan: Plan = Field(description="The sizing plan.")
     spec: FineTuneJobSpec = Field(description="The full spec with every default filled in.")
     image: str | None = Field(default=None, description="Trainer image (recorded in provenance).")
-    stage: Literal["pilot"] | None = Field(
+    stage: Literal["pilot", "preflight"] | None = Field(
         default=None, description="`pilot` for the LoRA pilot of spec.pilot (its spec is the derived pilot run); "
-        "unset for the main run.")
+        "`preflight` for the CPU pre-flight's snapshot (its plan is the preliminary one); unset for the main run.")
     adjustments: list[Adjustment] = Field(
         default_factory=list, max_length=16,
         description="Out-of-memory adjustments made before this pod, oldest first (the operator adds one after a pod "
@@ -253,7 +253,7 @@ def lower(a: MemoryRung, b: MemoryRung) -> MemoryRung:
     return min(a, b, key=lambda r: (r.micro_batch, not r.gradient_checkpointing))
 
 
-def resolve(job: FineTuneJob, plan: Plan, image: str | None = None, stage: Literal["pilot"] | None = None) -> TrainerConfig:
+def resolve(job: FineTuneJob, plan: Plan, image: str | None = None, stage: Literal["pilot", "preflight"] | None = None) -> TrainerConfig:
     """Freeze a job into the trainer's config snapshot."""
     spec = job.spec.model_copy(deep=True)
     spec.method = plan.method  # `auto` resolved once, here

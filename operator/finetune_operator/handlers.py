@@ -10,6 +10,10 @@ a fresh read of the object:
    nothing is created;
 2. plan it (`sizing.plan`, kept in status.plan; a plan already in the status wins, so an operator
    upgrade never re-sizes a running job);
+   the CPU pre-flight stage first (`finetune_operator.preflight`, unless FT_PREFLIGHT=false): its ConfigMap
+   and Job are made sure of like any stage's children (step 3), and when its Job finished its result is read
+   and the plan completed from it; that plan is written to the status before the pass goes on to the GPU
+   stage (pilot or main) in the same pass, or the job ends Failed (the pre-flight's reason, BudgetExceeded);
 3. make sure the children exist (ConfigMap, Service, Job, in that order): read each and create it when
    missing (a FineTuneJob without a status yet has never had a pass: its children are created without a
    read first); on 409 read it again. An existing child whose controller owner reference is this
@@ -49,7 +53,9 @@ owner through garbage collection.
 
 What a FineTuneJob costs the API server: from create to its first status, its three children, one
 status write, one event, and kopf's annotation patch (its create handler done): 6 requests, no reads
-(bench/operator_scale_bench.py counts them in the audit log). The first pass of an object uses the body
+(bench/operator_scale_bench.py counts them in the audit log, with FT_PREFLIGHT=false). The pre-flight
+stage changes the first pass to its ConfigMap and Job, one status write, one event and kopf's patch (5);
+its Job's completion then costs one S3 read, two status writes and the three children. The first pass of an object uses the body
 kopf hands the create or resume handler (nothing of ours wrote it since kopf read it); later passes read
 it under the object's lock. A Job event runs a pass only when it changes what the status reads from the
 Job (`refresh.job_view`): the watch's echo of the operator's create and the controller's bookkeeping on a
@@ -78,7 +84,7 @@ import os
 import secrets
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -88,6 +94,7 @@ from pydantic import ValidationError
 from finetune_operator import contract, kube, oomkill, refresh, render, sizing
 from finetune_operator import metrics as metrics_mod
 from finetune_operator import pilot as pilot_mod
+from finetune_operator import preflight as preflight_mod
 from finetune_operator import status as status_mod
 from finetune_operator.manifests import issues_from_validation
 from finetune_operator.progress import ReportReader, report_location
@@ -430,16 +437,42 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
         await _write(api, rt, body, new)
         return refresh.Outcome(phase=new.get("phase"), awaiting_artifacts=awaiting and not new.get("artifacts"))
 
+    state = rt.job_state(meta["namespace"], meta["name"])
+    checking = _preflight_runs(rt, body)
     plan = _existing_plan(body)
     if plan is None:
         try:
             plan = sizing.plan(job.spec)
+        except sizing.SizeUnknown as err:
+            if not checking:  # nothing will read the size from the model's files
+                new = status_mod.compute_status(body, plan=None, planning_error=str(err), now=now)
+                await _write(api, rt, body, new)
+                return refresh.Outcome(phase=new.get("phase"))
         except sizing.PlanningError as err:
             new = status_mod.compute_status(body, plan=None, planning_error=str(err), now=now)
             await _write(api, rt, body, new)
             return refresh.Outcome(phase=new.get("phase"))
 
-    state = rt.job_state(meta["namespace"], meta["name"])
+    if checking:
+        # The CPU pre-flight first: no GPU Job until the model, data and output checked out. Once it passed,
+        # the completed plan is written before any GPU Job exists, and this pass goes on with it.
+        view = await _preflight_pass(api, rt, body, job, plan, logger, state)
+        new = status_mod.compute_status(body, plan=plan, preflight=view, now=now)
+        passed = (new.get("preflight") or {}).get("phase") == status_mod.SUCCEEDED and new.get("phase") not in \
+            status_mod.TERMINAL_PHASES
+        await _write(api, rt, body, new)
+        if not passed:
+            return refresh.Outcome(
+                phase=new.get("phase"),
+                children_ready=view.children.job is not None and not view.children.foreign
+                and not (view.readable and view.result is None and _condition_of(view.children.job, "Complete")),
+            )
+        logger.info(f"the pre-flight of {meta['name']} passed; planning from its result")
+        body = {**body, "status": new}
+        old_status = new
+        plan = _existing_plan(body)
+    assert plan is not None  # an unknown size failed above, unless the pre-flight read it (then it is planned)
+
     pilot_view: status_mod.PilotView | None = None
     if job.spec.pilot is not None and (old_status.get("pilot") or {}).get("phase") != status_mod.SUCCEEDED:
         # The pilot stage first: the main Job (and its large GPU request) only after the pilot's Job completed.
@@ -469,6 +502,85 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
         pods_active=refresh.pods_active(children.pods),
         report_changed=refresh.report_changed(old_status, new),
     )
+
+
+def _preflight_runs(rt: Runtime, body: Mapping[str, Any]) -> bool:
+    """Whether this pass is in the pre-flight stage: the operator runs pre-flights, this job's has not passed,
+    and it is this job's first stage (a job that got its GPU Job before pre-flights were turned on keeps
+    going without one)."""
+    if not rt.settings.preflight:
+        return False
+    status = body.get("status") or {}
+    checked = status.get("preflight")
+    if checked:
+        return bool(checked.get("phase") != status_mod.SUCCEEDED)
+    return not status.get("stage") and not _condition_true(body, "Created")
+
+
+async def _preflight_pass(api: kube.Kube, rt: Runtime, body: dict[str, Any], job: FineTuneJob, plan: Plan | None,
+                          logger: Any, state: JobState) -> status_mod.PreflightView:
+    """What the pre-flight stage looks like now: its children (created when missing), its Job's suspension
+    (applied), and once the Job finished its result (`<output.uri>/preflight.json`) and the plan completed
+    from it (`preflight.complete_plan`)."""
+    meta = body.get("metadata") or {}
+    stage = preflight_mod.STAGE
+    placeholder = preflight_mod.placeholder_plan(job.spec)
+    children = await ensure_children(api, rt, body, job, placeholder, logger, stage)
+    job_obj = dict(children.job) if children.job is not None else None
+    state.job_view = refresh.job_view(job_obj)
+    output_uri = job.spec.output.uri
+    where = report_location(output_uri, contract.PREFLIGHT_KEY)
+    result_uri = output_uri.rstrip("/") + "/" + contract.PREFLIGHT_KEY
+    view = status_mod.PreflightView(children=children, readable=where is not None, result_uri=result_uri)
+    if job_obj is None:
+        return view
+    if not _job_finished(job_obj):
+        job_obj = await _apply_suspend(api, job, job_obj, logger, stage)
+        state.job_view = refresh.job_view(job_obj)
+        return replace(view, children=replace(children, job=job_obj))
+    result = await asyncio.to_thread(rt.reader.read_preflight, output_uri) if where is not None else None
+    if result is not None and not _written_since(result.checked_at, meta.get("creationTimestamp")):
+        result = None  # an earlier job's, at the same output URI
+    pods: list[dict[str, Any]] = []
+    if _condition_of(job_obj, "Failed") and (result is None or result.ok):
+        # No verdict in a result: the pod's termination message says what happened.
+        selector = ",".join(f"{k}={v}" for k, v in render.pod_selector(job, stage).items())
+        pods = await api.list(f"/api/v1/namespaces/{meta['namespace']}/pods", label_selector=selector)
+    completed: Plan | None = None
+    error: str | None = None
+    if result is not None and result.ok:
+        try:
+            completed = preflight_mod.complete_plan(job.spec, result)
+        except sizing.PlanningError as err:
+            error = str(err)
+    elif result is None and where is None and plan is None:
+        error = str(sizing.SizeUnknown(job.spec.base_model.uri)) + (
+            f" (the pre-flight read it, but the operator cannot read {result_uri})")
+    return replace(view, children=replace(children, job=job_obj, pods=pods), result=result, plan=completed,
+                   planning_error=error)
+
+
+def _written_since(checked_at: str, created: str | None) -> bool:
+    if not created:
+        return True
+    try:
+        return datetime.fromisoformat(checked_at.replace("Z", "+00:00")) >= datetime.fromisoformat(
+            created.replace("Z", "+00:00"))
+    except ValueError:
+        return True
+
+
+async def _apply_suspend(api: kube.Kube, job: FineTuneJob, job_obj: dict[str, Any], logger: Any,
+                         stage: str | None) -> dict[str, Any]:
+    """Bring a stage's unfinished Job's suspension to spec.suspend (not for Kueue's Jobs: Kueue owns it)."""
+    desired = bool(job.spec.suspend)
+    if bool((job_obj.get("spec") or {}).get("suspend")) == desired:
+        return job_obj
+    name = render.child_names(job.metadata.name, stage).job
+    job_url = f"/apis/batch/v1/namespaces/{job.metadata.namespace}/jobs/{name}"
+    patched = await api.patch(job_url, {"spec": {"suspend": desired}})
+    logger.info(f"{'suspended' if desired else 'resumed'} Job {name}")
+    return dict(patched)
 
 
 async def _pilot_pass(api: kube.Kube, rt: Runtime, body: dict[str, Any], job: FineTuneJob, logger: Any,
@@ -506,12 +618,8 @@ async def _observe_stage(
     kueue = _kueue_managed(body, job_obj)
     pods: list[dict[str, Any]] = []
     if job_obj is not None:
-        desired = bool(job.spec.suspend)
-        if not kueue and not _job_finished(job_obj) and bool((job_obj.get("spec") or {}).get("suspend")) != desired:
-            name = render.child_names(job.metadata.name, stage).job
-            job_url = f"/apis/batch/v1/namespaces/{meta['namespace']}/jobs/{name}"
-            job_obj = await api.patch(job_url, {"spec": {"suspend": desired}})
-            logger.info(f"{'suspended' if desired else 'resumed'} Job {name}")
+        if not kueue and not _job_finished(job_obj):
+            job_obj = await _apply_suspend(api, job, job_obj, logger, stage)
         suspended = bool((job_obj.get("spec") or {}).get("suspend")) and not _job_finished(job_obj)
         if not refresh.skip_pods(suspended, len(state.pods)):
             # The main stage's selector also matches the pilot's pods: each stage keeps its own.

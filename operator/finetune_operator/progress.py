@@ -1,4 +1,5 @@
-"""Reading the trainer's progress report (`<output.uri>/status/report.json`) from the operator.
+"""Reading the trainer's progress report (`<output.uri>/status/report.json`), and the CPU pre-flight's result
+(`<output.uri>/preflight.json`), from the operator.
 
 The trainer's rank 0 rewrites the report after every logging step, checkpoint and phase change
 (`contract.TrainerReport`). The operator reads it on each status refresh to fill status.progress,
@@ -10,7 +11,8 @@ Where the operator's S3 access comes from (the operator's own identity, never a 
 - region: `FT_S3_REGION`, else `AWS_REGION` / `AWS_DEFAULT_REGION` (boto3's chain);
 - credentials: boto3's default chain in the operator pod: `AWS_ACCESS_KEY_ID`/`AWS_SECRET_ACCESS_KEY`,
   IRSA / EKS Pod Identity web-identity tokens, instance metadata. The operator needs `s3:GetObject` on
-  `<output prefix>/status/report.json` of the jobs it should show progress for.
+  `<output prefix>/status/report.json` and `<output prefix>/preflight.json` of the jobs it should show progress
+  for (and plan from).
 
 Reading never raises: a missing report (the trainer has not started) gives None quietly; any other
 failure (access denied, endpoint down, a malformed report) gives None and is logged once per output URI
@@ -29,10 +31,10 @@ import threading
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from finetune_operator import uris
-from finetune_operator.contract import REPORT_KEY, TrainerReport
+from finetune_operator.contract import PREFLIGHT_KEY, REPORT_KEY, PreflightResult, TrainerReport
 
 log = logging.getLogger(__name__)
 
@@ -41,13 +43,14 @@ MAX_REPORT_BYTES = 4 * 1024 * 1024
 _MISSING = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
 
 
-def report_location(output_uri: str) -> tuple[str, str] | None:
-    """(bucket, key) of the report for an s3:// output, None for outputs the operator cannot read."""
+def report_location(output_uri: str, name: str = REPORT_KEY) -> tuple[str, str] | None:
+    """(bucket, key) of the report (or another object `name` under the output, such as the pre-flight's
+    result) for an s3:// output, None for outputs the operator cannot read."""
     parsed = uris.parse(output_uri, ("s3", "pvc"))
     if parsed.scheme != "s3":
         return None
     prefix = parsed.path.strip("/")
-    return parsed.authority, f"{prefix}/{REPORT_KEY}" if prefix else REPORT_KEY
+    return parsed.authority, f"{prefix}/{name}" if prefix else name
 
 
 class ReportReader:
@@ -99,10 +102,19 @@ class ReportReader:
 
     def read(self, output_uri: str) -> TrainerReport | None:
         """The report of the job writing to `output_uri`, or None (see the module docstring)."""
+        found = self._read(output_uri, REPORT_KEY, TrainerReport, "progress report")
+        return found if isinstance(found, TrainerReport) else None
+
+    def read_preflight(self, output_uri: str) -> PreflightResult | None:
+        """The CPU pre-flight's result (`<output_uri>/preflight.json`), or None, as `read`."""
+        found = self._read(output_uri, PREFLIGHT_KEY, PreflightResult, "pre-flight result")
+        return found if isinstance(found, PreflightResult) else None
+
+    def _read(self, output_uri: str, name: str, model: type[BaseModel], what: str) -> BaseModel | None:
         try:
-            where = report_location(output_uri)
+            where = report_location(output_uri, name)
         except ValueError as err:
-            self._warn_once(output_uri, "uri", f"cannot read the progress report of {output_uri!r}: {err}")
+            self._warn_once(output_uri, "uri", f"cannot read the {what} of {output_uri!r}: {err}")
             return None
         if where is None:
             return None
@@ -129,17 +141,17 @@ class ReportReader:
             self._warn_once(output_uri, "size", f"s3://{bucket}/{key} is larger than {MAX_REPORT_BYTES} bytes")
             return None
         try:
-            report = TrainerReport.model_validate_json(data)
+            found = model.model_validate_json(data)
         except ValidationError as err:
             first = err.errors()[0]
             where_bad = ".".join(str(p) for p in first["loc"]) or "(document)"
             self._warn_once(
-                output_uri, "invalid", f"s3://{bucket}/{key} is not a valid report: {where_bad}: {first['msg']}"
+                output_uri, "invalid", f"s3://{bucket}/{key} is not a valid {what.removeprefix('progress ')}: {where_bad}: {first['msg']}"
             )
             return None
         with self._lock:
             self._warned.pop(output_uri, None)
-        return report
+        return found
 
     def _warn_once(self, uri: str, kind: str, message: str) -> None:
         with self._lock:

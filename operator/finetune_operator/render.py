@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from typing import Any
 
-from finetune_operator import contract, uris
+from finetune_operator import contract, preflight, uris
 from finetune_operator.settings import OperatorSettings
 from finetune_operator.spec import API_VERSION, KIND, FineTuneJob, ObjectMeta, Plan
 
@@ -99,11 +99,14 @@ def child_names(job_name: str, stage: str | None = None) -> ChildNames:
     longest pod host name `<job>-<index>` (sizing caps a run at 4096 GPUs, so index <= 4095), fit in 63.
 
     `stage="pilot"`: `<name>-pilot-config` (a ConfigMap name may have 253 characters) and `<name>-pilot`
-    (58 at most: pod host names fit 63 up to index 9999; a LoRA pilot has a node or two)."""
+    (58 at most: pod host names fit 63 up to index 9999; a LoRA pilot has a node or two).
+    `stage="preflight"`: `<name>-preflight-config` and the Job `<name>-preflight` (62 at most; no Service)."""
     if stage is not None:
         base = f"{job_name}-{stage}"
         names = ChildNames(config_map=f"{base}-config", service=base, job=base)
-        assert len(base) <= MAX_DNS_LABEL - 5, f"child name {base!r} is too long"
+        # The pre-flight's one non-indexed pod has a generated name: only the Job name (a label value) counts.
+        longest = MAX_DNS_LABEL if stage == preflight.STAGE else MAX_DNS_LABEL - 5
+        assert len(base) <= longest, f"child name {base!r} is too long"
         return names
     names = ChildNames(config_map=f"{job_name}-config", service=job_name, job=job_name)
     for name in (names.config_map, names.service, names.job):
@@ -136,7 +139,8 @@ def labels(job: FineTuneJob, stage: str | None = None) -> dict[str, str]:
 def pod_selector(job: FineTuneJob, stage: str | None = None) -> dict[str, str]:
     """Labels that select the training pods of a job (the Service's selector). The main stage's also
     matches the pilot's pods (it predates stages; `stage_of` tells them apart), the pilot's only its own."""
-    selector = {LABEL_JOB: job.metadata.name, LABEL_COMPONENT: COMPONENT_TRAINER}
+    component = preflight.COMPONENT if stage == preflight.STAGE else COMPONENT_TRAINER
+    selector = {LABEL_JOB: job.metadata.name, LABEL_COMPONENT: component}
     if stage is not None:
         selector[LABEL_STAGE] = stage
     return selector
@@ -189,7 +193,8 @@ def render_config_map(job: FineTuneJob, plan: Plan, settings: OperatorSettings,
                       stage: str | None = None) -> dict[str, Any]:
     """The ConfigMap holding the trainer's config snapshot."""
     names = child_names(job.metadata.name, stage)
-    snapshot = contract.resolve(job, plan, trainer_image(job, settings), "pilot" if stage == "pilot" else None)
+    snapshot = contract.resolve(job, plan, trainer_image(job, settings),
+                                "pilot" if stage == "pilot" else "preflight" if stage == preflight.STAGE else None)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -546,11 +551,77 @@ def render_job(job: FineTuneJob, plan: Plan, settings: OperatorSettings, stage: 
     }
 
 
+def render_preflight_job(job: FineTuneJob, settings: OperatorSettings) -> dict[str, Any]:
+    """The CPU pre-flight's Job (`finetune_operator.preflight`): one pod of the trainer image running the
+    checks, with the training pods' secrets, volumes, security and service account, and no GPU."""
+    stage = preflight.STAGE
+    names = child_names(job.metadata.name, stage)
+    spec = job.spec
+    pod_security, container_security = _pod_security(settings)
+    volumes, mounts = _volumes(job, settings, stage)
+    # No /dev/shm: there are no collectives or data-loader workers.
+    volumes = [v for v in volumes if v["name"] != VOLUME_SHM]
+    mounts = [m for m in mounts if m["name"] != VOLUME_SHM]
+    keep = {contract.ENV_CONFIG, contract.ENV_OUTPUT_URI, contract.ENV_CACHE_DIR, contract.ENV_PVC_ROOT, "HOME",
+            "TMPDIR", "HF_HOME", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"}
+    env = [e for e in _env(job, preflight.placeholder_plan(spec), settings, stage) if e["name"] in keep]
+    requests = {"cpu": settings.preflight_cpu, "memory": settings.preflight_memory}
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": trainer_image(job, settings),
+        "imagePullPolicy": settings.image_pull_policy,
+        "command": list(preflight.COMMAND),
+        "env": env,
+        # Small and bounded: it reads headers, a tokenizer and the data files, never the weights.
+        "resources": {"requests": requests, "limits": {k: _scale(v, 2) for k, v in requests.items()}},
+        "volumeMounts": mounts,
+        "securityContext": container_security,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    }
+    env_from = [{"secretRef": {"name": name}} for name in secret_names(job, settings)]
+    if env_from:
+        container["envFrom"] = env_from
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": pod_security,
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if spec.service_account_name:
+        pod_spec["serviceAccountName"] = spec.service_account_name
+    pod_labels = {**labels(job, stage), LABEL_COMPONENT: preflight.COMPONENT}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": _metadata(job, names.job, stage=stage),
+        "spec": {
+            "completions": 1,
+            "parallelism": 1,
+            "backoffLimit": preflight.BACKOFF_LIMIT,
+            "activeDeadlineSeconds": settings.preflight_deadline_seconds,
+            # spec.suspend holds every pod of the job, this one too; Kueue is not involved (no GPU, no quota).
+            "suspend": bool(spec.suspend),
+            "ttlSecondsAfterFinished": settings.job_ttl_seconds,
+            "podFailurePolicy": _pod_failure_policy(),
+            "podReplacementPolicy": "Failed",
+            "template": {"metadata": {"labels": pod_labels}, "spec": pod_spec},
+        },
+    }
+
+
 def render_children(job: FineTuneJob, plan: Plan, settings: OperatorSettings,
                     stage: str | None = None) -> list[dict[str, Any]]:
     """All children in creation order: ConfigMap, Service, Job (the Job's pods need the other two).
 
-    `stage="pilot"`: the pilot stage's, rendered from `pilot.pilot_job(job)` and its plan."""
+    `stage="pilot"`: the pilot stage's, rendered from `pilot.pilot_job(job)` and its plan.
+    `stage="preflight"`: the pre-flight's ConfigMap and Job (`plan` is ignored: `preflight.placeholder_plan`)."""
+    if stage == preflight.STAGE:
+        return [
+            render_config_map(job, preflight.placeholder_plan(job.spec), settings, stage),
+            render_preflight_job(job, settings),
+        ]
     return [
         render_config_map(job, plan, settings, stage),
         render_service(job, plan, settings, stage),

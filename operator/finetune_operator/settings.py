@@ -82,6 +82,17 @@ class OperatorSettings:
     #: FT_TERMINATION_GRACE_SECONDS: time a training pod gets between SIGTERM (preemption, eviction,
     #: suspend) and SIGKILL to save a checkpoint. Kubernetes' default of 30s is too short for large models.
     termination_grace_seconds: int = 300
+    #: FT_PREFLIGHT: run the CPU pre-flight Job (`finetune_operator.preflight`) before a job's first GPU Job.
+    #: `false` creates the training Job at once (no data check, plan from the model's size, no budget
+    #: refusal before start).
+    preflight: bool = True
+    #: FT_PREFLIGHT_CPU / FT_PREFLIGHT_MEMORY: requests of the pre-flight pod (its limits are twice them).
+    #: It reads config, tokenizer and safetensors headers, and parses the data files with the trainer's
+    #: readers (every row of every file is held in memory once, as the trainer does).
+    preflight_cpu: str = "1"
+    preflight_memory: str = "2Gi"
+    #: FT_PREFLIGHT_DEADLINE_SECONDS: the pre-flight Job's activeDeadlineSeconds.
+    preflight_deadline_seconds: int = 900
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -150,11 +161,20 @@ class OperatorSettings:
             ("FT_MEMORY_PER_PROCESS", "memory_per_process"),
             ("FT_CACHE_SIZE", "cache_size"),
             ("FT_SHM_SIZE", "shm_size"),
+            ("FT_PREFLIGHT_CPU", "preflight_cpu"),
+            ("FT_PREFLIGHT_MEMORY", "preflight_memory"),
         ):
             quantity = get(var)
             if quantity is not None:
                 _check(_QUANTITY.match(quantity) is not None, var, quantity, "a Kubernetes quantity like 4, 500m or 32Gi")
                 values[attr] = quantity
+        preflight = get("FT_PREFLIGHT")
+        if preflight is not None:
+            _check(preflight.lower() in _TRUE | _FALSE, "FT_PREFLIGHT", preflight, "true or false")
+            values["preflight"] = preflight.lower() in _TRUE
+        values["preflight_deadline_seconds"] = _int(
+            get("FT_PREFLIGHT_DEADLINE_SECONDS"), "FT_PREFLIGHT_DEADLINE_SECONDS", 30, 86_400,
+            defaults["preflight_deadline_seconds"])
         values["run_as_user"] = _int(get("FT_RUN_AS_USER"), "FT_RUN_AS_USER", 1, 2_147_483_647, defaults["run_as_user"])
         values["termination_grace_seconds"] = _int(
             get("FT_TERMINATION_GRACE_SECONDS"), "FT_TERMINATION_GRACE_SECONDS", 1, 86_400,
@@ -180,6 +200,10 @@ class OperatorSettings:
             "FT_SHM_SIZE": self.shm_size,
             "FT_RUN_AS_USER": str(self.run_as_user),
             "FT_TERMINATION_GRACE_SECONDS": str(self.termination_grace_seconds),
+            "FT_PREFLIGHT": "true" if self.preflight else "false",
+            "FT_PREFLIGHT_CPU": self.preflight_cpu,
+            "FT_PREFLIGHT_MEMORY": self.preflight_memory,
+            "FT_PREFLIGHT_DEADLINE_SECONDS": str(self.preflight_deadline_seconds),
         }
         for var, value in (
             ("FT_S3_ENDPOINT", self.s3_endpoint),

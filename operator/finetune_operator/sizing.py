@@ -100,6 +100,27 @@ class PlanningError(ValueError):
         self.message = message
 
 
+class SizeUnknown(PlanningError):
+    """Neither spec.baseModel.parameters nor the model's name gives its size, and no architecture was read:
+    the operator's pre-flight (or `finetune plan --inspect`) reads it from the model's files."""
+
+    def __init__(self, uri: str):
+        super().__init__(
+            "spec.baseModel.parameters",
+            f"the model size cannot be read from uri {uri!r}; set spec.baseModel.parameters, e.g. '7B'")
+
+
+def nominal_billions(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> float:
+    """The size planning uses, in billions: the spec's (parameters, else the name), else the architecture's
+    exact count. Raises `SizeUnknown` without either."""
+    p_b = spec.base_model.parameters_billion()
+    if p_b is not None:
+        return p_b
+    if architecture is not None:
+        return architecture.parameters / 1e9
+    raise SizeUnknown(spec.base_model.uri)
+
+
 @dataclass(frozen=True)
 class MemoryEstimate:
     """The memory model's parts, in GiB, for one configuration."""
@@ -188,7 +209,7 @@ def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod,
 
     `architecture`: the model's real shape and exact parameter count (read from its files) instead of
     `shape`'s guess from the spec's parameter count."""
-    dims = Dims.of(architecture) if architecture else Dims.guess(spec.base_model.parameters_billion())
+    dims = Dims.of(architecture) if architecture else Dims.guess(nominal_billions(spec))
     p, hidden, layers, vocab = dims.parameters, dims.hidden, dims.layers, dims.vocab
     hp = spec.hyperparameters
     bytes_16 = 4 if hp.precision == "fp32" else 2
@@ -289,7 +310,7 @@ def _short_path(path: str) -> str:
     return path if len(path) <= 200 else "..." + path[-200:]
 
 
-def _shape_words(arch: Architecture) -> str:
+def shape_words(arch: Architecture) -> str:
     """The architecture in a few words for a plan's reason."""
     kv = f"{arch.kv_heads} of {arch.attention_heads} KV heads" if arch.kv_heads != arch.attention_heads else "MHA"
     return (f"hidden {arch.hidden_size}, {arch.layers} layers, MLP {arch.intermediate_size}, {kv}, vocabulary "
@@ -302,8 +323,8 @@ def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Pla
     `architecture` (read from the model's files by `finetune plan --inspect`) refines the memory model; the
     model-size table still decides the spec's nominal 7B, 13B and 70B sizes."""
     method, method_reason = resolve_method(spec)
+    p_b = nominal_billions(spec, architecture)
     mem = estimate_memory(spec, method, architecture)
-    p_b = spec.base_model.parameters_billion()
     res = spec.resources
     warnings: list[str] = []
     size = f"{p_b:g}B"
@@ -376,7 +397,7 @@ def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Pla
             if architecture is not None:
                 sized_by += f" with the architecture read from {_short_path(architecture.path)}/config.json" + (
                     " and the safetensors headers" if architecture.parameters_source == "safetensors headers" else "")
-                sized_by += f" ({_shape_words(architecture)})"
+                sized_by += f" ({shape_words(architecture)})"
             reason = (
                 f"{method_reason}; {size} {method} is not in the model-size table, so {sized_by}: "
                 f"{parts}; {_fmt(mem.per_gpu(gpus))} GiB per GPU on {gpus} GPU(s) -> {gpus}x{gib}GiB, "

@@ -123,9 +123,10 @@ class BaseModelSpec(_Model):
     )
     parameters: str | None = Field(
         default=None,
-        description="Parameter count used for sizing, such as `7B`, `13B`, `70B`, `1.1B` or `350M`. Required "
-        "when the size cannot be read from the URI; `finetune plan --inspect` reads the exact count from the "
-        "model's config.json and safetensors headers and fills it in. Defaults to the size in the model name.",
+        description="Parameter count used for sizing, such as `7B`, `13B`, `70B`, `1.1B` or `350M`. Defaults to "
+        "the size in the model name; without either, the operator's CPU pre-flight reads the exact count from the "
+        "model's config.json and safetensors headers before planning (required when the operator runs no "
+        "pre-flight). `finetune plan --inspect` does the same locally.",
         max_length=16,
     )
     secret_ref: SecretRef | None = Field(
@@ -143,21 +144,12 @@ class BaseModelSpec(_Model):
             parse_parameters(value)
         return value
 
-    @model_validator(mode="after")
-    def _size_known(self) -> BaseModelSpec:
-        if self.parameters is None and uris.parameters_from_name(self.uri) is None:
-            raise ValueError(
-                f"the model size cannot be read from uri {self.uri!r}; set spec.baseModel.parameters, e.g. '7B'"
-            )
-        return self
-
-    def parameters_billion(self) -> float:
-        """Parameter count in billions: explicit `parameters` first, else the name."""
+    def parameters_billion(self) -> float | None:
+        """Parameter count in billions: explicit `parameters` first, else the name; None when neither gives
+        it (the operator's pre-flight then reads it from config.json; `sizing.plan` refuses without it)."""
         if self.parameters is not None:
             return parse_parameters(self.parameters)
-        found = uris.parameters_from_name(self.uri)
-        assert found is not None  # guaranteed by _size_known
-        return found
+        return uris.parameters_from_name(self.uri)
 
 
 class LoraSpec(_Model):
@@ -908,6 +900,24 @@ class FineTuneJob(_Model):
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 
 
+class CostEstimate(_Model):
+    """What the run will cost, from the pre-flight's counts and the per-GPU-class throughput table
+    (`finetune_operator.cost`). An estimate: the trainer measures what is spent (status.progress.gpuHours)."""
+
+    parameters: int = Field(ge=1, description="Exact parameter count of the base model, read from its files.")
+    train_examples: int = Field(ge=0, description="Examples trained on per epoch (after validationSplit).")
+    tokens: int = Field(ge=0, description="Tokens trained on per epoch (each example capped at maxSeqLength).")
+    tokens_sampled: bool = Field(description="Whether the token count is extrapolated from a sample of each file.")
+    steps: int = Field(ge=0, description="Optimizer steps (maxSteps, else epochs over the data at the global batch).")
+    tokens_trained: int = Field(ge=0, description="Tokens processed over the whole run.")
+    tokens_per_second: float = Field(ge=0, description="Assumed training throughput of the whole run, tokens per "
+                                     "second (all GPUs).")
+    hours: float = Field(ge=0, description="Estimated wall-clock hours of training (evaluation not included).")
+    gpu_hours: float = Field(ge=0, description="Estimated GPU-hours: hours x GPUs (what spec.budget.maxGpuHours caps).")
+    basis: str = Field(max_length=1024, description="How it was computed: FLOPs per token, the GPU class's assumed "
+                       "peak and utilisation.")
+
+
 class Plan(_Model):
     """The sizing decision: how many GPUs of what memory, and why."""
 
@@ -927,6 +937,9 @@ class Plan(_Model):
     warnings: list[Annotated[str, Field(max_length=1024)]] = Field(
         default_factory=list, max_length=16, description="Problems with explicit resources, such as too little memory."
     )
+    estimate: CostEstimate | None = Field(
+        default=None, description="Examples, tokens, optimizer steps, duration and GPU-hours, completed from the CPU "
+        "pre-flight's reading of the model and data (unset until it ran, or with the operator's pre-flight off).")
 
 
 class Condition(_Model):
@@ -1029,7 +1042,28 @@ class Adjustment(_Model):
         "after an OOMKilled one.")
 
 
-Stage = Literal["Pilot", "Main"]
+Stage = Literal["Preflight", "Pilot", "Main"]
+
+
+class PreflightStatus(_Model):
+    """The CPU pre-flight (`<name>-preflight` Job): what it found before any GPU was requested."""
+
+    phase: Phase | None = Field(default=None, description="Pending, Running, Succeeded (every check passed), Failed "
+                                "or Suspended.")
+    reason: str | None = Field(default=None, max_length=128, description="On failure: DataInvalid, ModelUnreadable, "
+                               "OutputNotWritable, or PreflightFailed (the Job failed without a verdict).")
+    message: str | None = Field(default=None, max_length=2048, description="On failure: what failed, naming the field, "
+                                "file and line.")
+    parameters: int | None = Field(default=None, ge=0, description="Exact parameter count of the base model.")
+    architecture: str | None = Field(default=None, max_length=256, description="The model's shape in words (layers, "
+                                     "hidden size, heads and KV heads, vocabulary).")
+    examples: int | None = Field(default=None, ge=0, description="Valid rows of spec.dataset.train.")
+    tokens: int | None = Field(default=None, ge=0, description="Tokens of spec.dataset.train with the model's "
+                               "tokenizer, before truncation.")
+    sampled: bool | None = Field(default=None, description="Whether the token count is extrapolated from a sample.")
+    result: str | None = Field(default=None, max_length=1024, description="Where the full result is "
+                               "(`<output.uri>/preflight.json`).")
+    completion_time: str | None = Field(default=None, description="When the pre-flight finished (RFC 3339).")
 
 
 class PilotStatus(_Model):
@@ -1070,6 +1104,8 @@ class FineTuneJobStatus(_Model):
     start_time: str | None = Field(default=None, description="When training started (RFC 3339).")
     completion_time: str | None = Field(default=None, description="When the job finished (RFC 3339).")
     observed_generation: int | None = Field(default=None, ge=0, description="Spec generation the status reflects.")
-    stage: Stage | None = Field(default=None, description="With spec.pilot: `Pilot` while the pilot runs (phase is "
-                                "the pilot's), `Main` once it passed. Unset without a pilot.")
+    stage: Stage | None = Field(default=None, description="`Preflight` while the CPU pre-flight checks the model, data "
+                                "and output; with spec.pilot, `Pilot` while the pilot runs (phase is the pilot's); `Main` "
+                                "once the training Job is created after either. Unset when neither runs.")
+    preflight: PreflightStatus | None = Field(default=None, description="The CPU pre-flight, when the operator runs it.")
     pilot: PilotStatus | None = Field(default=None, description="The pilot stage, with spec.pilot.")

@@ -60,7 +60,8 @@ from datetime import datetime
 from typing import Any
 
 from finetune_operator import conditions as c
-from finetune_operator.contract import EXIT_CONFIG_ERROR, EXIT_GATES_FAILED, TrainerReport
+from finetune_operator import preflight as preflight_mod
+from finetune_operator.contract import EXIT_CONFIG_ERROR, EXIT_GATES_FAILED, PreflightResult, TrainerReport
 from finetune_operator.spec import DEFAULT_HALLUCINATION_THRESHOLD, FineTuneJobStatus, Plan
 
 PENDING = "Pending"
@@ -71,6 +72,7 @@ FAILED = "Failed"
 SUSPENDED = "Suspended"
 PHASES: tuple[str, ...] = (PENDING, QUEUED, RUNNING, SUCCEEDED, FAILED, SUSPENDED)
 TERMINAL_PHASES = frozenset({SUCCEEDED, FAILED})
+STAGE_PREFLIGHT = "Preflight"
 STAGE_PILOT = "Pilot"
 STAGE_MAIN = "Main"
 
@@ -112,6 +114,21 @@ class PilotView:
 
 
 @dataclass(frozen=True)
+class PreflightView:
+    """What the operator observed of the CPU pre-flight (`finetune_operator.preflight`) in one pass: its
+    children, its result once its Job finished (None before, or when unreadable), the plan completed from
+    that result (or `planning_error`), and whether the operator can read results at this output at all
+    (`readable`: False for pvc:// outputs, whose plan stays the one from the model's size)."""
+
+    children: Children = field(default_factory=Children)
+    result: PreflightResult | None = None
+    plan: Plan | None = None
+    planning_error: str | None = None
+    readable: bool = True
+    result_uri: str | None = None
+
+
+@dataclass(frozen=True)
 class Event:
     """A Kubernetes Event to post for a status transition."""
 
@@ -148,9 +165,13 @@ def compute_status(
     report: TrainerReport | None = None,
     kueue_managed: bool = False,
     pilot: PilotView | None = None,
+    preflight: PreflightView | None = None,
     now: str,
 ) -> dict[str, Any]:
-    """The new status of FineTuneJob `job` (a dict as read from the API). See the module docstring."""
+    """The new status of FineTuneJob `job` (a dict as read from the API). See the module docstring.
+
+    `preflight`: the pre-flight stage runs (its status is not Succeeded yet); `plan` is then the preliminary
+    plan from the model's size (None when no size is known before the pre-flight reads it)."""
     meta = job.get("metadata") or {}
     spec = job.get("spec") or {}
     old: dict[str, Any] = dict(job.get("status") or {})
@@ -171,6 +192,14 @@ def compute_status(
         _hallucination(new, b, spec)
         return _finish(new, b)
 
+    if preflight is not None:
+        if planning_error is not None:
+            b.set(c.PLANNED, c.FALSE, c.PLANNING_FAILED, planning_error)
+            _fail(new, b, c.PLANNING_FAILED, planning_error, None)
+            return _finish(new, b)
+        if _preflight_stage(new, b, plan, preflight, meta, spec):
+            return _finish(new, b)
+        return _finish(new, b)  # passed: the caller writes this (the completed plan) and goes on
     if planning_error is not None or plan is None:
         message = planning_error or "no sizing plan"
         b.set(c.PLANNED, c.FALSE, c.PLANNING_FAILED, message)
@@ -181,6 +210,8 @@ def compute_status(
     if pilot is not None:
         if _pilot_stage(new, b, plan, pilot, meta, spec, kueue_managed):
             return _finish(new, b)
+        new["stage"] = STAGE_MAIN
+    elif new.get("stage") == STAGE_PREFLIGHT:
         new["stage"] = STAGE_MAIN
 
     _apply_report(new, report, terminal=False)
@@ -222,12 +253,12 @@ def compute_status(
         _drop_eta(new)
         return _finish(new, b)
 
-    _active_phase(new, b, job_obj, children.pods, plan, meta, spec, kueue_managed, "training")
+    _active_phase(new, b, job_obj, children.pods, plan.nodes, meta, spec, kueue_managed, "training")
     return _finish(new, b)
 
 
 def _active_phase(new: dict[str, Any], b: _Builder, job_obj: Mapping[str, Any], pods: Sequence[Mapping[str, Any]],
-                  plan: Plan, meta: Mapping[str, Any], spec: Mapping[str, Any], kueue_managed: bool,
+                  nodes: int, meta: Mapping[str, Any], spec: Mapping[str, Any], kueue_managed: bool,
                   what: str) -> None:
     """The phase of a stage whose Job has not finished: Queued, Suspended, Running or Pending."""
     now = b.now
@@ -265,14 +296,14 @@ def _active_phase(new: dict[str, Any], b: _Builder, job_obj: Mapping[str, Any], 
     ready = int(jstatus.get("ready") or 0)
     if running or ready:
         count = max(len(running), ready)
-        message = f"{count} of {plan.nodes} {what} pod(s) running"
+        message = f"{count} of {nodes} {what} pod(s) running"
         if progress.get("summary"):
             message += f"; {progress['summary']}"
         new["phase"] = RUNNING
         new["startTime"] = new.get("startTime") or jstatus.get("startTime") or now
         b.set(c.RUNNING, c.TRUE, c.RUNNING_REASON, message)
         return
-    _pending(new, b, c.STARTING, _waiting_message(pods, plan.nodes, what))
+    _pending(new, b, c.STARTING, _waiting_message(pods, nodes, what))
 
 
 def _pilot_stage(new: dict[str, Any], b: _Builder, plan: Plan, pilot: PilotView, meta: Mapping[str, Any],
@@ -344,9 +375,116 @@ def _pilot_stage(new: dict[str, Any], b: _Builder, plan: Plan, pilot: PilotView,
         return True
     b.set(c.PILOT_PASSED, c.UNKNOWN, c.PILOT_RUNNING,
           "the LoRA pilot runs; the main run starts once it passes pilot.gates")
-    _active_phase(new, b, job_obj, children.pods, pilot.plan, meta, spec, kueue_managed, "pilot")
+    _active_phase(new, b, job_obj, children.pods, pilot.plan.nodes, meta, spec, kueue_managed, "pilot")
     p["phase"] = new["phase"]
     return True
+
+
+def _preflight_stage(new: dict[str, Any], b: _Builder, plan: Plan | None, view: PreflightView,
+                     meta: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
+    """The pre-flight stage (see `finetune_operator.preflight`): True when it decides the status (it runs,
+    or failed, or refused the run), False once it passed: `new` then holds the completed plan, and the
+    caller writes it before creating any GPU Job."""
+    p: dict[str, Any] = dict(new.get("preflight") or {})
+    new["preflight"] = p
+    new["stage"] = STAGE_PREFLIGHT
+    if plan is not None:
+        new["plan"] = plan.wire()
+        b.set(c.PLANNED, c.TRUE, c.PLANNED_REASON,
+              f"preliminary, from the model's size until the pre-flight completes it: {_plan_message(plan)}")
+    else:
+        b.set(c.PLANNED, c.UNKNOWN, c.PREFLIGHT_RUNNING,
+              "the model's size is not in the spec or its name: the pre-flight reads it from config.json")
+    children = view.children
+    if children.foreign:
+        b.set(c.CREATED, c.FALSE, c.FOREIGN_CHILD, "; ".join(children.foreign))
+        _pending(new, b, c.FOREIGN_CHILD, "waiting for the conflicting objects to be removed")
+        p["phase"] = PENDING
+        return True
+    job_obj = children.job
+    if job_obj is None:
+        b.set(c.CREATED, c.FALSE, c.CHILDREN_MISSING, "the pre-flight's Job does not exist yet")
+        b.set(c.PREFLIGHT_PASSED, c.UNKNOWN, c.PREFLIGHT_RUNNING, "the pre-flight has not started")
+        _pending(new, b, c.STARTING, "the pre-flight's Job does not exist yet")
+        p["phase"] = PENDING
+        return True
+    _set_created(b, children)
+    jstatus = job_obj.get("status") or {}
+    jconds = jstatus.get("conditions") or []
+    complete = _true_condition(jconds, "Complete")
+    failed = _true_condition(jconds, "Failed")
+    verdict = preflight_mod.failure(view.result)
+    if failed is not None or (complete is not None and verdict is not None):
+        if verdict is None:
+            reason, message = _failure(failed or {}, None, children.pods)
+            if reason in (c.TRAINER_CONFIG_ERROR, c.POD_FAILURE_POLICY, c.JOB_FAILED):
+                reason = c.PREFLIGHT_FAILED
+            verdict = (reason if reason in preflight_mod.REASONS else c.PREFLIGHT_FAILED,
+                       f"the pre-flight's Job failed ({reason}): {message}")
+        reason, message = verdict
+        when = jstatus.get("completionTime") or (failed or complete or {}).get("lastTransitionTime")
+        p.update(phase=FAILED, reason=reason, message=_clip(message), completionTime=when or b.now)
+        if view.result is not None:
+            p.update(preflight_mod.summary(view.result, view.result_uri))
+        full = f"{message}; no GPU was requested"
+        b.set(c.PREFLIGHT_PASSED, c.FALSE, reason, full)
+        _fail(new, b, reason, full, when)
+        return True
+    if complete is None:
+        p["phase"] = PENDING
+        b.set(c.PREFLIGHT_PASSED, c.UNKNOWN, c.PREFLIGHT_RUNNING,
+              "the pre-flight checks the model, data and output on CPU; the GPU Job follows once they pass")
+        _active_phase(new, b, job_obj, children.pods, 1, meta, spec, False, "pre-flight")
+        p["phase"] = new["phase"]
+        return True
+    # Complete: every check passed.
+    if view.result is None and view.readable:
+        p["phase"] = PENDING
+        message = (f"the pre-flight passed; waiting to read its result {view.result_uri or ''} (the operator needs "
+                   "s3:GetObject on it, as on status/report.json)").replace("  ", " ")
+        b.set(c.PREFLIGHT_PASSED, c.UNKNOWN, c.PREFLIGHT_RUNNING, message)
+        _pending(new, b, c.STARTING, message)
+        return True
+    completed = view.plan if view.result is not None else plan
+    when = jstatus.get("completionTime") or complete.get("lastTransitionTime") or b.now
+    p.update(phase=SUCCEEDED, completionTime=when)
+    p.pop("reason", None)
+    p.pop("message", None)
+    if view.result is not None:
+        p.update(preflight_mod.summary(view.result, view.result_uri))
+    if completed is None:
+        message = view.planning_error or "no sizing plan after the pre-flight"
+        b.set(c.PREFLIGHT_PASSED, c.TRUE, c.PREFLIGHT_SUCCEEDED, "the model, data and output checked out")
+        b.set(c.PLANNED, c.FALSE, c.PLANNING_FAILED, message)
+        _fail(new, b, c.PLANNING_FAILED, message, None)
+        return True
+    new["plan"] = completed.wire()
+    found = _preflight_words(p, completed)
+    b.set(c.PREFLIGHT_PASSED, c.TRUE, c.PREFLIGHT_SUCCEEDED, found)
+    b.set(c.PLANNED, c.TRUE, c.PLANNED_REASON, _plan_message(completed))
+    refusal = preflight_mod.over_budget((spec.get("budget") or {}).get("maxGpuHours"), completed)
+    if refusal is not None:
+        _fail(new, b, c.BUDGET_EXCEEDED, refusal, None)
+        return True
+    _pending(new, b, c.STARTING, "the pre-flight passed; creating the GPU Job")
+    return False
+
+
+def _preflight_words(p: Mapping[str, Any], plan: Plan) -> str:
+    """The PreflightPassed message: what the pre-flight found and what the run will cost."""
+    parts = []
+    if p.get("parameters"):
+        parts.append(f"{p['parameters']:,} parameters")
+    if p.get("examples") is not None:
+        parts.append(f"{p['examples']:,} training examples, {p.get('tokens', 0):,} tokens"
+                     + (" (extrapolated from a sample)" if p.get("sampled") else ""))
+    est = plan.estimate
+    if est is not None:
+        parts.append(f"{est.steps:,} steps, about {est.hours:g} h and {est.gpu_hours:g} GPU-hours on {plan.gpus} GPU(s)")
+    if not parts:
+        return "the model, data and output checked out (the operator cannot read the result at this output: the plan " \
+               "is the one from the model's size)"
+    return "the model, data and output checked out: " + "; ".join(parts)
 
 
 _SCORE_KEYS = ("accuracy", "terminology", "hallucination", "formatCompliance", "evalLoss", "perplexity")
@@ -385,7 +523,8 @@ def status_patch(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> dict[
 
 def transition_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> list[Event]:
     """Events to post for the change from `old` to `new`: one per phase transition (Warning for Failed),
-    plus a Warning when a foreign child or an unappliable suspend first shows up."""
+    plus a Warning when a foreign child or an unappliable suspend first shows up, and a Normal event when
+    the pre-flight or the pilot passed."""
     old = old or {}
     warnings: list[Event] = []
     high = c.find(new.get("conditions"), c.HALLUCINATION_HIGH)
@@ -398,6 +537,9 @@ def transition_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> 
             not was or was.get("reason") != reason or was.get("message") != now_cond.get("message")
         ):
             warnings.append(Event("Warning", reason, now_cond.get("message", "")))
+    checked = c.find(new.get("conditions"), c.PREFLIGHT_PASSED)
+    if checked and checked.get("status") == c.TRUE and not c.is_true(old.get("conditions"), c.PREFLIGHT_PASSED):
+        warnings.append(Event("Normal", c.PREFLIGHT_SUCCEEDED, checked.get("message", "")))
     pilot = c.find(new.get("conditions"), c.PILOT_PASSED)
     if pilot and pilot.get("status") == c.TRUE and not c.is_true(old.get("conditions"), c.PILOT_PASSED):
         warnings.append(Event("Normal", c.PILOT_GATES_PASSED, pilot.get("message", "")))
@@ -526,7 +668,7 @@ def _waiting_message(pods: Sequence[Mapping[str, Any]], nodes: int, what: str = 
                 return f"pod {name} is waiting: {waiting['reason']}: {waiting.get('message', '')}".rstrip(": ")
     if pods:
         return f"waiting for {nodes} {what} pod(s) to start ({len(pods)} created)"
-    job = "the pilot's Job" if what == "pilot" else "the Job"
+    job = f"the {what}'s Job" if what != "training" else "the Job"
     return f"waiting for {job} to create {nodes} {what} pod(s)"
 
 

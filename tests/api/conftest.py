@@ -382,6 +382,8 @@ def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster
     monkeypatch.setenv("FT_METRICS_PORT", "0")
     monkeypatch.setenv("FT_LOG_FORMAT", "text")
     monkeypatch.setenv("FT_USE_GPUS", "false")
+    # No kubelet runs pods here: the pre-flight stage has its own tests (test_preflight.py), which turn it on.
+    monkeypatch.setenv("FT_PREFLIGHT", "false")
     # Reports live in S3. Unless a test starts a server, S3 refuses connections at once (a closed
     # loopback port), never the real AWS: no test may depend on the network.
     monkeypatch.setenv("FT_S3_ENDPOINT", "http://127.0.0.1:9")

@@ -60,7 +60,7 @@ CASES = [
     Case(
         "unknown-size",
         {"spec.baseModel.uri": "hf://org/mystery-model"},
-        "spec.baseModel",
+        "spec.baseModel.parameters",
         "set spec.baseModel.parameters",
     ),
     Case("absurd-size", {"spec.baseModel.parameters": "50000B"}, "spec.baseModel.parameters", "larger than"),
