@@ -22,7 +22,17 @@ Running     at least one training pod runs (or is ready)                        
 Pending     children missing or foreign, or pods not running yet                Created=False or Running=False/Starting
 ==========  ===================================================================  =====================
 
-With spec.pilot the job has two stages (`status.stage`): while the LoRA pilot runs (`Pilot`), the phase
+The CPU pre-flight (`finetune_operator.preflight`, when the operator runs it) comes first: stage `Preflight`,
+condition PreflightPassed Unknown/PreflightRunning while its Job runs (the phase is that Job's: Pending,
+Running or Suspended), `status.plan` the preliminary plan from the model's size (or none with Planned
+Unknown when no size is known before the pre-flight reads it). Its Job failing ends the FineTuneJob Failed
+with the pre-flight's reason (DataInvalid, ModelUnreadable, OutputNotWritable; PreflightFailed for a Job that
+failed without a verdict, with the pod's termination message); its Job completing sets
+PreflightPassed=True/PreflightSucceeded, `status.preflight` (counts, the result's URI) and the completed
+plan, or fails the job with BudgetExceeded when the plan's estimate is above spec.budget.maxGpuHours. The
+status written then is the last of the stage: the next stage follows in the same pass.
+
+With spec.pilot the job has two GPU stages (`status.stage`): while the LoRA pilot runs (`Pilot`), the phase
 is decided by the pilot's Job as above and its plan, progress, evaluation and artifacts go to
 `status.pilot`; condition PilotPassed is Unknown/PilotRunning. The pilot's Job Complete means its gates held
 (the trainer fails the Job otherwise): PilotPassed=True/PilotGatesPassed, `status.pilot.phase` Succeeded,

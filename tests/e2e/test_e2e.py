@@ -139,6 +139,9 @@ def test_deleting_the_finetunejob_collects_its_children(kube: Kube, namespace: s
         f"/api/v1/namespaces/{namespace}/configmaps/{FTJ_NAME}-config",
         f"/api/v1/namespaces/{namespace}/services/{FTJ_NAME}",
         f"/apis/batch/v1/namespaces/{namespace}/jobs/{FTJ_NAME}",
+        # the CPU pre-flight's (the operator runs one by default)
+        f"/api/v1/namespaces/{namespace}/configmaps/{FTJ_NAME}-preflight-config",
+        f"/apis/batch/v1/namespaces/{namespace}/jobs/{FTJ_NAME}-preflight",
     ]
 
     def all_gone() -> bool:

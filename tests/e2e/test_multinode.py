@@ -62,7 +62,7 @@ def phase_of(obj: dict[str, Any]) -> str | None:
 
 def pods_of(kube: Kube, namespace: str, name: str) -> list[dict[str, Any]]:
     return kube.request("GET", f"/api/v1/namespaces/{namespace}/pods",
-                        query={"labelSelector": f"finetune.dev/job={name}"})["items"]
+                        query={"labelSelector": f"finetune.dev/job={name},app.kubernetes.io/component=trainer"})["items"]
 
 
 def index_of(pod: dict[str, Any]) -> int:

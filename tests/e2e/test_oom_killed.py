@@ -58,7 +58,7 @@ def test_an_oom_killed_pod_is_followed_by_one_a_rung_lower(kube: Kube, namespace
     assert status["phase"] == "Succeeded", json.dumps(status, indent=1)[-3000:]
 
     pods = kube.request("GET", f"/api/v1/namespaces/{namespace}/pods",
-                        query={"labelSelector": f"finetune.dev/job={NAME}"})["items"]
+                        query={"labelSelector": f"finetune.dev/job={NAME},app.kubernetes.io/component=trainer"})["items"]
     killed = [p for p in pods if oomkill.killed_container(p, "trainer")]
     assert len(killed) == 1 and len(pods) == 2, [(p["metadata"]["name"], p["status"].get("phase")) for p in pods]
     killed_name = killed[0]["metadata"]["name"]
