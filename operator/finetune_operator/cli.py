@@ -1,8 +1,14 @@
 """The `finetune` command.
 
 - `finetune plan FILE... [-o table|json|yaml] [--inspect [--model-dir DIR] [--mount CLAIM=PATH]]`: validate
-  manifests and show what the operator would create; `--inspect` reads the base model's architecture from
-  its config.json and safetensors headers (`finetune_operator.architecture`) and plans from it.
+  manifests and show what the operator would create. `--inspect` reads the base model's architecture from
+  its config.json and safetensors headers (`finetune_operator.architecture`) and plans from it; where the
+  trainer package is installed and every dataset URI is on this machine (`file://`, `pvc://` with
+  `--mount`), it also runs the operator's pre-flight checks here (`finetune_operator.local_preflight`: the
+  tokenizer from the model directory, every data row through the trainer's readers) and prints the plan the
+  operator completes from them: `method: auto` on the counted examples and `plan.estimate` (steps, hours,
+  GPU-hours). A bad row, or an estimate above spec.budget.maxGpuHours, is an invalid manifest; `s3://` or
+  `hf://` data, or no trainer, leaves the model-only plan with a note on stderr saying why.
 - `finetune run FILE --local ...`: run a FineTuneJob on this machine (the trainer package; needs the
   `train` extra).
 - `finetune crd`: print the CustomResourceDefinition generated from the spec model.
@@ -22,8 +28,9 @@ from typing import Any, TextIO
 import yaml
 from pydantic.alias_generators import to_camel
 
-from finetune_operator import __version__, uris
+from finetune_operator import __version__, local_preflight, uris
 from finetune_operator.architecture import Architecture, ArchitectureError, read_architecture
+from finetune_operator.local_preflight import Mounts
 from finetune_operator.manifests import Inspector, Loaded, load_file
 
 EXIT_INVALID = 1
@@ -31,7 +38,9 @@ EXIT_INVALID = 1
 _SIZE_UNKNOWN = "the model size cannot be read from uri"
 
 
-def _plan_dict(loaded: Loaded) -> dict[str, Any]:
+def _plan_dict(loaded: Loaded, splits: bool = False) -> dict[str, Any]:
+    """The plan (and pilot, architecture) of one manifest; with `splits`, also what the local pre-flight
+    counted per dataset field (`-o json`)."""
     assert loaded.plan is not None
     out: dict[str, Any] = {
         "name": loaded.name,
@@ -43,35 +52,32 @@ def _plan_dict(loaded: Loaded) -> dict[str, Any]:
     if loaded.architecture is not None:
         # camelCase like the plan's fields
         out["architecture"] = {to_camel(k): v for k, v in dataclasses.asdict(loaded.architecture).items()}
+    if splits and loaded.preflight is not None:
+        # per field, without the per-file list (a directory of data can hold many files)
+        out["preflight"] = {"splits": [s.model_dump(by_alias=True, mode="json", exclude={"files"})
+                                       for s in loaded.preflight.splits]}
     return out
 
 
-def inspector(model_dir: str | None, mounts: Sequence[str]) -> Inspector:
+def inspector(model_dir: str | None, mounts: Mounts) -> Inspector:
     """Reads the architecture of the model a URI names from a path on this machine.
 
     `file://` URIs are read where they point; `pvc://claim/path` under the local mount given for the claim
-    (`mounts`: CLAIM=PATH); `model_dir`, when given, is read for every URI (a local copy of an `hf://` or
-    `s3://` model). Anything else cannot be read from here, and the error says what to pass.
+    (`mounts`, from --mount CLAIM=PATH); `model_dir`, when given, is read for every URI (a local copy of an
+    `hf://` or `s3://` model). Anything else cannot be read from here, and the error says what to pass.
     """
-    claims: dict[str, str] = {}
-    for item in mounts:
-        claim, sep, path = item.partition("=")
-        if not sep or not claim or not path:
-            raise ValueError(f"--mount {item!r}: expected CLAIM=PATH, the local path where the claim is mounted")
-        claims[claim] = path
 
     def read(uri: str) -> Architecture:
         if model_dir is not None:
             return read_architecture(model_dir)
+        local = mounts.local(uri)
+        if local is not None:
+            return read_architecture(local)
         parsed = uris.parse(uri)
-        if parsed.scheme == "file":
-            return read_architecture(parsed.path)
         if parsed.scheme == "pvc":
-            if parsed.authority not in claims:
-                raise ArchitectureError(
-                    f"{uri} is on the claim {parsed.authority!r}, which is not mounted here; inspection needs a "
-                    f"readable path: pass --mount {parsed.authority}=/local/mount/path (or --model-dir DIR)")
-            return read_architecture(f"{claims[parsed.authority].rstrip('/')}/{parsed.path}")
+            raise ArchitectureError(
+                f"{uri} is on the claim {parsed.authority!r}, which is not mounted here; inspection needs a "
+                f"readable path: pass --mount {parsed.authority}=/local/mount/path (or --model-dir DIR)")
         raise ArchitectureError(
             f"{uri} is not on this machine; inspection needs a readable path: download its config.json (and its "
             "*.safetensors files or model.safetensors.index.json) and pass --model-dir DIR")
@@ -109,11 +115,32 @@ def _table(rows: list[Loaded], out: TextIO) -> None:
         out.write(f"{r.name}: {r.plan.reason}\n")
         for warning in r.plan.warnings:
             out.write(f"{r.name}: WARNING: {warning}\n")
+        if r.preflight is not None:
+            _counts(r, out)
         if r.pilot_plan is not None and r.job is not None and r.job.spec.pilot is not None:
             pp, spec = r.pilot_plan, r.job.spec.pilot
             bound = f"dataFraction {spec.data_fraction:g}" if spec.data_fraction else f"maxSteps {spec.max_steps or 100}"
             out.write(f"{r.name}: pilot first: lora on {pp.gpus}x{pp.gpu_memory_gib}GiB ({bound}, {len(spec.gates)} "
                       f"gate(s)); the {r.plan.method} run's {r.plan.gpus} GPU(s) are requested only after it passes\n")
+
+
+def _counts(r: Loaded, out: TextIO) -> None:
+    """What the local pre-flight counted per dataset field, and the plan's cost estimate."""
+    assert r.preflight is not None and r.plan is not None
+    for split in r.preflight.splits:
+        extra = [f"{split.skipped_rows:,} invalid row(s) skipped"] if split.skipped_rows else []
+        if split.longer_than_max_seq_length:
+            extra.append(f"{split.longer_than_max_seq_length:,} of the tokenized rows longer than maxSeqLength")
+        sample = sum(f.sample_rows for f in split.files)
+        sampled = f", sampled: tokens extrapolated from {sample:,} rows" if split.sampled else ""
+        out.write(f"{r.name}: data: {split.field} {split.uri}: {split.examples:,} examples ({split.format}), "
+                  f"{split.tokens:,} tokens{sampled}" + "".join(f"; {e}" for e in extra) + "\n")
+    estimate = r.plan.estimate
+    if estimate is None:
+        return
+    out.write(f"{r.name}: estimate: {estimate.steps:,} steps, {estimate.tokens_trained:,} tokens trained, "
+              f"{estimate.hours:g} h on {r.plan.gpus} GPU(s), {estimate.gpu_hours:g} GPU-hours\n")
+    out.write(f"{r.name}: estimate basis: {estimate.basis}\n")
 
 
 def _yaml_stream(rows: list[Loaded], image: str | None, out: TextIO) -> None:
@@ -146,18 +173,22 @@ def _yaml_stream(rows: list[Loaded], image: str | None, out: TextIO) -> None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     inspect: Inspector | None = None
+    mounts = Mounts({})
     if args.inspect:
         try:
-            inspect = inspector(args.model_dir, args.mount)
+            mounts = Mounts.parse(args.mount)
         except ValueError as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
+        inspect = inspector(args.model_dir, mounts)
     elif args.model_dir or args.mount:
         print("error: --model-dir and --mount are for --inspect; add --inspect", file=sys.stderr)
         return 2
     loaded: list[Loaded] = []
     for path in args.files:
         loaded.extend(load_file(path, inspect))
+    if inspect is not None:
+        _count_data(loaded, mounts)
     bad = [item for item in loaded if not item.ok]
     if bad:
         # Nothing is printed to stdout when anything is invalid, so `| kubectl apply -f -` applies nothing.
@@ -172,7 +203,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"error: {count} problem(s) in {len(bad)} of {len(loaded)} manifest(s)", file=sys.stderr)
         return EXIT_INVALID
     if args.output == "json":
-        data = [_plan_dict(item) for item in loaded]
+        data = [_plan_dict(item, splits=True) for item in loaded]
         json.dump(data[0] if len(data) == 1 else data, sys.stdout, indent=2)
         sys.stdout.write("\n")
     elif args.output == "yaml":
@@ -180,6 +211,21 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         _table(loaded, sys.stdout)
     return 0
+
+
+def _count_data(loaded: list[Loaded], mounts: Mounts) -> None:
+    """--inspect: count each valid manifest's data with the pre-flight's checks where it can
+    (`local_preflight.count`); a note on stderr for each whose data was not counted, and why."""
+    todo = [item for item in loaded if item.ok and item.architecture is not None]
+    missing = local_preflight.trainer_missing() if todo else None
+    if missing is not None:
+        # the same for every manifest: said once
+        print(f"note: {missing}", file=sys.stderr)
+        return
+    for item in todo:
+        note = local_preflight.count(item, mounts)
+        if note is not None:
+            print(f"{item.label}: note: {note}", file=sys.stderr)
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
@@ -214,7 +260,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--inspect", action="store_true",
                       help="read the base model's architecture (config.json, safetensors headers; never the "
                       "tensors) and plan from it: exact parameters, GQA, vocabulary; baseModel.parameters "
-                      "becomes optional")
+                      "becomes optional. With the trainer installed and the data on this machine (file://, "
+                      "pvc:// with --mount), also run the operator's pre-flight data checks here (tokenizer "
+                      "from the model directory, every row read) and print the plan it completes: examples "
+                      "and tokens counted, method auto decided on them, the estimate (steps, hours, "
+                      "GPU-hours); a bad row or an estimate above spec.budget.maxGpuHours fails. s3:// and "
+                      "hf:// data are not read: a note says so and the plan is the model's alone")
     plan.add_argument("--model-dir", metavar="DIR",
                       help="with --inspect: read this local directory instead of the URI (a downloaded copy of "
                       "an hf:// or s3:// model)")

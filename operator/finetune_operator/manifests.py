@@ -19,6 +19,7 @@ from pydantic import BaseModel, ValidationError
 
 from finetune_operator import sizing, uris
 from finetune_operator.architecture import Architecture, ArchitectureError
+from finetune_operator.contract import PreflightResult
 from finetune_operator.spec import API_VERSION, KIND, MAX_NAME_LENGTH, FineTuneJob, Plan
 
 _VALUE_WIDTH = 60
@@ -61,6 +62,9 @@ class Loaded:
     issues: list[Issue] = field(default_factory=list)
     #: the base model's architecture, when it was inspected (`finetune plan --inspect`)
     architecture: Architecture | None = None
+    #: the pre-flight's model and data checks run on this machine (`finetune plan --inspect`), when they ran;
+    #: `plan` is then the plan completed from it (`local_preflight`)
+    preflight: PreflightResult | None = None
 
     @property
     def ok(self) -> bool:

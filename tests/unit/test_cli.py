@@ -118,8 +118,10 @@ def test_crd_command_prints_the_generated_crd():
 def test_operator_package_imports_without_torch():
     code = (
         "import sys, finetune_operator.cli, finetune_operator.spec, finetune_operator.sizing, "
-        "finetune_operator.crd, finetune_operator.manifests, finetune_operator.contract; "
-        "assert 'torch' not in sys.modules, 'torch was imported'"
+        "finetune_operator.crd, finetune_operator.manifests, finetune_operator.contract, "
+        "finetune_operator.local_preflight; "
+        "assert 'torch' not in sys.modules, 'torch was imported'; "
+        "assert 'transformers' not in sys.modules, 'transformers was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
@@ -229,6 +231,34 @@ def test_inspect_plans_a_local_model_from_its_config_and_safetensors(tmp_path: P
     # the rendered config carries the exact size, so the operator can plan the job without the files
     assert cli.main(["plan", "--inspect", str(job), "-o", "yaml"]) == 0
     assert "8030.261248M" in capsys.readouterr().out
+
+
+def test_inspect_without_the_trainer_plans_from_the_model_alone_with_one_note(tmp_path: Path, capsys, monkeypatch):
+    import importlib.util
+
+    from .test_architecture import LLAMA3_8B
+
+    model = _model(tmp_path / "my-model", LLAMA3_8B)
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"instruction": "a", "output": "b"}\n')
+    jobs = []
+    for name in ("first", "second"):
+        job = _local_job(tmp_path, f"file://{model}", name=name)
+        doc = yaml.safe_load(job.read_text())
+        doc["spec"]["dataset"]["train"] = f"file://{data}"
+        job.write_text(yaml.safe_dump(doc))
+        jobs.append(str(job))
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "finetune_trainer" else find_spec(name, *args))
+    assert cli.main(["plan", "--inspect", *jobs, "-o", "json"]) == 0
+    captured = capsys.readouterr()
+    plans = json.loads(captured.out)
+    assert [p["plan"]["estimate"] for p in plans] == [None, None]
+    assert plans[0]["architecture"]["parameters"] == 8_030_261_248
+    assert captured.err.splitlines() == [
+        "note: the data was not counted: the trainer package (finetune_trainer) is not installed (pip install "
+        "'finetune-operator[train]' -c constraints.txt); planned from the model alone"]
 
 
 def test_inspect_keeps_the_table_for_a_nominal_size(tmp_path: Path, capsys):

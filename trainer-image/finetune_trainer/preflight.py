@@ -3,8 +3,9 @@
 Same environment contract as the trainer (`entrypoint.py`): the TrainerConfig JSON from FT_CONFIG (else
 `contract.CONFIG_PATH`), the output prefix from FT_OUTPUT_URI (else spec.output.uri), downloads under
 FT_CACHE_DIR, S3 and Hugging Face credentials from the usual variables. It needs no GPU and never loads the
-weights. The operator does not run it yet (a CPU-only Job before the GPU Job is the other half of issue 11
-part 1); the result is written for it to read.
+weights. The operator runs it as a CPU-only Job before any GPU Job (`finetune_operator.preflight`) and reads
+the result it writes; `finetune plan --inspect` runs the model and data checks on this machine through
+`check_local`, which writes nothing.
 
 1. Model (spec.baseModel.uri): only `config.json`, the tokenizer files, `model.safetensors.index.json` and
    each `*.safetensors` file's header (8-byte length + JSON) are read, then parsed by the torch-free
@@ -40,6 +41,7 @@ import struct
 import sys
 import tempfile
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,7 +82,14 @@ _NO_TRUNCATION = 1 << 62
 
 
 class PreflightFailure(TrainerFailure):
-    """A check failed: reason ModelUnreadable, DataInvalid or OutputNotWritable."""
+    """A check failed: reason ModelUnreadable, DataInvalid or OutputNotWritable; `field` is the spec field
+    it concerns (`finetune plan --inspect` reports the failure under it)."""
+
+    _FIELDS = {"ModelUnreadable": "spec.baseModel.uri", "OutputNotWritable": "spec.output.uri"}
+
+    def __init__(self, reason: str, message: str, field: str | None = None):
+        super().__init__(reason, message)
+        self.field = field or self._FIELDS.get(reason, "spec")
 
 
 def _now() -> str:
@@ -243,19 +252,20 @@ def count_tokens(rows: list[Any], fmt: Any, tokenizer: Any, max_seq_length: int)
 
 
 def check_split(field: str, uri: str, declared: str, config: TrainerConfig, tokenizer: Any,
-                cache: Path) -> PreflightSplit:
-    """Read, check and count one dataset field's files. Raises PreflightFailure DataInvalid."""
+                cache: Path, local: str | None = None) -> PreflightSplit:
+    """Read, check and count one dataset field's files (from the plain path `local` instead of `uri` when
+    given: the files then carry their local paths). Raises PreflightFailure DataInvalid."""
     from finetune_trainer import dataset as ds
     from finetune_trainer import inputs
 
     try:
-        files = inputs.data_files(uri, cache)
+        files = inputs.data_files(local or uri, cache)
         loaded = ds.load_dataset(files, declared, config.spec.dataset.invalid_rows, what=field)
     except TrainerFailure as err:
         if _retryable(err):
             raise
         message = err.message if field in err.message else f"{field} {uri}: {err.message}"
-        raise PreflightFailure("DataInvalid", message) from None
+        raise PreflightFailure("DataInvalid", message, field) from None
     skipped = Counter(problem.source for problem in loaded.skipped)
     per_file: list[PreflightFile] = []
     too_long = 0
@@ -271,16 +281,42 @@ def check_split(field: str, uri: str, declared: str, config: TrainerConfig, toke
         longer_than_max_seq_length=too_long, files=per_file)
 
 
-def check_data(config: TrainerConfig, tokenizer: Any, cache: Path) -> list[PreflightSplit]:
-    """Every dataset field of the spec; validation and test set are read in the training set's format."""
+def check_data(config: TrainerConfig, tokenizer: Any, cache: Path,
+               local: Mapping[str, str] | None = None) -> list[PreflightSplit]:
+    """Every dataset field of the spec; validation and test set are read in the training set's format.
+    `local` maps a dataset URI to a plain path on this machine to read instead (see `check_local`)."""
     spec = config.spec
-    train = check_split("spec.dataset.train", spec.dataset.train, spec.dataset.format, config, tokenizer, cache)
+    local = local or {}
+    train = check_split("spec.dataset.train", spec.dataset.train, spec.dataset.format, config, tokenizer, cache,
+                        local.get(spec.dataset.train))
     splits = [train]
     for field, uri in (("spec.dataset.validation", spec.dataset.validation),
                        ("spec.evaluation.testSet", spec.evaluation.test_set)):
         if uri:
-            splits.append(check_split(field, uri, train.format, config, tokenizer, cache))
+            splits.append(check_split(field, uri, train.format, config, tokenizer, cache, local.get(uri)))
     return splits
+
+
+def check_local(config: TrainerConfig, model_dir: Path, cache: Path,
+                local: Mapping[str, str] | None = None) -> PreflightResult:
+    """`run`'s model and data checks on files already on this machine, for `finetune plan --inspect`.
+
+    The architecture and the tokenizer are read from the directory `model_dir` (the model the user
+    inspected); each dataset URI of the spec is read from its plain path in `local` (a URI not in it is
+    fetched as `run` fetches it). Plain paths are read in place without the allowed-roots confinement of
+    `file://` URIs (`storage.resolve_local`): the user named them on their own machine, no spec did. The
+    output is neither checked nor written. Returns a passing result; raises PreflightFailure
+    (ModelUnreadable, DataInvalid) naming the field, file and line, as `run` would report it."""
+    spec = config.spec
+    uri = spec.base_model.uri
+    try:
+        arch = read_architecture(model_dir)
+    except ArchitectureError as err:
+        raise PreflightFailure("ModelUnreadable", f"spec.baseModel.uri {uri}: {err}") from None
+    tokenizer = load_tokenizer(uri, model_dir)
+    splits = check_data(config, tokenizer, cache, local)
+    return PreflightResult(ok=True, model_uri=uri, revision=spec.base_model.revision, output_uri=spec.output.uri,
+                           architecture=_architecture(arch), splits=splits, checked_at=_now())
 
 
 # ------------------------------------------------------------------------------------------------
