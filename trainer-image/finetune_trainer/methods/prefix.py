@@ -53,4 +53,5 @@ METHOD = TrainingMethod(
     as_base=virtual.as_base,
     save_state=virtual.save_state,
     usage_note=virtual.USAGE,
+    selective_logits=False,
 )
