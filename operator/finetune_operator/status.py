@@ -336,19 +336,9 @@ def _pilot_stage(new: dict[str, Any], b: _Builder, plan: Plan, pilot: PilotView,
     report = pilot.report if _fresh(pilot.report, meta.get("creationTimestamp")) else None
     _apply_pilot_report(p, report)
     children = pilot.children
-    if children.foreign:
-        b.set(c.CREATED, c.FALSE, c.FOREIGN_CHILD, "; ".join(children.foreign))
-        _pending(new, b, c.FOREIGN_CHILD, "waiting for the conflicting objects to be removed")
-        p["phase"] = PENDING
-        return True
     job_obj = children.job
-    if job_obj is None:
-        b.set(c.CREATED, c.FALSE, c.CHILDREN_MISSING, "the pilot's Job does not exist yet")
-        b.set(c.PILOT_PASSED, c.UNKNOWN, c.PILOT_RUNNING, "the pilot has not started")
-        _pending(new, b, c.STARTING, "the pilot's Job does not exist yet")
-        p["phase"] = PENDING
+    if _stage_waits(new, b, p, children, "pilot", c.PILOT_PASSED, c.PILOT_RUNNING) or job_obj is None:
         return True
-    _set_created(b, children)
     jstatus = job_obj.get("status") or {}
     jconds = jstatus.get("conditions") or []
     p["restarts"] = max(int(p.get("restarts") or 0), _restarts(jstatus, children.pods))
@@ -406,19 +396,9 @@ def _preflight_stage(new: dict[str, Any], b: _Builder, plan: Plan | None, view: 
         b.set(c.PLANNED, c.UNKNOWN, c.PREFLIGHT_RUNNING,
               "the model's size is not in the spec or its name: the pre-flight reads it from config.json")
     children = view.children
-    if children.foreign:
-        b.set(c.CREATED, c.FALSE, c.FOREIGN_CHILD, "; ".join(children.foreign))
-        _pending(new, b, c.FOREIGN_CHILD, "waiting for the conflicting objects to be removed")
-        p["phase"] = PENDING
-        return True
     job_obj = children.job
-    if job_obj is None:
-        b.set(c.CREATED, c.FALSE, c.CHILDREN_MISSING, "the pre-flight's Job does not exist yet")
-        b.set(c.PREFLIGHT_PASSED, c.UNKNOWN, c.PREFLIGHT_RUNNING, "the pre-flight has not started")
-        _pending(new, b, c.STARTING, "the pre-flight's Job does not exist yet")
-        p["phase"] = PENDING
+    if _stage_waits(new, b, p, children, "pre-flight", c.PREFLIGHT_PASSED, c.PREFLIGHT_RUNNING) or job_obj is None:
         return True
-    _set_created(b, children)
     jstatus = job_obj.get("status") or {}
     jconds = jstatus.get("conditions") or []
     complete = _true_condition(jconds, "Complete")
@@ -477,6 +457,25 @@ def _preflight_stage(new: dict[str, Any], b: _Builder, plan: Plan | None, view: 
         _fail(new, b, c.BUDGET_EXCEEDED, refusal, None)
         return True
     _pending(new, b, c.STARTING, "the pre-flight passed; creating the GPU Job")
+    return False
+
+
+def _stage_waits(new: dict[str, Any], b: _Builder, p: dict[str, Any], children: Children, what: str,
+                 passed_type: str, running_reason: str) -> bool:
+    """A stage (pre-flight, pilot) whose children are foreign or its Job missing: Pending, and True. Else
+    Created is set from `children` and False."""
+    if children.foreign:
+        b.set(c.CREATED, c.FALSE, c.FOREIGN_CHILD, "; ".join(children.foreign))
+        _pending(new, b, c.FOREIGN_CHILD, "waiting for the conflicting objects to be removed")
+        p["phase"] = PENDING
+        return True
+    if children.job is None:
+        b.set(c.CREATED, c.FALSE, c.CHILDREN_MISSING, f"the {what}'s Job does not exist yet")
+        b.set(passed_type, c.UNKNOWN, running_reason, f"the {what} has not started")
+        _pending(new, b, c.STARTING, f"the {what}'s Job does not exist yet")
+        p["phase"] = PENDING
+        return True
+    _set_created(b, children)
     return False
 
 
