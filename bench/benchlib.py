@@ -42,6 +42,10 @@ def native_bf16() -> tuple[bool, str]:
     /proc/cpuinfo rather than asked of torch because torch.backends.cpu.get_cpu_capability() only says
     "AVX512" or "AVX2", not whether the AVX512 has BF16; bitsandbytes keys its own CPU bf16 kernels on the
     same instruction (bitsandbytes.functional.has_avx512bf16)."""
+    if os.environ.get("FT_BENCH_NO_NATIVE_BF16") == "1":
+        # A stand-in for a CPU without AVX512-BF16 on one that has it (with ATEN_CPU_CAPABILITY=avx2 and
+        # ONEDNN_MAX_CPU_ISA=AVX2, torch's own and oneDNN's kernels also keep to AVX2), to time that path.
+        return False, "treated as emulated (FT_BENCH_NO_NATIVE_BF16=1, standing in for a CPU without it)"
     flags = cpu_flags()
     found = [f for f in NATIVE_BF16_FLAGS if f in flags]
     if found:
