@@ -539,7 +539,7 @@ async def _preflight_pass(api: kube.Kube, rt: Runtime, body: dict[str, Any], job
         state.job_view = refresh.job_view(job_obj)
         return replace(view, children=replace(children, job=job_obj))
     result = await asyncio.to_thread(rt.reader.read_preflight, output_uri) if where is not None else None
-    if result is not None and not _written_since(result.checked_at, meta.get("creationTimestamp")):
+    if result is not None and not status_mod.written_since(result.checked_at, meta.get("creationTimestamp")):
         result = None  # an earlier job's, at the same output URI
     pods: list[dict[str, Any]] = []
     if _condition_of(job_obj, "Failed") and (result is None or result.ok):
@@ -558,16 +558,6 @@ async def _preflight_pass(api: kube.Kube, rt: Runtime, body: dict[str, Any], job
             f" (the pre-flight read it, but the operator cannot read {result_uri})")
     return replace(view, children=replace(children, job=job_obj, pods=pods), result=result, plan=completed,
                    planning_error=error)
-
-
-def _written_since(checked_at: str, created: str | None) -> bool:
-    if not created:
-        return True
-    try:
-        return datetime.fromisoformat(checked_at.replace("Z", "+00:00")) >= datetime.fromisoformat(
-            created.replace("Z", "+00:00"))
-    except ValueError:
-        return True
 
 
 async def _apply_suspend(api: kube.Kube, job: FineTuneJob, job_obj: dict[str, Any], logger: Any,

@@ -466,6 +466,57 @@ def _pod_failure_policy() -> dict[str, Any]:
     }
 
 
+def _container(job: FineTuneJob, settings: OperatorSettings, command: list[str], env: list[dict[str, Any]],
+               resources: dict[str, Any], mounts: list[dict[str, Any]],
+               ports: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The trainer image's container (training or pre-flight): the job's Secrets by `envFrom`, the restricted
+    security context, the termination message from the logs when the process wrote none."""
+    _, container_security = _pod_security(settings)
+    container: dict[str, Any] = {
+        "name": CONTAINER_NAME,
+        "image": trainer_image(job, settings),
+        "imagePullPolicy": settings.image_pull_policy,
+        # An argv list, never a shell string: no spec value is ever parsed by a shell.
+        "command": command,
+        "env": env,
+    }
+    if ports:
+        container["ports"] = ports
+    container.update({
+        "resources": resources,
+        "volumeMounts": mounts,
+        "securityContext": container_security,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+    })
+    env_from = [{"secretRef": {"name": name}} for name in secret_names(job, settings)]
+    if env_from:
+        container["envFrom"] = env_from
+    return container
+
+
+def _pod_spec(job: FineTuneJob, settings: OperatorSettings, container: dict[str, Any],
+              volumes: list[dict[str, Any]], *, subdomain: str | None = None,
+              grace_seconds: int | None = None) -> dict[str, Any]:
+    """What every pod of a job has (training or pre-flight); the caller adds its own placement.
+    `subdomain` (the headless Service) and `grace_seconds` are the training pods'."""
+    pod_security, _ = _pod_security(settings)
+    pod_spec: dict[str, Any] = {}
+    if subdomain:
+        pod_spec["subdomain"] = subdomain
+    pod_spec.update({
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        # Service links would add variables for every Service in the namespace to the trainer's env.
+        "enableServiceLinks": False,
+    })
+    if grace_seconds is not None:
+        pod_spec["terminationGracePeriodSeconds"] = grace_seconds
+    pod_spec.update({"securityContext": pod_security, "containers": [container], "volumes": volumes})
+    if job.spec.service_account_name:
+        pod_spec["serviceAccountName"] = job.spec.service_account_name
+    return pod_spec
+
+
 def kueue_labels(job: FineTuneJob) -> dict[str, str]:
     """Kueue's queue and priority labels, copied from the FineTuneJob to the Job."""
     own = job.metadata.labels
@@ -476,40 +527,14 @@ def render_job(job: FineTuneJob, plan: Plan, settings: OperatorSettings, stage: 
     """The Indexed Job running one training pod per node."""
     names = child_names(job.metadata.name, stage)
     spec = job.spec
-    pod_security, container_security = _pod_security(settings)
     volumes, mounts = _volumes(job, settings, stage)
     queued = kueue_labels(job)
 
-    env_from = [{"secretRef": {"name": name}} for name in secret_names(job, settings)]
-    container: dict[str, Any] = {
-        "name": CONTAINER_NAME,
-        "image": trainer_image(job, settings),
-        "imagePullPolicy": settings.image_pull_policy,
-        # An argv list, never a shell string: no spec value is ever parsed by a shell.
-        "command": list(TRAINER_COMMAND),
-        "env": _env(job, plan, settings, stage),
-        "ports": [{"name": PORT_NAME, "containerPort": settings.main_port, "protocol": "TCP"}],
-        "resources": _resources(job, plan, settings),
-        "volumeMounts": mounts,
-        "securityContext": container_security,
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
-    if env_from:
-        container["envFrom"] = env_from
-
-    pod_spec: dict[str, Any] = {
-        "subdomain": names.service,
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        # Service links would add variables for every Service in the namespace to the trainer's env.
-        "enableServiceLinks": False,
-        "terminationGracePeriodSeconds": settings.termination_grace_seconds,
-        "securityContext": pod_security,
-        "containers": [container],
-        "volumes": volumes,
-    }
-    if spec.service_account_name:
-        pod_spec["serviceAccountName"] = spec.service_account_name
+    container = _container(job, settings, list(TRAINER_COMMAND), _env(job, plan, settings, stage),
+                           _resources(job, plan, settings), mounts,
+                           ports=[{"name": PORT_NAME, "containerPort": settings.main_port, "protocol": "TCP"}])
+    pod_spec = _pod_spec(job, settings, container, volumes, subdomain=names.service,
+                         grace_seconds=settings.termination_grace_seconds)
     if spec.resources.priority_class_name:
         pod_spec["priorityClassName"] = spec.resources.priority_class_name
     if spec.resources.node_selector:
@@ -557,7 +582,6 @@ def render_preflight_job(job: FineTuneJob, settings: OperatorSettings) -> dict[s
     stage = preflight.STAGE
     names = child_names(job.metadata.name, stage)
     spec = job.spec
-    pod_security, container_security = _pod_security(settings)
     volumes, mounts = _volumes(job, settings, stage)
     # No /dev/shm: there are no collectives or data-loader workers.
     volumes = [v for v in volumes if v["name"] != VOLUME_SHM]
@@ -566,31 +590,10 @@ def render_preflight_job(job: FineTuneJob, settings: OperatorSettings) -> dict[s
             "TMPDIR", "HF_HOME", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION"}
     env = [e for e in _env(job, preflight.placeholder_plan(spec), settings, stage) if e["name"] in keep]
     requests = {"cpu": settings.preflight_cpu, "memory": settings.preflight_memory}
-    container: dict[str, Any] = {
-        "name": CONTAINER_NAME,
-        "image": trainer_image(job, settings),
-        "imagePullPolicy": settings.image_pull_policy,
-        "command": list(preflight.COMMAND),
-        "env": env,
-        # Small and bounded: it reads headers, a tokenizer and the data files, never the weights.
-        "resources": {"requests": requests, "limits": {k: _scale(v, 2) for k, v in requests.items()}},
-        "volumeMounts": mounts,
-        "securityContext": container_security,
-        "terminationMessagePolicy": "FallbackToLogsOnError",
-    }
-    env_from = [{"secretRef": {"name": name}} for name in secret_names(job, settings)]
-    if env_from:
-        container["envFrom"] = env_from
-    pod_spec: dict[str, Any] = {
-        "restartPolicy": "Never",
-        "automountServiceAccountToken": False,
-        "enableServiceLinks": False,
-        "securityContext": pod_security,
-        "containers": [container],
-        "volumes": volumes,
-    }
-    if spec.service_account_name:
-        pod_spec["serviceAccountName"] = spec.service_account_name
+    # Small and bounded: it reads headers, a tokenizer and the data files, never the weights.
+    resources = {"requests": requests, "limits": {k: _scale(v, 2) for k, v in requests.items()}}
+    container = _container(job, settings, list(preflight.COMMAND), env, resources, mounts)
+    pod_spec = _pod_spec(job, settings, container, volumes)
     pod_labels = {**labels(job, stage), LABEL_COMPONENT: preflight.COMPONENT}
     return {
         "apiVersion": "batch/v1",

@@ -683,12 +683,17 @@ def _waiting_message(pods: Sequence[Mapping[str, Any]], nodes: int, what: str = 
 
 def _fresh(report: TrainerReport | None, created: str | None) -> bool:
     """A report written before the FineTuneJob existed belongs to an earlier run; ignore it."""
-    if report is None:
-        return False
+    return report is not None and written_since(report.updated_at, created)
+
+
+def written_since(when: str, created: str | None) -> bool:
+    """Whether an object of the output (a report, the pre-flight's result) stamped `when` (RFC 3339) was
+    written after the FineTuneJob's `created`: one stamped earlier is an earlier run's at the same output URI.
+    A time that cannot be read, or no creation time, counts as written since."""
     if not created:
         return True
     try:
-        return _parse_time(report.updated_at) >= _parse_time(created)
+        return _parse_time(when) >= _parse_time(created)
     except ValueError:
         return True
 
