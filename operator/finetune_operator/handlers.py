@@ -28,8 +28,9 @@ a fresh read of the object:
    below), compute the status (`status.compute_status`), patch the status subresource only when it
    changed, post one event per phase transition.
 
-It runs on create, on resume (operator start), on a spec update (suspend; any other spec change is
-refused with a SpecImmutable Warning and ignored, the CRD's CEL rules normally stop it earlier), whenever
+It runs on create, on resume (operator start: the watch lists every object), on a spec update (suspend;
+any other spec change is refused with a SpecImmutable Warning and ignored, the CRD's CEL rules normally
+stop it earlier; `track` tells these apart from the FineTuneJob's other events), whenever
 a labelled batch/v1 Job changes, whenever a training pod (labels `finetune.dev/job` and
 `app.kubernetes.io/component=trainer`) appears, changes or goes away, and from one operator-wide
 background task, the refresher, for the jobs that need polling. Phase changes come from these watches;
@@ -52,12 +53,12 @@ blocks `kubectl delete` while the operator is down. There is no finalizer at all
 owner through garbage collection.
 
 What a FineTuneJob costs the API server: from create to its first status, its three children, one
-status write, one event, and kopf's annotation patch (its create handler done): 6 requests, no reads
+status write and one event: 5 requests, no reads, nothing written to the FineTuneJob but its status
 (bench/operator_scale_bench.py counts them in the audit log, with FT_PREFLIGHT=false). The pre-flight
-stage changes the first pass to its ConfigMap and Job, one status write, one event and kopf's patch (5);
-its Job's completion then costs one S3 read, two status writes and the three children. The first pass of an object uses the body
-kopf hands the create or resume handler (nothing of ours wrote it since kopf read it); later passes read
-it under the object's lock. A Job event runs a pass only when it changes what the status reads from the
+stage changes the first pass to its ConfigMap and Job, one status write and one event (4); its Job's
+completion then costs one S3 read, two status writes and the three children. The first pass of an
+object uses the body of the watch event that brought it (nothing of ours wrote it since); later passes
+read it under the object's lock. A Job event runs a pass only when it changes what the status reads from the
 Job (`refresh.job_view`): the watch's echo of the operator's create and the controller's bookkeeping on a
 suspended Job do not. At most `PASS_CONCURRENCY` passes run at once, on `kube.CONNECTIONS` connections.
 
@@ -69,8 +70,10 @@ at startup and closed at cleanup), with the identity the `login` handler gave ko
 `settings.networking` timeouts and error backoffs, and errors mapped to `kube.ApiError` (`NotFound`,
 `Conflict`). kopf's own client is not used: kopf is used through its public API only.
 
-Kopf settings: handler progress and the last-handled spec live in annotations under
-`kopf.finetune.dev/` (the status schema is strict, so kopf's default `status.kopf` would be pruned);
+Kopf settings: only event handlers (`track` decides what a FineTuneJob event needs: a pass when the job
+is new to this process or its spec changed), so kopf keeps no handler progress or diff base on the
+objects; were a change handler added, its storage is annotations under `kopf.finetune.dev/` (the status
+schema is strict, so kopf's default `status.kopf` would be pruned);
 peering is off (run one replica; `FT_PEERING=true` turns kopf peering on); logs are JSON
 (`FT_LOG_FORMAT=text` keeps kopf's text format). Metrics: see `finetune_operator.metrics`.
 """
@@ -79,9 +82,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import secrets
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
@@ -91,7 +96,7 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from finetune_operator import contract, kube, oomkill, refresh, render, sizing
+from finetune_operator import conditions, contract, kube, oomkill, refresh, render, sizing
 from finetune_operator import metrics as metrics_mod
 from finetune_operator import pilot as pilot_mod
 from finetune_operator import preflight as preflight_mod
@@ -137,6 +142,7 @@ class JobState:
     idle: int = 0
     passes: int = 0  # passes begun in this process (0: kopf's body of a create or resume is still fresh)
     job_view: int | None = None  # `refresh.job_view` of the Job the last pass saw
+    spec: tuple[tuple[str, int], ...] | None = None  # `spec_digest` of the spec last reconciled (None: not yet)
 
 
 @dataclass
@@ -649,8 +655,8 @@ async def reconcile(
 ) -> None:
     """Reconcile the FineTuneJob `namespace/name` if it exists, serialized per object.
 
-    `given`: the body kopf handed to a create or resume handler. The first pass of an object in this
-    process uses it as is, since nothing of ours can have written the object since kopf read it (the
+    `given`: the body of the watch event `track` handles. The first pass of an object in this process
+    uses it as is, since nothing of ours can have written the object since the watch delivered it (the
     operator writes only status and Job suspension, and only in passes); every other pass reads it.
     `job_view`: a Job event's `refresh.job_view`; no pass when the last pass saw the same.
 
@@ -786,7 +792,8 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any,
     interval = status_interval()
     port = metrics_mod.port_from_env()
 
-    # Handler progress and the diff base in annotations: the status schema is strict.
+    # No change handlers use them today (`track` is an event handler); should one be added, its progress
+    # and diff base go to annotations: the status schema is strict.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=ANNOTATION_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=ANNOTATION_PREFIX, key="last-handled-configuration"
@@ -896,9 +903,35 @@ async def _refresh_some(rt: Runtime, pending: Iterator[tuple[str, tuple[str, str
             logger.exception(f"refresh of {namespace}/{name} failed")
 
 
+def spec_digest(spec: Any) -> tuple[tuple[str, int], ...]:
+    """A small in-memory fingerprint of a spec: each top-level field's name and a hash of its value.
+
+    `track` compares it between events of a FineTuneJob: its status writes and metadata changes need no
+    pass, a changed spec does, and the fields that changed can be named without keeping the spec (a
+    job's fingerprint is about 1 KiB; kopf's diff base kept the whole spec in an annotation on the object,
+    cost a patch per job and deep copies per event)."""
+    if not isinstance(spec, Mapping):
+        return ()
+    return tuple(sorted((sys.intern(str(key)), hash(json.dumps(value, sort_keys=True, default=str)))
+                        for key, value in spec.items()))
+
+
+def changed_spec_fields(before: tuple[tuple[str, int], ...], after: tuple[tuple[str, int], ...]) -> list[str]:
+    """`spec.<field>` names whose value differs between two `spec_digest`s (added, removed or changed)."""
+    old, new = dict(before), dict(after)
+    return sorted(f"spec.{key}" for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+
+
 @kopf.on.event(GROUP, VERSION, PLURAL)
-async def track(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
-    """Keep the set of FineTuneJobs the refresher visits (no state on the objects)."""
+async def track(type: str, body: kopf.Body, memo: kopf.Memo, logger: Any, **_: Any) -> None:
+    """Every FineTuneJob event: keep the set of jobs the refresher visits, and reconcile a job that is new
+    to this process (created, or listed when the operator starts: that is the resume) or whose spec
+    changed. Events of the operator's own status writes, and metadata changes, need no pass.
+
+    An event handler rather than kopf's create/resume/update handlers: those keep a diff base in an
+    annotation on every object (one patch per job: a sixth request besides the three children, the status
+    write and the event) and deep-copy the object on every event. A failed pass is not retried by kopf: it
+    schedules a refresh one interval later (`refresh.next_refresh`), which the refresher runs."""
     rt = _runtime(memo)
     uid = str(body.metadata.uid)
     namespace, name = str(body.metadata.namespace), str(body.metadata.name)
@@ -908,51 +941,30 @@ async def track(type: str, body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
         rt.jobs.pop(f"{namespace}/{name}", None)
         rt.metrics.forget(uid)
         return
-    if uid not in rt.known:
-        # First sight: a safety net, one refresh after BACKOFF_CAP intervals unless a pass schedules it
-        # first (on create and on resume kopf reconciles every object and retries failed passes itself;
-        # after one interval it doubled the work of a burst of creates that queue longer than that).
-        state = rt.job_state(namespace, name)
-        if state.due is None:
-            state.due = time.monotonic() + rt.interval * refresh.BACKOFF_CAP
     rt.known[uid] = (namespace, name)
-
-
-@kopf.on.create(GROUP, VERSION, PLURAL)
-async def on_create(namespace: str | None, name: str, body: kopf.Body, memo: Any, logger: Any, **_: Any) -> None:
-    await reconcile(_runtime(memo), str(namespace), name, logger, "create", given=body)
-
-
-@kopf.on.resume(GROUP, VERSION, PLURAL)
-async def on_resume(namespace: str | None, name: str, body: kopf.Body, memo: Any, logger: Any, **_: Any) -> None:
-    await reconcile(_runtime(memo), str(namespace), name, logger, "resume", given=body)
-
-
-def changed_spec_fields(diff: Any) -> list[str]:
-    """`spec.<field>` paths a kopf diff (of the `spec` field) touches."""
-    paths = set()
-    for _op, path, _old, _new in diff:
-        parts = [str(p) for p in path]
-        if parts and parts[0] == "spec":
-            parts = parts[1:]
-        paths.add("spec." + ".".join(parts) if parts else "spec")
-    return sorted(paths)
-
-
-@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-async def on_spec_update(
-    diff: Any, body: kopf.Body, namespace: str | None, name: str, memo: Any, logger: Any, **_: Any
-) -> None:
-    rt = _runtime(memo)
-    refused = [path for path in changed_spec_fields(diff) if path != "spec.suspend"]
-    if refused:
-        message = (
-            f"the spec is immutable except spec.suspend; ignored changes to {', '.join(refused)}. "
-            "Delete and recreate the FineTuneJob to change them"
-        )
-        logger.warning(message)
-        await post_event(rt.kube, dict(body), "Warning", "SpecImmutable", message)
-    await reconcile(rt, str(namespace), name, logger, "update")
+    state = rt.job_state(namespace, name)
+    digest = spec_digest(body.get("spec"))
+    before = state.spec
+    if before == digest:
+        return
+    state.spec = digest
+    if before is None:
+        cause = "create" if type == "ADDED" else "resume"
+    else:
+        cause = "update"
+        refused = [path for path in changed_spec_fields(before, digest) if path != "spec.suspend"]
+        if refused:
+            message = (
+                f"the spec is immutable except spec.suspend; ignored changes to {', '.join(refused)}. "
+                "Delete and recreate the FineTuneJob to change them"
+            )
+            logger.warning(message)
+            await post_event(rt.kube, dict(body), "Warning", conditions.SPEC_IMMUTABLE, message)
+    try:
+        # The body kopf hands over is fresh for the first pass (`reconcile`'s `given`).
+        await reconcile(rt, namespace, name, logger, cause, given=body)
+    except kopf.TemporaryError as err:
+        logger.warning(f"{cause} pass of {namespace}/{name} failed, retried by the refresher: {err}")
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_JOB: kopf.PRESENT})
