@@ -27,10 +27,12 @@ For each size N (`-n 100 1000` on the emulator, `100 1000 5000` on a real API se
    cluster), with the production status interval (FT_STATUS_INTERVAL unset: 10 s) and JSON logs to a
    file. One warm-up FineTuneJob proves it is up (its Job exists) before the clock starts;
 4. on a real API server, first the create-only baseline: the same N FineTuneJobs, same concurrency, in a
-   namespace of their own, with no operator running yet (after 16 untimed warm-up creates; a fresh CRD's
-   first creates are slow), then deleted again; then the minimum-writes baseline (`minimum_writes_baseline`:
+   namespace of their own, with no operator running (after 16 untimed warm-up creates; a fresh CRD's
+   first creates are slow); with `--api envtest` then the minimum-writes baseline (`minimum_writes_baseline`:
    per job what any operator must have the API server do, done by the bench: the FineTuneJob, its three
-   children, one status write, one event), deleted again before the operator starts;
+   children, one status write, one event). On envtest both run on a fresh control plane of their own,
+   stopped before the operator's run starts on another fresh one (`baselines_on_own_plane`); on a
+   `cluster` the create-only baseline's jobs are deleted again before the operator starts;
 5. N FineTuneJobs (7B..70B, LoRA/QLoRA/full, all `suspend: true` so a real cluster starts no pods),
    created with 16 requests in flight; the bench watches Jobs and FineTuneJobs and records when each
    Job first appears and when each FineTuneJob first has a status phase;
@@ -413,7 +415,48 @@ def operator_environment(workdir: Path) -> tuple[str, str]:
     return str(python), f"its own venv with `pip install .` (Python packages it can import: {', '.join(found)})"
 
 
-async def minimum_writes_baseline(api: Api, run: Run, namespace: str) -> None:
+async def create_only_baseline(api: Api, run: Run, namespace: str, *, delete: bool) -> None:
+    """`operator_create_only_<N>_seconds`: the same N FineTuneJob creates as the operator's run, same
+    concurrency, no operator running, in a namespace of their own (after `CONCURRENCY` untimed warm-up
+    creates: a fresh CRD's first creates are slow, 100 creates 2.4 s cold and 0.3 s warm on 2 cores; the
+    operator's run has its warm-up job too). `delete`: remove them again (on a cluster the operator's
+    run shares); no finalizers, no operator saw them."""
+    await api.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                  "metadata": {"name": namespace}})
+    gate = asyncio.Semaphore(CONCURRENCY)
+    ftjs = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
+
+    async def create(i: int) -> None:
+        async with gate:
+            await api.call("POST", ftjs, manifest(i, f"job-{i:05d}", namespace))
+
+    await asyncio.gather(*(api.call("POST", ftjs, manifest(i, f"warmup-{i}", namespace)) for i in range(CONCURRENCY)))
+    t_base = time.monotonic()
+    await asyncio.gather(*(create(i) for i in range(run.n)))
+    run.put("operator_create_only_{n}_seconds", time.monotonic() - t_base)
+    if delete:
+        await api.call("DELETE", ftjs, timeout=600)
+        await api.call("DELETE", f"/api/v1/namespaces/{namespace}")
+
+
+async def baselines_on_own_plane(run: Run, assets: Path, workdir: Path) -> None:
+    """Both baselines (`create_only_baseline`, `minimum_writes_baseline`) on a fresh control plane of their
+    own, stopped before the operator's run starts on another: nothing has to be deleted (deleting the 4N
+    objects of the minimum-writes baseline took about 150 s at 5,000 jobs on 2 cores), and the operator's
+    run meets an API server and etcd that held nothing before, as the baselines did."""
+    plane = await asyncio.to_thread(start_plane, assets, workdir)
+    api = Api.for_envtest(plane)
+    try:
+        await install_crd(api, run.deadline)
+        await create_only_baseline(api, run, "ftbench-base", delete=False)
+        await minimum_writes_baseline(api, run, "ftbench-min", delete=False)
+    finally:
+        await api.close()
+        await asyncio.to_thread(plane.stop)
+    run.baselines_measured = True
+
+
+async def minimum_writes_baseline(api: Api, run: Run, namespace: str, *, delete: bool = True) -> None:
     """`operator_minimum_writes_<N>_seconds`: the least any operator must have the API server do for N
     FineTuneJobs, done by the bench itself with no operator running: per job, create it, then its three
     children (the operator's own `render.render_children`, owner reference and all), one status write and
@@ -449,6 +492,8 @@ async def minimum_writes_baseline(api: Api, run: Run, namespace: str) -> None:
     t_start = time.monotonic()
     await asyncio.gather(*(one(i) for i in range(run.n)))
     run.put("operator_minimum_writes_{n}_seconds", time.monotonic() - t_start)
+    if not delete:
+        return
     # Gone before the operator starts: a namespace deletion left to the controller manager would go on
     # deleting 4N objects in the background of the operator's run.
     for collection in (ftjs, f"/api/v1/namespaces/{namespace}/events", f"/api/v1/namespaces/{namespace}/configmaps",
@@ -669,6 +714,7 @@ class Run:
     phase_seen: dict[str, float] = field(default_factory=dict)
     created: dict[str, float] = field(default_factory=dict)
     rss_peak_kib: int = 0
+    baselines_measured: bool = False  # the create-only (and minimum-writes) baselines are in `figures` already
 
     def put(self, name: str, value: float, fmt: str = "{:.2f}") -> None:
         """Record figure `name` (`{n}` in it becomes the size; else `_<size>` is appended)."""
@@ -769,29 +815,8 @@ async def run_one(run: Run) -> None:
             # (kmock serves namespaced objects without a Namespace object, and cannot parse a POST of one.)
             await api.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
                                                           "metadata": {"name": namespace}})
-            # The create-only baseline: the same N creates, same concurrency, no operator running yet, in a
-            # namespace of their own; then they are deleted again (no finalizers: no operator saw them).
-            base_ns = f"{namespace}-base"
-            await api.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                                          "metadata": {"name": base_ns}})
-            base_gate = asyncio.Semaphore(CONCURRENCY)
-
-            async def create_base(i: int) -> None:
-                async with base_gate:
-                    await api.call("POST", f"/apis/{GROUP}/{VERSION}/namespaces/{base_ns}/{PLURAL}",
-                                   manifest(i, f"job-{i:05d}", base_ns))
-
-            # Warm-up, untimed (the operator's run has its warm-up job too): the first creates of a fresh
-            # CRD are slow (100 creates: 2.4 s cold, 0.3 s warm, on 2 cores).
-            await asyncio.gather(*(api.call("POST", f"/apis/{GROUP}/{VERSION}/namespaces/{base_ns}/{PLURAL}",
-                                            manifest(i, f"warmup-{i}", base_ns)) for i in range(CONCURRENCY)))
-            t_base = time.monotonic()
-            await asyncio.gather(*(create_base(i) for i in range(run.n)))
-            run.put("operator_create_only_{n}_seconds", time.monotonic() - t_base)
-            await api.call("DELETE", f"/apis/{GROUP}/{VERSION}/namespaces/{base_ns}/{PLURAL}", timeout=600)
-            await api.call("DELETE", f"/api/v1/namespaces/{base_ns}")
-            if run.plane is not None:
-                await minimum_writes_baseline(api, run, f"{namespace}-min")
+            if not run.baselines_measured:  # (--api envtest measures them on a control plane of their own)
+                await create_only_baseline(api, run, f"{namespace}-base", delete=True)
 
         def on_job(event: dict[str, Any]) -> None:
             name = ((event.get("object") or {}).get("metadata") or {}).get("name")
@@ -813,7 +838,7 @@ async def run_one(run: Run) -> None:
         env.update(run.s3_env)
         # FT_PREFLIGHT=false: the figures are the time to each job's training Job and the requests that take,
         # as issue 13 defines them; with the pre-flight on, no training Job exists before a pre-flight pod ran
-        # (this bench runs no pods), and a job's first pass costs 5 requests instead of 6 (handlers.py).
+        # (this bench runs no pods), and a job's first pass costs 4 requests instead of 5 (handlers.py).
         env.update({"FT_METRICS_PORT": str(metrics_port), "FT_USE_GPUS": "false", "FT_LOG_FORMAT": "json",
                     "FT_PREFLIGHT": "false"})
         if run.operator_kubeconfig is not None:
@@ -1099,6 +1124,7 @@ async def main_async(args: argparse.Namespace) -> int:
             plane = None
             try:
                 if assets is not None:
+                    await baselines_on_own_plane(run, assets, Path(tmp) / f"envtest-{n}-baselines")
                     plane = await asyncio.to_thread(start_plane, assets, Path(tmp) / f"envtest-{n}")
                     run.plane, run.audit_log = plane, plane.audit_log
                     run.operator_kubeconfig = plane.operator_kubeconfig
