@@ -372,14 +372,28 @@ class Api:
                 raise BenchError(f"{method} {path}: HTTP {resp.status}: {text[:500]}")
             return (resp.status, json.loads(text) if text else None)
 
-    async def watch(self, path: str, on_event: Callable[[dict[str, Any]], None]) -> None:
-        """Stream watch events of `path` (a collection) into `on_event`, reconnecting, until cancelled."""
+    async def watch(self, path: str, on_event: Callable[[dict[str, Any]], None],
+                    ready: asyncio.Event | None = None) -> None:
+        """Stream watch events of `path` (a collection) into `on_event`, reconnecting, until cancelled.
+
+        A 429 is waited out (Retry-After, for up to a minute): a fresh API server answers it while the watch
+        cache of a CRD just established is still "(re)initializing". `ready` is set once the watch is open:
+        events before that are not seen."""
+        refused_since: float | None = None
         while True:
             async with self.session.get(
                 self.server + path, params={"watch": "true"}, timeout=aiohttp.ClientTimeout(total=None)
             ) as resp:
+                if resp.status == 429:
+                    refused_since = refused_since or time.monotonic()
+                    if time.monotonic() - refused_since < 60:
+                        await asyncio.sleep(float(resp.headers.get("Retry-After") or 1))
+                        continue
                 if resp.status != 200:
                     raise BenchError(f"watch {path}: HTTP {resp.status}: {(await resp.text())[:500]}")
+                refused_since = None
+                if ready is not None:
+                    ready.set()
                 async for line in resp.content:
                     if line.strip():
                         on_event(json.loads(line))
@@ -829,9 +843,18 @@ async def run_one(run: Run) -> None:
             if name and name not in run.phase_seen and (obj.get("status") or {}).get("phase"):
                 run.phase_seen[name] = time.monotonic()
 
-        tasks.append(asyncio.create_task(api.watch(f"/apis/batch/v1/namespaces/{namespace}/jobs", on_job)))
+        watching = [asyncio.Event(), asyncio.Event()]
+        tasks.append(asyncio.create_task(api.watch(f"/apis/batch/v1/namespaces/{namespace}/jobs", on_job,
+                                                   watching[0])))
         tasks.append(asyncio.create_task(
-            api.watch(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", on_ftj)))
+            api.watch(f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}", on_ftj, watching[1])))
+        # Open before anything is created (a Job or status set before its watch opened would never be seen).
+        done, _ = await asyncio.wait([asyncio.create_task(w.wait()) for w in watching], timeout=90)
+        for task in tasks[-2:]:
+            if task.done() and task.exception() is not None:
+                raise BenchError(f"a watch failed: {task.exception()}")
+        if len(done) < 2:
+            raise BenchError("the bench's watches did not open within 90 s")
 
         # The operator, as the Helm chart runs it.
         metrics_port, liveness_port = envtest.free_port(), envtest.free_port()

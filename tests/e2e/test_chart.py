@@ -298,6 +298,8 @@ def test_the_service_account_holds_the_chart_rbac_and_no_more(release: Release, 
         ("GET", f"/api/v1/namespaces/{release.namespace}/secrets", None),  # no Secrets at all
         ("GET", "/apis/apps/v1/deployments", None),
         ("DELETE", f"/apis/batch/v1/namespaces/{release.namespace}/jobs/anything", None),  # no delete
+        # No writes to a FineTuneJob but its status (no kopf annotations or finalizers).
+        ("PATCH", f"/apis/finetune.dev/v1alpha1/namespaces/{release.namespace}/finetunejobs/anything", {}),
         ("POST", f"/api/v1/namespaces/{release.namespace}/pods", {"apiVersion": "v1", "kind": "Pod",
                                                                   "metadata": {"name": "x"}, "spec": {}}),
     ]

@@ -152,7 +152,7 @@ def test_metrics_service_selects_only_the_operator(chart: helm.Chart) -> None:
 # ------------------------------------------------------------------------------------------------
 
 EXPECTED_PERMISSIONS = {
-    ("finetune.dev", "finetunejobs"): {"get", "list", "watch", "patch"},
+    ("finetune.dev", "finetunejobs"): {"get", "list", "watch"},
     ("finetune.dev", "finetunejobs/status"): {"get", "patch", "update"},
     ("finetune.dev", "finetunejobs/finalizers"): {"update"},
     ("batch", "jobs"): {"create", "get", "list", "watch", "patch"},
