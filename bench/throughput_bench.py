@@ -87,15 +87,15 @@ Figures (all from this run):
   the mean over the noise seeds of (ours - TRL) held-out loss (TRL runs at every noise seed too).
 
 Runtime (`make bench` must finish within 30 minutes on a CPU without AVX512, where `auto` picks fp32):
-measured here with `--precision fp32` on the 2-core Intel Xeon of the README (2026-12-02, with one run of
-ours and TRL per method, before `--trl-repeats`): 8.5 minutes of CPU time (user + system), 17 minutes of
-wall time under a load average of 4-9 from other work on the machine. Every worker is one thread and they
-run one after another, so on an idle machine the wall time is about the CPU time; the second run of ours
-and TRL per method adds about 1 minute. Most of it is the reference's max_length padding (LoRA: 51 s of CPU
-over its steps, against 10 s for ours and 11 s for TRL). A CPU with AVX2 but no AVX512 has half the fp32
-vector width: allow up to twice that, about 20 minutes at worst; `--noise-seeds ''` saves about a third
-(the six noise-seed runs), `--no-trl` about a fifth. With bf16 native (the default here) it took 7.3
-minutes of CPU.
+measured on a 2-core AMD EPYC standing in for such a CPU (`FT_BENCH_NO_NATIVE_BF16=1`, with
+`ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2` so that torch's and oneDNN's kernels keep to AVX2;
+2026-12-02): 995 s of wall time before, 611 s after two changes: the six noise-seed runs, whose held-out
+losses are all that is used from them, run side by side (one per core), and the installed packages carry
+compiled bytecode (each worker process used to spend 10-20 s compiling torch, bitsandbytes, peft and
+transformers again on import, `PYTHONDONTWRITEBYTECODE` being set there). Every timed worker runs alone,
+one after another, with one thread. Most of the time is the reference's max_length padding (LoRA: 58-67 s
+over its steps, against 9-11 s for ours and for TRL). `--noise-seeds ''` saves the noise-seed runs,
+`--no-trl` about a fifth.
 
 Usage: python bench/throughput_bench.py [--steps 12] [--qlora-steps 6] [--packed-steps 3] [--threads 1]
        [--methods full,lora,qlora] [--seed 42] [--no-packed] [--noise-seeds 43,44] [--precision auto]
