@@ -140,7 +140,7 @@ class JobState:
     settled: bool = False
     due: float | None = None
     idle: int = 0
-    passes: int = 0  # passes begun in this process (0: kopf's body of a create or resume is still fresh)
+    passes: int = 0  # passes begun in this process (0: the body of the watch event `track` handles is fresh)
     job_view: int | None = None  # `refresh.job_view` of the Job the last pass saw
     spec: tuple[tuple[str, int], ...] | None = None  # `spec_digest` of the spec last reconciled (None: not yet)
 
