@@ -429,16 +429,21 @@ def operator_environment(workdir: Path) -> tuple[str, str]:
     return str(python), f"its own venv with `pip install .` (Python packages it can import: {', '.join(found)})"
 
 
+async def baseline_namespace(api: Api, namespace: str) -> str:
+    """Create a baseline's namespace; the path of its FineTuneJob collection."""
+    await api.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
+                                                  "metadata": {"name": namespace}})
+    return f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
+
+
 async def create_only_baseline(api: Api, run: Run, namespace: str, *, delete: bool) -> None:
     """`operator_create_only_<N>_seconds`: the same N FineTuneJob creates as the operator's run, same
     concurrency, no operator running, in a namespace of their own (after `CONCURRENCY` untimed warm-up
     creates: a fresh CRD's first creates are slow, 100 creates 2.4 s cold and 0.3 s warm on 2 cores; the
     operator's run has its warm-up job too). `delete`: remove them again (on a cluster the operator's
     run shares); no finalizers, no operator saw them."""
-    await api.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                                  "metadata": {"name": namespace}})
+    ftjs = await baseline_namespace(api, namespace)
     gate = asyncio.Semaphore(CONCURRENCY)
-    ftjs = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
 
     async def create(i: int) -> None:
         async with gate:
@@ -483,10 +488,8 @@ async def minimum_writes_baseline(api: Api, run: Run, namespace: str, *, delete:
     from finetune_operator.spec import FineTuneJob
 
     settings = OperatorSettings.from_env({})
-    await api.call("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace",
-                                                  "metadata": {"name": namespace}})
+    ftjs = await baseline_namespace(api, namespace)
     gate = asyncio.Semaphore(CONCURRENCY)
-    ftjs = f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/{PLURAL}"
 
     async def one(i: int) -> None:
         async with gate:
