@@ -30,17 +30,17 @@ def envtest_available() -> bool:
     return all(os.access(Path(folder).expanduser() / name, os.X_OK) for name in ENVTEST_BINARIES)
 
 
-def scripts() -> list[tuple[str, list[str], str]]:
-    """(script, its arguments, prefix given to its figures), in the order run.
+def scripts() -> list[tuple[str, list[str]]]:
+    """(script, its arguments), in the order run.
 
     Chosen so that the whole run fits in 30 minutes on a 2-core CPU without AVX512 (issue 12), where the
     training benchmarks run in fp32: the sizing benchmark measures its six configs with gradient
     checkpointing (the trainer's default; `--gc on,off` adds six without, about 7 more minutes there),
     and the operator's scale benchmark runs on the real API server when one is at hand, else on kmock's
     emulator (`--api emulator` by hand for the emulator's figures beside the real ones)."""
-    scale = ("operator_scale_bench.py", ["--api", "envtest" if envtest_available() else "emulator"], "")
-    return [("plan_bench.py", [], ""), ("throughput_bench.py", [], ""), ("scaling_bench.py", [], ""),
-            ("sizing_accuracy_bench.py", ["--precision", "auto", "--gc", "on"], ""), scale, ("gpu_bench.py", [], "")]
+    scale = ("operator_scale_bench.py", ["--api", "envtest" if envtest_available() else "emulator"])
+    return [("plan_bench.py", []), ("throughput_bench.py", []), ("scaling_bench.py", []),
+            ("sizing_accuracy_bench.py", ["--precision", "auto", "--gc", "on"]), scale, ("gpu_bench.py", [])]
 
 
 LINE = re.compile(r"^([a-z][a-z0-9_]*)=(\S+)$")
@@ -94,22 +94,22 @@ def main() -> int:
     figures: list[tuple[str, str, str]] = []
     failed = []
     began = time.perf_counter()
-    for script, args, prefix in scripts():
+    for script, args in scripts():
         path = HERE / script
         if not path.exists():
             print(f"# {script}: not present, skipped", flush=True)
             continue
         label = " ".join([script, *args])
         if args:
-            print(f"# {label}" + (f" (figures prefixed {prefix})" if prefix else ""), flush=True)
+            print(f"# {label}", flush=True)
         start = time.perf_counter()
         result = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True)
         took = time.perf_counter() - start
         for line in result.stdout.splitlines():
             match = LINE.match(line.strip())
             if match:
-                print(prefix + line.strip(), flush=True)
-                figures.append((script, prefix + match.group(1), match.group(2)))
+                print(line.strip(), flush=True)
+                figures.append((script, match.group(1), match.group(2)))
             elif line.startswith("#"):
                 print(line, flush=True)
         print(f"# {label}: {took:.0f} s", flush=True)
