@@ -39,16 +39,43 @@ lint: install
 
 # The two images, tagged as the Helm chart's defaults: values.yaml `image.repository` with the chart's
 # appVersion (the operator) and `trainer.image` (the trainer); tests/unit/test_images.py checks they agree.
-# Build context: the repository root. Needs a Docker engine (BuildKit); CI has none and does not build them.
+# Build context: the repository root (.dockerignore sends only what the Dockerfiles copy). Needs a Docker
+# engine; the classic builder and BuildKit both work, `--network host` because the builds' pip needs the network
+# and an engine started with `--bridge=none` (tests/node/docker-engine.sh) has no other.
+# BASE_IMAGE empty: each Dockerfile's release base (python:3.11-slim-bookworm, the CUDA pytorch image). Where
+# the realnode kit is beside this checkout (machines with no image registry), its offline Debian bookworm +
+# python3 base is built and used for both, and the CPU torch wheel of $(FIND_LINKS) is served to the trainer's
+# pip on 127.0.0.1 for the duration of its build.
 IMAGE_TAG      := 0.1.0
 OPERATOR_IMAGE := ghcr.io/finetune-dev/finetune-operator
 TRAINER_IMAGE  := ghcr.io/finetune-dev/finetune-trainer
 DOCKER         ?= docker
+REALNODE       ?= ../shared/realnode
+BASE_IMAGE     ?=
+ifeq ($(BASE_IMAGE),)
+ifneq ($(wildcard $(REALNODE)/build-base-image.sh),)
+OFFLINE_BASE := 1
+BASE_IMAGE   := local/debian-python:bookworm
+endif
+endif
+BUILD := $(DOCKER) build --network host $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE))
 
 .PHONY: images
 images:
-	$(DOCKER) build -f operator/Dockerfile -t $(OPERATOR_IMAGE):$(IMAGE_TAG) .
-	$(DOCKER) build -f trainer-image/Dockerfile -t $(TRAINER_IMAGE):$(IMAGE_TAG) .
+ifeq ($(OFFLINE_BASE),1)
+	$(DOCKER) image inspect $(BASE_IMAGE) >/dev/null 2>&1 || $(DOCKER) load -i "$$(bash $(REALNODE)/build-base-image.sh)"
+endif
+	$(BUILD) -f operator/Dockerfile -t $(OPERATOR_IMAGE):$(IMAGE_TAG) .
+ifneq ($(and $(OFFLINE_BASE),$(FIND_LINKS)),)
+	port=$$($(PYTHON) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); \
+	$(PYTHON) -m http.server --bind 127.0.0.1 --directory $(FIND_LINKS) $$port >/dev/null 2>&1 & server=$$!; \
+	trap 'kill $$server' EXIT; \
+	$(BUILD) --build-arg EXTRA_FIND_LINKS=http://127.0.0.1:$$port/ -f trainer-image/Dockerfile -t $(TRAINER_IMAGE):$(IMAGE_TAG) .
+else
+	$(BUILD) -f trainer-image/Dockerfile -t $(TRAINER_IMAGE):$(IMAGE_TAG) .
+endif
+	@for image in $(OPERATOR_IMAGE):$(IMAGE_TAG) $(TRAINER_IMAGE):$(IMAGE_TAG); do \
+	  echo "$$image: $$($(DOCKER) image inspect -f '{{.Size}}' $$image | awk '{printf "%.0f MB", $$1 / 1e6}')"; done
 
 crd: install
 	$(BIN)/finetune crd > crds/finetune.dev_finetunejobs.yaml
