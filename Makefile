@@ -58,6 +58,8 @@ OFFLINE_BASE := 1
 BASE_IMAGE   := local/debian-python:bookworm
 endif
 endif
+# A fixed port: a build argument that changes would make every build redo the trainer's pip install.
+WHEELS_PORT    ?= 28417
 BUILD := $(DOCKER) build --network host $(if $(BASE_IMAGE),--build-arg BASE_IMAGE=$(BASE_IMAGE))
 
 .PHONY: images
@@ -67,10 +69,10 @@ ifeq ($(OFFLINE_BASE),1)
 endif
 	$(BUILD) -f operator/Dockerfile -t $(OPERATOR_IMAGE):$(IMAGE_TAG) .
 ifneq ($(and $(OFFLINE_BASE),$(FIND_LINKS)),)
-	port=$$($(PYTHON) -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'); \
-	$(PYTHON) -m http.server --bind 127.0.0.1 --directory $(FIND_LINKS) $$port >/dev/null 2>&1 & server=$$!; \
-	trap 'kill $$server' EXIT; \
-	$(BUILD) --build-arg EXTRA_FIND_LINKS=http://127.0.0.1:$$port/ -f trainer-image/Dockerfile -t $(TRAINER_IMAGE):$(IMAGE_TAG) .
+	$(PYTHON) -m http.server --bind 127.0.0.1 --directory $(FIND_LINKS) $(WHEELS_PORT) >/dev/null 2>&1 & server=$$!; \
+	trap 'kill $$server' EXIT; sleep 0.5; \
+	kill -0 $$server 2>/dev/null || { echo "make images: port $(WHEELS_PORT) is taken: set WHEELS_PORT" >&2; exit 1; }; \
+	$(BUILD) --build-arg EXTRA_FIND_LINKS=http://127.0.0.1:$(WHEELS_PORT)/ -f trainer-image/Dockerfile -t $(TRAINER_IMAGE):$(IMAGE_TAG) .
 else
 	$(BUILD) -f trainer-image/Dockerfile -t $(TRAINER_IMAGE):$(IMAGE_TAG) .
 endif

@@ -26,6 +26,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -98,15 +99,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
-    reports = [r for key in ("passed", "failed") for r in terminalreporter.stats.get(key, [])
-               if getattr(r, "when", "") == "call" and r.nodeid.startswith("tests/node/")]
-    if not reports and not TIMINGS:
+    # A test's time: its call plus the setup of the fixtures it was the first to need (a FineTuneJob run
+    # by a module fixture counts for the first test that uses it); the session's setup is listed apart.
+    totals: dict[str, float] = {}
+    outcome: dict[str, str] = {}
+    for key in ("", "passed", "failed", "error", "skipped"):  # "": setups that passed
+        for r in terminalreporter.stats.get(key, []):
+            if getattr(r, "nodeid", "").startswith("tests/node/") and getattr(r, "when", "") in ("setup", "call"):
+                totals[r.nodeid] = totals.get(r.nodeid, 0.0) + r.duration
+                if r.when == "call" or r.outcome != "passed":
+                    outcome[r.nodeid] = r.outcome
+    if not totals and not TIMINGS:
         return
     terminalreporter.write_sep("-", "node tier: wall time of each step and test")
     for what, seconds in TIMINGS:
         terminalreporter.write_line(f"{seconds:8.1f} s  setup: {what}")
-    for r in reports:
-        terminalreporter.write_line(f"{r.duration:8.1f} s  {r.outcome:6s} {r.nodeid}")
+    for nodeid, seconds in totals.items():  # the first test's time includes the session's setup above
+        terminalreporter.write_line(f"{seconds:8.1f} s  {outcome.get(nodeid, '?'):7s} {nodeid}")
 
 
 @contextlib.contextmanager
@@ -166,9 +175,9 @@ class Cluster:
             raise AssertionError(f"kubectl get {' '.join(args)}: {result.stderr}")
         return json.loads(result.stdout)
 
-    def apply(self, obj: dict[str, Any] | str) -> None:
+    def apply(self, obj: dict[str, Any] | str, namespace: str) -> None:
         text = obj if isinstance(obj, str) else json.dumps(obj)
-        self.kubectl("apply", "-f", "-", input=text)
+        self.kubectl("-n", namespace, "apply", "-f", "-", input=text)
 
     def pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         return (self.get("pods", "-n", namespace, "-l", selector) or {}).get("items", [])
@@ -223,9 +232,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with timed("install-deps.sh (the node's Debian packages)"):
         sh("bash", KIT / "install-deps.sh")
     with timed("docker-engine.sh (a Docker engine for make images)"):
-        sh("bash", HERE / "docker-engine.sh")
-    workdir = tmp_path_factory.mktemp("node")
-    archives, sizes = _build_images(workdir)
+        started = sh("bash", HERE / "docker-engine.sh").stdout.split()  # a PID when it started dockerd
+    try:
+        workdir = tmp_path_factory.mktemp("node")
+        archives, sizes = _build_images(workdir)
+    finally:
+        if started:  # leave the machine as it was: the images are saved, the engine is not needed any more
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(started[-1]), signal.SIGTERM)
     image_ids = _config_digest(archives[0])
     try:
         with timed("start-node.sh (node Ready)"):
@@ -318,6 +332,17 @@ class Installed:
 
     def read_json(self, bucket: str, key: str) -> Any:
         return json.loads(self.s3_client().get_object(Bucket=bucket, Key=key)["Body"].read())
+
+    def report(self, name: str) -> dict[str, Any] | None:
+        """The trainer's progress report of job `name` (contract.REPORT_KEY), or None before there is one."""
+        from botocore.exceptions import ClientError
+
+        from finetune_operator.contract import REPORT_KEY
+
+        try:
+            return dict(self.read_json(OUTPUT_BUCKET, f"{name}/{REPORT_KEY}"))
+        except ClientError:
+            return None
 
     def run_readme(self, command: str, manifest: Path | None = None) -> subprocess.CompletedProcess[str]:
         """A README kubectl command as written; `examples/healthcare-lora.yaml` becomes `manifest`."""
@@ -437,7 +462,7 @@ def tiny_manifest(name: str = "healthcare-assistant", **hyperparameters: Any) ->
                                     "maxSeqLength": 256, "precision": "fp32", "gradientCheckpointing": False,
                                     **hyperparameters})
     spec["output"]["uri"] = f"s3://{OUTPUT_BUCKET}/{name}/"
-    spec["checkpoint"] = {"everySteps": 2, "keep": 2}
+    spec["checkpoint"] = {"everySteps": max(2, spec["hyperparameters"]["maxSteps"] // 3), "keep": 2}
     spec["evaluation"].update({"maxExamples": 4, "maxNewTokens": 8})
     spec["backoffLimit"] = 0  # a failure here is a bug to report, not to retry
     return manifest
@@ -449,30 +474,31 @@ def write_manifest(installed: Installed, manifest: dict[str, Any]) -> Path:
     return path
 
 
-def ftj(cluster: Cluster, name: str) -> dict[str, Any]:
-    return cluster.get("finetunejobs.finetune.dev", "-n", ML_NAMESPACE, name) or {}
+def ftj(cluster: Cluster, name: str, namespace: str = ML_NAMESPACE) -> dict[str, Any]:
+    return cluster.get("finetunejobs.finetune.dev", "-n", namespace, name) or {}
 
 
 def wait_phase(cluster: Cluster, name: str, phases: tuple[str, ...] = ("Succeeded", "Failed"),
-               timeout: float = TIMEOUT) -> dict[str, Any]:
+               timeout: float = TIMEOUT, namespace: str = ML_NAMESPACE) -> dict[str, Any]:
     def reached() -> dict[str, Any] | None:
-        obj = ftj(cluster, name)
+        obj = ftj(cluster, name, namespace)
         return obj if (obj.get("status") or {}).get("phase") in phases else None
 
     try:
-        return wait_for(f"FineTuneJob {ML_NAMESPACE}/{name} to reach {'/'.join(phases)}", reached, timeout=timeout)
+        return wait_for(f"FineTuneJob {namespace}/{name} to reach {'/'.join(phases)}", reached, timeout=timeout)
     except AssertionError:
-        sys.stderr.write(diagnose(cluster, name))
+        sys.stderr.write(diagnose(cluster, name, namespace))
         raise
 
 
-def diagnose(cluster: Cluster, name: str) -> str:
+def diagnose(cluster: Cluster, name: str, namespace: str = ML_NAMESPACE) -> str:
     """Status, pods and log tails of a job and of the operator, for a failure message."""
-    parts = [f"--- FineTuneJob {name} status ---", json.dumps(ftj(cluster, name).get("status"), indent=1)[-4000:]]
+    parts = [f"--- FineTuneJob {name} status ---",
+             json.dumps(ftj(cluster, name, namespace).get("status"), indent=1)[-4000:]]
     parts.append(cluster.kubectl("get", "pods", "-A", "-o", "wide", check=False).stdout)
-    for pod in cluster.pods(ML_NAMESPACE, f"finetune.dev/job={name}"):
+    for pod in cluster.pods(namespace, f"finetune.dev/job={name}"):
         parts.append(f"--- pod {pod['metadata']['name']} ---")
-        parts.append(cluster.logs(ML_NAMESPACE, pod["metadata"]["name"], "--tail=40"))
+        parts.append(cluster.logs(namespace, pod["metadata"]["name"], "--tail=40"))
     parts.append("--- operator ---")
     parts.append(cluster.logs(OPERATOR_NAMESPACE, f"deployment/{RELEASE}", "--tail=60"))
     return "\n".join(parts) + "\n"

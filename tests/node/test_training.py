@@ -10,9 +10,13 @@ image, a securityContext or a signal really does is what is tested.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shlex
 import subprocess
+import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -34,21 +38,31 @@ from tests.node.conftest import (
 )
 
 NAME = "healthcare-assistant"  # the example's name: the README's commands apply it as written
+#: The tiny model's steps take milliseconds: enough of them that the status (refreshed every 2 s) shows
+#: progress before the end.
+STEPS = 600
 
 
 def _progress_step(obj: dict[str, Any]) -> int:
     return int(((obj.get("status") or {}).get("progress") or {}).get("step") or 0)
 
 
-def test_the_readme_example_succeeds_in_a_restricted_namespace(installed: Installed) -> None:
+@dataclass
+class ExampleRun:
+    obj: dict[str, Any]  # the FineTuneJob at its end
+    steps_seen_running: list[int]  # status.progress.step each time the job was seen Running
+    watched: str  # what the README's `kubectl get ftj -w` printed meanwhile
+
+
+@pytest.fixture(scope="module")
+def example(installed: Installed) -> ExampleRun:
+    """The README's `kubectl apply` of the example (its tiny variant) and `kubectl get ftj -w`, to the end."""
     cluster = installed.cluster
-    namespace = cluster.get("namespace", ML_NAMESPACE)
-    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    manifest = write_manifest(installed, tiny_manifest(NAME, maxSteps=24))
+    manifest = write_manifest(installed, tiny_manifest(NAME, maxSteps=STEPS))
     installed.run_readme(installed.apply_command, manifest=manifest)
     # The README's `kubectl get ftj -w`, as written, for the length of the run.
-    watch = subprocess.Popen(["kubectl", *installed.watch_command.split()[1:]], stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, env={**cluster.env()})
+    watch = subprocess.Popen(["kubectl", *shlex.split(installed.watch_command)[1:]], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, env={**os.environ, **cluster.env()})
     try:
         seen_running: list[int] = []
 
@@ -63,11 +77,19 @@ def test_the_readme_example_succeeds_in_a_restricted_namespace(installed: Instal
     finally:
         watch.terminate()
         watched = watch.communicate(timeout=10)[0]
+    return ExampleRun(obj, seen_running, watched)
+
+
+def test_the_readme_example_succeeds_in_a_restricted_namespace(installed: Installed, example: ExampleRun) -> None:
+    cluster = installed.cluster
+    namespace = cluster.get("namespace", ML_NAMESPACE)
+    assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
+    obj, seen_running, watched = example.obj, example.steps_seen_running, example.watched
     status = obj["status"]
     assert status["phase"] == "Succeeded", diagnose(cluster, NAME)
     # Progress reached the status while the pod trained, not only at the end.
-    assert seen_running and min(seen_running) < 24, (seen_running, status.get("progress"))
-    assert status["progress"]["step"] == 24
+    assert seen_running and min(seen_running) < STEPS, (seen_running, status.get("progress"))
+    assert status["progress"]["step"] == STEPS
     assert re.search(rf"^{NAME}\s", watched, re.M) and "Succeeded" in watched, watched
 
     # The pre-flight pod and the training pod ran the trainer image the node loaded.
@@ -95,63 +117,59 @@ def test_the_readme_example_succeeds_in_a_restricted_namespace(installed: Instal
     assert status["evaluation"]["tuned"]["accuracy"] is not None, status["evaluation"]
 
 
-def test_restricted_namespace_refuses_a_non_compliant_training_pod(installed: Installed) -> None:
-    """Enforcement is on: a copy of the operator's training pod without its securityContext is refused."""
+def test_restricted_namespace_refuses_a_non_compliant_training_pod(installed: Installed,
+                                                                   example: ExampleRun) -> None:
+    """Enforcement is on: the operator's training pod is admitted; a copy running as root is refused."""
     cluster = installed.cluster
-    manifest = tiny_manifest("psa-probe")
-    manifest["spec"]["suspend"] = True  # only the rendered Job is needed, no pod
-    installed.cluster.apply(manifest)
-    try:
-        job = wait_for("the operator's Job for psa-probe",
-                       lambda: cluster.get("job", "-n", ML_NAMESPACE, "psa-probe"), timeout=120)
-        template = job["spec"]["template"]
-        pod = {"apiVersion": "v1", "kind": "Pod",
-               "metadata": {"name": "psa-probe-copy", "namespace": ML_NAMESPACE},
-               "spec": {**template["spec"], "restartPolicy": "Never"}}
-        compliant = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(pod), check=False)
-        assert compliant.returncode == 0, compliant.stderr  # the operator's own pod spec is admitted
-        pod["spec"]["securityContext"] = {}
-        for container in pod["spec"]["containers"]:
-            container["securityContext"] = {"runAsUser": 0}
-        refused = cluster.kubectl("create", "-f", "-", input=json.dumps(pod), check=False)
-        assert refused.returncode != 0, "the restricted namespace admitted a root pod"
-        assert "violates PodSecurity" in refused.stderr and "restricted" in refused.stderr, refused.stderr
-    finally:
-        delete_job(cluster, "psa-probe")
+    job = cluster.get("job", "-n", ML_NAMESPACE, NAME)
+    assert job is not None, f"no Job {NAME} (the example's training Job, kept for its TTL)"
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "psa-probe", "namespace": ML_NAMESPACE},
+           "spec": {**job["spec"]["template"]["spec"], "restartPolicy": "Never"}}
+    compliant = cluster.kubectl("create", "--dry-run=server", "-f", "-", input=json.dumps(pod), check=False)
+    assert compliant.returncode == 0, compliant.stderr
+    pod["spec"]["securityContext"] = {}
+    for container in pod["spec"]["containers"]:
+        container["securityContext"] = {"runAsUser": 0}
+    refused = cluster.kubectl("create", "-f", "-", input=json.dumps(pod), check=False)
+    assert refused.returncode != 0, "the restricted namespace admitted a root pod"
+    assert "violates PodSecurity" in refused.stderr and "restricted" in refused.stderr, refused.stderr
 
 
 def _interrupt_and_resume(installed: Installed, name: str, interrupt: Any, resume: Any) -> None:
     """Run `name` until it reported a few steps, `interrupt` it, `resume` it; check it continued from the
     checkpoint the interruption wrote, with one FineTuneJob and one result."""
     cluster = installed.cluster
-    steps = 40
+    steps = 1500  # a few tens of seconds of training: time to interrupt it mid-run
     manifest = tiny_manifest(name, maxSteps=steps)
     manifest["spec"]["checkpoint"] = {"everySteps": 1000, "keep": 2}  # only the interruption checkpoints
     manifest["spec"]["backoffLimit"] = 2
-    cluster.apply(manifest)
+    cluster.apply(manifest, ML_NAMESPACE)
     try:
-        obj = wait_for(f"{name} to report training steps", lambda: (o := ftj(cluster, name)) and
-                       _progress_step(o) >= 3 and o, interval=0.5)
+        # The trainer's own report in S3 (what the operator copies into the status every 2 s), read at once.
+        report = wait_for(f"{name}'s trainer to report steps", lambda: (r := installed.report(name)) and
+                          r.get("step", 0) >= 20 and r, interval=0.2)
         (first,) = [p for p in trainer_pods(cluster, name) if not p["metadata"].get("deletionTimestamp")]
-        at = _progress_step(obj)
+        at = report["step"]
+        sys.stderr.write(f"[node] {name}: interrupting {first['metadata']['name']} at step {at}\n")
         interrupt(first)
         resume()
         done = wait_phase(cluster, name)
         assert done["status"]["phase"] == "Succeeded", diagnose(cluster, name)
-        first_log = installed.keys(OUTPUT_BUCKET, f"{name}/checkpoints/")
-        # The interruption's checkpoint: written by the SIGTERM handler within the grace period.
-        saved = sorted({int(m.group(1)) for k in first_log if (m := re.match(r"step-(\d+)/", k))})
-        assert saved and saved[0] >= at, (saved, at)
         pods = trainer_pods(cluster, name)
         later = [p for p in pods if p["metadata"]["name"] != first["metadata"]["name"]]
         assert later, [p["metadata"]["name"] for p in pods]
         log = "\n".join(cluster.logs(ML_NAMESPACE, p["metadata"]["name"]) for p in later)
-        assert re.search(rf"resuming from .*checkpoints/step-{saved[0]}\b", log), log[-3000:]
+        # The replacement resumed from the checkpoint the interrupted pod wrote on SIGTERM, within its grace
+        # period: at or after the last step it had reported, before the run's end (the run checkpoints on
+        # its own only at 1000 steps and at the end).
+        resumed = re.search(r"resuming from \S*/checkpoints/step-(\d+)\b", log)
+        assert resumed, log[-3000:]
+        assert at <= int(resumed.group(1)) < 1000, (at, resumed.group(0))
         # Step and loss continue: the replacement's first logged step follows the checkpoint.
         metrics = [json.loads(line) for line in installed.s3_client().get_object(
             Bucket=OUTPUT_BUCKET, Key=f"{name}/metrics.jsonl")["Body"].read().decode().splitlines() if line]
         train_steps = [m["step"] for m in metrics if "loss" in m and "step" in m]
-        assert train_steps[-1] == steps, train_steps
+        assert train_steps == sorted(set(train_steps)) and train_steps[-1] == steps, train_steps
         assert done["status"]["progress"]["step"] == steps
         assert len([o for o in (cluster.get("finetunejobs.finetune.dev", "-n", ML_NAMESPACE) or {})["items"]
                     if o["metadata"]["name"] == name]) == 1
@@ -201,7 +219,7 @@ def test_bad_data_fails_in_the_preflight_without_a_training_pod(installed: Insta
     client.put_object(Bucket="healthcare-data", Key="instructions/bad.jsonl", Body=(good + bad_row + "\n").encode())
     manifest = tiny_manifest(name)
     manifest["spec"]["dataset"]["train"] = "s3://healthcare-data/instructions/bad.jsonl"
-    cluster.apply(manifest)
+    cluster.apply(manifest, ML_NAMESPACE)
     try:
         obj = wait_phase(cluster, name)
         status = obj["status"]

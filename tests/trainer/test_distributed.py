@@ -165,3 +165,27 @@ def test_trainer_started_without_the_launcher_stops(s3_env: dict[str, str], stag
     assert code == EXIT_CONFIG_ERROR, out[-3000:]
     report = th.store(config.spec.output.uri).read_json(REPORT_KEY)
     assert report["error"]["reason"] == "WorldSizeMismatch"
+
+
+def test_the_launcher_waits_until_the_main_address_resolves() -> None:
+    """A new pod's DNS record appears after the pod starts: the lookup is retried, then given up on."""
+    clock = [0.0]
+    answers = iter([OSError("unknown"), OSError("unknown"), "10.244.0.7"])
+
+    def resolve(_name: str) -> object:
+        answer = next(answers)
+        if isinstance(answer, OSError):
+            raise answer
+        return answer
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    assert launch.wait_for_address("j-0.j.ns.svc", 30, resolve=resolve, clock=lambda: clock[0], sleep=sleep) == 1.0
+
+    def never(_name: str) -> object:
+        raise OSError("unknown")
+
+    clock[0] = 0.0
+    assert launch.wait_for_address("j-0.j.ns.svc", 3, resolve=never, clock=lambda: clock[0], sleep=sleep) is None
+    assert clock[0] == 3.0

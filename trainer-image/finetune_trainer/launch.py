@@ -21,6 +21,12 @@ Why this is a supervisor and not an `exec`:
 - SIGTERM. Kubernetes signals PID 1 only. The launcher passes SIGTERM straight to the worker processes
   (not to torchrun's agent, which would SIGKILL them 30 s later), so each saves its checkpoint and exits 143.
 
+Across machines the launcher first waits until the main address resolves (`wait_for_address`, bounded by
+the rendezvous timeout). A new pod's DNS record (`<job>-0.<service>.<ns>.svc`) appears about a second after
+the pod starts (CoreDNS and the test node's DNS alike, and CoreDNS caches the negative answer). torch's c10d
+rendezvous resolves that name once: on machine 0 a failed lookup makes its agent give up hosting the store
+and join as a client, so nobody hosts it and every machine times out (seen on a real node).
+
 On CPU each process gets OMP_NUM_THREADS = cores / processes (1 on a 2-core machine with 2 processes)
 unless set; oversubscribed OpenMP threads make gloo runs many times slower.
 """
@@ -30,11 +36,12 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from finetune_operator.contract import EXIT_CONFIG_ERROR, EXIT_GATES_FAILED, EXIT_OK, EXIT_PREEMPTED
@@ -87,6 +94,22 @@ def environment(world: world_mod.World, base: Mapping[str, str], exit_dir: Path,
     return env
 
 
+def wait_for_address(address: str, timeout: float, interval: float = 0.5,
+                     resolve: Callable[[str], object] = socket.gethostbyname,
+                     clock: Callable[[], float] = time.monotonic,
+                     sleep: Callable[[float], None] = time.sleep) -> float | None:
+    """Wait until `address` resolves; the seconds waited, or None when it still did not after `timeout`."""
+    start = clock()
+    while True:
+        try:
+            resolve(address)
+            return clock() - start
+        except OSError:  # socket.gaierror: not (yet) known
+            if clock() - start >= timeout:
+                return None
+            sleep(interval)
+
+
 def exit_code(child_returncode: int, worker_codes: Sequence[int]) -> int:
     """The pod's exit code from the launcher child's code and the codes workers left."""
     for wanted in EXIT_PRIORITY:
@@ -126,6 +149,16 @@ def run(world: world_mod.World, env: Mapping[str, str] | None = None) -> int:
     import torch
 
     cuda = torch.cuda.is_available()
+    if world.num_machines > 1:
+        waited = wait_for_address(world.main_address, world.rdzv_timeout)
+        if waited is None:
+            # Exit 1: retryable (the Job's backoffLimit), unlike a configuration error.
+            print(f"finetune-trainer: RendezvousAddressUnresolved: {world.main_address} did not resolve within "
+                  f"{world.rdzv_timeout} s (FT_RDZV_TIMEOUT); is the headless Service {world.main_address.split('.')[1]} "
+                  "there, and does the cluster DNS publish not-ready pods?", file=sys.stderr, flush=True)
+            return 1
+        if waited > 0:
+            print(f"finetune-trainer: {world.main_address} resolved after {waited:.1f} s", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="ft-exit-") as tmp:
         exit_dir = Path(tmp)
         child_env = environment(world, os.environ if env is None else env, exit_dir, cuda)
