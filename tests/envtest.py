@@ -9,9 +9,9 @@ created); and stops them again, also when a test fails or the run is interrupted
 SIGTERM when the Python process that started it dies (`PR_SET_PDEATHSIG`), and `stop()` runs from the
 pytest fixture's teardown and from `atexit`.
 
-There is no kubelet and no scheduler: pods stay Pending until something plays the kubelet
-(`tests/e2e/podrunner.py` does). The controller manager runs every controller (Job, garbage collector,
-namespace, service account, node lifecycle, ...).
+There is no kubelet and no scheduler: pods stay Pending (the product's pods run on a real node in
+tests/node). The controller manager runs every controller (Job, garbage collector, namespace, service
+account, node lifecycle, ...).
 
 By hand, for a shell against a fresh control plane::
 

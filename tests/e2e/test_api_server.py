@@ -23,7 +23,7 @@ import yaml
 
 from finetune_operator.handlers import ftj_url
 from tests.e2e.conftest import wait_for
-from tests.e2e.podrunner import Kube, KubeError
+from tests.kube import Kube, KubeError
 from tests.unit.admission import admit
 from tests.unit.invalid_corpus import CASES, Case
 from tests.unit.test_admission import MUST_FAIL_AT_ADMISSION

@@ -5,6 +5,7 @@ second after each pod starts) and train as one world of two processes (gloo) to 
 from __future__ import annotations
 
 import json
+import re
 
 from tests.node.conftest import (
     ML_NAMESPACE,
@@ -13,6 +14,7 @@ from tests.node.conftest import (
     diagnose,
     tiny_manifest,
     trainer_pods,
+    wait_for,
     wait_phase,
 )
 
@@ -42,3 +44,42 @@ def test_two_pods_rendezvous_through_the_headless_service(installed: Installed) 
         assert report is not None and report.get("worldSize") == 2, json.dumps(report, indent=1)[:2000]
     finally:
         delete_job(cluster, NAME)
+
+
+def test_a_killed_worker_is_recovered_from_the_newest_checkpoint(installed: Installed) -> None:
+    """Pod 1's trainer process SIGKILLed mid-run (its launcher and torchrun's agent stay): the peer does not
+    hang, the Job replaces the failed pods, and the group resumes from the newest complete checkpoint."""
+    cluster = installed.cluster
+    name = "killed-worker"
+    steps = 600
+    manifest = tiny_manifest(name, maxSteps=steps, batchSize=2, maxSeqLength=128)
+    manifest["spec"]["resources"] = {"gpus": 2, "gpusPerNode": 1}
+    manifest["spec"]["checkpoint"] = {"everySteps": 100, "keep": 2}
+    manifest["spec"]["backoffLimit"] = 6
+    cluster.apply(manifest, ML_NAMESPACE)
+    try:
+        report = wait_for(f"{name}: a complete checkpoint, well before the end", lambda: (
+            r := installed.report(name)) and r.get("checkpoints") and r.get("step", 0) < steps - 200 and r,
+            interval=0.3)
+        checkpoint = max(c["step"] for c in report["checkpoints"])
+        (pod1,) = [p for p in trainer_pods(cluster, name)
+                   if p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"] == "1"
+                   and p["status"].get("phase") == "Running"]
+        kill = ("import os, signal, psutil\n"
+                "victims = [p for p in psutil.process_iter(['cmdline'])"
+                " if (p.info['cmdline'] or [])[-2:] == ['-m', 'finetune_trainer']]\n"
+                "assert len(victims) == 1, [p.info['cmdline'] for p in psutil.process_iter(['cmdline'])]\n"
+                "os.kill(victims[0].pid, signal.SIGKILL)\n")
+        cluster.kubectl("-n", ML_NAMESPACE, "exec", pod1["metadata"]["name"], "--", "python", "-c", kill)
+        obj = wait_phase(cluster, name)
+        assert obj["status"]["phase"] == "Succeeded", diagnose(cluster, name)
+        later = [p for p in trainer_pods(cluster, name)
+                 if p["metadata"]["creationTimestamp"] > pod1["metadata"]["creationTimestamp"]]
+        assert later, "no replacement pod"
+        log = "\n".join(cluster.logs(ML_NAMESPACE, p["metadata"]["name"]) for p in later)
+        resumed = [int(s) for s in re.findall(r"resuming from \S*/checkpoints/step-(\d+)\b", log)]
+        assert resumed and min(resumed) >= checkpoint, (checkpoint, resumed, log[-3000:])
+        final = installed.report(name)
+        assert final is not None and final["step"] == steps and final.get("worldSize") == 2
+    finally:
+        delete_job(cluster, name)

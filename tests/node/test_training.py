@@ -233,3 +233,26 @@ def test_bad_data_fails_in_the_preflight_without_a_training_pod(installed: Insta
         assert cluster.get("job", "-n", ML_NAMESPACE, name) is None
     finally:
         delete_job(cluster, name)
+
+
+def test_deleting_the_finetunejob_collects_its_children(installed: Installed, example: ExampleRun) -> None:
+    """Last in this module (the tests above read the example's Job): the garbage collector removes the
+    ConfigMap, Service, Jobs and pods the FineTuneJob owns; the artifacts in S3 stay."""
+    cluster = installed.cluster
+    uid = example.obj["metadata"]["uid"]
+    owned = {kind: cluster.get(kind, "-n", ML_NAMESPACE, name) for kind, name in (
+        ("configmap", f"{NAME}-config"), ("service", NAME), ("job", NAME), ("job", f"{NAME}-preflight"))}
+    for kind, obj in owned.items():
+        assert obj is not None, kind
+        (ref,) = obj["metadata"]["ownerReferences"]
+        assert (ref["uid"], ref["controller"]) == (uid, True), (kind, ref)
+    cluster.kubectl("-n", ML_NAMESPACE, "delete", "finetunejobs.finetune.dev", NAME)
+
+    def collected() -> bool:
+        left = [kind for kind, name in (("configmap", f"{NAME}-config"), ("service", NAME), ("job", NAME),
+                                        ("job", f"{NAME}-preflight"))
+                if cluster.get(kind, "-n", ML_NAMESPACE, name) is not None]
+        return not left and not cluster.pods(ML_NAMESPACE, f"finetune.dev/job={NAME}")
+
+    wait_for(f"the garbage collector to remove {NAME}'s children and pods", collected, timeout=180)
+    assert MARKER_NAME in installed.keys(OUTPUT_BUCKET, f"{NAME}/")

@@ -250,7 +250,7 @@ def test_make_images_tags_are_the_chart_defaults() -> None:
     for match in re.finditer(r"(?m)(?:^|\s)(docker build .*?) \.$", dry.stdout.replace("\\\n", " ")):
         words = [*shlex.split(match.group(1)), "."]
         if words[:2] == ["docker", "build"]:
-            assert words[-1] == ".", f"the build context must be the repository root: {line}"
+            assert words[-1] == ".", f"the build context must be the repository root: {match.group(1)}"
             built[words[words.index("-f") + 1]] = words[words.index("-t") + 1]
     values = chart_values()
     operator_tag = f"{values['image']['repository']}:{values['image']['tag'] or chart_app_version()}"
