@@ -551,7 +551,8 @@ def render_job(job: FineTuneJob, plan: Plan, settings: OperatorSettings, stage: 
         "completions": plan.nodes,
         "parallelism": plan.nodes,
         # The Job counts failed pods; one failure of a multi-node group fails every pod of it (a lost peer
-        # breaks the collectives; measured with two-node jobs: 2 failures per incident on 2 nodes), so the user's count of tolerated failed attempts is scaled by the group's size.
+        # breaks the collectives; measured with two-node jobs: 2 failures per incident on 2 nodes), so the
+        # user's count of tolerated failed attempts is scaled by the group's size.
         "backoffLimit": spec.backoff_limit * plan.nodes,
         # Kueue creates the Job suspended and unsuspends it on admission.
         "suspend": spec.suspend or bool(queued.get(KUEUE_QUEUE_LABEL)),
