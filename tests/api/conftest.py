@@ -40,6 +40,7 @@ import pytest
 from kmock._internal import enums
 
 from finetune_operator.crd import build_crd
+from tests import polling
 from tests.api.faults import GONE_EVENT, TEST_HEADER, Chaos, Fault, status_body
 
 FTJ = "finetune.dev/v1alpha1/finetunejobs"
@@ -363,15 +364,8 @@ class Cluster:
 
 
 def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0, interval: float = 0.05) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` (no timing is asserted)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}; last seen: {last!r}")
+    """`tests.polling.wait_for` for the emulator's fast answers (no timing is asserted)."""
+    return polling.wait_for(what, check, timeout, interval)
 
 
 @pytest.fixture

@@ -22,7 +22,6 @@ import secrets
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests import envtest
+from tests import envtest, polling
 from tests.conftest import given_cluster
 from tests.kube import Kube, KubeError
 
@@ -46,18 +45,8 @@ KEEP = os.environ.get("FT_E2E_KEEP") == "1"
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = TIMEOUT, interval: float = 2.0) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` after `timeout` seconds.
-
-    The timeout only bounds a broken run (nothing asserts on how long anything took).
-    """
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
+    """`tests.polling.wait_for` with this tier's default timeout."""
+    return polling.wait_for(what, check, timeout, interval)
 
 
 # -- cluster ----------------------------------------------------------------------------------------

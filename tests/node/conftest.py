@@ -40,6 +40,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests import polling
+
 REPO = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 KIT = Path(os.environ.get("FT_REALNODE") or REPO.parent / "shared" / "realnode")
@@ -138,16 +140,8 @@ def sh(*cmd: str | Path, check: bool = True, timeout: float = 900, cwd: Path = R
 
 
 def wait_for(what: str, check: Callable[[], Any], timeout: float = TIMEOUT, interval: float = 1.0) -> Any:
-    """Poll `check` until it returns something truthy; fail naming `what` (the timeout bounds a broken run
-    only: nothing asserts on how long anything took)."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        last = check()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}; last seen: {last!r}")
+    """`tests.polling.wait_for` with this tier's default timeout."""
+    return polling.wait_for(what, check, timeout, interval)
 
 
 # -- the cluster ------------------------------------------------------------------------------------
