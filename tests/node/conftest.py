@@ -79,6 +79,7 @@ MODEL_URI = f"s3://{MODEL_BUCKET}/tiny-llama/"
 S3_ENDPOINT = "http://s3.storage.svc.cluster.local:8333"
 
 TIMINGS: list[tuple[str, float]] = []  # setup steps, printed at the end of the run
+FACTS: list[str] = []  # other measured facts of the run (image sizes), printed with them
 
 
 def _skip_reason() -> str | None:
@@ -116,6 +117,8 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
     terminalreporter.write_sep("-", "node tier: wall time of each step and test")
     for what, seconds in TIMINGS:
         terminalreporter.write_line(f"{seconds:8.1f} s  setup: {what}")
+    for fact in FACTS:
+        terminalreporter.write_line(f"            {fact}")
     for nodeid, seconds in totals.items():  # the first test's time includes the session's setup above
         terminalreporter.write_line(f"{seconds:8.1f} s  {outcome.get(nodeid, '?'):7s} {nodeid}")
 
@@ -200,7 +203,7 @@ def _build_images(workdir: Path) -> tuple[list[Path], dict[str, str]]:
     with timed("make images (both images; cached layers are reused)"):
         out = sh("make", "images", timeout=1800).stdout
     sizes = dict(re.findall(r"^(\S+): (\d+ MB)$", out, re.M))
-    sys.stderr.write(f"[node] make images printed: {sizes}\n")
+    FACTS.extend(f"make images: {image} {size}" for image, size in sizes.items())
     with timed("test image: trainer + out-of-memory hook"):
         sh("docker", "build", "--network", "host", "--build-arg", f"TRAINER_IMAGE={TRAINER_IMAGE}",
            "-t", OOM_IMAGE, HERE / "oom-image")
