@@ -223,9 +223,11 @@ def _build_images(workdir: Path) -> tuple[list[Path], dict[str, str]]:
     return [archive, s3_archive], sizes
 
 
-@pytest.fixture(scope="session")
+# Package scope: the node is stopped when the last node test is done, before the next tier starts (its
+# kubelet, containerd and API server would otherwise run beside the trainer tests' processes and ports).
+@pytest.fixture(scope="package")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    """A real node with both images (and the test images) loaded; stopped at the end of the session."""
+    """A real node with both images (and the test images) loaded; stopped after the last node test."""
     with timed("install-deps.sh (the node's Debian packages)"):
         sh("bash", KIT / "install-deps.sh")
     with timed("docker-engine.sh (a Docker engine for make images)"):
@@ -402,7 +404,7 @@ def _upload_model_and_data(installed: Installed) -> None:
         client.upload_file(str(DATA_DIR / local), DATA_BUCKET, key)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def installed(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Installed]:
     """The README's commands up to the example's `kubectl apply`, run in order on the node."""
     workdir = tmp_path_factory.mktemp("readme")

@@ -93,3 +93,29 @@ def test_stop_and_start_keep_data_and_endpoint() -> None:
         assert server.endpoint_url == endpoint
         assert server.client().get_object(Bucket="keep", Key="k")["Body"].read() == b"before"
     assert not server.root.exists()
+
+
+def test_a_port_taken_before_weed_binds_it_is_replaced(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The free-port check and weed's bind are not atomic: a port taken in between gets fresh ports."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    allocate = LocalS3._allocate_ports
+    calls: list[dict[str, int]] = []
+
+    def first_with_a_taken_port(self: LocalS3) -> dict[str, int]:
+        ports = allocate(self)
+        if not calls:
+            ports["admin.port"] = taken.getsockname()[1]
+        calls.append(ports)
+        return ports
+
+    monkeypatch.setattr(LocalS3, "_allocate_ports", first_with_a_taken_port)
+    try:
+        with LocalS3() as server:
+            assert len(calls) == 2 and calls[1]["admin.port"] != taken.getsockname()[1]
+            server.client().list_buckets()
+    finally:
+        taken.close()

@@ -107,6 +107,11 @@ def _free_port_pair(taken: set[int], offset: int) -> int:
     raise S3ServerError("no free port pair found for the SeaweedFS admin server")
 
 
+#: How many sets of fresh ports a first start tries when weed finds one taken, and what it then says.
+PORT_ATTEMPTS = 3
+PORT_TAKEN = "Port allocation failed"
+
+
 class LocalS3:
     """A SeaweedFS S3 server on 127.0.0.1 with one enforced identity.
 
@@ -211,8 +216,20 @@ class LocalS3:
         if self.running:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        if self._ports is None:
+        if self._ports is not None:  # a restart keeps its ports: clients hold the endpoint
+            return self._start_once(timeout)
+        # A port found free can be taken by another process before weed binds it (any outgoing connection
+        # may get it from the ephemeral range): weed then refuses to start, and fresh ports are tried.
+        for attempt in range(PORT_ATTEMPTS):
             self._ports = self._allocate_ports()
+            try:
+                return self._start_once(timeout)
+            except S3ServerError as err:
+                if PORT_TAKEN not in str(err) or attempt == PORT_ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    def _start_once(self, timeout: float) -> LocalS3:
         identity = self._write_identity()
         self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - kept open for the child's lifetime
         self._proc = subprocess.Popen(
