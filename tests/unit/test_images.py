@@ -1,12 +1,13 @@
 """The two container images (`operator/Dockerfile`, `trainer-image/Dockerfile`), checked statically.
 
-There is no Docker engine here, so the images are not built in CI (`make images` builds them where there is
-one). What can be checked without building: every pip install goes through constraints.txt; both images
-end as a non-root numeric USER, the one the chart runs them as; the operator image installs exactly
-`[project].dependencies` (its own requirements command is run here against pyproject.toml) and no training
-library; the `train` extra, which the trainer image installs, holds no test-only package; the operator
+The images are built and run by tests/node (a real node, root); this module checks the Dockerfiles without
+building them, so it runs everywhere: every pip install goes through constraints.txt; the release base is a
+build argument and no syntax directive pulls a frontend; both images end as a non-root numeric USER, the one
+the chart runs them as; each installs its dependencies (the operator's `[project].dependencies`, the
+trainer's plus the `train` extra: their requirements commands are run here against pyproject.toml) before
+any source is copied, then the project's wheel; the `train` extra holds no test-only package; the operator
 image's entrypoint is the command the chart's Deployment runs; `make images` tags both images as the
-chart's defaults; each .dockerignore lets through what its Dockerfile copies; and hadolint is clean.
+chart's defaults; the root .dockerignore lets through what the Dockerfiles copy; and hadolint is clean.
 """
 
 from __future__ import annotations
