@@ -157,7 +157,7 @@ def run(world: world_mod.World, env: Mapping[str, str] | None = None) -> int:
                   f"{world.rdzv_timeout} s (FT_RDZV_TIMEOUT); is the headless Service {world.main_address.split('.')[1]} "
                   "there, and does the cluster DNS publish not-ready pods?", file=sys.stderr, flush=True)
             return 1
-        if waited > 0:
+        if waited >= 0.5:  # it had to wait for the DNS record: worth a line in the pod's log
             print(f"finetune-trainer: {world.main_address} resolved after {waited:.1f} s", file=sys.stderr, flush=True)
     with tempfile.TemporaryDirectory(prefix="ft-exit-") as tmp:
         exit_dir = Path(tmp)
