@@ -3,9 +3,10 @@
 The images are built and run by tests/node (a real node, root); this module checks the Dockerfiles without
 building them, so it runs everywhere: every pip install goes through constraints.txt; the release base is a
 build argument and no syntax directive pulls a frontend; both images end as a non-root numeric USER, the one
-the chart runs them as; each installs its dependencies (the operator's `[project].dependencies`, the
-trainer's plus the `train` extra: their requirements commands are run here against pyproject.toml) before
-any source is copied, then the project's wheel; the `train` extra holds no test-only package; the operator
+the chart runs them as; each installs its dependencies from its hashed lock with `--require-hashes` and
+nothing else (`locks/operator.txt`: `[project].dependencies`; `locks/trainer.txt`: those and the `train` extra;
+test_lockfile.py checks the locks against pyproject.toml) before any source is copied, then the project's
+wheel, built without downloading a build environment; the `train` extra holds no test-only package; the operator
 image's entrypoint is the command the chart's Deployment runs; `make images` tags both images as the
 chart's defaults; the root .dockerignore lets through what the Dockerfiles copy; and hadolint is clean.
 """
@@ -30,6 +31,8 @@ CHART = ROOT / "charts" / "finetune-operator"
 OPERATOR = ROOT / "operator" / "Dockerfile"
 TRAINER = ROOT / "trainer-image" / "Dockerfile"
 DOCKERFILES = {"operator": OPERATOR, "trainer": TRAINER}
+#: Each image's dependencies, pinned and hashed (`make lock`; test_lockfile.py checks them against pyproject.toml).
+LOCKS = {"operator": ROOT / "locks" / "operator.txt", "trainer": ROOT / "locks" / "trainer.txt"}
 
 #: Libraries only the trainer needs: none of them may reach the operator image.
 TRAINING_LIBRARIES = {"torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "safetensors"}
@@ -189,45 +192,57 @@ def test_hadolint(image: str) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def project_installs(image: str) -> tuple[str, str]:
+    """The image's two pip installs: its hashed lock (a layer of its own), then the project's wheel."""
+    path, lock = DOCKERFILES[image], LOCKS[image]
+    requirements, project = pip_installs(path)
+    # The dependencies: the image's lock and nothing else, every distribution checked against its sha256.
+    words = shlex.split(requirements)
+    assert "--require-hashes" in words, f"{path}: the dependencies are installed without --require-hashes: {requirements!r}"
+    named, bare, args = [], [], iter(words[words.index("install") + 1:])
+    for word in args:
+        if word in ("-r", "--requirement"):
+            named.append(next(args))
+        elif word in ("-c", "--constraint", "--find-links"):
+            next(args)
+        elif not word.startswith(("-", "$")):  # an option, or ${EXTRA_FIND_LINKS:+--find-links "$EXTRA_FIND_LINKS"}
+            bare.append(word)
+    assert named == [lock.name] and not bare, f"{path}: installs {named + bare}, not {lock.name} alone"
+    steps = instructions(path)
+    (dep_run,) = [i for i in steps if i.keyword == "RUN" and requirements in i.args]
+    lock_source = str(lock.relative_to(ROOT))
+    lock_copies = [i for i in steps if i.keyword == "COPY" and lock_source in i.args.split()]
+    assert len(lock_copies) == 1 and lock_copies[0].args.split()[-1] == "./", f"{path}: COPY {lock_source} ./"
+    # The dependency layer is built before any source is copied, so a code change reuses it.
+    assert all(c.line > dep_run.line for c in steps if c.keyword == "COPY" and c is not lock_copies[0]), path
+    assert lock_copies[0].line < dep_run.line, path
+    # The project: its wheel alone, built with the lock's setuptools (build isolation would download a build
+    # environment that no hash checks).
+    words = shlex.split(project)
+    assert "-e" not in words and "--editable" not in words, f"the image must install the wheel: {project!r}"
+    assert words[-2:] == ["--no-deps", "."], f"the project goes in last, its dependencies already there: {project!r}"
+    assert "--no-build-isolation" in words, f"{path}: the wheel's build would download setuptools unhashed: {project!r}"
+    return requirements, project
+
+
+@pytest.mark.parametrize("image", list(DOCKERFILES))
+def test_dependencies_come_from_the_image_s_hashed_lock(image: str) -> None:
+    project_installs(image)
+
+
 # ------------------------------------------------------------------------------------------------
 # The operator image
 # ------------------------------------------------------------------------------------------------
 
 
-def requirements_written(path: Path, tmp_path: Path) -> list[str]:
-    """What the Dockerfile's `python -c ... > requirements.txt` step writes, run here on pyproject.toml."""
-    (run,) = [i.args for i in instructions(path) if i.keyword == "RUN" and "> requirements.txt" in i.args]
-    words = shlex.split(run)
-    code = words[words.index("-c") + 1]
-    assert words[words.index("-c") + 2:words.index("-c") + 4] == [">", "requirements.txt"], words
-    shutil.copy(ROOT / "pyproject.toml", tmp_path / "pyproject.toml")
-    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True,
-                          check=True, timeout=60).stdout.splitlines()
-
-
-def project_installs(path: Path) -> tuple[str, str]:
-    """The image's two pip installs: its dependencies (a layer of their own), then the project's wheel."""
-    requirements, project = pip_installs(path)
-    assert re.search(r"(-r|--requirement)[ =]requirements\.txt\b", requirements), requirements
-    words = shlex.split(project)
-    assert "-e" not in words and "--editable" not in words, f"the image must install the wheel: {project!r}"
-    assert words[-2:] == ["--no-deps", "."], f"the project goes in last, its dependencies already there: {project!r}"
-    # The dependency layer is built before any source is copied, so a code change reuses it.
-    copies = [i for i in instructions(path) if i.keyword == "COPY"]
-    runs = [i for i in instructions(path) if i.keyword == "RUN"]
-    (dep_run,) = [i for i in runs if "requirements.txt" in i.args]
-    assert all(c.line > dep_run.line for c in copies if "pyproject.toml" not in c.args), path
-    return requirements, project
-
-
-def test_operator_image_installs_the_base_dependencies_only(tmp_path: Path) -> None:
-    """The operator image installs [project].dependencies, then the project's wheel without extras."""
+def test_operator_image_installs_the_base_dependencies_only() -> None:
+    """The operator image installs its lock of [project].dependencies, then the project's wheel without extras."""
     dependencies = pyproject()["project"]["dependencies"]
     assert not {requirement_name(r) for r in dependencies} & (TRAINING_LIBRARIES | TEST_ONLY)
-    for install in project_installs(OPERATOR):
+    for install in project_installs("operator"):
         assert "[" not in install, install
         assert not any(re.search(rf"\b{lib}\b", install) for lib in TRAINING_LIBRARIES), install
-    assert requirements_written(OPERATOR, tmp_path) == dependencies
+    # What locks/operator.txt holds (these and their dependencies, no training library): test_lockfile.py.
 
 
 def test_operator_entrypoint_is_the_chart_s_command() -> None:
@@ -247,11 +262,6 @@ def test_operator_entrypoint_is_the_chart_s_command() -> None:
 # ------------------------------------------------------------------------------------------------
 
 
-def test_trainer_image_installs_the_train_extra(tmp_path: Path) -> None:
-    project = pyproject()["project"]
-    assert requirements_written(TRAINER, tmp_path) == project["dependencies"] + project["optional-dependencies"]["train"]
-
-
 def test_train_extra_holds_no_test_only_package() -> None:
     project = pyproject()["project"]
     train = {requirement_name(r) for r in project["optional-dependencies"]["train"]}
@@ -260,7 +270,7 @@ def test_train_extra_holds_no_test_only_package() -> None:
     assert not train & TEST_ONLY
     assert not {n for n in train if n.startswith(("pytest", "types-")) or n.endswith("-stubs")}
     assert train & test <= SHARED_WITH_TESTS, f"listed by both extras: {sorted(train & test)}"
-    project_installs(TRAINER)
+    project_installs("trainer")
 
 
 # ------------------------------------------------------------------------------------------------
