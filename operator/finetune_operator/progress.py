@@ -15,9 +15,24 @@ Where the operator's S3 access comes from (the operator's own identity, never a 
   for (and plan from).
 
 Reading never raises: a missing report (the trainer has not started) gives None quietly; any other
-failure (access denied, endpoint down, a malformed report) gives None and is logged once per output URI
-and kind of failure, so a broken bucket cannot crash or flood the operator. The status then comes from
-the Job alone and keeps the last progress it had.
+failure (access denied, endpoint down) gives None and is logged once per output URI and kind of failure,
+so a broken bucket cannot crash or flood the operator. The status then comes from the Job alone and keeps
+the last progress it had.
+
+What is read is not trusted: the output URI is the tenant's choice, and the operator's identity may reach
+other tenants' prefixes. An object is `Ignored` (not returned, logged once, and reported to the caller,
+which posts one Warning event per cause on the FineTuneJob) when it is
+
+- `oversized`: larger than MAX_REPORT_BYTES (refused from its Content-Length, or after reading at most one
+  byte more, before any parsing);
+- `foreign`: its `jobUid` is not the FineTuneJob's uid (another job's report: its loss, scores and artifact
+  URIs, or a forged pre-flight result that would lower the plan);
+- `unowned`: it has no `jobUid` (a trainer image older than this operator, or not written by a trainer):
+  refused as well, since anyone can write an object without one;
+- `invalid`: not JSON, not the model, or a list over its cap (`contract.MAX_REPORT_*`, `MAX_PREFLIGHT_*`):
+  refused whole, never truncated.
+
+The owner is checked before the model, so the event about another job's object says nothing of its content.
 
 `pvc://` outputs: the report lives on a volume only training pods mount; the operator cannot read it,
 so such jobs show phase, conditions and restarts from the Job but no progress, checkpoints or scores.
@@ -29,8 +44,10 @@ import logging
 import os
 import threading
 from collections.abc import Mapping
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
+import pydantic_core
 from pydantic import BaseModel, ValidationError
 
 from finetune_operator import uris
@@ -38,9 +55,23 @@ from finetune_operator.contract import PREFLIGHT_KEY, REPORT_KEY, PreflightResul
 
 log = logging.getLogger(__name__)
 
-#: A report is a few KiB; anything far larger is not one and is not read into memory.
-MAX_REPORT_BYTES = 4 * 1024 * 1024
+#: A report is a few KiB (100 checkpoints and a 4,000-character error stay under 20 KiB); anything larger
+#: is not one and is not read into memory.
+MAX_REPORT_BYTES = 256 * 1024
 _MISSING = {"NoSuchKey", "NoSuchBucket", "404", "NotFound"}
+#: The key of the FineTuneJob's uid in a report and a pre-flight result (`jobUid` of the contract's models).
+UID_KEY = "jobUid"
+
+Cause = Literal["oversized", "foreign", "unowned", "invalid"]
+
+
+@dataclass(frozen=True)
+class Ignored:
+    """An object at a job's output that the reader refused (see the module docstring for the causes)."""
+
+    cause: Cause
+    uri: str  # s3://bucket/key of the object
+    message: str
 
 
 def report_location(output_uri: str, name: str = REPORT_KEY) -> tuple[str, str] | None:
@@ -100,17 +131,19 @@ class ReportReader:
                 )
             return self._client
 
-    def read(self, output_uri: str) -> TrainerReport | None:
-        """The report of the job writing to `output_uri`, or None (see the module docstring)."""
-        found = self._read(output_uri, REPORT_KEY, TrainerReport, "progress report")
-        return found if isinstance(found, TrainerReport) else None
+    def read(self, output_uri: str, uid: str) -> TrainerReport | Ignored | None:
+        """The report at `output_uri` of the FineTuneJob whose metadata.uid is `uid`; None when there is none
+        or it cannot be read, `Ignored` when it is refused (see the module docstring)."""
+        found = self._read(output_uri, uid, REPORT_KEY, TrainerReport, "progress report")
+        return found if isinstance(found, TrainerReport | Ignored) else None
 
-    def read_preflight(self, output_uri: str) -> PreflightResult | None:
-        """The CPU pre-flight's result (`<output_uri>/preflight.json`), or None, as `read`."""
-        found = self._read(output_uri, PREFLIGHT_KEY, PreflightResult, "pre-flight result")
-        return found if isinstance(found, PreflightResult) else None
+    def read_preflight(self, output_uri: str, uid: str) -> PreflightResult | Ignored | None:
+        """The CPU pre-flight's result (`<output_uri>/preflight.json`) of the FineTuneJob `uid`, as `read`."""
+        found = self._read(output_uri, uid, PREFLIGHT_KEY, PreflightResult, "pre-flight result")
+        return found if isinstance(found, PreflightResult | Ignored) else None
 
-    def _read(self, output_uri: str, name: str, model: type[BaseModel], what: str) -> BaseModel | None:
+    def _read(self, output_uri: str, uid: str, name: str, model: type[BaseModel],
+              what: str) -> BaseModel | Ignored | None:
         try:
             where = report_location(output_uri, name)
         except ValueError as err:
@@ -125,7 +158,9 @@ class ReportReader:
             response = self.client().get_object(Bucket=bucket, Key=key)
             body = response["Body"]
             try:
-                data = body.read(MAX_REPORT_BYTES + 1)
+                declared = response.get("ContentLength")
+                too_large = isinstance(declared, int) and declared > MAX_REPORT_BYTES
+                data = b"" if too_large else body.read(MAX_REPORT_BYTES + 1)
             finally:
                 body.close()
         except ClientError as err:
@@ -137,26 +172,54 @@ class ReportReader:
         except (BotoCoreError, OSError) as err:
             self._warn_once(output_uri, type(err).__name__, f"cannot read s3://{bucket}/{key}: {err}")
             return None
-        if len(data) > MAX_REPORT_BYTES:
-            self._warn_once(output_uri, "size", f"s3://{bucket}/{key} is larger than {MAX_REPORT_BYTES} bytes")
-            return None
-        try:
-            found = model.model_validate_json(data)
-        except ValidationError as err:
-            first = err.errors()[0]
-            where_bad = ".".join(str(p) for p in first["loc"]) or "(document)"
-            self._warn_once(
-                output_uri, "invalid", f"s3://{bucket}/{key} is not a valid {what.removeprefix('progress ')}: {where_bad}: {first['msg']}"
-            )
-            return None
+        location = f"s3://{bucket}/{key}"
+        noun = what.removeprefix("progress ")
+        if too_large or len(data) > MAX_REPORT_BYTES:
+            found: BaseModel | Ignored = Ignored("oversized", location, (
+                f"{location} is larger than {MAX_REPORT_BYTES} bytes, too large for a {noun}; ignored"))
+        else:
+            found = check(data, uid, model, location, noun)
+        if isinstance(found, Ignored):
+            # Logged once per object and cause (a job's report and pre-flight result share its output URI).
+            self._warn_once(output_uri, f"{name}:{found.cause}", found.message, "the status keeps its previous values")
+            return found
         with self._lock:
             self._warned.pop(output_uri, None)
         return found
 
-    def _warn_once(self, uri: str, kind: str, message: str) -> None:
+    def _warn_once(self, uri: str, kind: str, message: str,
+                   then: str = "status shows the Job only until the report can be read") -> None:
         with self._lock:
             kinds = self._warned.setdefault(uri, set())
             if kind in kinds:
                 return
             kinds.add(kind)
-        log.warning("%s; status shows the Job only until the report can be read", message)
+        log.warning("%s; %s", message, then)
+
+
+def check(data: bytes, uid: str, model: type[BaseModel], location: str = "the object",
+          noun: str = "report") -> BaseModel | Ignored:
+    """`data` (at most MAX_REPORT_BYTES, read from `location`) as a `model` of the FineTuneJob `uid`, or why it
+    is ignored: its owner (`jobUid`) is checked before its content, so the message about another job's
+    object tells nothing of what is in it. Pure."""
+    try:
+        doc = pydantic_core.from_json(data)
+    except ValueError as err:
+        return Ignored("invalid", location, f"{location} is not a valid {noun}: not JSON ({err}); ignored")
+    if not isinstance(doc, dict):
+        return Ignored("invalid", location, f"{location} is not a valid {noun}: not a JSON object; ignored")
+    owner = doc.get(UID_KEY)
+    if owner is None or owner == "":
+        return Ignored("unowned", location, (
+            f"{location} names no FineTuneJob (it has no {UID_KEY}: written by a trainer image older than this "
+            f"operator, or not by a trainer); ignored"))
+    if owner != uid:
+        return Ignored("foreign", location, (
+            f"{location} was written for another FineTuneJob (its {UID_KEY} is not this job's uid {uid}); "
+            f"ignored (is spec.output.uri this job's own?)"))
+    try:
+        return model.model_validate(doc)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where_bad = ".".join(str(p) for p in first["loc"]) or "(document)"
+        return Ignored("invalid", location, f"{location} is not a valid {noun}: {where_bad}: {first['msg']}; ignored")

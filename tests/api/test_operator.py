@@ -380,7 +380,8 @@ def test_progress_and_trainer_error_from_the_report(cluster: Cluster, monkeypatc
         monkeypatch.setenv("FT_S3_ENDPOINT", s3.endpoint_url)
 
         def report(**fields: Any) -> None:
-            body = {"phase": "training", "step": 450, "totalSteps": 1000, "loss": 1.25, "tokensPerSecond": 900.0,
+            body = {"jobUid": UID, "phase": "training", "step": 450, "totalSteps": 1000, "loss": 1.25,
+                    "tokensPerSecond": 900.0,
                     "etaSeconds": 120, "updatedAt": (datetime.now(UTC) + timedelta(seconds=5)).isoformat(),
                     "checkpoints": [{"step": 400, "uri": "s3://out/demo/checkpoints/step-400/"}], **fields}
             s3.client().put_object(Bucket="out", Key=f"demo/{REPORT_KEY}", Body=json.dumps(body).encode())
@@ -448,7 +449,7 @@ def test_retrieval_is_accepted_and_high_hallucination_is_flagged(cluster: Cluste
 
             wait_for(lambda: cluster.get("batch/v1/jobs", "demo"), "the Job")
             start_pod(cluster)
-            body = {"phase": "uploading", "step": 10, "totalSteps": 10, "evaluation": evaluation,
+            body = {"jobUid": UID, "phase": "uploading", "step": 10, "totalSteps": 10, "evaluation": evaluation,
                     "updatedAt": (datetime.now(UTC) + timedelta(seconds=5)).isoformat()}
             s3.client().put_object(Bucket="out", Key=f"demo/{REPORT_KEY}", Body=json.dumps(body).encode())
             high = wait_for(lambda: condition(cluster, "HallucinationHigh"), "HallucinationHigh")

@@ -17,7 +17,7 @@ import pytest
 
 from finetune_operator import render
 from finetune_operator.contract import REPORT_KEY
-from tests.api.conftest import FTJ, Cluster, ftj_manifest, operator, wait_for
+from tests.api.conftest import FTJ, UID, Cluster, ftj_manifest, operator, wait_for
 from tests.api.test_operator import finish_job, phase_is, reasons, status
 
 PILOT = {"maxSteps": 10, "gates": [{"metric": "evalLoss", "minImprovement": 0.1}, {"metric": "accuracy", "min": 0.3}]}
@@ -37,7 +37,7 @@ def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 def pilot_report(s3: Any, **fields: Any) -> None:
-    body = {"phase": "training", "step": 5, "totalSteps": 10, "loss": 2.5,
+    body = {"jobUid": UID, "phase": "training", "step": 5, "totalSteps": 10, "loss": 2.5,
             "updatedAt": (datetime.now(UTC) + timedelta(seconds=5)).isoformat(), **fields}
     s3.client().put_object(Bucket="out", Key=f"demo/pilot/{REPORT_KEY}", Body=json.dumps(body).encode())
 

@@ -11,9 +11,11 @@ from typing import Any
 import pytest
 
 from finetune_operator.metrics import DEFAULT_PORT, Metrics, port_from_env, start
-from finetune_operator.progress import ReportReader, report_location
+from finetune_operator.progress import MAX_REPORT_BYTES, Ignored, ReportReader, report_location
 
-REPORT = {"phase": "training", "step": 10, "totalSteps": 100, "loss": 2.5, "updatedAt": "2026-03-01T12:00:00Z"}
+UID = "0c1f2e3d-0000-4000-8000-00000000000a"
+REPORT = {"jobUid": UID, "phase": "training", "step": 10, "totalSteps": 100, "loss": 2.5,
+          "updatedAt": "2026-03-01T12:00:00Z"}
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,7 @@ def test_from_env_prefers_the_operator_settings() -> None:
 def test_reads_a_report(s3_env: Any) -> None:
     s3 = s3_env
     s3.client().put_object(Bucket="out", Key="ok/status/report.json", Body=json.dumps(REPORT).encode())
-    report = reader_for(s3).read("s3://out/ok/")
+    report = reader_for(s3).read("s3://out/ok/", UID)
     assert report is not None
     assert (report.phase, report.step, report.total_steps, report.loss) == ("training", 10, 100, 2.5)
 
@@ -80,23 +82,25 @@ def test_reads_a_report(s3_env: Any) -> None:
 def test_missing_report_is_quietly_none(s3_env: Any, caplog: pytest.LogCaptureFixture) -> None:
     s3 = s3_env
     with caplog.at_level(logging.WARNING, logger="finetune_operator.progress"):
-        assert reader_for(s3).read("s3://out/not-started/") is None
-        assert reader_for(s3).read("s3://no-such-bucket/x/") is None
+        assert reader_for(s3).read("s3://out/not-started/", UID) is None
+        assert reader_for(s3).read("s3://no-such-bucket/x/", UID) is None
     assert warnings(caplog) == []
 
 
 def test_pvc_outputs_have_no_readable_report(s3_env: Any) -> None:
     s3 = s3_env
-    assert reader_for(s3).read("pvc://claim/runs/demo") is None
+    assert reader_for(s3).read("pvc://claim/runs/demo", UID) is None
 
 
 def test_bad_report_is_none_and_logged_once(s3_env: Any, caplog: pytest.LogCaptureFixture) -> None:
     s3 = s3_env
-    s3.client().put_object(Bucket="out", Key="bad/status/report.json", Body=b'{"phase": "dancing"}')
+    s3.client().put_object(Bucket="out", Key="bad/status/report.json",
+                           Body=json.dumps({"jobUid": UID, "phase": "dancing"}).encode())
     reader = reader_for(s3)
     with caplog.at_level(logging.WARNING, logger="finetune_operator.progress"):
-        assert reader.read("s3://out/bad/") is None
-        assert reader.read("s3://out/bad/") is None
+        for _ in range(2):
+            ignored = reader.read("s3://out/bad/", UID)
+            assert isinstance(ignored, Ignored) and ignored.cause == "invalid"
     (record,) = warnings(caplog)
     assert "s3://out/bad/status/report.json is not a valid report" in record.getMessage()
     assert "phase" in record.getMessage()
@@ -109,7 +113,7 @@ def test_wrong_credentials_are_none_and_logged(
     s3.client().put_object(Bucket="out", Key="ok/status/report.json", Body=json.dumps(REPORT).encode())
     reader = reader_for(s3, monkeypatch, AWS_SECRET_ACCESS_KEY="wrong-secret-value")
     with caplog.at_level(logging.WARNING, logger="finetune_operator.progress"):
-        assert reader.read("s3://out/ok/") is None
+        assert reader.read("s3://out/ok/", UID) is None
     (record,) = warnings(caplog)
     assert "cannot read s3://out/ok/status/report.json" in record.getMessage()
     assert "wrong-secret-value" not in record.getMessage()  # no secret in logs
@@ -122,9 +126,51 @@ def test_unreachable_endpoint_is_none_and_logged_once(
         monkeypatch.setenv(key, value)
     reader = ReportReader.from_env({"FT_S3_ENDPOINT": "http://127.0.0.1:9"})
     with caplog.at_level(logging.WARNING, logger="finetune_operator.progress"):
-        assert reader.read("s3://out/x/") is None
-        assert reader.read("s3://out/x/") is None
+        assert reader.read("s3://out/x/", UID) is None
+        assert reader.read("s3://out/x/", UID) is None
     assert len(warnings(caplog)) == 1
+
+
+@pytest.mark.parametrize(("doc", "cause", "words"), [
+    ({**REPORT, "jobUid": "9f9f9f9f-0000-4000-8000-0000000000ff", "loss": 0.01}, "foreign",
+     "written for another FineTuneJob"),
+    ({k: v for k, v in REPORT.items() if k != "jobUid"}, "unowned", "names no FineTuneJob"),
+    ({**REPORT, "checkpoints": [{"step": i, "uri": f"s3://out/c/{i}/"} for i in range(129)]}, "invalid",
+     "checkpoints: List should have at most 128 items"),
+    ({**REPORT, "error": {"reason": "Crashed", "message": "x" * MAX_REPORT_BYTES}}, "oversized",
+     f"larger than {MAX_REPORT_BYTES} bytes"),
+])
+def test_reports_not_of_this_job_or_out_of_bounds_are_ignored_and_logged_once(
+    s3_env: Any, caplog: pytest.LogCaptureFixture, doc: dict[str, Any], cause: str, words: str
+) -> None:
+    """Another job's report (its scores, loss and artifacts), one without an owner, one with a list over its
+    cap, one over the size cap: refused whole, with a cause the operator turns into one Warning event."""
+    s3 = s3_env
+    s3.client().put_object(Bucket="out", Key=f"{cause}/status/report.json", Body=json.dumps(doc).encode())
+    reader = reader_for(s3)
+    with caplog.at_level(logging.WARNING, logger="finetune_operator.progress"):
+        for _ in range(3):
+            ignored = reader.read(f"s3://out/{cause}/", UID)
+            assert isinstance(ignored, Ignored), ignored
+            assert (ignored.cause, ignored.uri) == (cause, f"s3://out/{cause}/status/report.json")
+            assert words in ignored.message
+    (record,) = warnings(caplog)
+    assert words in record.getMessage()
+    if cause == "foreign":
+        assert "0.01" not in ignored.message  # nothing of another job's report in what this job is told
+
+
+def test_preflight_result_of_another_job_is_ignored(s3_env: Any) -> None:
+    s3 = s3_env
+    result = {"jobUid": "9f9f9f9f-0000-4000-8000-0000000000ff", "ok": True, "modelUri": "s3://m/", "outputUri":
+              "s3://out/pf/", "checkedAt": "2026-03-01T12:00:00Z"}
+    s3.client().put_object(Bucket="out", Key="pf/preflight.json", Body=json.dumps(result).encode())
+    reader = reader_for(s3)
+    ignored = reader.read_preflight("s3://out/pf/", UID)
+    assert isinstance(ignored, Ignored) and ignored.cause == "foreign"
+    s3.client().put_object(Bucket="out", Key="pf/preflight.json", Body=json.dumps({**result, "jobUid": UID}).encode())
+    found = reader.read_preflight("s3://out/pf/", UID)
+    assert found is not None and not isinstance(found, Ignored) and found.ok
 
 
 # --- metrics -----------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ class Reports:
         self.reads: list[tuple[float, str]] = []
         self._lock = threading.Lock()
 
-    def read(self, output_uri: str) -> TrainerReport | None:
+    def read(self, output_uri: str, uid: str | None = None) -> TrainerReport | None:
         with self._lock:
             self.reads.append((time.monotonic(), output_uri))
             raw = self.reports.get(output_uri)

@@ -118,7 +118,8 @@ def test_no_secret_value_in_objects_events_requests_or_logs(
                                                              .decode(), "AWS_SECRET_ACCESS_KEY": encoded}})
 
     def report(name: str, body: bytes | None = None, **fields: Any) -> None:
-        doc = {"phase": "training", "step": 10, "totalSteps": 100, "loss": 1.5,
+        doc = {"jobUid": cluster.get(FTJ, name)["metadata"]["uid"], "phase": "training", "step": 10,
+               "totalSteps": 100, "loss": 1.5,
                "updatedAt": (datetime.now(UTC) + timedelta(seconds=5)).isoformat(), **fields}
         s3.client().put_object(Bucket="out", Key=f"{name}/{REPORT_KEY}", Body=body or json.dumps(doc).encode())
 

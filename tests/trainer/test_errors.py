@@ -48,6 +48,16 @@ def _assert_failed(s3: Any, config: Any, reason: str, *fragments: str) -> dict[s
     return report
 
 
+def test_the_report_names_its_finetunejob(s3: Any, s3_env: Any, staged: th.Staged) -> None:
+    """Every report carries the FineTuneJob's uid from the config snapshot (`jobUid`): the operator takes no
+    report that is not its job's."""
+    uid = "5e1f0b7a-0000-4000-8000-0000000000c1"
+    uri = _upload(s3, staged, "uid/train.jsonl", b'{"instruction": "no output"}\n')
+    config = th.make_config(staged, {"dataset": {"train": uri}}, uid=uid)
+    report = _assert_failed(s3, config, "UnknownFormat", f"{uri} (line 1)")
+    assert report["jobUid"] == uid
+
+
 def test_malformed_rows_fail_with_file_and_line(s3: Any, s3_env: Any, staged: th.Staged) -> None:
     good = Path(__file__).resolve().parents[2] / "trainer-image/finetune_trainer/data/healthcare_train.jsonl"
     lines = good.read_bytes().splitlines()

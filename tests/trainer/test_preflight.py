@@ -38,12 +38,15 @@ def test_good_job_reports_the_model_and_the_data(staged: Staged, s3_env: dict[st
                                                  healthcare_sample: Any, tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    config = make_config(staged)
+    uid = "5e1f0b7a-0000-4000-8000-0000000000c2"
+    config = make_config(staged, uid=uid)
     result, code = _run(config, tmp_path)
 
     assert code == 0, result.error
     written = _written(config.spec.output.uri)
     assert written == result
+    assert written.job_uid == uid  # the operator takes only its own FineTuneJob's result
+    assert store(config.spec.output.uri).read_json(PREFLIGHT_KEY)["jobUid"] == uid
     assert written.ok and written.error is None
     model = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir))
     arch = written.architecture
@@ -140,6 +143,7 @@ def test_wrong_key_is_data_invalid_naming_file_and_line(staged: Staged, s3: Any,
     written = _written(config.spec.output.uri)
     assert not written.ok and written.error == result.error
     assert written.architecture is not None  # the model was read before the data
+    assert written.job_uid is None  # a config without a uid (`finetune plan`, tests): none written
 
 
 def test_missing_model_is_model_unreadable(staged: Staged, s3_env: dict[str, str], tmp_path: Path) -> None:

@@ -102,8 +102,10 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def make_config(staged: Staged, spec: dict[str, Any] | None = None, name: str = "tiny") -> TrainerConfig:
-    """A resolved TrainerConfig for the staged inputs, with `spec` merged over BASE_SPEC."""
+def make_config(staged: Staged, spec: dict[str, Any] | None = None, name: str = "tiny",
+                uid: str | None = None) -> TrainerConfig:
+    """A resolved TrainerConfig for the staged inputs, with `spec` merged over BASE_SPEC (`uid`: the
+    FineTuneJob's metadata.uid, which the trainer writes into its report and pre-flight result)."""
     merged = _merge(BASE_SPEC, {
         "baseModel": {"uri": staged.model_uri},
         "dataset": {"train": staged.train_uri},
@@ -112,7 +114,8 @@ def make_config(staged: Staged, spec: dict[str, Any] | None = None, name: str = 
     })
     merged = _merge(merged, spec or {})
     job = FineTuneJob.model_validate(
-        {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name}, "spec": merged})
+        {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+         "metadata": {"name": name, **({"uid": uid} if uid else {})}, "spec": merged})
     return resolve(job, plan(job.spec))
 
 

@@ -59,6 +59,7 @@ from finetune_operator.contract import (
     ENV_OUTPUT_URI,
     EXIT_CONFIG_ERROR,
     EXIT_OK,
+    MAX_PREFLIGHT_FILES,
     PREFLIGHT_KEY,
     PreflightArchitecture,
     PreflightFile,
@@ -275,10 +276,13 @@ def check_split(field: str, uri: str, declared: str, config: TrainerConfig, toke
         too_long += tokens.too_long
         per_file.append(PreflightFile(uri=source, rows=len(rows) + skipped[source], tokens=tokens.total,
                                       sampled=tokens.sampled, sample_rows=tokens.sample_rows))
+    if len(per_file) > MAX_PREFLIGHT_FILES:
+        log.info("%s: %d files; the result lists the first %d (its counts cover them all)", field, len(per_file),
+                 MAX_PREFLIGHT_FILES)
     return PreflightSplit(
         field=field, uri=uri, format=loaded.format, examples=len(loaded.rows), skipped_rows=len(loaded.skipped),
         tokens=sum(f.tokens for f in per_file), sampled=any(f.sampled for f in per_file),
-        longer_than_max_seq_length=too_long, files=per_file)
+        longer_than_max_seq_length=too_long, files=per_file[:MAX_PREFLIGHT_FILES])
 
 
 def check_data(config: TrainerConfig, tokenizer: Any, cache: Path,
@@ -315,8 +319,9 @@ def check_local(config: TrainerConfig, model_dir: Path, cache: Path,
         raise PreflightFailure("ModelUnreadable", f"spec.baseModel.uri {uri}: {err}") from None
     tokenizer = load_tokenizer(uri, model_dir)
     splits = check_data(config, tokenizer, cache, local)
-    return PreflightResult(ok=True, model_uri=uri, revision=spec.base_model.revision, output_uri=spec.output.uri,
-                           architecture=_architecture(arch), splits=splits, checked_at=_now())
+    return PreflightResult(ok=True, job_uid=config.uid, model_uri=uri, revision=spec.base_model.revision,
+                           output_uri=spec.output.uri, architecture=_architecture(arch), splits=splits,
+                           checked_at=_now())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -367,8 +372,9 @@ def run(config: TrainerConfig, output_uri: str | None = None, cache: Path | None
     output = output_uri or os.environ.get(ENV_OUTPUT_URI) or spec.output.uri
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
-    result = PreflightResult(ok=False, model_uri=spec.base_model.uri, revision=spec.base_model.revision,
-                             output_uri=output, checked_at=_now())
+    # jobUid: the operator takes only its own FineTuneJob's result (`finetune_operator.progress`).
+    result = PreflightResult(ok=False, job_uid=config.uid, model_uri=spec.base_model.uri,
+                             revision=spec.base_model.revision, output_uri=output, checked_at=_now())
     failure: PreflightFailure | None = None
     work = Path(tempfile.mkdtemp(prefix="preflight-", dir=cache))
     try:

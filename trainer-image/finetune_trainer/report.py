@@ -4,7 +4,8 @@ Who writes: only the process of global rank 0 (`Reporter(enabled=accelerator.is_
 When: at every phase change (starting -> training -> evaluating -> uploading -> complete, or failed), at
 every logging step (every `log_every(total_steps)` optimizer steps: about 100 reports per run, every step
 for runs of up to 100 steps), and after every complete checkpoint.
-What: `phase`; `step`/`totalSteps`; `epoch` (fractional); latest `loss` (mean token loss of the logging
+What: `jobUid` (the FineTuneJob's metadata.uid, from the config snapshot: the operator takes only its own
+job's report); `phase`; `step`/`totalSteps`; `epoch` (fractional); latest `loss` (mean token loss of the logging
 window), `evalLoss`, `learningRate`; `tokensPerSecond` (non-padding tokens, all processes together);
 `etaSeconds`; `worldSize`; `resumedFromStep` (set when the run resumed from a checkpoint); `dataStats`
 (`{trainExamples, validationExamples, skippedRows, truncatedExamples}`, once the data is read); `checkpoints`
@@ -28,7 +29,7 @@ import math
 from datetime import UTC, datetime
 from typing import Any
 
-from finetune_operator.contract import REPORT_KEY, TrainerError, TrainerReport
+from finetune_operator.contract import MAX_REPORT_CHECKPOINTS, REPORT_KEY, TrainerError, TrainerReport
 from finetune_trainer.errors import TrainerFailure
 
 log = logging.getLogger(__name__)
@@ -53,10 +54,10 @@ def read_report(store: Any) -> TrainerReport | None:
 class Reporter:
     """Keeps the report object and writes it to the output store (only when `enabled`, i.e. on rank 0)."""
 
-    def __init__(self, store: Any, *, enabled: bool):
+    def __init__(self, store: Any, *, enabled: bool, job_uid: str | None = None):
         self.store = store
         self.enabled = enabled
-        self.report = TrainerReport(phase="starting", updated_at=now())
+        self.report = TrainerReport(job_uid=job_uid, phase="starting", updated_at=now())
 
     @property
     def uri(self) -> str:
@@ -76,6 +77,9 @@ class Reporter:
         if not self.enabled:
             return
         self.report.updated_at = now()
+        # Within the contract's cap (the operator ignores a longer list): complete checkpoints beyond
+        # spec.checkpoint.keep only linger when pruning failed; the newest are the ones that matter.
+        self.report.checkpoints = self.report.checkpoints[-MAX_REPORT_CHECKPOINTS:]
         self.store.write_json(REPORT_KEY, self.report.model_dump(by_alias=True, exclude_none=True, mode="json"))
 
     def fail(self, reason: str, message: str) -> None:
