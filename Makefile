@@ -12,7 +12,7 @@ FIND_LINKS ?= $(PIP_FIND_LINKS)
 UV     := $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 PYTEST_ARGS ?=
 
-.PHONY: install test demo demo-rag lint crd bench clean
+.PHONY: install test demo demo-rag lint crd bench clean lock
 
 install: $(VENV)/.installed
 
@@ -36,6 +36,33 @@ lint: install
 	$(BIN)/ruff check operator trainer-image tests bench
 	$(BIN)/mypy operator/finetune_operator
 	$(BIN)/hadolint operator/Dockerfile trainer-image/Dockerfile
+
+# The images' lock files (docs/design.md#supply-chain), which both Dockerfiles install with `pip install
+# --require-hashes`: every distribution pinned with ==, with the sha256 of each of its files. One per image, as
+# the images install different sets: locks/operator.txt, [project].dependencies; locks/trainer.txt, those and the
+# `train` extra; both with the build backend (build-system.requires: the project's wheel is built with
+# --no-build-isolation, so nothing unhashed is downloaded for it). Resolved through constraints.txt for the
+# images' Python (3.11, Linux x86_64; the hashes are those of every file of each version, so the operator's
+# arm64 build verifies too), the trainer's torch from FIND_LINKS: the CPU wheel. Its local label is dropped in the
+# lock (torch==2.13.0 matches 2.13.0+cpu, and the release base's CUDA build, which pip keeps: no download, no
+# hash to check) and put back for uv, which keeps every version the previous lock has unless pyproject.toml or
+# constraints.txt rule it out: `make lock` changes only what must change (LOCK_UPGRADE=1: the newest of all).
+# tests/unit/test_lockfile.py checks offline that the locks agree with pyproject.toml and constraints.txt.
+LOCK_UPGRADE ?=
+LOCK := $(BIN)/uv pip compile -q --generate-hashes --python-version 3.11 --python-platform x86_64-manylinux_2_28 \
+	-c constraints.txt --custom-compile-command "make lock" $(if $(LOCK_UPGRADE),--upgrade)
+BUILD_REQUIRES := $(BIN)/python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires']))"
+
+lock: install
+	@test -n "$(FIND_LINKS)" || { echo "make lock: set PIP_FIND_LINKS (or FIND_LINKS) to the folder or page of the CPU torch wheel" >&2; exit 1; }
+	mkdir -p locks
+	$(BUILD_REQUIRES) | $(LOCK) -o locks/operator.txt pyproject.toml -
+	rm -f locks/trainer.txt.tmp
+	if [ -f locks/trainer.txt ]; then sed -E 's/^torch==([^ +]+) /torch==\1+cpu /' locks/trainer.txt > locks/trainer.txt.tmp; fi
+	$(BUILD_REQUIRES) | $(LOCK) --find-links $(FIND_LINKS) --extra train -o locks/trainer.txt.tmp pyproject.toml -
+	@if grep -Eq '^(nvidia-|triton==|cuda-)' locks/trainer.txt.tmp; then \
+	  echo "make lock: PyPI's CUDA torch, not the CPU wheel: FIND_LINKS ($(FIND_LINKS)) has no torch+cpu wheel" >&2; exit 1; fi
+	sed -E 's/^torch==([^ +]+)\+cpu /torch==\1 /' locks/trainer.txt.tmp > locks/trainer.txt && rm locks/trainer.txt.tmp
 
 # The two images, tagged as the Helm chart's defaults: values.yaml `image.repository` with the chart's
 # appVersion (the operator) and `trainer.image` (the trainer); tests/unit/test_images.py checks they agree.
@@ -81,6 +108,8 @@ endif
 
 crd: install
 	$(BIN)/finetune crd > crds/finetune.dev_finetunejobs.yaml
+	$(BIN)/finetune crd finetunepolicy > crds/finetune.dev_finetunepolicies.yaml
+	$(BIN)/finetune crd admission-policy > charts/finetune-operator/templates/admission-policy.yaml
 
 # The benchmarks also need the `bench` extra (TRL, the peer in bench/throughput_bench.py).
 $(VENV)/.bench-installed: $(VENV)/.installed pyproject.toml constraints.txt

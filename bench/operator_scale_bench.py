@@ -666,20 +666,47 @@ def start_plane(assets: Path, workdir: Path) -> Any:
 
 
 async def install_crd(api: Api, deadline: float) -> None:
-    """Apply crds/ and wait until the CRD is Established."""
+    """Apply crds/, wait until the CRDs are Established, then install the FineTunePolicy admission as the
+    chart's default values do (`install_policy`)."""
     import yaml
 
     for path in sorted((REPO / "crds").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             if doc:
                 await api.call("POST", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", doc, ok=(409,))
-    while time.monotonic() < deadline:
-        _, crd = await api.call("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{CRD_NAME}")
-        conditions = (crd.get("status") or {}).get("conditions") or []
-        if any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions):
-            return
+    from finetune_operator import policy
+
+    pending = {CRD_NAME, f"{policy.PLURAL}.{GROUP}"}
+    while pending and time.monotonic() < deadline:
+        for name in sorted(pending):
+            _, crd = await api.call("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+            conditions = (crd.get("status") or {}).get("conditions") or []
+            if any(c.get("type") == "Established" and c.get("status") == "True" for c in conditions):
+                pending.discard(name)
         await asyncio.sleep(0.2)
-    raise BenchError(f"CRD {CRD_NAME} not Established in time")
+    if pending:
+        raise BenchError(f"CRDs {sorted(pending)} not Established in time")
+    await install_policy(api)
+
+
+async def install_policy(api: Api) -> None:
+    """The chart's admission policy and its default FineTunePolicy: every create of every run (the
+    baselines' too) goes through the same admission, and the operator runs with FT_POLICY=true (its own
+    policy checks, cached: `finetune_operator.policy_lookup`)."""
+    import yaml
+
+    from finetune_operator import policy
+    from finetune_operator.settings import DEFAULT_TRAINER_IMAGE
+
+    values = yaml.safe_load((REPO / "charts" / "finetune-operator" / "values.yaml").read_text())
+    spec = {**values["policy"]["default"], "images": [DEFAULT_TRAINER_IMAGE]}
+    await api.call("POST", f"/apis/{GROUP}/{VERSION}/{policy.PLURAL}", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": policy.KIND, "metadata": {"name": policy.DEFAULT_POLICY},
+        "spec": spec}, ok=(409,))
+    vap, binding = policy.build_admission_policy()
+    base = "/apis/admissionregistration.k8s.io/v1"
+    await api.call("POST", f"{base}/validatingadmissionpolicies", vap, ok=(409,))
+    await api.call("POST", f"{base}/validatingadmissionpolicybindings", binding, ok=(409,))
 
 
 def audit_requests(path: Path, user: str, start: float, end: float) -> dict[str, int]:
@@ -866,7 +893,7 @@ async def run_one(run: Run) -> None:
         # as issue 13 defines them; with the pre-flight on, no training Job exists before a pre-flight pod ran
         # (this bench runs no pods), and a job's first pass costs 4 requests instead of 5 (handlers.py).
         env.update({"FT_METRICS_PORT": str(metrics_port), "FT_USE_GPUS": "false", "FT_LOG_FORMAT": "json",
-                    "FT_PREFLIGHT": "false"})
+                    "FT_PREFLIGHT": "false", "FT_POLICY": "true" if run.plane is not None else "false"})
         if run.operator_kubeconfig is not None:
             env["KUBECONFIG"] = str(run.operator_kubeconfig)
         scope = [f"--namespace={namespace}"] if run.cluster else ["--all-namespaces"]

@@ -11,7 +11,7 @@
   `hf://` data, or no trainer, leaves the model-only plan with a note on stderr saying why.
 - `finetune run FILE --local ...`: run a FineTuneJob on this machine (the trainer package; needs the
   `train` extra).
-- `finetune crd`: print the CustomResourceDefinition generated from the spec model.
+- `finetune crd [finetunepolicy|admission-policy]`: print a CustomResourceDefinition (or the admission policy) generated from the spec models.
 
 Exit codes: 0 ok, 1 invalid input (every problem printed, one line each), 2 usage.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import secrets
 import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
@@ -162,9 +163,11 @@ def _yaml_stream(rows: list[Loaded], image: str | None, out: TextIO) -> None:
             # passed its gates, which only the operator can tell.
             comment += ("# spec.pilot: these are the LoRA pilot's children; the operator creates the main run's "
                         "only after the pilot passed pilot.gates\n")
-            children = render.render_children(pilot.pilot_job(r.job), r.pilot_plan, config, pilot.STAGE)
+            # A fresh rendezvous id, as the operator draws one when it creates the ConfigMap.
+            children = render.render_children(pilot.pilot_job(r.job), r.pilot_plan, config, pilot.STAGE,
+                                              rendezvous_id=secrets.token_hex(16))
         else:
-            children = render.render_children(r.job, r.plan, config)
+            children = render.render_children(r.job, r.plan, config, rendezvous_id=secrets.token_hex(16))
         for i, child in enumerate(children):
             body = yaml.safe_dump(child, sort_keys=False, width=120)
             docs.append((comment if i == 0 else "") + body)
@@ -229,9 +232,11 @@ def _count_data(loaded: list[Loaded], mounts: Mounts) -> None:
 
 
 def cmd_crd(args: argparse.Namespace) -> int:
+    from finetune_operator import policy
     from finetune_operator.crd import crd_yaml
 
-    sys.stdout.write(crd_yaml())
+    sys.stdout.write({"finetunejob": crd_yaml, "finetunepolicy": policy.policy_crd_yaml,
+                      "admission-policy": policy.admission_policy_template}[args.kind]())
     return 0
 
 
@@ -273,7 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --inspect: where a pvc:// claim is mounted on this machine (repeatable)")
     plan.set_defaults(func=cmd_plan)
 
-    crd = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition")
+    crd = sub.add_parser("crd", help="print the FineTuneJob CustomResourceDefinition (generated from the spec model)")
+    crd.add_argument("kind", nargs="?", default="finetunejob",
+                     choices=("finetunejob", "finetunepolicy", "admission-policy"),
+                     help="finetunepolicy: the FineTunePolicy CRD; admission-policy: the chart's template of the "
+                     "ValidatingAdmissionPolicy that enforces FineTunePolicies. Defaults to finetunejob.")
     crd.set_defaults(func=cmd_crd)
 
     sub.add_parser("run", help="run a FineTuneJob on this machine: finetune run FILE --local [...]", add_help=False)

@@ -64,6 +64,8 @@ VALID_SPEC = "ValidSpec"
 INVALID_SPEC = "InvalidSpec"
 PLANNED_REASON = "Planned"
 PLANNING_FAILED = "PlanningFailed"
+#: The namespace's FineTunePolicy does not exist, or the plan needs more GPUs than it allows.
+POLICY_VIOLATION = "PolicyViolation"
 CHILDREN_CREATED = "ChildrenCreated"
 ADOPTED_CHILDREN = "AdoptedChildren"
 CHILDREN_MISSING = "ChildrenMissing"
@@ -98,12 +100,17 @@ PILOT_FAILED = "PilotFailed"
 BUDGET_EXCEEDED = "BudgetExceeded"
 HALLUCINATION_ABOVE_THRESHOLD = "HallucinationAboveThreshold"
 HALLUCINATION_WITHIN_THRESHOLD = "HallucinationWithinThreshold"
+#: Warning events (no condition): a progress report or pre-flight result at the job's output was ignored
+#: (another job's, without a jobUid, too large, or invalid: `finetune_operator.progress`).
+REPORT_IGNORED = "ReportIgnored"
+PREFLIGHT_RESULT_IGNORED = "PreflightResultIgnored"
 
 #: Reasons that end a FineTuneJob for good (besides the trainer's own reasons on PodFailurePolicy).
 TERMINAL_FAILURE_REASONS = frozenset(
     {
         INVALID_SPEC,
         PLANNING_FAILED,
+        POLICY_VIOLATION,
         BACKOFF_LIMIT_EXCEEDED,
         DEADLINE_EXCEEDED,
         POD_FAILURE_POLICY,

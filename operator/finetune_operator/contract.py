@@ -8,7 +8,10 @@
 3. **Progress report** (`TrainerReport`): rank 0 writes `<output.uri>/REPORT_KEY` (JSON) after every
    logging step, checkpoint and phase change. It lives next to the checkpoints, so it survives pod and
    operator restarts; the operator reads it to fill `status.progress`, `checkpoints`, `artifacts` and
-   `evaluation`. `finetune run --local` renders its progress bar from the same object.
+   `evaluation`. `finetune run --local` renders its progress bar from the same object. The report and the
+   pre-flight's result carry the FineTuneJob's uid (`jobUid`, from the snapshot's `uid`): the operator reads
+   them with its own identity from wherever a spec points, and takes only its own job's, within the size
+   and list caps (`MAX_REPORT_*`, `MAX_PREFLIGHT_*`, `progress.MAX_REPORT_BYTES`).
 4. **Exit codes** (`EXIT_*`): the Job's podFailurePolicy fails the job at once on `EXIT_CONFIG_ERROR` and
    `EXIT_GATES_FAILED` (retrying cannot help), and retries anything else within backoffLimit.
 5. **Completion markers**: a checkpoint or the final artifact set is complete only when its marker object
@@ -59,6 +62,13 @@ DEFAULT_PVC_ROOT = "/mnt/pvc"
 DEFAULT_MAIN_PORT = 29500
 
 REPORT_KEY = "status/report.json"
+#: Caps on the lists of a report and of a pre-flight result: the operator reads these objects from storage a
+#: tenant names, so one over a cap is refused whole (never truncated); the trainer's own stay well under.
+MAX_REPORT_CHECKPOINTS = 128  # spec.checkpoint.keep is at most 100 (one more while the oldest is pruned)
+MAX_REPORT_ARTIFACTS = 32  # the kinds of artifact (status.artifacts has the same bound)
+MAX_REPORT_ADJUSTMENTS = 64  # the config's (at most 16) and the trainer's own ladder steps
+MAX_PREFLIGHT_SPLITS = 8  # train, validation, test set
+MAX_PREFLIGHT_FILES = 256  # per split: the trainer lists the first ones (the split's counts cover them all)
 #: The CPU pre-flight's result (`PreflightResult`), at `<output.uri>/PREFLIGHT_KEY`.
 PREFLIGHT_KEY = "preflight.json"
 PREFLIGHT_VERSION = 1
@@ -84,6 +94,11 @@ class TrainerConfig(_Model):
     plan: Plan = Field(description="The sizing plan.")
     spec: FineTuneJobSpec = Field(description="The full spec with every default filled in.")
     image: str | None = Field(default=None, description="Trainer image (recorded in provenance).")
+    rendezvous_id: str | None = Field(
+        default=None, max_length=64,
+        description="Random id of this job's c10d rendezvous (torchrun's --rdzv-id, which names the keys of the "
+        "store on machine 0), drawn when the ConfigMap is created. Left at torch's default `none`, any pod that "
+        "can reach the rendezvous port could address the store of any job it knows the name of.")
     stage: Literal["pilot", "preflight"] | None = Field(
         default=None, description="`pilot` for the LoRA pilot of spec.pilot (its spec is the derived pilot run); "
         "`preflight` for the CPU pre-flight's snapshot (its plan is the preliminary one); unset for the main run.")
@@ -120,6 +135,10 @@ class DataStats(_Model):
 class TrainerReport(_Model):
     """The progress object rank 0 keeps at `<output.uri>/status/report.json`."""
 
+    job_uid: str | None = Field(
+        default=None, max_length=128, description="metadata.uid of the FineTuneJob this report is for (the config "
+        "snapshot's `uid`). The operator ignores a report whose jobUid is not its FineTuneJob's, or is missing: "
+        "another job's report, at an output URI a tenant pointed at someone else's prefix.")
     phase: TrainerPhase = Field(description="Where the trainer is.")
     step: int = 0
     total_steps: int = 0
@@ -135,12 +154,12 @@ class TrainerReport(_Model):
     world_size: int | None = None
     resumed_from_step: int | None = None
     data_stats: DataStats | None = None
-    checkpoints: list[CheckpointRecord] = Field(default_factory=list)
-    artifacts: dict[str, str] = Field(default_factory=dict)
+    checkpoints: list[CheckpointRecord] = Field(default_factory=list, max_length=MAX_REPORT_CHECKPOINTS)
+    artifacts: dict[str, str] = Field(default_factory=dict, max_length=MAX_REPORT_ARTIFACTS)
     evaluation: EvaluationStatus | None = None
     error: TrainerError | None = None
     adjustments: list[Adjustment] = Field(
-        default_factory=list,
+        default_factory=list, max_length=MAX_REPORT_ADJUSTMENTS,
         description="Out-of-memory adjustments of this job, oldest first: those passed in the config (operator, after "
         "an OOMKilled pod), then the trainer's own (`torch.OutOfMemoryError` in the first steps: the step, the rung that "
         "ran out of memory, the rung it continued with, and the error). The operator copies them to "
@@ -188,19 +207,24 @@ class PreflightSplit(_Model):
     sampled: bool = Field(description="Whether any file's token count is extrapolated from a sample.")
     longer_than_max_seq_length: int = Field(
         default=0, description="Tokenized rows longer than maxSeqLength (counted in the sample only).")
-    files: list[PreflightFile] = Field(default_factory=list)
+    files: list[PreflightFile] = Field(
+        default_factory=list, max_length=MAX_PREFLIGHT_FILES,
+        description="The split's first files (all of them up to MAX_PREFLIGHT_FILES); the counts above cover every file.")
 
 
 class PreflightResult(_Model):
     """What the CPU pre-flight found, at `<output.uri>/preflight.json` (`python -m finetune_trainer.preflight`)."""
 
     version: int = Field(default=PREFLIGHT_VERSION, description="Schema version of this object.")
+    job_uid: str | None = Field(
+        default=None, max_length=128, description="metadata.uid of the FineTuneJob checked (the config snapshot's "
+        "`uid`); the operator ignores a result that is not its FineTuneJob's, as for `TrainerReport.jobUid`.")
     ok: bool = Field(description="Whether every check passed.")
     model_uri: str
     revision: str | None = None
     output_uri: str
     architecture: PreflightArchitecture | None = None
-    splits: list[PreflightSplit] = Field(default_factory=list)
+    splits: list[PreflightSplit] = Field(default_factory=list, max_length=MAX_PREFLIGHT_SPLITS)
     error: TrainerError | None = Field(
         default=None, description="The first failure: reason ModelUnreadable, DataInvalid or OutputNotWritable, and "
         "a message naming the URI, file and line.")
@@ -253,7 +277,8 @@ def lower(a: MemoryRung, b: MemoryRung) -> MemoryRung:
     return min(a, b, key=lambda r: (r.micro_batch, not r.gradient_checkpointing))
 
 
-def resolve(job: FineTuneJob, plan: Plan, image: str | None = None, stage: Literal["pilot", "preflight"] | None = None) -> TrainerConfig:
+def resolve(job: FineTuneJob, plan: Plan, image: str | None = None, stage: Literal["pilot", "preflight"] | None = None,
+            rendezvous_id: str | None = None) -> TrainerConfig:
     """Freeze a job into the trainer's config snapshot."""
     spec = job.spec.model_copy(deep=True)
     spec.method = plan.method  # `auto` resolved once, here
@@ -273,6 +298,7 @@ def resolve(job: FineTuneJob, plan: Plan, image: str | None = None, stage: Liter
         spec=spec,
         image=image or spec.image,
         stage=stage,
+        rendezvous_id=rendezvous_id,
     )
 
 

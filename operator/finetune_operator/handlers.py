@@ -82,6 +82,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -102,7 +103,8 @@ from finetune_operator import pilot as pilot_mod
 from finetune_operator import preflight as preflight_mod
 from finetune_operator import status as status_mod
 from finetune_operator.manifests import issues_from_validation
-from finetune_operator.progress import ReportReader, report_location
+from finetune_operator.policy_lookup import PolicyLookup
+from finetune_operator.progress import Ignored, ReportReader, report_location
 from finetune_operator.settings import OperatorSettings
 from finetune_operator.spec import GROUP, KIND, PLURAL, VERSION, Adjustment, FineTuneJob, Plan
 
@@ -123,7 +125,7 @@ COMPONENT = "finetune-operator"
 #: The training pods of every FineTuneJob (what `render.pod_selector` selects for one).
 TRAINING_POD_SELECTOR = f"{render.LABEL_JOB},{render.LABEL_COMPONENT}={render.COMPONENT_TRAINER}"
 
-_PLURALS = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs"}
+_PLURALS = {"ConfigMap": "configmaps", "Service": "services", "NetworkPolicy": "networkpolicies", "Job": "jobs"}
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -143,6 +145,7 @@ class JobState:
     passes: int = 0  # passes begun in this process (0: the body of the watch event `track` handles is fresh)
     job_view: int | None = None  # `refresh.job_view` of the Job the last pass saw
     spec: tuple[tuple[str, int], ...] | None = None  # `spec_digest` of the spec last reconciled (None: not yet)
+    ignored: set[str] = field(default_factory=set)  # "<object URI> <cause>" of ignored reports (event posted)
 
 
 @dataclass
@@ -157,10 +160,17 @@ class Runtime:
     kube: kube.Kube
     server: metrics_mod.MetricsServer | None = None
     known: dict[str, tuple[str, str]] = field(default_factory=dict)  # uid -> (namespace, name)
+    names: dict[str, str] = field(default_factory=dict)  # "namespace/name" -> uid, the same jobs by name
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # "namespace/name" -> its lock
     jobs: dict[str, JobState] = field(default_factory=dict)  # "namespace/name" -> what the refresher keeps
     passes: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PASS_CONCURRENCY))
+    policies: PolicyLookup = field(default_factory=PolicyLookup)
     task: asyncio.Task[None] | None = None
+
+    def knows(self, namespace: str, name: str) -> bool:
+        """Whether `namespace/name` is a FineTuneJob the watch has shown (and not deleted): only those get state
+        (JobState, locks, schedule) from pod and Job events, whose labels and owner names anyone may set."""
+        return f"{namespace}/{name}" in self.names
 
     def lock(self, namespace: str, name: str) -> asyncio.Lock:
         return self.locks.setdefault(f"{namespace}/{name}", asyncio.Lock())
@@ -315,7 +325,7 @@ async def ensure_children(
     created: list[str] = []
     adopted: list[str] = []
     job_obj: dict[str, Any] | None = None
-    for desired in render.render_children(job, plan, rt.settings, stage):
+    for desired in render.render_children(job, plan, rt.settings, stage, rendezvous_id=secrets.token_hex(16)):
         label = f"{desired['kind']}/{desired['metadata']['name']}"
         url = child_url(desired)
         existing = None if fresh else await api.get(url)
@@ -383,8 +393,31 @@ def _existing_plan(body: Mapping[str, Any], stage: str | None = None) -> Plan | 
         return None
 
 
-async def _read_report(rt: Runtime, output_uri: str) -> Any:
-    return await asyncio.to_thread(rt.reader.read, output_uri)
+async def _read_report(rt: Runtime, body: Mapping[str, Any], output_uri: str) -> Any:
+    return await _read_owned(rt, body, rt.reader.read, output_uri, conditions.REPORT_IGNORED)
+
+
+async def _read_owned(rt: Runtime, body: Mapping[str, Any], read: Any, output_uri: str, reason: str) -> Any:
+    """`read(output_uri, uid)` (the reader's report or pre-flight result) for the FineTuneJob `body`, in a thread.
+
+    An object the reader ignored (`progress.Ignored`: another job's, without a jobUid, too large, invalid or
+    over a list cap) gives None, so the status keeps its previous values, and one Warning event per object
+    and cause on the FineTuneJob: once in this process (`JobState.ignored`), and under a name derived from
+    the job, object and cause, so that a restarted operator's repeat is refused (409) rather than stored."""
+    meta = body.get("metadata") or {}
+    uid = str(meta.get("uid"))
+    found = await asyncio.to_thread(read, output_uri, uid)
+    if not isinstance(found, Ignored):
+        return found
+    key = f"{found.uri} {found.cause}"
+    state = rt.jobs.get(f"{meta.get('namespace')}/{meta.get('name')}")
+    if state is not None:
+        if key in state.ignored:
+            return None
+        state.ignored.add(key)
+    digest = hashlib.sha256(f"{uid}\n{key}".encode()).hexdigest()[:16]
+    await post_event(rt.kube, body, "Warning", reason, found.message, name=f"{meta.get('name')}.{digest}")
+    return None
 
 
 async def _write(api: kube.Kube, rt: Runtime, body: Mapping[str, Any], new: dict[str, Any]) -> None:
@@ -438,7 +471,7 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
             and report_location(output_uri) is not None
         )
         if awaiting:
-            report = await _read_report(rt, output_uri)
+            report = await _read_report(rt, body, output_uri)
         new = status_mod.compute_status(body, plan=None, report=report, now=now)
         await _write(api, rt, body, new)
         return refresh.Outcome(phase=new.get("phase"), awaiting_artifacts=awaiting and not new.get("artifacts"))
@@ -456,6 +489,16 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
                 return refresh.Outcome(phase=new.get("phase"))
         except sizing.PlanningError as err:
             new = status_mod.compute_status(body, plan=None, planning_error=str(err), now=now)
+            await _write(api, rt, body, new)
+            return refresh.Outcome(phase=new.get("phase"))
+
+    if rt.settings.policy and not _condition_true(body, conditions.CREATED):
+        # Before the first pod of any stage: what admission cannot see (finetune_operator.policy_lookup).
+        # The GPU cap on a plan the pre-flight will not change (the table's, for a chosen method), else after it.
+        final = plan is not None and (not checking or (plan.source == "table" and job.spec.method != "auto"))
+        violation = await rt.policies.violation(api, meta["namespace"], plan.gpus if final and plan else None)
+        if violation is not None:
+            new = status_mod.compute_status(body, plan=plan, policy_violation=violation, now=now)
             await _write(api, rt, body, new)
             return refresh.Outcome(phase=new.get("phase"))
 
@@ -477,6 +520,12 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
         body = {**body, "status": new}
         old_status = new
         plan = _existing_plan(body)
+        if rt.settings.policy and plan is not None:
+            violation = await rt.policies.violation(api, meta["namespace"], plan.gpus)
+            if violation is not None:
+                new = status_mod.compute_status(body, plan=plan, policy_violation=violation, now=now)
+                await _write(api, rt, body, new)
+                return refresh.Outcome(phase=new.get("phase"))
     assert plan is not None  # an unknown size failed above, unless the pre-flight read it (then it is planned)
 
     pilot_view: status_mod.PilotView | None = None
@@ -544,7 +593,8 @@ async def _preflight_pass(api: kube.Kube, rt: Runtime, body: dict[str, Any], job
         job_obj = await _apply_suspend(api, job, job_obj, logger, stage)
         state.job_view = refresh.job_view(job_obj)
         return replace(view, children=replace(children, job=job_obj))
-    result = await asyncio.to_thread(rt.reader.read_preflight, output_uri) if where is not None else None
+    result = await _read_owned(rt, body, rt.reader.read_preflight, output_uri,
+                               conditions.PREFLIGHT_RESULT_IGNORED) if where is not None else None
     if result is not None and not status_mod.written_since(result.checked_at, meta.get("creationTimestamp")):
         result = None  # an earlier job's, at the same output URI
     pods: list[dict[str, Any]] = []
@@ -629,7 +679,7 @@ async def _observe_stage(
     job_created = any(label.startswith("Job/") for label in children.created)
     skipped = job_obj is not None and (job_created or refresh.skip_report(len(pods), state.settled))
     if not skipped:
-        report = await _read_report(rt, job.spec.output.uri)
+        report = await _read_report(rt, body, job.spec.output.uri)
     state.settled = job_obj is not None and not pods and not job_created and (skipped or report is not None)
     state.job_view = refresh.job_view(job_obj)
     children = status_mod.Children(
@@ -829,6 +879,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any,
         interval=interval,
         # kopf logs in after the startup handlers: the client connects on its first request.
         kube=kube.Kube(settings, _identity(memo)),
+        policies=PolicyLookup(ft_settings.policy_cache_seconds),
     )
     rt.server = metrics_mod.start(rt.metrics, port)
     memo.finetune = rt
@@ -937,11 +988,14 @@ async def track(type: str, body: kopf.Body, memo: kopf.Memo, logger: Any, **_: A
     namespace, name = str(body.metadata.namespace), str(body.metadata.name)
     if type == "DELETED":
         rt.known.pop(uid, None)
+        if rt.names.get(f"{namespace}/{name}") == uid:
+            del rt.names[f"{namespace}/{name}"]
         rt.forget_lock(namespace, name)
         rt.jobs.pop(f"{namespace}/{name}", None)
         rt.metrics.forget(uid)
         return
     rt.known[uid] = (namespace, name)
+    rt.names[f"{namespace}/{name}"] = uid
     state = rt.job_state(namespace, name)
     digest = spec_digest(body.get("spec"))
     before = state.spec
@@ -975,6 +1029,8 @@ async def on_job_event(type: str, body: kopf.Body, memo: kopf.Memo, logger: Any,
     if owner is None or owner.get("kind") != KIND:
         return
     namespace = str(body.metadata.namespace)
+    if rt.known.get(str(owner.get("uid"))) != (namespace, owner.get("name")):
+        return  # not a FineTuneJob of ours (anyone may label a Job): no state, no request (see on_pod_event)
     # A pass is only needed when something the status reads from the Job changed since the last pass saw
     # it: the watch's echo of the operator's own create and the controller's Suspended condition need none
     # (compared under the object's lock, after a pass in flight has recorded what it saw).
@@ -995,7 +1051,13 @@ async def on_pod_event(type: str, body: kopf.Body, memo: kopf.Memo, logger: Any,
     `finetune.dev/job` label). Pod transitions come from this watch, not from polling."""
     rt = _runtime(memo)
     namespace = str(body.metadata.namespace)
-    owner = str(body.metadata.labels.get(render.LABEL_JOB))
+    owner = str(body.metadata.labels.get(render.LABEL_JOB) or "")
+    if not owner or not rt.knows(namespace, owner):
+        # Anyone who may create pods may label them: a label naming no FineTuneJob the watch has shown gets no
+        # state (JobState, lock, schedule) and no request, and an empty one would make the GET of its
+        # FineTuneJob a LIST. A job's pods seen before its FineTuneJob (the operator starting) are read by
+        # the FineTuneJob's own first pass.
+        return
     state = rt.job_state(namespace, owner)
     if type == "DELETED":
         state.pods.discard(str(body.metadata.name))

@@ -1,8 +1,9 @@
-"""Parsing of the human-written sizes in a spec: parameter counts and GPU memory."""
+"""Parsing of the human-written sizes in a spec and in settings: parameter counts, GPU memory, bytes."""
 
 from __future__ import annotations
 
 import re
+from decimal import ROUND_CEILING, Decimal
 
 _PARAMS = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KkMmBbTt])?\s*$")
 _SCALE_B = {"k": 1e-6, "m": 1e-3, "b": 1.0, "t": 1e3}
@@ -36,3 +37,16 @@ def parse_gpu_memory_gib(text: str) -> float:
     if not 1 <= value <= 1024:
         raise ValueError(f"gpuMemory {text!r} is outside 1Gi..1024Gi")
     return value
+
+
+_BYTE_SUFFIXES = {"": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+                  "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40}
+
+
+def parse_quantity_bytes(text: str) -> int:
+    """A Kubernetes memory or storage quantity ("8Gi", "500M", "1024") in bytes, rounded up."""
+    match = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|k|M|G|T)?", text.strip())
+    if not match:
+        raise ValueError(f"{text!r} is not a byte quantity like 8Gi, 512Mi or 500M")
+    value = Decimal(match.group(1)) * _BYTE_SUFFIXES[match.group(2) or ""]
+    return int(value.to_integral_value(rounding=ROUND_CEILING))

@@ -49,6 +49,7 @@ from decimal import Decimal
 from typing import Any
 
 from finetune_operator import contract, preflight, uris
+from finetune_operator.quantity import parse_quantity_bytes
 from finetune_operator.settings import OperatorSettings
 from finetune_operator.spec import API_VERSION, KIND, FineTuneJob, ObjectMeta, Plan
 
@@ -190,11 +191,12 @@ def trainer_image(job: FineTuneJob, settings: OperatorSettings) -> str:
 
 
 def render_config_map(job: FineTuneJob, plan: Plan, settings: OperatorSettings,
-                      stage: str | None = None) -> dict[str, Any]:
-    """The ConfigMap holding the trainer's config snapshot."""
+                      stage: str | None = None, rendezvous_id: str | None = None) -> dict[str, Any]:
+    """The ConfigMap holding the trainer's config snapshot (`rendezvous_id`: see `render_children`)."""
     names = child_names(job.metadata.name, stage)
     snapshot = contract.resolve(job, plan, trainer_image(job, settings),
-                                "pilot" if stage == "pilot" else "preflight" if stage == preflight.STAGE else None)
+                                "pilot" if stage == "pilot" else "preflight" if stage == preflight.STAGE else None,
+                                rendezvous_id=rendezvous_id)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -225,6 +227,34 @@ def render_service(job: FineTuneJob, plan: Plan, settings: OperatorSettings,
                 }
             ],
         },
+    }
+
+
+def render_network_policy(job: FineTuneJob, settings: OperatorSettings, stage: str | None = None) -> dict[str, Any]:
+    """The NetworkPolicy around a stage's training pods: ingress only from the same stage's pods.
+
+    All ports, not only the rendezvous port: after the rendezvous the ranks connect to each other on ports
+    the collective library picks (gloo, NCCL). Nothing else needs to reach a training pod (kubelet probes
+    are exempt from NetworkPolicies). Egress stays open unless the chart lists egress rules
+    (`settings.network_policy_egress`): then same-job pods, DNS and those rules only."""
+    selector = pod_selector(job, stage)
+    spec: dict[str, Any] = {
+        "podSelector": {"matchLabels": selector},
+        "policyTypes": ["Ingress"],
+        "ingress": [{"from": [{"podSelector": {"matchLabels": selector}}]}],
+    }
+    if settings.network_policy_egress:
+        spec["policyTypes"].append("Egress")
+        spec["egress"] = [
+            {"to": [{"podSelector": {"matchLabels": selector}}]},
+            {"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]},
+            *settings.network_policy_egress,
+        ]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": _metadata(job, child_names(job.metadata.name, stage).service, stage=stage),
+        "spec": spec,
     }
 
 
@@ -310,20 +340,42 @@ def _processes(plan: Plan, settings: OperatorSettings) -> int:
     return plan.gpus_per_node if settings.use_gpus else settings.cpu_procs_per_node
 
 
+#: Bytes per parameter of the base model's weights as downloaded (bf16/fp16 safetensors).
+WEIGHT_BYTES_PER_PARAMETER = 2
+
+
+def ephemeral_storage(job: FineTuneJob, plan: Plan | None, settings: OperatorSettings, weights: bool = True) -> str:
+    """The local disk a pod asks the scheduler for: /tmp's sizeLimit plus the base model's weights (the
+    cache volume holds them; its sizeLimit, FT_CACHE_SIZE, caps the rest: data, checkpoint staging).
+    Parameters from the pre-flight's count, else the spec's; unknown: /tmp only. `weights=False`: the
+    pre-flight, which reads headers, never the weights."""
+    parameters = plan.estimate.parameters if plan is not None and plan.estimate is not None else None
+    if not weights:
+        parameters = 0
+    elif parameters is None:
+        billions = job.spec.base_model.parameters_billion()
+        parameters = int(billions * 1e9) if billions else 0
+    weights_gib = -(-parameters * WEIGHT_BYTES_PER_PARAMETER // 2**30)  # ceiling
+    tmp_gib = -(-parse_quantity_bytes(settings.tmp_size) // 2**30)
+    return f"{tmp_gib + weights_gib}Gi"
+
+
 def _resources(job: FineTuneJob, plan: Plan, settings: OperatorSettings) -> dict[str, Any]:
     res = job.spec.resources
     procs = _processes(plan, settings)
     cpu = res.cpu or _scale(settings.cpu_per_process, procs)
     memory = res.memory or _scale(settings.memory_per_process, procs)
-    requests: dict[str, str] = {"cpu": cpu, "memory": memory}
-    # Requests only for CPU and memory: a CPU limit throttles the data loader and starves the GPUs, and
-    # loading a checkpoint (rank 0 materializes full weights before FSDP shards them) peaks far above the
-    # steady state that the request reserves; a limit would turn that peak into OOMKilled.
-    limits: dict[str, str] = {}
+    requests: dict[str, str] = {"cpu": cpu, "memory": memory,
+                                "ephemeral-storage": ephemeral_storage(job, plan, settings)}
+    # No CPU limit: it throttles the data loader and starves the GPUs. A memory limit of
+    # settings.memory_limit_factor x the request: a checkpoint load peaks above the steady state the request
+    # reserves, and the memory-backed /dev/shm counts against it too; bounded, one job cannot take a node's
+    # memory from its neighbours (and an OOMKilled pod steps down the ladder, finetune_operator.oomkill).
+    limits: dict[str, str] = {"memory": _scale(memory, settings.memory_limit_factor)}
     if settings.use_gpus:
         requests[res.gpu_resource_name] = str(plan.gpus_per_node)
         limits[res.gpu_resource_name] = str(plan.gpus_per_node)
-    return {"requests": requests, "limits": limits} if limits else {"requests": requests}
+    return {"requests": requests, "limits": limits}
 
 
 def gpu_memory_min_mib(plan: Plan, settings: OperatorSettings) -> int:
@@ -407,7 +459,7 @@ def _volumes(job: FineTuneJob, settings: OperatorSettings,
         # The container runtime's default /dev/shm is 64MiB; NCCL and data-loader workers need far more.
         {"name": VOLUME_SHM, "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
         {"name": VOLUME_CACHE, "emptyDir": {"sizeLimit": settings.cache_size}},
-        {"name": VOLUME_TMP, "emptyDir": {}},
+        {"name": VOLUME_TMP, "emptyDir": {"sizeLimit": settings.tmp_size}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": VOLUME_CONFIG, "mountPath": CONFIG_DIR, "readOnly": True},
@@ -591,7 +643,8 @@ def render_preflight_job(job: FineTuneJob, settings: OperatorSettings) -> dict[s
     env = [e for e in _env(job, preflight.placeholder_plan(spec), settings, stage) if e["name"] in keep]
     requests = {"cpu": settings.preflight_cpu, "memory": settings.preflight_memory}
     # Small and bounded: it reads headers, a tokenizer and the data files, never the weights.
-    resources = {"requests": requests, "limits": {k: _scale(v, 2) for k, v in requests.items()}}
+    resources = {"requests": {**requests, "ephemeral-storage": ephemeral_storage(job, None, settings, weights=False)},
+                 "limits": {k: _scale(v, 2) for k, v in requests.items()}}
     container = _container(job, settings, list(preflight.COMMAND), env, resources, mounts)
     pod_spec = _pod_spec(job, settings, container, volumes)
     pod_labels = {**labels(job, stage), LABEL_COMPONENT: preflight.COMPONENT}
@@ -615,8 +668,12 @@ def render_preflight_job(job: FineTuneJob, settings: OperatorSettings) -> dict[s
 
 
 def render_children(job: FineTuneJob, plan: Plan, settings: OperatorSettings,
-                    stage: str | None = None) -> list[dict[str, Any]]:
-    """All children in creation order: ConfigMap, Service, Job (the Job's pods need the other two).
+                    stage: str | None = None, rendezvous_id: str | None = None) -> list[dict[str, Any]]:
+    """All children in creation order: ConfigMap, Service, NetworkPolicy (when `settings.network_policy`),
+    Job: the Job's pods need the first two, and the policy is in place before any pod exists.
+
+    `rendezvous_id`: the random id of the job's c10d rendezvous, kept in the config snapshot (the caller draws
+    it; it matters only when the ConfigMap is created, which is the only time a snapshot is written whole).
 
     `stage="pilot"`: the pilot stage's, rendered from `pilot.pilot_job(job)` and its plan.
     `stage="preflight"`: the pre-flight's ConfigMap and Job (`plan` is ignored: `preflight.placeholder_plan`)."""
@@ -626,7 +683,8 @@ def render_children(job: FineTuneJob, plan: Plan, settings: OperatorSettings,
             render_preflight_job(job, settings),
         ]
     return [
-        render_config_map(job, plan, settings, stage),
+        render_config_map(job, plan, settings, stage, rendezvous_id),
         render_service(job, plan, settings, stage),
+        *([render_network_policy(job, settings, stage)] if settings.network_policy else []),
         render_job(job, plan, settings, stage),
     ]

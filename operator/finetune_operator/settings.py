@@ -10,6 +10,7 @@ the operator fails at start-up instead of rendering broken pods later.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections.abc import Mapping
@@ -73,6 +74,13 @@ class OperatorSettings:
     #: when the spec sets no resources.cpu / resources.memory (the spec documents 4 CPU and 32Gi per GPU).
     cpu_per_process: str = "4"
     memory_per_process: str = "32Gi"
+    #: FT_MEMORY_LIMIT_FACTOR: a training pod's memory limit is this many times its request. Above 1: loading a
+    #: checkpoint (rank 0 materializes full weights before FSDP shards them) peaks above the steady state the
+    #: request reserves; bounded, so that one job cannot take a node's memory from its neighbours.
+    memory_limit_factor: int = 2
+    #: FT_TMP_SIZE: sizeLimit of /tmp (HOME and TMPDIR: compiler and kernel caches, temporary files; models,
+    #: data and checkpoint staging go to the cache volume, FT_CACHE_SIZE).
+    tmp_size: str = "8Gi"
     #: FT_CACHE_SIZE: size limit of the per-pod cache emptyDir (downloaded model, datasets, staging).
     cache_size: str = "200Gi"
     #: FT_SHM_SIZE: size limit of the memory-backed /dev/shm (NCCL and data-loader workers use it).
@@ -93,6 +101,19 @@ class OperatorSettings:
     preflight_memory: str = "2Gi"
     #: FT_PREFLIGHT_DEADLINE_SECONDS: the pre-flight Job's activeDeadlineSeconds.
     preflight_deadline_seconds: int = 900
+    #: FT_POLICY: the cluster has FineTunePolicies (the chart's `policy.enabled`). The API server enforces
+    #: them at admission; the operator then also refuses a job whose namespace names a policy that does not
+    #: exist, and an auto-sized plan above the policy's maxGpus (`finetune_operator.policy`), before any pod.
+    policy: bool = False
+    #: FT_POLICY_CACHE_SECONDS: how long the operator reuses a namespace's label and a FineTunePolicy it read
+    #: (a thousand jobs in a namespace cost two reads, not two thousand); a change shows after at most this.
+    policy_cache_seconds: int = 10
+    #: FT_NETWORK_POLICY: give each training stage a NetworkPolicy (ingress only from the same stage's pods).
+    #: Enforced only where the cluster's network plugin enforces NetworkPolicies.
+    network_policy: bool = True
+    #: FT_NETWORK_POLICY_EGRESS: a JSON list of NetworkPolicyEgressRule objects. Empty: egress stays open. Set:
+    #: training pods may reach only the same job's pods, DNS (port 53) and these (S3, the model hub, ...).
+    network_policy_egress: tuple[dict[str, object], ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
@@ -161,6 +182,7 @@ class OperatorSettings:
             ("FT_MEMORY_PER_PROCESS", "memory_per_process"),
             ("FT_CACHE_SIZE", "cache_size"),
             ("FT_SHM_SIZE", "shm_size"),
+            ("FT_TMP_SIZE", "tmp_size"),
             ("FT_PREFLIGHT_CPU", "preflight_cpu"),
             ("FT_PREFLIGHT_MEMORY", "preflight_memory"),
         ):
@@ -172,9 +194,27 @@ class OperatorSettings:
         if preflight is not None:
             _check(preflight.lower() in _TRUE | _FALSE, "FT_PREFLIGHT", preflight, "true or false")
             values["preflight"] = preflight.lower() in _TRUE
+        for var, attr in (("FT_POLICY", "policy"), ("FT_NETWORK_POLICY", "network_policy")):
+            flag = get(var)
+            if flag is not None:
+                _check(flag.lower() in _TRUE | _FALSE, var, flag, "true or false")
+                values[attr] = flag.lower() in _TRUE
+        egress = get("FT_NETWORK_POLICY_EGRESS")
+        if egress is not None:
+            try:
+                rules = json.loads(egress)
+            except ValueError:
+                rules = None
+            _check(isinstance(rules, list) and all(isinstance(r, dict) for r in rules), "FT_NETWORK_POLICY_EGRESS",
+                   egress, 'a JSON list of NetworkPolicyEgressRule objects, like [{"ports": [{"port": 443}]}]')
+            values["network_policy_egress"] = tuple(rules or ())
         values["preflight_deadline_seconds"] = _int(
             get("FT_PREFLIGHT_DEADLINE_SECONDS"), "FT_PREFLIGHT_DEADLINE_SECONDS", 30, 86_400,
             defaults["preflight_deadline_seconds"])
+        values["policy_cache_seconds"] = _int(get("FT_POLICY_CACHE_SECONDS"), "FT_POLICY_CACHE_SECONDS", 0, 3600,
+                                              defaults["policy_cache_seconds"])
+        values["memory_limit_factor"] = _int(get("FT_MEMORY_LIMIT_FACTOR"), "FT_MEMORY_LIMIT_FACTOR", 1, 16,
+                                             defaults["memory_limit_factor"])
         values["run_as_user"] = _int(get("FT_RUN_AS_USER"), "FT_RUN_AS_USER", 1, 2_147_483_647, defaults["run_as_user"])
         values["termination_grace_seconds"] = _int(
             get("FT_TERMINATION_GRACE_SECONDS"), "FT_TERMINATION_GRACE_SECONDS", 1, 86_400,
@@ -198,12 +238,18 @@ class OperatorSettings:
             "FT_MEMORY_PER_PROCESS": self.memory_per_process,
             "FT_CACHE_SIZE": self.cache_size,
             "FT_SHM_SIZE": self.shm_size,
+            "FT_TMP_SIZE": self.tmp_size,
+            "FT_MEMORY_LIMIT_FACTOR": str(self.memory_limit_factor),
             "FT_RUN_AS_USER": str(self.run_as_user),
             "FT_TERMINATION_GRACE_SECONDS": str(self.termination_grace_seconds),
             "FT_PREFLIGHT": "true" if self.preflight else "false",
             "FT_PREFLIGHT_CPU": self.preflight_cpu,
             "FT_PREFLIGHT_MEMORY": self.preflight_memory,
             "FT_PREFLIGHT_DEADLINE_SECONDS": str(self.preflight_deadline_seconds),
+            "FT_POLICY": "true" if self.policy else "false",
+            "FT_POLICY_CACHE_SECONDS": str(self.policy_cache_seconds),
+            "FT_NETWORK_POLICY": "true" if self.network_policy else "false",
+            "FT_NETWORK_POLICY_EGRESS": json.dumps(list(self.network_policy_egress)),
         }
         for var, value in (
             ("FT_S3_ENDPOINT", self.s3_endpoint),

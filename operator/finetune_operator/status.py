@@ -176,6 +176,7 @@ def compute_status(
     kueue_managed: bool = False,
     pilot: PilotView | None = None,
     preflight: PreflightView | None = None,
+    policy_violation: str | None = None,
     now: str,
 ) -> dict[str, Any]:
     """The new status of FineTuneJob `job` (a dict as read from the API). See the module docstring.
@@ -202,6 +203,11 @@ def compute_status(
         _hallucination(new, b, spec)
         return _finish(new, b)
 
+    if policy_violation is not None:
+        # Before any child: the namespace's FineTunePolicy refuses the job (finetune_operator.policy).
+        b.set(c.PLANNED, c.FALSE, c.POLICY_VIOLATION, policy_violation)
+        _fail(new, b, c.POLICY_VIOLATION, policy_violation, None)
+        return _finish(new, b)
     if preflight is not None:
         if planning_error is not None:
             b.set(c.PLANNED, c.FALSE, c.PLANNING_FAILED, planning_error)

@@ -133,7 +133,7 @@ def test_create_runs_to_succeeded(cluster: Cluster, monkeypatch: pytest.MonkeyPa
         assert ("Normal", "Running") in events
         assert wait_for(lambda: 'finetune_operator_jobs{phase="Succeeded"} 1.0' in scrape(port), "the jobs gauge")
         text = scrape(port)
-        assert 'finetune_operator_children_total{action="created"} 3.0' in text
+        assert 'finetune_operator_children_total{action="created"} 4.0' in text
         assert "finetune_operator_reconcile_duration_seconds_count" in text
 
         # A finished job is never re-created, even when its Job is deleted (ttlSecondsAfterFinished).
@@ -184,7 +184,7 @@ def test_unplannable_spec_fails_with_planning_failed(cluster: Cluster) -> None:
 
 
 def test_existing_children_with_our_owner_are_adopted(cluster: Cluster) -> None:
-    config_map, service, job = rendered()
+    config_map, service, _, job = rendered()  # the NetworkPolicy is left for the operator to create
     config_map["data"] = {"job.json": "{}"}  # a snapshot is never rewritten under a job
     del service["metadata"]["labels"][render.LABEL_MANAGED_BY]
     service["spec"]["selector"] = {"stale": "selector"}

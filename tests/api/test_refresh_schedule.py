@@ -176,7 +176,7 @@ def test_a_new_job_costs_its_children_one_status_write_and_one_event(cluster: Cl
         wait_for(phase_is(cluster, "Failed", "idle"), "idle Failed")
 
     assert sorted(calls) == sorted([
-        "create configmaps", "create services", "create jobs",  # the children
+        "create configmaps", "create services", "create networkpolicies", "create jobs",  # the children
         "update finetunejobs/status idle",  # one status write
         "create events",  # one event (Pending -> Suspended)
     ]), calls

@@ -48,6 +48,7 @@ EXAMPLE = REPO / "examples" / "healthcare-lora.yaml"
 #: The base model the FineTuneJobs here name; never read: none of their pods runs.
 MODEL_URI = "s3://ft-e2e-models/tiny-llama/"
 RBAC = "/apis/rbac.authorization.k8s.io/v1"
+ADMISSION = "/apis/admissionregistration.k8s.io/v1"
 #: What the upgrade changes, and where it must show in the Deployment.
 UPGRADE_VALUES = {"resources": {"requests": {"cpu": "250m", "memory": "300Mi"}, "limits": {"memory": "640Mi"}},
                   "kopf": {"extraArgs": ["--verbose"]}}
@@ -82,6 +83,9 @@ class Release:
             "Service": f"/api/v1/namespaces/{self.namespace}/services/{name}",
             "ClusterRole": f"{RBAC}/clusterroles/{name}",
             "ClusterRoleBinding": f"{RBAC}/clusterrolebindings/{name}",
+            "FineTunePolicy": f"/apis/finetune.dev/v1alpha1/finetunepolicies/{name}",
+            "ValidatingAdmissionPolicy": f"{ADMISSION}/validatingadmissionpolicies/{name}",
+            "ValidatingAdmissionPolicyBinding": f"{ADMISSION}/validatingadmissionpolicybindings/{name}",
         }[obj["kind"]]
 
     def container(self) -> dict[str, Any]:
@@ -166,7 +170,7 @@ def chart_kubeconfig(kube: Kube, kubeconfig: str, release: Release, tmp_path_fac
 # -- the operator as the chart runs it ---------------------------------------------------------------
 
 
-def chart_kopf_args(release: Release, namespace: str, liveness_port: int) -> list[str]:
+def chart_kopf_args(release: Release, namespace: str | None, liveness_port: int) -> list[str]:
     """The `kopf run` arguments of the chart's Deployment, changed only where a local process must differ.
 
     - `--all-namespaces` -> `--namespace=<namespace>`: cluster-wide, this operator would also reconcile
@@ -176,11 +180,14 @@ def chart_kopf_args(release: Release, namespace: str, liveness_port: int) -> lis
       list/watch that `--all-namespaces` makes instead is checked with the same token in
       `test_the_service_account_holds_the_chart_rbac_and_no_more`.
     - `--liveness` listens on loopback at a free port instead of 0.0.0.0:8080.
+
+    `namespace` None: a release with `watchNamespaces`, whose `--namespace` arguments are kept as rendered
+    (test_chart_least_privilege.py).
     """
     container = release.container()
     command = [*container["command"], *container.get("args", [])]
     assert command[:2] == ["kopf", "run"], command
-    assert "--all-namespaces" in command, command
+    assert ("--all-namespaces" in command) == (namespace is not None), command
     args: list[str] = []
     for arg in command[1:]:
         if arg == "--all-namespaces":
@@ -205,11 +212,14 @@ def chart_env(release: Release, s3: Any) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def chart_operator(release: Release, kubeconfig: str, namespace: str, s3: Any, log_path: Path) -> Iterator[Operator]:
-    """The operator as the chart's Deployment runs it, with `kubeconfig`'s identity, serving `namespace`;
-    yielded once its liveness endpoint answers."""
+def chart_operator(release: Release, kubeconfig: str, namespace: str | None, s3: Any,
+                   log_path: Path, **env: str) -> Iterator[Operator]:
+    """The operator as the chart's Deployment runs it, with `kubeconfig`'s identity, serving `namespace`
+    (None: the release's `watchNamespaces`); yielded once its liveness endpoint answers. `env`: settings
+    that differ from the chart's (FT_PREFLIGHT=false where no pre-flight pod can run)."""
     port = free_port()
-    operator = start_operator(chart_kopf_args(release, namespace, port), kubeconfig, log_path, chart_env(release, s3))
+    operator = start_operator(chart_kopf_args(release, namespace, port), kubeconfig, log_path,
+                              {**chart_env(release, s3), **env})
     try:
         def alive() -> bool:
             operator.check_alive()
@@ -251,7 +261,8 @@ def chart_manifest(namespace: str, name: str) -> dict[str, Any]:
         {"epochs": 1, "maxSteps": 4, "batchSize": 4, "gradientAccumulationSteps": 1, "maxSeqLength": 256,
          "precision": "fp32", "gradientCheckpointing": False}
     )
-    spec["resources"] = {"nodeSelector": {"kubernetes.io/hostname": "no-such-node"}}
+    # A node-selector key the chart's default FineTunePolicy allows (it refuses kubernetes.io/hostname).
+    spec["resources"] = {"nodeSelector": {"node.kubernetes.io/instance-type": "no-such-node-type"}}
     spec["backoffLimit"] = 0
     spec["output"]["uri"] = f"s3://{OUTPUT_BUCKET}/{name}-{secrets.token_hex(3)}/"
     FineTuneJob.model_validate(manifest)
@@ -268,7 +279,8 @@ def refusals(log: str) -> set[tuple[str, str]]:
 
 def test_chart_installs_with_the_helm_sdk(kube: Kube, release: Release) -> None:
     kinds = sorted(o["kind"] for o in release.objects)
-    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+    assert kinds == ["ClusterRole", "ClusterRoleBinding", "Deployment", "FineTunePolicy", "Service", "ServiceAccount",
+                     "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"]
     for obj in release.objects:
         found = kube.get(release.url(obj))
         assert found is not None, f"{obj['kind']} {obj['metadata']['name']} is not on the API server"

@@ -65,7 +65,7 @@ RELEASE = "finetune-operator"
 #: interval (so progress shows within a short run) and a grace period that still covers a checkpoint.
 NODE_VALUES: dict[str, Any] = {
     "trainer": {"useGpus": False, "cpuPerProcess": "250m", "memoryPerProcess": "1536Mi", "cacheSize": "2Gi",
-                "shmSize": "256Mi", "terminationGracePeriodSeconds": 60,
+                "shmSize": "256Mi", "tmpSize": "1Gi", "terminationGracePeriodSeconds": 60,
                 "preflight": {"cpu": "250m", "memory": "768Mi"}},
     "kopf": {"statusIntervalSeconds": 2},
     "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}},

@@ -2,23 +2,25 @@
 records `OOMKilled`, and the operator's out-of-memory ladder (`finetune_operator.oomkill`) starts the
 replacement pod one rung lower, which succeeds with the adjustment in status.
 
-The limit is the namespace's: a LimitRange gives every container without one a default memory limit (how
-platform teams cap namespaces; the operator sets requests only). The tiny model's memory barely depends
-on the micro-batch, so the job runs the test image (`oom-image/`: the trainer plus a hook that, above
-micro-batch 2, allocates memory until the limit): the 4 x 1 rung outgrows the limit, 2 x 2 does not. The
-kill, its reason and everything after it are the node's and the operator's own.
+The limit is the one the operator renders: twice the memory request (FT_MEMORY_LIMIT_FACTOR), here
+`spec.resources.memory: 1Gi` -> 2Gi. The tiny model's memory barely depends on the micro-batch, so the job
+runs the test image (`oom-image/`: the trainer plus a hook that, above micro-batch 2, allocates memory until
+the limit): the 4 x 1 rung outgrows the limit, 2 x 2 does not. The kill, its reason and everything after it
+are the node's and the operator's own. The chart's default FineTunePolicy allows only the trainer image, so
+the namespace selects a policy of this test's that also lists the test image (`finetune.dev/policy`).
 """
 
 from __future__ import annotations
 
 import json
 
-from finetune_operator import contract, oomkill
+from finetune_operator import contract, oomkill, policy
 from tests.node.conftest import OOM_IMAGE, Installed, diagnose, tiny_manifest, wait_for, wait_phase
 
 NAMESPACE = "ml-oom"
 NAME = "oom-killed"
-LIMIT = "2Gi"
+REQUEST, LIMIT = "1Gi", "2Gi"
+POLICY = "oom-test"
 
 
 def test_an_oom_killed_pod_is_followed_by_one_a_rung_lower(installed: Installed) -> None:
@@ -28,12 +30,16 @@ def test_an_oom_killed_pod_is_followed_by_one_a_rung_lower(installed: Installed)
     (installed.workdir / "s3.env").write_text("".join(f"{k}={v}\n" for k, v in installed.s3_env.items()))
     cluster.kubectl("-n", NAMESPACE, "create", "secret", "generic", "s3-credentials", "--from-env-file=s3.env",
                     cwd=installed.workdir)
-    cluster.apply({"apiVersion": "v1", "kind": "LimitRange", "metadata": {"name": "memory"},
-                   "spec": {"limits": [{"type": "Container", "default": {"memory": LIMIT}}]}}, NAMESPACE)
+    cluster.apply({"apiVersion": "finetune.dev/v1alpha1", "kind": policy.KIND, "metadata": {"name": POLICY},
+                   "spec": {"images": [OOM_IMAGE]}}, NAMESPACE)
+    cluster.kubectl("label", "namespace", NAMESPACE, f"{policy.NAMESPACE_LABEL}={POLICY}")
     manifest = tiny_manifest(NAME, maxSteps=8, batchSize=4, gradientAccumulationSteps=1)
     manifest["spec"]["image"] = OOM_IMAGE
+    manifest["spec"]["resources"] = {"memory": REQUEST}
     manifest["spec"]["backoffLimit"] = 1  # the replacement pod
-    cluster.apply(manifest, NAMESPACE)
+    # The API server applies a new parameter and label after its informers see them (about a second).
+    wait_for("the test's FineTunePolicy admitting the test image", lambda: cluster.kubectl(
+        "-n", NAMESPACE, "apply", "-f", "-", input=json.dumps(manifest), check=False).returncode == 0, timeout=60)
     try:
         obj = wait_phase(cluster, NAME, namespace=NAMESPACE)
         status = obj["status"]
@@ -65,3 +71,4 @@ def test_an_oom_killed_pod_is_followed_by_one_a_rung_lower(installed: Installed)
             json.dumps(events, indent=1)
     finally:
         cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
+        cluster.kubectl("delete", "finetunepolicy", POLICY, "--wait=false", check=False)

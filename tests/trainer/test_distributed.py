@@ -12,7 +12,7 @@ import pytest
 
 from finetune_operator.contract import EXIT_CONFIG_ERROR, EXIT_GATES_FAILED, EXIT_PREEMPTED, REPORT_KEY
 from finetune_trainer import launch
-from finetune_trainer.world import World, check_size, from_env
+from finetune_trainer.world import World, check_rendezvous, check_size, from_env
 from tests.trainer import train_helpers as th
 
 SPEC: dict[str, Any] = {"hyperparameters": {"maxSteps": 4}, "checkpoint": {"everySteps": 2},
@@ -45,6 +45,31 @@ def test_launch_command_for_two_machines() -> None:
     assert args["--rdzv_backend"] == "c10d"
     assert args["--rdzv_conf"] == "join_timeout=60,read_timeout=60,is_host=0"
     assert cmd[-2:] == ["--module", "finetune_trainer"]
+
+
+def test_the_rendezvous_id_reaches_torchrun(tmp_path: Path) -> None:
+    """torchrun's --rdzv-id comes from the config snapshot, through the variable its parser reads."""
+    config = tmp_path / "job.json"
+    config.write_text('{"rendezvousId": "5f1c0ffee"}')
+    two = World(2, 0, 1, "job-0.job", 29500, 60)
+    env = launch.environment(two, {"FT_CONFIG": str(config)}, tmp_path, cuda=False)
+    assert env["PET_RDZV_ID"] == "5f1c0ffee"
+    one = World(1, 0, 2, "127.0.0.1", 29500, 60)  # no rendezvous store on one machine
+    assert "PET_RDZV_ID" not in launch.environment(one, {"FT_CONFIG": str(config)}, tmp_path, cuda=False)
+    config.write_text("{}")
+    assert "PET_RDZV_ID" not in launch.environment(two, {"FT_CONFIG": str(config)}, tmp_path, cuda=False)
+    assert launch.rendezvous_id({"FT_CONFIG": str(tmp_path / "missing.json")}) is None
+
+
+def test_a_world_under_another_rendezvous_id_stops() -> None:
+    """Each trainer process checks the id torchrun ran under (so the loopback test below shows it arrived)."""
+    two = {"FT_NUM_MACHINES": "2", "TORCHELASTIC_RUN_ID": "none"}
+    with pytest.raises(Exception, match="rendezvous ran under id 'none'") as err:
+        check_rendezvous("5f1c0ffee", two)
+    assert err.value.exit_code == EXIT_CONFIG_ERROR  # type: ignore[attr-defined]
+    check_rendezvous("5f1c0ffee", {**two, "TORCHELASTIC_RUN_ID": "5f1c0ffee"})
+    check_rendezvous("5f1c0ffee", {"FT_NUM_MACHINES": "1", "TORCHELASTIC_RUN_ID": "none"})  # no store to guard
+    check_rendezvous(None, two)  # a snapshot from before rendezvous ids
 
 
 def test_single_process_runs_the_trainer_directly() -> None:
@@ -99,6 +124,7 @@ def test_two_processes_train_data_parallel(s3_env: dict[str, str], staged: th.St
 
 def test_two_machines_rendezvous_on_loopback(s3_env: dict[str, str], staged: th.Staged, tmp_path: Path) -> None:
     config = th.make_config(staged, SPEC)
+    config.rendezvous_id = "9e3779b97f4a7c15"
     procs, _ = th.launch_machines(config, tmp_path, s3_env)
     results = [_finish(p) for p in procs]
     for code, out in results:

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 import finetune_operator
-from finetune_operator import handlers, metrics, render
+from finetune_operator import handlers, metrics, policy, render
 from finetune_operator.settings import DEFAULT_TRAINER_IMAGE, OperatorSettings
 from tests.unit.test_render import K8S_VERSIONS, pss_restricted_violations, rendered
 
@@ -63,11 +63,30 @@ def test_lint(chart: helm.Chart) -> None:
     assert chart.metadata["appVersion"] == finetune_operator.__version__
 
 
-def test_chart_crd_is_the_generated_crd(chart: helm.Chart) -> None:
-    (crd,) = chart.crds
-    assert crd["filename"].endswith("crds/finetune.dev_finetunejobs.yaml")
-    assert crd["data"] == REPO_CRD.read_text(), "the chart's CRD differs from crds/; run `make crd`"
-    kubernetes_validate.validate(yaml.safe_load(crd["data"]), K8S_VERSIONS[0], strict=True)
+def test_chart_crds_are_the_generated_crds(chart: helm.Chart) -> None:
+    jobs, policies = sorted(chart.crds, key=lambda c: c["filename"])
+    assert jobs["filename"].endswith("crds/finetune.dev_finetunejobs.yaml")
+    assert jobs["data"] == REPO_CRD.read_text(), "the chart's CRD differs from crds/; run `make crd`"
+    assert policies["filename"].endswith("crds/finetune.dev_finetunepolicies.yaml")
+    assert policies["data"] == policy.policy_crd_yaml(), "the chart's FineTunePolicy CRD is stale; run `make crd`"
+    for crd in (jobs, policies):
+        kubernetes_validate.validate(yaml.safe_load(crd["data"]), K8S_VERSIONS[0], strict=True)
+
+
+def test_policy_can_be_turned_off(chart: helm.Chart) -> None:
+    docs = objects(chart, {"policy": {"enabled": False}})
+    assert not {"FineTunePolicy", "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"} & {
+        d["kind"] for d in docs}
+    assert settings_from(docs).policy is False
+
+
+def test_default_policy_holds_the_trainer_image_and_the_defaults(chart: helm.Chart) -> None:
+    default = one(objects(chart, {"trainer": {"image": "registry.example.com/trainer:2"},
+                                  "policy": {"default": {"images": ["registry.example.com/extra/*"]}}}),
+                  "FineTunePolicy")
+    assert default["metadata"]["name"] == policy.DEFAULT_POLICY
+    assert default["spec"]["images"] == ["registry.example.com/trainer:2", "registry.example.com/extra/*"]
+    assert default["spec"]["serviceAccounts"] == [] and default["spec"]["gpuResourceNames"] == ["nvidia.com/gpu"]
 
 
 def test_values_match_their_schema() -> None:
@@ -105,6 +124,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "kopf": {"extraArgs": ["--verbose"]},
     },
     "no-metrics": {"metrics": {"enabled": False}},
+    "namespaced": {"watchNamespaces": ["team-a", "team-b"], "tenantRole": {"create": True, "aggregateToEdit": True}},
 }
 
 
@@ -113,13 +133,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
 def test_rendered_objects_are_valid(chart: helm.Chart, variant: str, version: str) -> None:
     docs = objects(chart, VARIANTS[variant])
     kinds = sorted(d["kind"] for d in docs)
-    expected = ["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount"]
+    # FineTunePolicy `default` and the admission policy enforcing it (policy.enabled, the default).
+    expected = sorted(["ClusterRole", "ClusterRoleBinding", "Deployment", "Service", "ServiceAccount", "FineTunePolicy",
+                       "ValidatingAdmissionPolicy", "ValidatingAdmissionPolicyBinding"])
     if variant == "everything":
         expected = sorted([*expected, "ServiceMonitor"])
     if variant == "no-metrics":
         expected.remove("Service")
+    if variant == "namespaced":  # a Role and RoleBinding per watched namespace, and the tenant ClusterRole
+        expected = sorted([*expected, "ClusterRole", "Role", "Role", "RoleBinding", "RoleBinding"])
     assert kinds == expected
     for doc in docs:
+        if doc["kind"] == "FineTunePolicy":
+            policy.FineTunePolicy.model_validate(doc)  # this project's CRD: its model is its schema
+            continue
         if doc["kind"] == "ServiceMonitor":
             continue  # a Prometheus operator CRD: no schema in kubernetes-validate
         kubernetes_validate.validate(doc, version, strict=True)
@@ -151,18 +178,34 @@ def test_metrics_service_selects_only_the_operator(chart: helm.Chart) -> None:
 # RBAC
 # ------------------------------------------------------------------------------------------------
 
-EXPECTED_PERMISSIONS = {
+#: What the operator needs in each namespace it serves: a ClusterRole's rules without watchNamespaces, a Role
+#: in each watched namespace with it.
+NAMESPACED_PERMISSIONS = {
     ("finetune.dev", "finetunejobs"): {"get", "list", "watch"},
     ("finetune.dev", "finetunejobs/status"): {"get", "patch", "update"},
     ("finetune.dev", "finetunejobs/finalizers"): {"update"},
     ("batch", "jobs"): {"create", "get", "list", "watch", "patch"},
     ("", "services"): {"create", "get", "list", "watch", "patch"},
     ("", "configmaps"): {"create", "get", "list", "watch", "patch"},
+    ("networking.k8s.io", "networkpolicies"): {"create", "get", "list", "watch", "patch", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create", "patch"},
-    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
-    ("", "namespaces"): {"list", "watch"},
 }
+#: Cluster-scoped and read only, in both modes: kopf's CRD and namespace observers, a job's namespace (its
+#: policy label), the FineTunePolicies.
+CLUSTER_PERMISSIONS = {
+    ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
+    ("", "namespaces"): {"get", "list", "watch"},
+    ("finetune.dev", "finetunepolicies"): {"get", "list", "watch"},
+}
+EXPECTED_PERMISSIONS = {**NAMESPACED_PERMISSIONS, **CLUSTER_PERMISSIONS}
+READ_ONLY = {"get", "list", "watch"}
+WATCHED = ["team-a", "team-b"]
+TENANT_PERMISSIONS = {
+    ("finetune.dev", "finetunejobs"): {"create", "get", "list", "watch", "delete"},
+    ("finetune.dev", "finetunejobs/status"): {"get"},
+}
+TENANT_EXAMPLE = ROOT / "examples" / "rbac" / "tenant-rbac.yaml"
 
 
 def permissions(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
@@ -193,16 +236,90 @@ def test_rbac_is_least_privilege(chart: helm.Chart) -> None:
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
 
 
-def test_rbac_covers_what_the_renderers_create(chart: helm.Chart) -> None:
-    """Every child kind the operator renders can be created, read, watched and patched. Nothing is deleted:
-    children go with their owner through garbage collection."""
-    granted = permissions(one(objects(chart), "ClusterRole"))
-    plural = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs"}
-    for obj in rendered("full-70b-multinode"):
-        group = obj["apiVersion"].rpartition("/")[0]
-        verbs = granted[(group, plural[obj["kind"]])]
-        assert {"create", "get", "list", "watch", "patch"} <= verbs
-        assert "delete" not in verbs
+@pytest.mark.parametrize("values", [{}, {"watchNamespaces": WATCHED}], ids=["cluster-wide", "namespaced"])
+def test_rbac_covers_what_the_renderers_create(chart: helm.Chart, values: dict[str, Any]) -> None:
+    """Every child kind the operator renders can be created, read, watched and patched, in each namespace
+    it serves. Nothing is deleted but the NetworkPolicy: children go with their owner through garbage
+    collection."""
+    docs = objects(chart, values)
+    roles = [d for d in docs if d["kind"] == "Role"] or [one(docs, "ClusterRole")]
+    plural = {"ConfigMap": "configmaps", "Service": "services", "Job": "jobs", "NetworkPolicy": "networkpolicies"}
+    for role in roles:
+        granted = permissions(role)
+        for obj in rendered("full-70b-multinode"):
+            group = obj["apiVersion"].rpartition("/")[0]
+            verbs = granted[(group, plural[obj["kind"]])]
+            assert {"create", "get", "list", "watch", "patch"} <= verbs
+            assert ("delete" in verbs) == (obj["kind"] == "NetworkPolicy")
+    assert NAMESPACED_PERMISSIONS[("networking.k8s.io", "networkpolicies")] >= {"create", "patch", "delete"}
+
+
+def test_watch_namespaces_runs_kopf_on_those_namespaces(chart: helm.Chart) -> None:
+    command = container(objects(chart, {"watchNamespaces": WATCHED}))["command"]
+    assert "--all-namespaces" not in command
+    assert [a for a in command if a.startswith("--namespace")] == ["--namespace=team-a", "--namespace=team-b"]
+    assert command[:3] == ["kopf", "run", "--module=finetune_operator.handlers"]
+    assert "--all-namespaces" in container(objects(chart, {"watchNamespaces": []}))["command"]
+
+
+def test_watch_namespaces_writes_only_in_those_namespaces(chart: helm.Chart) -> None:
+    """One Role + RoleBinding per watched namespace with the namespaced rules; the ClusterRole keeps only
+    read-only rules on cluster-scoped resources."""
+    docs = objects(chart, {"watchNamespaces": WATCHED})
+    account = one(docs, "ServiceAccount")["metadata"]["name"]
+    cluster_role = one(docs, "ClusterRole")
+    assert permissions(cluster_role) == CLUSTER_PERMISSIONS
+    assert all(set(rule["verbs"]) <= READ_ONLY for rule in cluster_role["rules"])
+    binding = one(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["kind"] == "ClusterRole" and binding["roleRef"]["name"] == cluster_role["metadata"]["name"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+    roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
+    bindings = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "RoleBinding"}
+    assert sorted(roles) == sorted(bindings) == WATCHED
+    for namespace in WATCHED:
+        role, bound = roles[namespace], bindings[namespace]
+        for rule in role["rules"]:
+            for field in ("apiGroups", "resources", "verbs"):
+                assert "*" not in rule[field], f"wildcard in {field}: {rule}"
+        assert permissions(role) == NAMESPACED_PERMISSIONS
+        assert bound["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
+        assert bound["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": NAMESPACE}]
+    # The same permissions as cluster-wide mode, only scoped.
+    assert {**permissions(roles["team-a"]), **permissions(cluster_role)} == permissions(one(objects(chart), "ClusterRole"))
+
+
+@pytest.mark.parametrize(
+    ("namespaces", "complaint"),
+    [(["Team-A"], "watchNamespaces"), (["team-a", "team-a"], "watchNamespaces"), (["a" * 64], "watchNamespaces"),
+     ("team-a", "watchNamespaces")],
+)
+def test_schema_rejects_bad_watch_namespaces(chart: helm.Chart, namespaces: Any, complaint: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match=complaint):
+        chart.render({"watchNamespaces": namespaces}, name=RELEASE, namespace=NAMESPACE)
+
+
+def test_tenant_role_is_opt_in_and_grants_finetunejobs_only(chart: helm.Chart) -> None:
+    assert [d for d in objects(chart) if d["metadata"]["name"] == "finetune-tenant"] == []
+    docs = objects(chart, {"tenantRole": {"create": True}})
+    (tenant,) = [d for d in docs if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "finetune-tenant"]
+    assert permissions(tenant) == TENANT_PERMISSIONS
+    assert "rbac.authorization.k8s.io/aggregate-to-edit" not in tenant["metadata"]["labels"]
+    aggregated = objects(chart, {"tenantRole": {"create": True, "name": "ml-tenant", "aggregateToEdit": True}})
+    (tenant,) = [d for d in aggregated if d["metadata"]["name"] == "ml-tenant"]
+    assert tenant["metadata"]["labels"]["rbac.authorization.k8s.io/aggregate-to-edit"] == "true"
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_tenant_example_binds_the_tenant_role_in_its_namespace(chart: helm.Chart, version: str) -> None:
+    docs = [d for d in yaml.safe_load_all(TENANT_EXAMPLE.read_text()) if d]
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+    account, binding = one(docs, "ServiceAccount"), one(docs, "RoleBinding")
+    assert (account["metadata"]["name"], account["metadata"]["namespace"]) == ("tenant", "team-a")
+    assert binding["metadata"]["namespace"] == "team-a"  # a RoleBinding: the ClusterRole's rights in team-a only
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": chart.values["tenantRole"]["name"]}
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "tenant", "namespace": "team-a"}]
 
 
 def test_rbac_can_be_disabled(chart: helm.Chart) -> None:
@@ -245,7 +362,8 @@ def settings_from(docs: list[dict[str, Any]]) -> OperatorSettings:
 
 def test_default_values_give_default_settings(chart: helm.Chart) -> None:
     docs = objects(chart)
-    assert settings_from(docs) == OperatorSettings()
+    # The chart installs FineTunePolicies: its operator also checks what admission cannot see.
+    assert settings_from(docs) == OperatorSettings(policy=True)
     assert chart.values["trainer"]["image"] == DEFAULT_TRAINER_IMAGE
     # The operator loop's own variables parse too, and the metrics port is the one the Service targets.
     env = {e["name"]: e["value"] for e in container(docs)["env"]}
@@ -269,8 +387,12 @@ def test_values_reach_the_operator_settings(chart: helm.Chart) -> None:
             "memoryPerProcess": "2Gi",
             "cacheSize": "10Gi",
             "shmSize": "1Gi",
+            "tmpSize": "2Gi",
+            "memoryLimitFactor": 3,
+            "networkPolicy": {"enabled": False, "egress": [{"ports": [{"port": 443}]}]},
             "runAsUser": 2000,
         },
+        "policy": {"enabled": False, "default": {}},
         "s3": {"endpoint": "http://seaweedfs.storage:8333", "region": "eu-west-1", "defaultSecret": "s3-credentials", "operatorSecret": "operator-s3"},
         "metrics": {"enabled": False},
     }
@@ -288,6 +410,10 @@ def test_values_reach_the_operator_settings(chart: helm.Chart) -> None:
         memory_per_process="2Gi",
         cache_size="10Gi",
         shm_size="1Gi",
+        tmp_size="2Gi",
+        memory_limit_factor=3,
+        network_policy=False,
+        network_policy_egress=({"ports": [{"port": 443}]},),
         run_as_user=2000,
         s3_endpoint="http://seaweedfs.storage:8333",
         s3_region="eu-west-1",

@@ -134,9 +134,11 @@ def test_plan_yaml_prints_exactly_the_children_for_kubectl_apply():
     result = run("plan", str(ROOT / "examples" / "healthcare-lora.yaml"), "-o", "yaml")
     assert result.returncode == 0, result.stderr
     docs = _docs(result.stdout)
-    assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "Job"]
+    assert [d["kind"] for d in docs] == ["ConfigMap", "Service", "NetworkPolicy", "Job"]
     assert result.stdout.startswith("# name: healthcare-assistant")
-    job = docs[2]
+    job = docs[3]
+    config = json.loads(docs[0]["data"]["job.json"])
+    assert len(config["rendezvousId"]) == 32  # drawn per rendering, as the operator does per job
     assert job["spec"]["completionMode"] == "Indexed"
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
@@ -146,7 +148,7 @@ def test_plan_yaml_prints_exactly_the_children_for_kubectl_apply():
 
 def test_plan_yaml_70b_full_is_a_two_node_indexed_job_with_8_gpus_per_pod():
     result = run("plan", str(ROOT / "examples" / "full-70b-multinode.yaml"), "-o", "yaml")
-    job = _docs(result.stdout)[2]
+    job = _docs(result.stdout)[3]
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
     (container,) = job["spec"]["template"]["spec"]["containers"]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "8"
@@ -157,7 +159,7 @@ def test_plan_yaml_output_validates_against_kubernetes_schemas():
 
     result = run("plan", *map(str, EXAMPLES), "-o", "yaml")
     docs = _docs(result.stdout)
-    assert len(docs) == 3 * len(EXAMPLES)
+    assert len(docs) == 4 * len(EXAMPLES)
     for doc in docs:
         kubernetes_validate.validate(doc, "1.31.0", strict=True)
 

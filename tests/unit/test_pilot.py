@@ -102,9 +102,11 @@ def test_pilot_children_have_their_own_names_labels_and_snapshot() -> None:
     children = render.render_children(pilot.pilot_job(job), pilot.plan(job), settings, pilot.STAGE)
     main = render.render_children(job, size(job.spec), settings)
     assert [(o["kind"], o["metadata"]["name"]) for o in children] == [
-        ("ConfigMap", "clinic-pilot-config"), ("Service", "clinic-pilot"), ("Job", "clinic-pilot")]
+        ("ConfigMap", "clinic-pilot-config"), ("Service", "clinic-pilot"),
+        ("NetworkPolicy", "clinic-pilot"), ("Job", "clinic-pilot")]
     assert {o["metadata"]["name"] for o in children}.isdisjoint({o["metadata"]["name"] for o in main})
-    config_map, service, job_obj = children
+    config_map, service, network_policy, job_obj = children
+    assert network_policy["spec"]["podSelector"]["matchLabels"] == service["spec"]["selector"]
     for obj in children:
         assert obj["metadata"]["labels"][render.LABEL_STAGE] == "pilot"
         assert obj["metadata"]["ownerReferences"][0]["uid"] == "u-1"
@@ -222,7 +224,8 @@ def test_finetune_plan_shows_the_pilot_and_prints_its_children_first(capsys: pyt
     assert cli.main(["plan", example, "-o", "yaml"]) == 0
     docs = list(yaml.safe_load_all(capsys.readouterr().out))
     assert [(d["kind"], d["metadata"]["name"]) for d in docs] == [
-        ("ConfigMap", "healthcare-full-pilot-config"), ("Service", "healthcare-full-pilot"), ("Job", "healthcare-full-pilot")]
+        ("ConfigMap", "healthcare-full-pilot-config"), ("Service", "healthcare-full-pilot"),
+        ("NetworkPolicy", "healthcare-full-pilot"), ("Job", "healthcare-full-pilot")]
 
 
 def test_suspend_and_kueue_apply_to_the_pilot_stage() -> None:

@@ -278,7 +278,8 @@ def test_preflight_children() -> None:
     pod = spec_["template"]["spec"]
     (container,) = pod["containers"]
     assert container["command"] == ["python", "-m", "finetune_trainer.preflight"]
-    assert container["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi"},
+    # Disk: /tmp only (it reads headers, never the weights).
+    assert container["resources"] == {"requests": {"cpu": "500m", "memory": "1Gi", "ephemeral-storage": "8Gi"},
                                       "limits": {"cpu": "1", "memory": "2Gi"}}
     assert container["envFrom"] == [{"secretRef": {"name": "data"}}]
     # No GPU, no GPU placement, no rendezvous: it runs on any node.

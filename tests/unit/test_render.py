@@ -368,7 +368,7 @@ def test_plan_time_render_has_no_owner_reference() -> None:
     del data["metadata"]["uid"]
     job = FineTuneJob.model_validate(data)
     objects = render.render_children(job, plan(job.spec), OperatorSettings())
-    assert [o["kind"] for o in objects] == ["ConfigMap", "Service", "Job"]
+    assert [o["kind"] for o in objects] == ["ConfigMap", "Service", "NetworkPolicy", "Job"]
     for obj in objects:
         assert "ownerReferences" not in obj["metadata"]
         kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
@@ -441,8 +441,10 @@ def test_multinode_world() -> None:
     container = spec["containers"][0]
     assert container["command"] == ["python", "-m", "finetune_trainer.launch"]
     assert "args" not in container
-    assert container["resources"]["limits"] == {"nvidia.com/gpu": "8"}
-    assert container["resources"]["requests"] == {"cpu": "32", "memory": "256Gi", "nvidia.com/gpu": "8"}
+    # Memory limit: twice the request (FT_MEMORY_LIMIT_FACTOR); disk: /tmp's 8Gi + 70B bf16 weights (131 GiB).
+    assert container["resources"]["limits"] == {"memory": "512Gi", "nvidia.com/gpu": "8"}
+    assert container["resources"]["requests"] == {"cpu": "32", "memory": "256Gi", "ephemeral-storage": "139Gi",
+                                                  "nvidia.com/gpu": "8"}
     assert container["image"] == "registry.example.com/ml/finetune-trainer:0.1.0"
     assert job["spec"]["ttlSecondsAfterFinished"] == 3600
     assert job["spec"]["activeDeadlineSeconds"] == 259200
@@ -536,14 +538,16 @@ def test_gpu_memory_label_can_be_disabled() -> None:
     settings = OperatorSettings.from_env({"FT_GPU_MEMORY_LABEL": ""})
     spec = pod_spec(render.render_children(job, plan(job.spec), settings))
     assert "affinity" not in spec
-    assert spec["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    assert spec["containers"][0]["resources"]["limits"] == {"memory": "64Gi", "nvidia.com/gpu": "1"}
 
 
 def test_cpu_mode_requests_no_gpu() -> None:
     objects = rendered("cpu-mode")
     spec = pod_spec(objects)
     container = spec["containers"][0]
-    assert container["resources"] == {"requests": {"cpu": "1", "memory": "4Gi"}}
+    # Disk: /tmp's 8Gi and the 5M model's weights, rounded up to 1Gi.
+    assert container["resources"] == {"requests": {"cpu": "1", "memory": "4Gi", "ephemeral-storage": "9Gi"},
+                                      "limits": {"memory": "8Gi"}}
     assert "affinity" not in spec and "tolerations" not in spec
     env = env_of(objects)
     assert env[contract.ENV_PROCS_PER_MACHINE] == "2"
@@ -567,7 +571,8 @@ def test_kueue_and_placement() -> None:
     assert spec["nodeSelector"] == {"cloud.google.com/gke-accelerator": "nvidia-l4", "topology.kubernetes.io/zone": "us-central1-a"}
     assert {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoSchedule"} in spec["tolerations"]
     assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in spec["tolerations"]
-    assert spec["containers"][0]["resources"]["requests"] == {"cpu": "12", "memory": "96Gi", "nvidia.com/gpu": "1"}
+    assert spec["containers"][0]["resources"]["requests"] == {"cpu": "12", "memory": "96Gi", "ephemeral-storage": "33Gi",
+                                                              "nvidia.com/gpu": "1"}
     # Without the queue label the Job starts right away.
     assert kind(rendered("lora-7b"), "Job")["spec"]["suspend"] is False
 
@@ -727,3 +732,76 @@ def test_retrieval_corpus_gets_its_claim_its_secret_and_the_snapshot() -> None:
     plain = FineTuneJob.model_validate(copy.deepcopy(CASES["pvc-model"][0]))
     text = contract.config_json(contract.resolve(plain, plan(plain.spec)))
     assert "retrieval" not in text and "hallucinationThreshold" not in text
+
+
+# -- multi-tenant hygiene: NetworkPolicy, rendezvous id, limits, disk -------------------------------------
+
+
+def test_network_policy_admits_only_the_same_stage_pods() -> None:
+    job, settings = load("full-70b-multinode")
+    objects = render.render_children(job, plan(job.spec), settings)
+    policy = kind(objects, "NetworkPolicy")
+    selector = kind(objects, "Service")["spec"]["selector"]
+    pod_labels = kind(objects, "Job")["spec"]["template"]["metadata"]["labels"]
+    assert policy["spec"]["podSelector"] == {"matchLabels": selector}
+    assert selector.items() <= pod_labels.items()  # it selects the training pods...
+    # ...and lets in only pods with the same labels (the ranks' collectives use ports beyond the rendezvous).
+    assert policy["spec"]["ingress"] == [{"from": [{"podSelector": {"matchLabels": selector}}]}]
+    assert policy["spec"]["policyTypes"] == ["Ingress"]  # egress open by default
+    assert [o["kind"] for o in objects].index("NetworkPolicy") < [o["kind"] for o in objects].index("Job")
+    pilot_selector = render.pod_selector(job, "pilot")
+    assert pilot_selector != selector, "a pilot's pods are another group: they must not reach the main stage"
+
+
+def test_network_policy_egress_rules_from_settings() -> None:
+    job, _ = load("lora-7b")
+    rules = [{"to": [{"ipBlock": {"cidr": "10.0.0.0/8"}}], "ports": [{"port": 443, "protocol": "TCP"}]}]
+    settings = OperatorSettings.from_env({"FT_NETWORK_POLICY_EGRESS": json.dumps(rules)})
+    policy = kind(render.render_children(job, plan(job.spec), settings), "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    egress = policy["spec"]["egress"]
+    assert egress[0] == {"to": [{"podSelector": {"matchLabels": render.pod_selector(job)}}]}
+    assert {"port": 53, "protocol": "UDP"} in egress[1]["ports"] and egress[2:] == rules
+    kubernetes_validate.validate(policy, K8S_VERSIONS[-1], strict=True)
+    with pytest.raises(SettingsError, match="FT_NETWORK_POLICY_EGRESS"):
+        OperatorSettings.from_env({"FT_NETWORK_POLICY_EGRESS": '{"not": "a list"}'})
+
+
+def test_network_policy_can_be_turned_off() -> None:
+    job, _ = load("lora-7b")
+    settings = OperatorSettings.from_env({"FT_NETWORK_POLICY": "false"})
+    assert [o["kind"] for o in render.render_children(job, plan(job.spec), settings)] == ["ConfigMap", "Service", "Job"]
+
+
+def test_rendezvous_id_is_kept_in_the_snapshot() -> None:
+    job, settings = load("lora-7b")
+    objects = render.render_children(job, plan(job.spec), settings, rendezvous_id="0123abcd" * 4)
+    snapshot = json.loads(kind(objects, "ConfigMap")["data"][contract.CONFIG_KEY])
+    assert snapshot["rendezvousId"] == "0123abcd" * 4
+    assert contract.TrainerConfig.model_validate(snapshot).rendezvous_id == "0123abcd" * 4
+    plain = json.loads(kind(rendered("lora-7b"), "ConfigMap")["data"][contract.CONFIG_KEY])
+    assert "rendezvousId" not in plain  # golden renders carry none: the caller draws it
+
+
+@pytest.mark.parametrize("case", ["lora-7b", "cpu-mode", "full-70b-multinode"])
+def test_pods_have_memory_limits_disk_requests_and_a_bounded_tmp(case: str) -> None:
+    spec = pod_spec(rendered(case))
+    (container,) = spec["containers"]
+    res = container["resources"]
+    assert res["limits"]["memory"] and res["requests"]["ephemeral-storage"].endswith("Gi")
+    from finetune_operator.quantity import parse_quantity_bytes as size
+    assert size(res["limits"]["memory"]) == 2 * size(res["requests"]["memory"])
+    volumes = {v["name"]: v for v in spec["volumes"]}
+    assert all("sizeLimit" in v["emptyDir"] for v in volumes.values() if "emptyDir" in v), volumes
+    assert volumes[render.VOLUME_TMP]["emptyDir"]["sizeLimit"] == "8Gi"
+
+
+def test_memory_limit_factor_and_tmp_size_from_settings() -> None:
+    job, _ = load("lora-7b")
+    settings = OperatorSettings.from_env({"FT_MEMORY_LIMIT_FACTOR": "3", "FT_TMP_SIZE": "2Gi"})
+    spec = pod_spec(render.render_children(job, plan(job.spec), settings))
+    res = spec["containers"][0]["resources"]
+    assert res["limits"]["memory"] == "96Gi"
+    assert res["requests"]["ephemeral-storage"] == "16Gi"  # 2Gi + 7B x 2 bytes (13.04 GiB, rounded up)
+    with pytest.raises(SettingsError, match="FT_MEMORY_LIMIT_FACTOR"):
+        OperatorSettings.from_env({"FT_MEMORY_LIMIT_FACTOR": "0"})

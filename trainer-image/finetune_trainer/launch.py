@@ -34,6 +34,7 @@ unless set; oversubscribed OpenMP threads make gloo runs many times slower.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -44,7 +45,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from finetune_operator.contract import EXIT_CONFIG_ERROR, EXIT_GATES_FAILED, EXIT_OK, EXIT_PREEMPTED
+from finetune_operator.contract import (
+    ENV_CONFIG,
+    EXIT_CONFIG_ERROR,
+    EXIT_GATES_FAILED,
+    EXIT_OK,
+    EXIT_PREEMPTED,
+)
 from finetune_trainer import world as world_mod
 from finetune_trainer.errors import TrainerFailure
 
@@ -82,9 +89,26 @@ def command(world: world_mod.World, python: str = sys.executable) -> list[str]:
     return [*cmd, "--module", "finetune_trainer"]
 
 
+def rendezvous_id(env: Mapping[str, str]) -> str | None:
+    """The job's random rendezvous id, from its config snapshot (`rendezvousId`; see contract.TrainerConfig)."""
+    path = env.get(ENV_CONFIG)
+    if not path:
+        return None
+    try:
+        value = json.loads(Path(path).read_text()).get("rendezvousId")
+    except (OSError, ValueError, AttributeError):
+        return None  # the trainer itself reports an unreadable config, with its reason
+    return str(value) if value else None
+
+
 def environment(world: world_mod.World, base: Mapping[str, str], exit_dir: Path, cuda: bool) -> dict[str, str]:
     env = dict(base)
     env[ENV_EXIT_DIR] = str(exit_dir)
+    rdzv_id = rendezvous_id(base)
+    if rdzv_id and world.num_machines > 1:
+        # torchrun's --rdzv-id, through the environment variable its argument parser reads (accelerate launch
+        # passes on only the torchrun arguments it knows, and --rdzv-id is not one of them).
+        env["PET_RDZV_ID"] = rdzv_id
     # The trainer checks the world it joins against these (world.check_size).
     env.setdefault(world_mod.ENV_NUM_MACHINES, str(world.num_machines))
     env.setdefault(world_mod.ENV_PROCS_PER_MACHINE, str(world.procs_per_machine))

@@ -236,8 +236,9 @@ class Run:
         accelerator, precision, fsdp = make_accelerator(self.config)
         self.accelerator, self.precision, self.fsdp = accelerator, precision, fsdp
         self.rank, self.world = accelerator.process_index, accelerator.num_processes
-        self.reporter = Reporter(self.store, enabled=accelerator.is_main_process)
+        self.reporter = Reporter(self.store, enabled=accelerator.is_main_process, job_uid=self.config.uid)
         world_mod.check_size(self.world)
+        world_mod.check_rendezvous(self.config.rendezvous_id)
         self.work = self.work / f"{self.config.name}-{self._output_key}-rank{self.rank}"
         self.work.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.work / "metrics.jsonl"

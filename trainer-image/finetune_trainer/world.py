@@ -111,6 +111,23 @@ def expected_size(env: Mapping[str, str] | None = None) -> int | None:
     return from_env(env).size
 
 
+def check_rendezvous(rendezvous_id: str | None, env: Mapping[str, str] | None = None) -> None:
+    """Stop (ConfigError, exit 3) when a multi-machine world rendezvoused under another id than the job's
+    random one (the config snapshot's `rendezvousId`; torchrun tells its workers in TORCHELASTIC_RUN_ID): the
+    store's keys would then be the default `torch.rendezvous.none`, which any pod that reaches the port can
+    address."""
+    env = os.environ if env is None else env
+    run_id = env.get("TORCHELASTIC_RUN_ID")
+    if not rendezvous_id or run_id is None or _int(env, ENV_NUM_MACHINES, 1, 1) < 2:
+        return
+    if run_id != rendezvous_id:
+        raise ConfigError(
+            f"the rendezvous ran under id {run_id!r}, not the job's rendezvousId; start the trainer with "
+            "`python -m finetune_trainer.launch`, which passes it to torchrun",
+            reason="RendezvousMismatch",
+        )
+
+
 def check_size(actual: int, env: Mapping[str, str] | None = None) -> None:
     """Stop (ConfigError, exit 3) when torch.distributed's world differs from the one the pod was given."""
     expected = expected_size(env)
