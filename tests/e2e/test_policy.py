@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 import copy
 import secrets
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -333,3 +335,19 @@ def _failed(kube: Kube, namespace: str, name: str) -> dict[str, Any] | None:
     if status.get("phase") != "Failed":
         return None
     return next((c for c in status.get("conditions") or [] if c["type"] == "Failed"), None)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+def test_kubectl_explains_and_lists_policies(kubeconfig: str, release: Release) -> None:
+    def explain() -> str | None:
+        done = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "explain", "finetunepolicy.spec"],
+                              capture_output=True, text=True, timeout=60)
+        return done.stdout if done.returncode == 0 else None
+
+    text = wait_for("kubectl explain finetunepolicy.spec", explain, timeout=60, interval=2)
+    for field in policy.FineTunePolicySpec.model_fields.values():
+        assert field.alias in text, f"kubectl explain does not show spec.{field.alias}:\n{text}"
+    assert "{namespace}" in text and "system-" in text
+    listed = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "get", "ftp"], capture_output=True, text=True,
+                            timeout=60)
+    assert listed.returncode == 0 and "default" in listed.stdout and "MAX-GPUS" in listed.stdout, listed
