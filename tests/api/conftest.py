@@ -369,6 +369,19 @@ def wait_for(check: Callable[[], Any], what: str, timeout: float = 20.0, interva
 
 
 @pytest.fixture
+def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """A local S3 server (SeaweedFS) with the bucket `out`, its endpoint and keys in the operator's environment."""
+    from finetune_trainer.s3server import LocalS3
+
+    with LocalS3(buckets=("out",)).start() as server:
+        server.create_bucket("out")
+        for key, value in server.env().items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.setenv("FT_S3_ENDPOINT", server.endpoint_url)
+        yield server
+
+
+@pytest.fixture
 def cluster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cluster]:
     cl = Cluster().start()
     monkeypatch.setenv("KUBECONFIG", str(cl.kubeconfig(tmp_path)))

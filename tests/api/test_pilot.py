@@ -9,11 +9,8 @@ Failed with reason PilotGatesFailed and the pilot's scores, and no main Job is e
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
-
-import pytest
 
 from finetune_operator import render
 from finetune_operator.contract import REPORT_KEY
@@ -22,18 +19,6 @@ from tests.api.test_operator import finish_job, phase_is, reasons, status
 
 PILOT = {"maxSteps": 10, "gates": [{"metric": "evalLoss", "minImprovement": 0.1}, {"metric": "accuracy", "min": 0.3}]}
 SCORES = {"accuracyMetric": "rougeL", "examples": 50, "base": {"accuracy": 0.02, "evalLoss": 6.2}}
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    from finetune_trainer.s3server import LocalS3
-
-    with LocalS3(buckets=("out",)).start() as server:
-        server.create_bucket("out")
-        for key, value in server.env().items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setenv("FT_S3_ENDPOINT", server.endpoint_url)
-        yield server
 
 
 def pilot_report(s3: Any, **fields: Any) -> None:

@@ -11,11 +11,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
-
-import pytest
 
 from finetune_operator import conditions
 from finetune_operator.contract import MAX_REPORT_CHECKPOINTS, REPORT_KEY
@@ -25,18 +22,6 @@ from tests.api.test_operator import start_pod, status
 
 INTERVAL = 0.3  # FT_STATUS_INTERVAL in tests/api/conftest.py
 OTHER_UID = "9f9f9f9f-0000-4000-8000-0000000000ff"
-
-
-@pytest.fixture
-def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
-    from finetune_trainer.s3server import LocalS3
-
-    with LocalS3(buckets=("out",)).start() as server:
-        server.create_bucket("out")
-        for key, value in server.env().items():
-            monkeypatch.setenv(key, value)
-        monkeypatch.setenv("FT_S3_ENDPOINT", server.endpoint_url)
-        yield server
 
 
 def ignored_events(cluster: Cluster, name: str) -> list[dict[str, Any]]:

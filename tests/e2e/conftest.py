@@ -49,6 +49,16 @@ def wait_for(what: str, check: Callable[[], Any], timeout: float = TIMEOUT, inte
     return polling.wait_for(what, check, timeout, interval)
 
 
+def kubectl_explain(kubeconfig: str, what: str) -> str:
+    """`kubectl explain <what>`'s text, once the API server publishes it (a new CRD's schema takes a moment)."""
+    def explain() -> str | None:
+        done = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "explain", what],
+                              capture_output=True, text=True, timeout=60)
+        return done.stdout if done.returncode == 0 else None
+
+    return str(wait_for(f"kubectl explain {what}", explain, timeout=60, interval=2))
+
+
 # -- cluster ----------------------------------------------------------------------------------------
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ import pytest
 import yaml
 
 from finetune_operator.handlers import ftj_url
-from tests.e2e.conftest import wait_for
+from tests.e2e.conftest import kubectl_explain, wait_for
 from tests.kube import Kube, KubeError
 from tests.unit.admission import admit
 from tests.unit.invalid_corpus import CASES, Case
@@ -144,12 +143,7 @@ def test_published_openapi_describes_every_spec_and_status_field(kube: Kube, crd
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kubectl_explain_teaches_the_lora_fields(kubeconfig: str, crd: Any) -> None:
-    def explain() -> str | None:
-        done = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "explain", "finetunejob.spec.lora"],
-                              capture_output=True, text=True, timeout=60)
-        return done.stdout if done.returncode == 0 else None
-
-    text = wait_for("kubectl explain finetunejob.spec.lora", explain, timeout=60, interval=2)
+    text = kubectl_explain(kubeconfig, "finetunejob.spec.lora")
     assert "Adapter settings" in text
     for field in ("rank", "alpha", "dropout", "targetModules"):
         assert field in text, f"kubectl explain does not show spec.lora.{field}:\n{text}"

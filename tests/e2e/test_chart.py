@@ -99,13 +99,22 @@ def release(kube: Kube, kubeconfig: str, crd: Any) -> Iterator[Release]:
 
     The CRD is already there (the `crd` fixture): Helm leaves an existing CRD of the chart's crds/ alone,
     and never removes it on uninstall."""
+    # cluster-scoped RBAC names derive from the release name: unique per run
+    with installed_release(kube, kubeconfig, f"ft-{secrets.token_hex(3)}", {}) as installed:
+        yield installed
+
+
+@contextlib.contextmanager
+def installed_release(kube: Kube, kubeconfig: str, name: str, values: dict[str, Any]) -> Iterator[Release]:
+    """The chart installed as release `name` with `values` into a fresh namespace `finetune-system-<random>`
+    (as `helm install --create-namespace` would); uninstalled, and its namespace deleted, afterwards. No
+    wait: the Deployment's pod never runs here (no scheduler, no kubelet for it). The admission policy and
+    the FineTunePolicy `default` are cluster-wide singletons: one release with `policy.enabled` at a time."""
     namespace = f"finetune-system-{secrets.token_hex(3)}"
-    name = f"ft-{secrets.token_hex(3)}"  # cluster-scoped RBAC names derive from it: unique per run
     config = helm.Config(kubeconfig_path=kubeconfig, namespace=namespace)
     installed = Release(name, namespace, config)
     try:
-        # No wait: the Deployment's pod never runs here (no scheduler, no kubelet for it).
-        installed.load(config.install(CHART, name, {}, namespace=namespace, create_namespace=True, timeout=120))
+        installed.load(config.install(CHART, name, values, namespace=namespace, create_namespace=True, timeout=120))
         yield installed
     finally:
         if installed.installed and not KEEP:

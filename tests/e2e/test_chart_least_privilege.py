@@ -26,20 +26,19 @@ import secrets
 from collections.abc import Iterator
 from typing import Any
 
-import helm_python as helm
 import pytest
 import yaml
 
 from finetune_operator import render
 from finetune_operator.handlers import ftj_url
-from tests.e2e.conftest import KEEP, REPO, wait_for
+from tests.e2e.conftest import REPO, wait_for
 from tests.e2e.test_chart import (
-    CHART,
     RBAC,
     Release,
     chart_manifest,
     chart_operator,
     fresh_namespace,
+    installed_release,
     refusals,
     service_account_token,
     token_kubeconfig,
@@ -65,23 +64,11 @@ def teams(kube: Kube) -> Iterator[dict[str, str]]:
 @pytest.fixture(scope="module")
 def scoped(kube: Kube, kubeconfig: str, crd: Any, teams: dict[str, str]) -> Iterator[Release]:
     """The chart with `watchNamespaces: [team-a, team-b]` and the tenant role (named per run: cluster-scoped)."""
-    namespace = f"finetune-system-{secrets.token_hex(3)}"
     name = f"ft-{secrets.token_hex(3)}"
     values = {"watchNamespaces": [teams["team-a"], teams["team-b"]],
               "tenantRole": {"create": True, "name": f"{name}-tenant"}}
-    config = helm.Config(kubeconfig_path=kubeconfig, namespace=namespace)
-    installed = Release(name, namespace, config)
-    try:
-        installed.load(config.install(CHART, name, values, namespace=namespace, create_namespace=True, timeout=120))
+    with installed_release(kube, kubeconfig, name, values) as installed:
         yield installed
-    finally:
-        if installed.installed and not KEEP:
-            with contextlib.suppress(helm.HelmError):
-                config.uninstall(name, ignore_not_found=True, timeout=60)
-        if not KEEP:
-            with contextlib.suppress(KubeError):
-                kube.request("DELETE", f"/api/v1/namespaces/{namespace}")
-        config.close()
 
 
 @pytest.fixture(scope="module")

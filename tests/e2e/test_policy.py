@@ -14,7 +14,6 @@ cap - the operator refuses before any child exists.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import secrets
 import shutil
@@ -23,18 +22,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import helm_python as helm
 import pytest
 
 from finetune_operator import policy
-from tests.e2e.conftest import KEEP, wait_for
+from tests.e2e.conftest import KEEP, kubectl_explain, wait_for
 from tests.e2e.test_chart import (
-    CHART,
     RBAC,
     Release,
     chart_manifest,
     chart_operator,
     fresh_namespace,
+    installed_release,
     service_account_token,
     token_kubeconfig,
 )
@@ -51,21 +49,9 @@ TENANT_ROLE = f"finetune-tenant-{SUFFIX}"
 @pytest.fixture(scope="module")
 def release(kube: Kube, kubeconfig: str, crd: Any) -> Iterator[Release]:
     """The chart with default values and its sample tenant Role (a cluster-scoped name of this run)."""
-    namespace = f"finetune-system-{SUFFIX}"
-    name = f"ftp-{SUFFIX}"
-    config = helm.Config(kubeconfig_path=kubeconfig, namespace=namespace)
-    installed = Release(name, namespace, config)
-    values = {"tenantRole": {"create": True, "name": TENANT_ROLE}}
-    try:
-        installed.load(config.install(CHART, name, values, namespace=namespace, create_namespace=True, timeout=120))
+    with installed_release(kube, kubeconfig, f"ftp-{SUFFIX}", {"tenantRole": {"create": True, "name": TENANT_ROLE}}) \
+            as installed:
         yield installed
-    finally:
-        if not KEEP:
-            with contextlib.suppress(helm.HelmError):
-                config.uninstall(name, ignore_not_found=True, timeout=60)
-            with contextlib.suppress(KubeError):
-                kube.request("DELETE", f"/api/v1/namespaces/{namespace}")
-        config.close()
 
 
 @pytest.fixture(scope="module")
@@ -339,12 +325,7 @@ def _failed(kube: Kube, namespace: str, name: str) -> dict[str, Any] | None:
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
 def test_kubectl_explains_and_lists_policies(kubeconfig: str, release: Release) -> None:
-    def explain() -> str | None:
-        done = subprocess.run(["kubectl", "--kubeconfig", kubeconfig, "explain", "finetunepolicy.spec"],
-                              capture_output=True, text=True, timeout=60)
-        return done.stdout if done.returncode == 0 else None
-
-    text = wait_for("kubectl explain finetunepolicy.spec", explain, timeout=60, interval=2)
+    text = kubectl_explain(kubeconfig, "finetunepolicy.spec")
     for field in policy.FineTunePolicySpec.model_fields.values():
         assert field.alias in text, f"kubectl explain does not show spec.{field.alias}:\n{text}"
     assert "{namespace}" in text and "system-" in text
