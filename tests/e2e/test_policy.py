@@ -15,17 +15,20 @@ cap - the operator refuses before any child exists.
 from __future__ import annotations
 
 import copy
+import json
 import secrets
 import shutil
 import subprocess
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from finetune_operator import policy
-from tests.e2e.conftest import KEEP, kubectl_explain, wait_for
+from finetune_operator.contract import REPORT_KEY
+from tests.e2e.conftest import KEEP, OUTPUT_BUCKET, kubectl_explain, wait_for
 from tests.e2e.test_chart import (
     RBAC,
     Release,
@@ -233,6 +236,21 @@ def test_a_tenant_gets_no_more_than_a_finetunejob(kube: Kube, tenant: Kube, team
         assert netpol is not None
         assert netpol["spec"]["ingress"] == [{"from": [{"podSelector": netpol["spec"]["podSelector"]}]}]
         assert netpol["metadata"]["ownerReferences"][0]["name"] == "compliant"
+
+        # Another job's report at this job's output (a tenant pointing output.uri at someone else's prefix):
+        # ignored, with one Warning event; the status shows none of it.
+        report = {"jobUid": "00000000-0000-4000-8000-000000000000", "phase": "training", "step": 90,
+                  "totalSteps": 100, "loss": 0.01, "updatedAt": datetime.now(UTC).isoformat(),
+                  "artifacts": {"model": "s3://tenant-b/secret-model/"}}
+        s3.client().put_object(Bucket=OUTPUT_BUCKET, Key=f"{team}/compliant/{REPORT_KEY}",
+                               Body=json.dumps(report).encode())
+        events = wait_for("the ReportIgnored event", lambda: [
+            e for e in kube.request("GET", f"/api/v1/namespaces/{team}/events")["items"]
+            if e["involvedObject"].get("name") == "compliant" and e["reason"] == "ReportIgnored"], timeout=120)
+        assert len(events) == 1 and events[0]["type"] == "Warning", events
+        assert "another FineTuneJob" in events[0]["message"] and "secret-model" not in events[0]["message"]
+        shown = (kube.get(f"{FTJ}/namespaces/{team}/finetunejobs/compliant") or {}).get("status") or {}
+        assert "progress" not in shown and "artifacts" not in shown, shown
 
         failed = wait_for("the over-cap plan refused", lambda: _failed(kube, team, "big-plan"), timeout=120)
         assert failed["reason"] == "PolicyViolation" and "16 GPUs" in failed["message"], failed

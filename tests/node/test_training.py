@@ -135,6 +135,28 @@ def test_restricted_namespace_refuses_a_non_compliant_training_pod(installed: In
     assert "violates PodSecurity" in refused.stderr and "restricted" in refused.stderr, refused.stderr
 
 
+def test_the_default_policy_refuses_what_a_finetunejob_may_not_ask_for(installed: Installed,
+                                                                       example: ExampleRun) -> None:
+    """The chart's default FineTunePolicy, as installed by the README's commands, on this cluster's API server:
+    a foreign image and a key-less toleration are refused at admission, naming the field and the policy;
+    the example's own pods carry the memory limit, disk request and bounded /tmp the operator renders."""
+    cluster = installed.cluster
+    for field, change in (("spec.image", {"image": "evil.example.com/miner:1"}),
+                          ("spec.resources.tolerations", {"resources": {"tolerations": [{"operator": "Exists"}]}})):
+        manifest = tiny_manifest("policy-probe")
+        manifest["spec"].update(change)
+        refused = cluster.kubectl("-n", ML_NAMESPACE, "create", "-f", "-", input=json.dumps(manifest), check=False)
+        assert refused.returncode != 0, f"{field}: admitted"
+        assert f"{field}:" in refused.stderr and "FineTunePolicy default" in refused.stderr, refused.stderr
+    job = cluster.get("job", "-n", ML_NAMESPACE, NAME)
+    assert job is not None
+    spec = job["spec"]["template"]["spec"]
+    resources = spec["containers"][0]["resources"]
+    assert resources["limits"]["memory"] and resources["requests"]["ephemeral-storage"], resources
+    assert all("sizeLimit" in v["emptyDir"] for v in spec["volumes"] if "emptyDir" in v), spec["volumes"]
+    assert cluster.get("networkpolicy", "-n", ML_NAMESPACE, NAME) is not None
+
+
 def _interrupt_and_resume(installed: Installed, name: str, interrupt: Any, resume: Any) -> None:
     """Run `name` until it reported a few steps, `interrupt` it, `resume` it; check it continued from the
     checkpoint the interruption wrote, with one FineTuneJob and one result."""
