@@ -308,7 +308,7 @@ class Kube:
         return aiohttp.ClientTimeout(total=networking.request_timeout, sock_connect=networking.connect_timeout)
 
     async def _once(self, client: _Client, method: str, path: str, body: Any, content_type: str,
-                    params: list[tuple[str, str]] | None) -> Any:
+                    params: list[tuple[str, str]] | None, answer: bool = True) -> Any:
         async with client.session.request(
             method, client.host + path,
             params=params or None,
@@ -320,11 +320,12 @@ class Kube:
             data = await response.read()
         if not 200 <= response.status <= 299:
             raise error_from_answer(method, path, response.status, response.headers, data)
-        return json.loads(data) if data else None
+        return json.loads(data) if data and answer else None
 
     async def request(self, method: str, path: str, body: Any = None, *, content_type: str = JSON,
-                      params: list[tuple[str, str]] | None = None) -> Any:
-        """One API request, retried as the module docstring says; the decoded JSON answer."""
+                      params: list[tuple[str, str]] | None = None, answer: bool = True) -> Any:
+        """One API request, retried as the module docstring says; the decoded JSON answer (None with
+        `answer=False`: the caller needs only the success)."""
         what = f"{method} {path}"
         schedule = backoff_schedule(self.settings.networking.error_backoffs)
         relogged = False
@@ -333,7 +334,7 @@ class Kube:
             attempt += 1
             client = await self._current(method, path)
             try:
-                return await self._once(client, method, path, body, content_type, params)
+                return await self._once(client, method, path, body, content_type, params, answer)
             except Unauthorized:
                 if relogged or not await self.identity.refresh(client.info):
                     raise
@@ -376,9 +377,10 @@ class Kube:
         except NotFound:
             return None
 
-    async def create(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
-        """POST `body` to the collection at `path`; `Conflict` when it already exists."""
-        return dict(await self.request("POST", path, dict(body)))
+    async def create(self, path: str, body: Mapping[str, Any], *, answer: bool = True) -> dict[str, Any]:
+        """POST `body` to the collection at `path`; `Conflict` when it already exists. The created object, or
+        `{}` with `answer=False` (its JSON left undecoded)."""
+        return dict(await self.request("POST", path, dict(body), answer=answer) or {})
 
     async def patch(self, path: str, body: Mapping[str, Any]) -> dict[str, Any]:
         """A JSON merge patch (RFC 7386: maps merge, lists and scalars replace, null deletes)."""
