@@ -289,38 +289,42 @@ def build_schema() -> dict[str, Any]:
     }
 
 
-def build_crd() -> dict[str, Any]:
-    """The whole CRD object."""
+def crd_object(kind: str, plural: str, singular: str, short_names: list[str], scope: str,
+               schema: dict[str, Any], printer_columns: list[dict[str, Any]], *,
+               status: bool = False) -> dict[str, Any]:
+    """A CustomResourceDefinition of this project's group and version (`status`: with the status subresource)."""
+    version: dict[str, Any] = {"name": api.VERSION, "served": True, "storage": True}
+    if status:
+        version["subresources"] = {"status": {}}
+    version["additionalPrinterColumns"] = printer_columns
+    version["schema"] = {"openAPIV3Schema": schema}
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
         "metadata": {
-            "name": f"{api.PLURAL}.{api.GROUP}",
+            "name": f"{plural}.{api.GROUP}",
             "labels": {"app.kubernetes.io/name": "finetune-operator", "app.kubernetes.io/part-of": "finetune-operator"},
         },
         "spec": {
             "group": api.GROUP,
-            "scope": "Namespaced",
+            "scope": scope,
             "names": {
-                "kind": api.KIND,
-                "listKind": f"{api.KIND}List",
-                "plural": api.PLURAL,
-                "singular": api.SINGULAR,
-                "shortNames": list(api.SHORT_NAMES),
+                "kind": kind,
+                "listKind": f"{kind}List",
+                "plural": plural,
+                "singular": singular,
+                "shortNames": list(short_names),
                 "categories": list(api.CATEGORIES),
             },
-            "versions": [
-                {
-                    "name": api.VERSION,
-                    "served": True,
-                    "storage": True,
-                    "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
-                    "schema": {"openAPIV3Schema": build_schema()},
-                }
-            ],
+            "versions": [version],
         },
     }
+
+
+def build_crd() -> dict[str, Any]:
+    """The whole CRD object."""
+    return crd_object(api.KIND, api.PLURAL, api.SINGULAR, list(api.SHORT_NAMES), "Namespaced", build_schema(),
+                      PRINTER_COLUMNS, status=True)
 
 
 HEADER = "# Generated from finetune_operator.spec by `make crd` (finetune crd). Do not edit by hand.\n"

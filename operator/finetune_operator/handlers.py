@@ -494,15 +494,13 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
             await _write(api, rt, body, new)
             return refresh.Outcome(phase=new.get("phase"))
 
-    if rt.settings.policy and not _condition_true(body, conditions.CREATED):
-        # Before the first pod of any stage: what admission cannot see (finetune_operator.policy_lookup).
-        # The GPU cap on a plan the pre-flight will not change (the table's, for a chosen method), else after it.
+    if not _condition_true(body, conditions.CREATED):
+        # Before the first pod of any stage. The GPU cap on a plan the pre-flight will not change (the table's,
+        # for a chosen method), else after it (below).
         final = plan is not None and (not checking or (plan.source == "table" and job.spec.method != "auto"))
-        violation = await rt.policies.violation(api, meta["namespace"], plan.gpus if final and plan else None)
-        if violation is not None:
-            new = status_mod.compute_status(body, plan=plan, policy_violation=violation, now=now)
-            await _write(api, rt, body, new)
-            return refresh.Outcome(phase=new.get("phase"))
+        refused = await _policy_refusal(api, rt, body, plan, final, now)
+        if refused is not None:
+            return refused
 
     if checking:
         # The CPU pre-flight first: no GPU Job until the model, data and output checked out. Once it passed,
@@ -522,12 +520,9 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
         body = {**body, "status": new}
         old_status = new
         plan = _existing_plan(body)
-        if rt.settings.policy and plan is not None:
-            violation = await rt.policies.violation(api, meta["namespace"], plan.gpus)
-            if violation is not None:
-                new = status_mod.compute_status(body, plan=plan, policy_violation=violation, now=now)
-                await _write(api, rt, body, new)
-                return refresh.Outcome(phase=new.get("phase"))
+        refused = await _policy_refusal(api, rt, body, plan, True, now)
+        if refused is not None:
+            return refused
     assert plan is not None  # an unknown size failed above, unless the pre-flight read it (then it is planned)
 
     pilot_view: status_mod.PilotView | None = None
@@ -559,6 +554,22 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
         pods_active=refresh.pods_active(children.pods),
         report_changed=refresh.report_changed(old_status, new),
     )
+
+
+async def _policy_refusal(api: kube.Kube, rt: Runtime, body: dict[str, Any], plan: Plan | None, final: bool,
+                          now: str) -> refresh.Outcome | None:
+    """With FineTunePolicies on (`settings.policy`): what admission cannot see (`policy_lookup`), the GPU cap
+    only when `final` (the plan will not change before the pods): the job failed with PolicyViolation, or
+    None when it may go on."""
+    if not rt.settings.policy:
+        return None
+    gpus = plan.gpus if final and plan is not None else None
+    violation = await rt.policies.violation(api, body["metadata"]["namespace"], gpus)
+    if violation is None:
+        return None
+    new = status_mod.compute_status(body, plan=plan, policy_violation=violation, now=now)
+    await _write(api, rt, body, new)
+    return refresh.Outcome(phase=new.get("phase"))
 
 
 def _preflight_runs(rt: Runtime, body: Mapping[str, Any]) -> bool:

@@ -31,6 +31,7 @@ import yaml
 from pydantic import Field
 
 from finetune_operator import spec as api
+from finetune_operator.crd import crd_object, model_schema
 
 KIND = "FineTunePolicy"
 PLURAL = "finetunepolicies"
@@ -162,46 +163,19 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
 
 
 def build_policy_crd() -> dict[str, Any]:
-    from finetune_operator.crd import model_schema
-
-    return {
-        "apiVersion": "apiextensions.k8s.io/v1",
-        "kind": "CustomResourceDefinition",
-        "metadata": {
-            "name": f"{PLURAL}.{api.GROUP}",
-            "labels": {"app.kubernetes.io/name": "finetune-operator", "app.kubernetes.io/part-of": "finetune-operator"},
-        },
-        "spec": {
-            "group": api.GROUP,
-            "scope": "Cluster",
-            "names": {
-                "kind": KIND,
-                "listKind": f"{KIND}List",
-                "plural": PLURAL,
-                "singular": SINGULAR,
-                "shortNames": SHORT_NAMES,
-                "categories": list(api.CATEGORIES),
-            },
-            "versions": [{
-                "name": api.VERSION,
-                "served": True,
-                "storage": True,
-                "additionalPrinterColumns": PRINTER_COLUMNS,
-                "schema": {"openAPIV3Schema": {
-                    "type": "object",
-                    "description": "FineTunePolicy says what FineTuneJobs may ask for in the namespaces that "
-                    f"select it (label `{NAMESPACE_LABEL}: <name>`; namespaces without the label get the policy "
-                    f"named `{DEFAULT_POLICY}`). The API server enforces it at admission.",
-                    "properties": {
-                        "apiVersion": {"type": "string", "description": f"{api.API_VERSION}."},
-                        "kind": {"type": "string", "description": f"{KIND}."},
-                        "metadata": {"type": "object"},
-                        "spec": model_schema(FineTunePolicySpec),
-                    },
-                }},
-            }],
+    schema = {
+        "type": "object",
+        "description": "FineTunePolicy says what FineTuneJobs may ask for in the namespaces that "
+        f"select it (label `{NAMESPACE_LABEL}: <name>`; namespaces without the label get the policy "
+        f"named `{DEFAULT_POLICY}`). The API server enforces it at admission.",
+        "properties": {
+            "apiVersion": {"type": "string", "description": f"{api.API_VERSION}."},
+            "kind": {"type": "string", "description": f"{KIND}."},
+            "metadata": {"type": "object"},
+            "spec": model_schema(FineTunePolicySpec),
         },
     }
+    return crd_object(KIND, PLURAL, SINGULAR, SHORT_NAMES, "Cluster", schema, PRINTER_COLUMNS)
 
 
 # --- the ValidatingAdmissionPolicy -----------------------------------------------------------------------
