@@ -32,11 +32,13 @@ from finetune_operator.spec import (
     Adjustment,
     CheckpointRecord,
     EvaluationStatus,
+    ExportCheck,
     FineTuneJob,
     FineTuneJobSpec,
     MemoryRung,
     Plan,
     ResolvedMethod,
+    TrackingStatus,
     _Model,
 )
 
@@ -157,6 +159,12 @@ class TrainerReport(_Model):
     checkpoints: list[CheckpointRecord] = Field(default_factory=list, max_length=MAX_REPORT_CHECKPOINTS)
     artifacts: dict[str, str] = Field(default_factory=dict, max_length=MAX_REPORT_ARTIFACTS)
     evaluation: EvaluationStatus | None = None
+    export: ExportCheck | None = Field(
+        default=None, description="The saved adapter and merged model checked against the trained model (the operator "
+        "copies it to status.export).")
+    tracking: TrackingStatus | None = Field(
+        default=None, description="The MLflow run, the registered model version, and the last tracking failure "
+        "(status.tracking; a failure sets the Tracking condition False with a Warning event).")
     error: TrainerError | None = None
     adjustments: list[Adjustment] = Field(
         default_factory=list, max_length=MAX_REPORT_ADJUSTMENTS,

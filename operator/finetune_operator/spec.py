@@ -51,6 +51,10 @@ AUTO_QLORA_BELOW_EXAMPLES = 10_000
 DEFAULT_TOP_K = 3
 DEFAULT_CHUNK_TOKENS = 128
 DEFAULT_DISTRACTOR_SHARE = 0.2
+#: `--max-lora-rank` values vLLM accepts (vllm/config/lora.py, `MaxLoRARanks`); spec.serving.maxRank is one of them.
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+#: spec.serving.image's default: the vLLM OpenAI-compatible server of the plain Deployment (a pinned tag).
+DEFAULT_VLLM_IMAGE = "vllm/vllm-openai:v0.11.0"
 #: spec.evaluation.hallucinationThreshold's default: above it (without spec.retrieval) the FineTuneJob gets
 #: the HallucinationHigh condition and a Warning event recommending spec.retrieval.
 DEFAULT_HALLUCINATION_THRESHOLD = 0.5
@@ -504,6 +508,90 @@ class OutputSpec(_Model):
     _check_uri = field_validator("uri")(_uri_check(("s3", "pvc")))
 
 
+class ServingSpec(_Model):
+    """How the result is served: manifests written under `<output.uri>/serving/`, optionally applied."""
+
+    base_model_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._/-]*$",
+        description="Name the base model is served under (vLLM's `--served-model-name`, KServe's "
+        "`spec.model.name`); written as the adapter's `base_model_name_or_path`. Defaults to the base model "
+        "URI's model id: `org/name` for `hf://org/name`, else the URI's last path segment.",
+    )
+    adapter_name: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=63,
+        pattern=r"^[a-z0-9]([-a-z0-9_.]*[a-z0-9])?$",
+        description="Name clients request the adapter by (vLLM's `--lora-modules <name>=<path>`, KServe's "
+        "`spec.model.lora.adapters[].name`). Defaults to the FineTuneJob's name.",
+    )
+    max_rank: Literal[1, 8, 16, 32, 64, 128, 256, 320, 512] | None = Field(
+        default=None,
+        description="vLLM's `--max-lora-rank`: the largest adapter rank the server loads (one of 1, 8, 16, 32, "
+        "64, 128, 256, 320, 512). Must be at least spec.lora.r. Defaults to the smallest of these at least "
+        "spec.lora.r.",
+    )
+    image: str = Field(
+        default=DEFAULT_VLLM_IMAGE,
+        max_length=512,
+        pattern=_IMAGE,
+        description=f"vLLM server image of the plain Deployment (`serving/vllm.yaml`). Defaults to `{DEFAULT_VLLM_IMAGE}`.",
+    )
+    gpus: int = Field(default=1, ge=1, le=64, description="GPUs of each serving replica. Defaults to 1.")
+    apply: bool = Field(
+        default=False,
+        description="Create the KServe LLMInferenceService (owned by this FineTuneJob) once the job Succeeded "
+        "with every gate passed; only where the LLMInferenceService CRD is installed (else the `Serving` "
+        "condition says so). Defaults to false: the manifests are written, nothing is created.",
+    )
+
+
+class MlflowSpec(_Model):
+    """An MLflow tracking server (and its model registry) the run is logged to."""
+
+    tracking_uri: str = Field(
+        min_length=1,
+        max_length=1024,
+        pattern=r"^https?://[^\s]+$",
+        description="The MLflow tracking server, `http(s)://host[:port][/path]`.",
+    )
+    experiment: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Experiment the run is logged under (created when missing). Defaults to "
+        "`<namespace>/<FineTuneJob name>`.",
+    )
+    registered_model: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=256,
+        description="Registered model that a successful run (gates passed) adds a version to, tagged with its "
+        "lineage (base model revision, dataset sha256, method, GPU-hours, gates, FineTuneJob namespace/name/uid). "
+        "Defaults to none: nothing is registered.",
+    )
+    secret_ref: SecretRef | None = Field(
+        default=None,
+        description="Secret with the tracking server's credentials, projected as MLflow's own environment "
+        "variables: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, or MLFLOW_TRACKING_TOKEN. Defaults to "
+        "none (an unauthenticated server).",
+    )
+
+
+class TrackingSpec(_Model):
+    """Experiment tracking. TensorBoard event files are always written under `<output.uri>/tensorboard/`."""
+
+    mlflow: MlflowSpec | None = Field(
+        default=None,
+        description="Log params, per-step metrics, evaluation and artifact URIs to MLflow, and register the "
+        "model on success. Tracking failures never fail training: they leave the `Tracking` condition False and "
+        "a Warning event. Defaults to none.",
+    )
+
+
 class CheckpointSpec(_Model):
     """Checkpointing for resume."""
 
@@ -730,6 +818,14 @@ class FineTuneJobSpec(_Model):
         description="GPUs and placement. Unset fields come from the sizing plan (status.plan).",
     )
     output: OutputSpec = Field(description="Where checkpoints and artifacts go.")
+    serving: ServingSpec | None = Field(
+        default=None,
+        description="Serving manifests (a KServe LLMInferenceService and a plain vLLM Deployment) written under "
+        "`<output.uri>/serving/`, and optionally applied on success. lora, qlora and full only (vLLM cannot load "
+        "prefix or prompt tuning's virtual tokens). Defaults to none.",
+    )
+    tracking: TrackingSpec | None = Field(
+        default=None, description="Experiment tracking and model registry (MLflow). Defaults to none.")
     checkpoint: CheckpointSpec = Field(default_factory=CheckpointSpec, description="Checkpoint cadence and retention.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Domain evaluation and quality gates.")
     pilot: PilotSpec | None = Field(
@@ -794,7 +890,29 @@ class FineTuneJobSpec(_Model):
             self._pilot_limits(self.pilot)
         if self.retrieval is not None:
             self._retrieval_limits(self.retrieval)
+        if self.serving is not None:
+            self._serving_limits(self.serving)
         return self
+
+    def _serving_limits(self, serving: ServingSpec) -> None:
+        if self.method in VIRTUAL_TOKEN_METHODS:
+            raise ValueError(
+                f"spec.serving cannot be used with method {self.method}: vLLM and KServe load LoRA adapters or whole "
+                "models, not virtual tokens, and virtual tokens cannot be merged into the weights; use method lora "
+                "or qlora, or remove serving"
+            )
+        if serving.max_rank is not None and self.method != "full" and self.lora.r > serving.max_rank:
+            raise ValueError(
+                f"spec.serving.maxRank {serving.max_rank} is below spec.lora.r {self.lora.r}: vLLM refuses adapters "
+                f"of a higher rank than --max-lora-rank; raise serving.maxRank to {self.resolved_max_rank(None)}, "
+                "lower lora.r, or leave maxRank unset"
+            )
+
+    def resolved_max_rank(self, serving: ServingSpec | None = None) -> int:
+        """spec.serving.maxRank, else the smallest rank vLLM accepts that is at least spec.lora.r."""
+        if serving is not None and serving.max_rank is not None:
+            return serving.max_rank
+        return next((r for r in VLLM_MAX_LORA_RANKS if r >= self.lora.r), VLLM_MAX_LORA_RANKS[-1])
 
     def _pilot_limits(self, pilot: PilotSpec) -> None:
         if self.method not in PILOT_METHODS:
@@ -900,6 +1018,23 @@ class FineTuneJob(_Model):
 Phase = Literal["Pending", "Queued", "Running", "Succeeded", "Failed", "Suspended"]
 
 
+class ServingPlan(_Model):
+    """What spec.serving will serve, decided with the plan (`finetune plan` shows it)."""
+
+    base_model_name: str = Field(max_length=253, description="Name the base model is served under (the adapter's "
+                                 "base_model_name_or_path).")
+    model_uri: str = Field(max_length=1024, description="What the server loads as its model: the base model's URI, or "
+                           "`<output.uri>/merged/` with saveMerged, or `<output.uri>/model/` for full fine-tuning.")
+    adapter_name: str | None = Field(default=None, max_length=63, description="Name of the LoRA adapter; unset when "
+                                     "the served model is a whole model (merged or full).")
+    adapter_uri: str | None = Field(default=None, max_length=1024, description="Where the adapter is "
+                                    "(`<output.uri>/model/`); unset when no adapter is served.")
+    max_rank: int | None = Field(default=None, ge=1, description="vLLM's --max-lora-rank; unset without an adapter.")
+    manifests: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list, max_length=4, description="The manifests written under `<output.uri>/serving/`.")
+    apply: bool = Field(default=False, description="Whether the operator creates the LLMInferenceService on success.")
+
+
 class CostEstimate(_Model):
     """What the run will cost, from the pre-flight's counts and the per-GPU-class throughput table
     (`finetune_operator.cost`). An estimate: the trainer measures what is spent (status.progress.gpuHours)."""
@@ -937,6 +1072,8 @@ class Plan(_Model):
     warnings: list[Annotated[str, Field(max_length=1024)]] = Field(
         default_factory=list, max_length=16, description="Problems with explicit resources, such as too little memory."
     )
+    serving: ServingPlan | None = Field(
+        default=None, description="What spec.serving serves (model, adapter, rank, manifests); unset without it.")
     estimate: CostEstimate | None = Field(
         default=None, description="Examples, tokens, optimizer steps, duration and GPU-hours, completed from the CPU "
         "pre-flight's reading of the model and data (unset until it ran, or with the operator's pre-flight off).")
@@ -1013,6 +1150,41 @@ class EvaluationStatus(_Model):
     )
     gates_passed: bool | None = Field(default=None, description="Whether every gate held; unset without gates.")
     failed_gates: list[Annotated[str, Field(max_length=256)]] = Field(default_factory=list, max_length=16, description="Gates that were missed, each naming the metric.")
+
+
+class ExportCheck(_Model):
+    """Checks of the exported model against the trained one, on sample prompts, at the end of training."""
+
+    prompts: int = Field(default=0, ge=0, description="Sample prompts the logits were compared on.")
+    tolerance: float | None = Field(default=None, ge=0, description="Largest max-abs logit difference accepted.")
+    adapter_max_abs_diff: float | None = Field(
+        default=None, ge=0, description="Max abs difference between the trained model's logits and those of the saved "
+        "adapter reloaded with peft on the base (adapters only).")
+    merged_max_abs_diff: float | None = Field(
+        default=None, ge=0, description="Max abs difference between the adapter's logits and the merged model's "
+        "(with saveMerged; both in full precision).")
+    merge_peak_bytes: int | None = Field(
+        default=None, ge=0, description="Peak memory the streaming merge held (bytes of tensors).")
+    passed: bool | None = Field(default=None, description="Whether every difference is within the tolerance.")
+
+
+class TrackingStatus(_Model):
+    """Where the run is tracked (spec.tracking.mlflow)."""
+
+    run_id: str | None = Field(default=None, max_length=128, description="MLflow run id.")
+    experiment_id: str | None = Field(default=None, max_length=128, description="MLflow experiment id.")
+    run_url: str | None = Field(default=None, max_length=2048, description="The run's page on the tracking server.")
+    registered_model: str | None = Field(default=None, max_length=256, description="Registered model name.")
+    model_version: str | None = Field(default=None, max_length=64, description="Registered model version created.")
+    error: str | None = Field(default=None, max_length=2048, description="The last tracking failure (training goes on).")
+
+
+class ServingStatus(_Model):
+    """The LLMInferenceService the operator created (spec.serving.apply)."""
+
+    name: str | None = Field(default=None, max_length=253, description="Name of the LLMInferenceService.")
+    ready: bool | None = Field(default=None, description="Whether its Ready condition is True.")
+    url: str | None = Field(default=None, max_length=2048, description="Its address, once KServe reports one.")
 
 
 class MemoryRung(_Model):
@@ -1109,3 +1281,9 @@ class FineTuneJobStatus(_Model):
                                 "once the training Job is created after either. Unset when neither runs.")
     preflight: PreflightStatus | None = Field(default=None, description="The CPU pre-flight, when the operator runs it.")
     pilot: PilotStatus | None = Field(default=None, description="The pilot stage, with spec.pilot.")
+    export: ExportCheck | None = Field(default=None, description="The exported adapter and merged model checked "
+                                       "against the trained model (logit differences on sample prompts).")
+    tracking: TrackingStatus | None = Field(default=None, description="The MLflow run and registered model version "
+                                            "(spec.tracking.mlflow).")
+    serving: ServingStatus | None = Field(default=None, description="The LLMInferenceService created with "
+                                          "spec.serving.apply, and whether it is ready.")
