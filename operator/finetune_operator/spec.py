@@ -908,6 +908,17 @@ class FineTuneJobSpec(_Model):
                 "lower lora.r, or leave maxRank unset"
             )
 
+    def served_base_model_name(self) -> str:
+        """The name the base model is served under: spec.serving.baseModelName, else the base model URI's model id
+        (`hf://org/name` -> `org/name`; other schemes: the URI's last path segment, `s3://b/models/llama-7b/` ->
+        `llama-7b`). The saved adapter's `base_model_name_or_path` (what vLLM and KServe match adapters by)."""
+        if self.serving is not None and self.serving.base_model_name:
+            return self.serving.base_model_name
+        uri = self.base_model.uri
+        if uri.startswith("hf://"):
+            return uri.removeprefix("hf://").rstrip("/")
+        return uri.rstrip("/").rsplit("/", 1)[-1] or uri
+
     def resolved_max_rank(self, serving: ServingSpec | None = None) -> int:
         """spec.serving.maxRank, else the smallest rank vLLM accepts that is at least spec.lora.r."""
         if serving is not None and serving.max_rank is not None:
