@@ -29,7 +29,7 @@ from typing import Any, TextIO
 import yaml
 from pydantic.alias_generators import to_camel
 
-from finetune_operator import __version__, local_preflight, uris
+from finetune_operator import __version__, local_preflight, serving, uris
 from finetune_operator.architecture import Architecture, ArchitectureError, read_architecture
 from finetune_operator.local_preflight import Mounts
 from finetune_operator.manifests import Inspector, Loaded, load_file
@@ -123,6 +123,8 @@ def _table(rows: list[Loaded], out: TextIO) -> None:
             bound = f"dataFraction {spec.data_fraction:g}" if spec.data_fraction else f"maxSteps {spec.max_steps or 100}"
             out.write(f"{r.name}: pilot first: lora on {pp.gpus}x{pp.gpu_memory_gib}GiB ({bound}, {len(spec.gates)} "
                       f"gate(s)); the {r.plan.method} run's {r.plan.gpus} GPU(s) are requested only after it passes\n")
+        for said in serving.describe(r.plan.serving) if r.plan.serving is not None else []:
+            out.write(f"{r.name}: serving: {said}\n")
 
 
 def _counts(r: Loaded, out: TextIO) -> None:

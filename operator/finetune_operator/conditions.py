@@ -31,6 +31,13 @@ Types (each is `True`, `False` or `Unknown`):
   True/HallucinationAboveThreshold when its hallucination score is above evaluation.hallucinationThreshold
   (default 0.5; a Warning event recommends spec.retrieval with the measured score), else
   False/HallucinationWithinThreshold. A recommendation only: gates decide failure.
+- `Serving` (only with spec.serving.apply, once the job finished): True/ServingReady when the
+  LLMInferenceService the operator created is Ready; Unknown/ServingCreated or ServingPending, False/
+  ServingNotReady, ServingCRDMissing (KServe not installed), ServingFailed (the API server refused a request),
+  ForeignChild, GatesFailed or NotServed (nothing served). See `finetune_operator.serving_apply`.
+- `Tracking` (only with spec.tracking.mlflow, once the trainer reports on it): True/Tracked while the MLflow
+  run exists and the last tracking call worked, False/TrackingFailed with the trainer's error when it did not
+  (a Warning event when it turns False). Training goes on either way.
 """
 
 from __future__ import annotations
@@ -50,10 +57,14 @@ SUSPENDED = "Suspended"
 COMPLETE = "Complete"
 FAILED = "Failed"
 HALLUCINATION_HIGH = "HallucinationHigh"
+#: spec.serving.apply: the LLMInferenceService the operator created for a finished job (`serving_apply`).
+SERVING = "Serving"
+#: spec.tracking.mlflow: whether the trainer's MLflow tracking works (`status.tracking`).
+TRACKING = "Tracking"
 
 #: Display order in status.conditions (also the order `kubectl describe` shows them).
 TYPES: tuple[str, ...] = (VALID, PREFLIGHT_PASSED, PLANNED, CREATED, PILOT_PASSED, QUEUED, RUNNING, SUSPENDED, COMPLETE, FAILED,
-                          HALLUCINATION_HIGH)
+                          HALLUCINATION_HIGH, SERVING, TRACKING)
 
 TRUE = "True"
 FALSE = "False"
@@ -91,6 +102,8 @@ PREFLIGHT_SUCCEEDED = "PreflightSucceeded"
 DATA_INVALID = "DataInvalid"
 MODEL_UNREADABLE = "ModelUnreadable"
 OUTPUT_NOT_WRITABLE = "OutputNotWritable"
+#: spec.serving's adapter has target modules vLLM does not load as LoRA for the model's architecture.
+SERVING_UNSUPPORTED = "ServingUnsupported"
 PREFLIGHT_FAILED = "PreflightFailed"
 PILOT_RUNNING = "PilotRunning"
 PILOT_GATES_PASSED = "PilotGatesPassed"
@@ -100,6 +113,17 @@ PILOT_FAILED = "PilotFailed"
 BUDGET_EXCEEDED = "BudgetExceeded"
 HALLUCINATION_ABOVE_THRESHOLD = "HallucinationAboveThreshold"
 HALLUCINATION_WITHIN_THRESHOLD = "HallucinationWithinThreshold"
+#: The `Serving` condition's reasons (`finetune_operator.serving_apply`; GatesFailed and ForeignChild are shared).
+SERVING_PENDING = "ServingPending"
+SERVING_CRD_MISSING = "ServingCRDMissing"
+SERVING_CREATED = "ServingCreated"
+SERVING_NOT_READY = "ServingNotReady"
+SERVING_READY = "ServingReady"
+SERVING_FAILED = "ServingFailed"
+NOT_SERVED = "NotServed"
+#: The `Tracking` condition's reasons.
+TRACKED = "Tracked"
+TRACKING_FAILED = "TrackingFailed"
 #: Warning events (no condition): a progress report or pre-flight result at the job's output was ignored
 #: (another job's, without a jobUid, too large, or invalid: `finetune_operator.progress`).
 REPORT_IGNORED = "ReportIgnored"
@@ -122,6 +146,7 @@ TERMINAL_FAILURE_REASONS = frozenset(
         DATA_INVALID,
         MODEL_UNREADABLE,
         OUTPUT_NOT_WRITABLE,
+        SERVING_UNSUPPORTED,
         PREFLIGHT_FAILED,
         BUDGET_EXCEEDED,
     }

@@ -191,6 +191,7 @@ def _add_rules(spec_schema: dict[str, Any]) -> None:
         ),
     ]
     spec_rules += _retrieval_rules()
+    spec_rules += _serving_rules()
     for name in props:
         if name in MUTABLE_SPEC_FIELDS:
             continue
@@ -225,6 +226,33 @@ def _add_rules(spec_schema: dict[str, Any]) -> None:
     props["pilot"]["x-kubernetes-validations"] = [
         _rule("!(has(self.maxSteps) && has(self.dataFraction))",
               "set at most one of spec.pilot.maxSteps and spec.pilot.dataFraction"),
+    ]
+
+
+def _serving_rules() -> list[dict[str, Any]]:
+    """spec.serving's cross-field rules (the spec model's `_serving_limits`). The CRD carries no defaults: an unset
+    method is `auto` (lora or qlora, never virtual tokens) and an unset lora.r is its default."""
+    rank = api.LoraSpec.model_fields["r"].default
+    lora_r = f"(has(self.lora) && has(self.lora.r) ? self.lora.r : {rank})"
+    virtual = ", ".join(f"'{m}'" for m in api.VIRTUAL_TOKEN_METHODS)
+    return [
+        _rule(
+            f"!has(self.serving) || !has(self.method) || !(self.method in [{virtual}])",
+            "spec.serving cannot be used with methods prefix and prompt: vLLM and KServe load LoRA adapters or "
+            "whole models, not virtual tokens, and virtual tokens cannot be merged into the weights; use method "
+            "lora or qlora, or remove serving",
+            fieldPath=".serving",
+            reason="FieldValueForbidden",
+        ),
+        _rule(
+            "!has(self.serving) || !has(self.serving.maxRank) || (has(self.method) && self.method == 'full') "
+            f"|| {lora_r} <= self.serving.maxRank",
+            f"spec.serving.maxRank must be at least spec.lora.r (default {rank}): vLLM refuses adapters of a higher "
+            "rank than --max-lora-rank; raise serving.maxRank, lower lora.r, or leave maxRank unset (the smallest "
+            "rank vLLM accepts that fits)",
+            fieldPath=".serving.maxRank",
+            reason="FieldValueInvalid",
+        ),
     ]
 
 

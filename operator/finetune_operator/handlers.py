@@ -26,7 +26,9 @@ a fresh read of the object:
    (un)suspended by the operator: Kueue owns that field;
 5. read the Job's pods and the trainer's report (each skipped when nothing can have changed there, see
    below), compute the status (`status.compute_status`), patch the status subresource only when it
-   changed, post one event per phase transition.
+   changed, post one event per phase transition. A finished job with spec.serving.apply first gets its
+   LLMInferenceService made sure of and its readiness in the status (`inference_service`, `serving_apply`);
+   until it is Ready the refresher looks again (`refresh.next_refresh`).
 
 It runs on create, on resume (operator start: the watch lists every object), on a spec update (suspend;
 any other spec change is refused with a SpecImmutable Warning and ignored, the CRD's CEL rules normally
@@ -97,7 +99,18 @@ from typing import Any
 import kopf
 from pydantic import ValidationError
 
-from finetune_operator import conditions, contract, kube, oomkill, refresh, render, sizing
+from finetune_operator import (
+    conditions,
+    contract,
+    kube,
+    oomkill,
+    refresh,
+    render,
+    serving,
+    serving_apply,
+    sizing,
+)
+from finetune_operator import inference_service as serving_io
 from finetune_operator import metrics as metrics_mod
 from finetune_operator import pilot as pilot_mod
 from finetune_operator import preflight as preflight_mod
@@ -146,6 +159,7 @@ class JobState:
     job_view: int | None = None  # `refresh.job_view` of the Job the last pass saw
     spec: tuple[tuple[str, int], ...] | None = None  # `spec_digest` of the spec last reconciled (None: not yet)
     ignored: set[str] = field(default_factory=set)  # "<object URI> <cause>" of ignored reports (event posted)
+    serving_pending: bool = False  # spec.serving.apply: the last pass's LLMInferenceService needs another look
 
 
 @dataclass
@@ -165,6 +179,7 @@ class Runtime:
     jobs: dict[str, JobState] = field(default_factory=dict)  # "namespace/name" -> what the refresher keeps
     passes: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PASS_CONCURRENCY))
     policies: PolicyLookup = field(default_factory=PolicyLookup)
+    serving: serving_io.Discovery = field(default_factory=serving_io.Discovery)  # KServe's CRD served? (cached)
     task: asyncio.Task[None] | None = None
 
     def knows(self, namespace: str, name: str) -> bool:
@@ -426,6 +441,7 @@ async def _write(api: kube.Kube, rt: Runtime, body: Mapping[str, Any], new: dict
     meta = body.get("metadata") or {}
     old = dict(body.get("status") or {})
     uid = str(meta.get("uid"))
+    new = await _serve(api, rt, body, new)
     if uid in rt.known:  # not for an object deleted while this pass ran (no await since the check)
         rt.metrics.observe_phase(uid, new.get("phase"))
     if not status_mod.status_changed(old, new):
@@ -433,7 +449,7 @@ async def _write(api: kube.Kube, rt: Runtime, body: Mapping[str, Any], new: dict
     # Events first, under names derived from `old`: if this pass dies before the status write, the next
     # pass computes the same transition from the same `old` and its posts are refused as repeats; posting
     # after the write would lose them instead (the write lands, the pass dies, the next sees no transition).
-    for event in status_mod.transition_events(old, new):
+    for event in [*status_mod.transition_events(old, new), *serving_apply.events(old, new)]:
         await post_event(api, body, event.type, event.reason, event.message,
                          name=status_mod.event_name(meta["name"], uid, old, event))
     try:
@@ -446,6 +462,17 @@ async def _write(api: kube.Kube, rt: Runtime, body: Mapping[str, Any], new: dict
     rt.metrics.status_writes.inc()
     if new.get("phase") and new.get("phase") != old.get("phase"):
         rt.metrics.transitions.labels(phase=new["phase"]).inc()
+
+
+async def _serve(api: kube.Kube, rt: Runtime, body: Mapping[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """spec.serving.apply for a finished job (`inference_service.settle`: its LLMInferenceService made sure of,
+    its readiness in the status); whether the refresher must look again goes to `JobState.serving_pending`."""
+    new, pending = await serving_io.settle(api, rt.serving, body, new, _now())
+    meta = body.get("metadata") or {}
+    state = rt.jobs.get(f"{meta.get('namespace')}/{meta.get('name')}")
+    if state is not None:
+        state.serving_pending = pending
+    return new
 
 
 async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logger: Any) -> refresh.Outcome:
@@ -483,7 +510,7 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
     plan = _existing_plan(body)
     if plan is None:
         try:
-            plan = sizing.plan(job.spec)
+            plan = serving.attach(job, sizing.plan(job.spec))  # plan.serving: what spec.serving serves
         except sizing.SizeUnknown as err:
             if not checking:  # nothing will read the size from the model's files
                 new = status_mod.compute_status(body, plan=None, planning_error=str(err), now=now)
@@ -619,7 +646,7 @@ async def _preflight_pass(api: kube.Kube, rt: Runtime, body: dict[str, Any], job
     error: str | None = None
     if result is not None and result.ok:
         try:
-            completed = preflight_mod.complete_plan(job.spec, result)
+            completed = serving.attach(job, preflight_mod.complete_plan(job.spec, result))
         except sizing.PlanningError as err:
             error = str(err)
     elif result is None and where is None and plan is None:
@@ -707,6 +734,8 @@ def _schedule(rt: Runtime, body: Mapping[str, Any], outcome: refresh.Outcome) ->
     if str(meta.get("uid")) not in rt.known:
         return  # deleted meanwhile (or not seen by the watch yet: `track` schedules it then)
     state = rt.job_state(str(meta.get("namespace")), str(meta.get("name")))
+    if state.serving_pending:
+        outcome = replace(outcome, serving_pending=True)
     decision = refresh.next_refresh(outcome, state.idle, rt.interval)
     state.idle = decision.idle
     state.due = None if decision.delay is None else time.monotonic() + decision.delay
@@ -907,6 +936,7 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: Any,
         # kopf logs in after the startup handlers: the client connects on its first request.
         kube=kube.Kube(settings, _identity(memo)),
         policies=PolicyLookup(ft_settings.policy_cache_seconds),
+        serving=serving_io.Discovery(ttl=interval),
     )
     rt.server = metrics_mod.start(rt.metrics, port)
     memo.finetune = rt

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from finetune_operator import contract, preflight, sizing, uris
+from finetune_operator import contract, preflight, serving, sizing, uris
 from finetune_operator.manifests import Issue, Loaded
 from finetune_operator.spec import FineTuneJobSpec
 
@@ -130,7 +130,7 @@ def _complete(item: Loaded, result: contract.PreflightResult) -> None:
     spec = item.job.spec
     item.preflight = result
     try:
-        item.plan = preflight.complete_plan(spec, result)
+        item.plan = serving.attach(item.job, preflight.complete_plan(spec, result))
     except sizing.PlanningError as err:
         item.issues.append(Issue(err.field, err.message))
         return

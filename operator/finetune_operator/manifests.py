@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from finetune_operator import sizing, uris
+from finetune_operator import serving, sizing, uris
 from finetune_operator.architecture import Architecture, ArchitectureError
 from finetune_operator.contract import PreflightResult
 from finetune_operator.spec import API_VERSION, KIND, MAX_NAME_LENGTH, FineTuneJob, Plan
@@ -243,7 +243,7 @@ def validate_document(doc: Any, source: str = "<input>", index: int = 0, inspect
     loaded.job = job
     loaded.name, loaded.namespace = job.metadata.name, job.metadata.namespace
     try:
-        loaded.plan = sizing.plan(job.spec, loaded.architecture)
+        loaded.plan = serving.attach(job, sizing.plan(job.spec, loaded.architecture))
     except sizing.PlanningError as err:
         loaded.issues.append(Issue(err.field, err.message))
     if job.spec.pilot is not None:

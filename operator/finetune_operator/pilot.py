@@ -52,6 +52,7 @@ def pilot_spec(spec: FineTuneJobSpec) -> FineTuneJobSpec:
     derived.prefix = None
     derived.prompt = None
     derived.pilot = None
+    derived.serving = None  # the pilot's adapter is a means to the main run, never served
     hp = derived.hyperparameters
     if pilot.data_fraction is not None:
         hp.epochs = pilot.data_fraction

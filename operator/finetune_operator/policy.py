@@ -84,8 +84,8 @@ class FineTunePolicySpec(api._Model):
     )
     secrets: _Names | None = Field(
         default=None, max_length=256,
-        description="Secret names the `secretRef`s of baseModel, dataset, retrieval and output may name. Defaults "
-        "to any Secret of the FineTuneJob's namespace.",
+        description="Secret names the `secretRef`s of baseModel, dataset, retrieval, output and tracking.mlflow may "
+        "name. Defaults to any Secret of the FineTuneJob's namespace.",
     )
     tolerations: list[TolerationRule] | None = Field(
         default=None, max_length=64,
@@ -309,7 +309,8 @@ def _variables() -> list[dict[str, str]]:
             f"params.metadata.name == {_quoted(DEFAULT_POLICY)}"},
         {"name": "secretNames", "expression":
             "[?object.spec.?baseModel.?secretRef.?name, ?object.spec.?dataset.?secretRef.?name, "
-            "?object.spec.?retrieval.?secretRef.?name, ?object.spec.?output.?secretRef.?name]"},
+            "?object.spec.?retrieval.?secretRef.?name, ?object.spec.?output.?secretRef.?name, "
+            "?object.spec.?tracking.?mlflow.?secretRef.?name]"},
         {"name": "tolerations", "expression":
             f"{_present('resources.tolerations')} ? object.spec.resources.tolerations : []"},
         {"name": "nodeSelectorKeys", "expression":

@@ -43,8 +43,8 @@ COMMAND = ["python", "-m", "finetune_trainer.preflight"]
 #: The Job's retries: one, for a pre-flight that could not reach S3 (exit 1, no verdict).
 BACKOFF_LIMIT = 1
 
-#: Reasons of a failed pre-flight (the trainer's `preflight` module writes the first three).
-REASONS = (c.DATA_INVALID, c.MODEL_UNREADABLE, c.OUTPUT_NOT_WRITABLE, c.PREFLIGHT_FAILED)
+#: Reasons of a failed pre-flight (the trainer's `preflight` module writes all but the last).
+REASONS = (c.DATA_INVALID, c.MODEL_UNREADABLE, c.OUTPUT_NOT_WRITABLE, c.SERVING_UNSUPPORTED, c.PREFLIGHT_FAILED)
 
 
 def placeholder_plan(spec: FineTuneJobSpec) -> Plan:

@@ -14,6 +14,9 @@ Running, or with pods that have not finished    after interval x 2^k, capped at 
 Pending with children missing or foreign        the same backoff (the foreign object's removal sends no
                                                 event the operator watches)
 Succeeded without artifacts (report readable)   every `BACKOFF_CAP` x interval (the report may show up)
+Succeeded with spec.serving.apply and its       the backoff above (`serving_apply`: nothing about the
+LLMInferenceService not Ready, its CRD not      LLMInferenceService reaches the operator but a read)
+installed, or a foreign one in its place
 Pending with its Job and no pods, Suspended,    never: Job and pod events bring every change
 Queued, Succeeded, Failed
 ==============================================  ===========================================================
@@ -52,6 +55,7 @@ class Outcome:
     report_changed: bool = False  # the pass changed what the status shows from the report
     awaiting_artifacts: bool = False  # Succeeded, no artifacts yet, the report is readable by the operator
     failed: bool = False  # the pass raised
+    serving_pending: bool = False  # finished, its LLMInferenceService (spec.serving.apply) not Ready yet or not made
 
 
 @dataclass(frozen=True)
@@ -69,6 +73,9 @@ def next_refresh(outcome: Outcome, idle: int, interval: float, cap: int = BACKOF
     if outcome.failed:
         return Next(interval, idle)
     if outcome.phase in (SUCCEEDED, FAILED):
+        if outcome.serving_pending:
+            idle = 0 if outcome.report_changed else idle + 1
+            return Next(min(interval * 2 ** min(idle, 16), longest), idle)
         if outcome.phase == SUCCEEDED and outcome.awaiting_artifacts:
             return Next(longest, 0)
         return Next(None, 0)

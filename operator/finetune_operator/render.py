@@ -299,15 +299,17 @@ def _uses_s3(job: FineTuneJob) -> bool:
 
 
 def secret_names(job: FineTuneJob, settings: OperatorSettings) -> list[str]:
-    """Secrets projected with `envFrom`, in precedence order (last wins): model, dataset, retrieval corpus,
-    output.
+    """Secrets projected with `envFrom`, in precedence order (last wins): MLflow tracking, model, dataset,
+    retrieval corpus, output. The tracking Secret (spec.tracking.mlflow.secretRef: MLFLOW_TRACKING_* variables)
+    comes first, so it can never shadow the storage credentials.
 
     The operator's default S3 secret stands in when the spec names no dataset or output secret, uses S3,
     and sets no service account -- static keys in the environment would shadow IRSA's web identity.
     """
     spec = job.spec
     retrieval = spec.retrieval.secret_ref if spec.retrieval else None
-    refs = [spec.base_model.secret_ref, spec.dataset.secret_ref, retrieval, spec.output.secret_ref]
+    tracking = spec.tracking.mlflow.secret_ref if spec.tracking and spec.tracking.mlflow else None
+    refs = [tracking, spec.base_model.secret_ref, spec.dataset.secret_ref, retrieval, spec.output.secret_ref]
     ordered = [ref.name for ref in refs if ref is not None]
     if (
         settings.s3_secret

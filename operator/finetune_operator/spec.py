@@ -555,8 +555,11 @@ class MlflowSpec(_Model):
     tracking_uri: str = Field(
         min_length=1,
         max_length=1024,
-        pattern=r"^https?://[^\s]+$",
-        description="The MLflow tracking server, `http(s)://host[:port][/path]`.",
+        # No `user:password@` before the host: credentials come only from secretRef (the URI is shown in the
+        # status, the run's URL and error messages).
+        pattern=r"^https?://[^\s/@]+(/\S*)?$",
+        description="The MLflow tracking server, `http(s)://host[:port][/path]`, without credentials (they come "
+        "from secretRef).",
     )
     experiment: str | None = Field(
         default=None,
@@ -1174,6 +1177,9 @@ class ExportCheck(_Model):
     merged_max_abs_diff: float | None = Field(
         default=None, ge=0, description="Max abs difference between the adapter's logits and the merged model's "
         "(with saveMerged; both in full precision).")
+    merged_check: str | None = Field(
+        default=None, max_length=512, description="Where and in what precision merged/ was compared (`cpu float32`, "
+        "`cuda bfloat16`), or why it was not: a merged model that fits neither the device nor the host memory left.")
     merge_peak_bytes: int | None = Field(
         default=None, ge=0, description="Peak memory the streaming merge held (bytes of tensors).")
     passed: bool | None = Field(default=None, description="Whether every difference is within the tolerance.")
@@ -1234,7 +1240,9 @@ class PreflightStatus(_Model):
     phase: Phase | None = Field(default=None, description="Pending, Running, Succeeded (every check passed), Failed "
                                 "or Suspended.")
     reason: str | None = Field(default=None, max_length=128, description="On failure: DataInvalid, ModelUnreadable, "
-                               "OutputNotWritable, or PreflightFailed (the Job failed without a verdict).")
+                               "OutputNotWritable, ServingUnsupported (spec.serving's adapter targets modules vLLM "
+                               "does not load as LoRA for the model's architecture), or PreflightFailed (the Job "
+                               "failed without a verdict).")
     message: str | None = Field(default=None, max_length=2048, description="On failure: what failed, naming the field, "
                                 "file and line.")
     parameters: int | None = Field(default=None, ge=0, description="Exact parameter count of the base model.")

@@ -54,6 +54,11 @@ hallucination score, True/HallucinationAboveThreshold when it is above evaluatio
 posts a Warning event that recommends spec.retrieval and gives the score. It changes no phase: gates
 decide failure.
 
+Tracking (spec.tracking.mlflow): status.tracking is the report's (MLflow run, registered version, last
+failure); the condition is False/TrackingFailed with the trainer's error while the report carries one (it
+turning False posts a Warning event), else True/Tracked once the run exists. It changes no phase: tracking
+failures never fail training.
+
 Progress, checkpoints, artifacts and evaluation come from the trainer's report
 (`<output.uri>/status/report.json`). Without a readable report (pvc:// outputs, S3 trouble) they keep
 their previous values. A report older than the FineTuneJob is from an earlier run with the same
@@ -201,6 +206,7 @@ def compute_status(
     if old.get("phase") in TERMINAL_PHASES:
         _apply_report(new, report, terminal=True)
         _hallucination(new, b, spec)
+        _tracking(b, new.get("tracking"))
         return _finish(new, b)
 
     if policy_violation is not None:
@@ -232,6 +238,7 @@ def compute_status(
 
     _apply_report(new, report, terminal=False)
     _hallucination(new, b, spec)
+    _tracking(b, new.get("tracking"))
     job_obj = children.job
     if children.foreign:
         b.set(c.CREATED, c.FALSE, c.FOREIGN_CHILD, "; ".join(children.foreign))
@@ -545,6 +552,9 @@ def transition_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> 
     high = c.find(new.get("conditions"), c.HALLUCINATION_HIGH)
     if high and high.get("status") == c.TRUE and not c.is_true(old.get("conditions"), c.HALLUCINATION_HIGH):
         warnings.append(Event("Warning", c.HALLUCINATION_HIGH, high.get("message", "")))
+    tracking = c.find(new.get("conditions"), c.TRACKING)
+    if tracking and tracking.get("status") == c.FALSE and not _is_false(old.get("conditions"), c.TRACKING):
+        warnings.append(Event("Warning", c.TRACKING_FAILED, tracking.get("message", "")))
     for type_, reason in ((c.CREATED, c.FOREIGN_CHILD), (c.SUSPENDED, c.KUEUE_MANAGED)):
         now_cond = c.find(new.get("conditions"), type_)
         was = c.find(old.get("conditions"), type_)
@@ -755,6 +765,10 @@ def _apply_report(new: dict[str, Any], report: TrainerReport | None, *, terminal
         new["adjustments"] = [a.wire() for a in report.adjustments[-16:]]
     if report.evaluation is not None:
         new["evaluation"] = report.evaluation.wire()
+    if report.export is not None:  # the trainer's export check (finetune_trainer.export)
+        new["export"] = report.export.wire()
+    if report.tracking is not None:  # the MLflow run (finetune_trainer.tracking)
+        new["tracking"] = report.tracking.wire()
 
 
 def _hallucination(new: dict[str, Any], b: _Builder, spec: Mapping[str, Any]) -> None:
@@ -781,9 +795,26 @@ def _hallucination(new: dict[str, Any], b: _Builder, spec: Mapping[str, Any]) ->
               f"{measured}, at or below evaluation.hallucinationThreshold {threshold:.1%}")
 
 
+def _tracking(b: _Builder, tracking: Mapping[str, Any] | None) -> None:
+    """Tracking from status.tracking (spec.tracking.mlflow): False with the trainer's last failure, True once the
+    MLflow run exists, absent before either."""
+    tracking = tracking or {}
+    if tracking.get("error"):
+        b.set(c.TRACKING, c.FALSE, c.TRACKING_FAILED, f"{tracking['error']} (training is not affected)")
+    elif tracking.get("runId"):
+        version = (f"; registered {tracking.get('registeredModel')} version {tracking['modelVersion']}"
+                   if tracking.get("modelVersion") else "")
+        b.set(c.TRACKING, c.TRUE, c.TRACKED, f"MLflow run {tracking.get('runUrl') or tracking['runId']}{version}")
+
+
 def _drop_eta(new: dict[str, Any]) -> None:
     if isinstance(new.get("progress"), dict):
         new["progress"] = {k: v for k, v in new["progress"].items() if k != "etaSeconds"}
+
+
+def _is_false(conditions: Iterable[Mapping[str, Any]] | None, type_: str) -> bool:
+    cond = c.find(conditions, type_)
+    return cond is not None and cond.get("status") == c.FALSE
 
 
 def _deciding_condition(status: Mapping[str, Any]) -> dict[str, Any] | None:

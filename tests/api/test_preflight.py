@@ -97,7 +97,7 @@ def test_a_good_job_is_planned_from_its_files_before_its_training_job(cluster: C
                                                                       tmp_path: Path) -> None:
     cluster.chaos.keep_bodies = True
     with operator():
-        cluster.create(FTJ, manifest("good"))
+        cluster.create(FTJ, manifest("good", serving={"adapterName": "good-adapter"}))
         pf = wait_for(lambda: cluster.get("batch/v1/jobs", "good-preflight"), "the pre-flight's Job")
         # A CPU Job: no GPU, its own component label (training-pod watches do not see it), the checks' command.
         container = pf["spec"]["template"]["spec"]["containers"][0]
@@ -128,6 +128,12 @@ def test_a_good_job_is_planned_from_its_files_before_its_training_job(cluster: C
     assert condition(st, "PreflightPassed")["reason"] == "PreflightSucceeded"
     snapshot = json.loads(cluster.get("v1/configmaps", "good-config")["data"][CONFIG_KEY])
     assert snapshot["plan"]["estimate"] == estimate and snapshot["method"] == "qlora"
+    # spec.serving: the completed plan says what is served (the tiny llama's q/k/v/o adapter passed the check)
+    assert plan["serving"] == snapshot["plan"]["serving"] == {
+        "baseModelName": "tiny", "modelUri": "s3://out/models/tiny/", "adapterName": "good-adapter",
+        "adapterUri": "s3://out/runs/good/model/", "maxRank": 16,
+        "manifests": ["s3://out/runs/good/serving/llminferenceservice.yaml", "s3://out/runs/good/serving/vllm.yaml"],
+        "apply": False}
 
     # The completed plan was written before the training Job was created.
     (created,) = training_job_created(cluster, "good")

@@ -198,3 +198,30 @@ def test_invalid_retrieval_is_refused_naming_the_field(kube: Kube, crd: Any, nam
     assert message is not None, f"{case_id}: admitted"
     named = "spec.retrieval" if path == "spec" else path
     assert named in message, f"{case_id}: the refusal does not name {named}: {message}"
+
+
+@pytest.mark.parametrize(("case_id", "named"), [
+    ("serving-with-prefix", "spec.serving: Forbidden: spec.serving cannot be used with methods prefix and prompt"),
+    ("serving-rank-above-max-rank", "spec.serving.maxRank: Invalid value"),
+    ("serving-default-rank-above-max-rank", "spec.serving.maxRank must be at least spec.lora.r (default 16)"),
+])
+def test_invalid_serving_is_refused_naming_the_field(refusals: dict[str, str | None], case_id: str, named: str) -> None:
+    """spec.serving's CEL rules on the real API server: the refusal names the field (the CEL rule's fieldPath)."""
+    message = refusals[case_id]
+    assert message is not None, f"{case_id}: admitted"
+    assert named in message, f"{case_id}: the refusal does not say {named!r}: {message}"
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize(("what", "fields"), [
+    ("finetunejob.spec.serving", ("baseModelName", "adapterName", "maxRank", "image", "gpus", "apply",
+                                  "--max-lora-rank", "LLMInferenceService")),
+    ("finetunejob.spec.tracking.mlflow", ("trackingUri", "experiment", "registeredModel", "secretRef",
+                                          "MLFLOW_TRACKING_USERNAME")),
+    ("finetunejob.status.serving", ("name", "ready", "url")),
+])
+def test_kubectl_explain_teaches_the_serving_and_tracking_fields(kubeconfig: str, crd: Any, what: str,
+                                                                fields: tuple[str, ...]) -> None:
+    text = kubectl_explain(kubeconfig, what)
+    for field in fields:
+        assert field in text, f"kubectl explain {what} does not show {field}:\n{text}"

@@ -28,6 +28,12 @@ def _row(output: str, label: str) -> tuple[float, float]:
     return float(match.group(1)), float(match.group(2))
 
 
+def _card_files(output: str) -> dict[str, Path]:
+    """The model card and chart paths `finetune run` prints at the end."""
+    return {what: Path(path) for what, path in re.findall(
+        r"^  (model card|loss curve|evaluation chart): +(\S+)$", output, re.MULTILINE)}
+
+
 def test_demo_trains_the_tiny_stand_in_and_shows_a_gain(capsys: pytest.CaptureFixture[str]) -> None:
     code = local.main([str(MANIFEST), "--local", "--demo"])
     out = capsys.readouterr().out
@@ -43,6 +49,12 @@ def test_demo_trains_the_tiny_stand_in_and_shows_a_gain(capsys: pytest.CaptureFi
     assert tuned_loss < base_loss - 1.0
     base_hall, tuned_hall = _row(out, "hallucination (lower is better)")
     assert tuned_hall < base_hall
+    # The card and its pictures, copied out of the demo's S3 server (gone by now) beside each other.
+    card = _card_files(out)
+    assert set(card) == {"model card", "loss curve", "evaluation chart"}
+    assert all(path.is_file() and path.parent == card["model card"].parent for path in card.values())
+    text = card["model card"].read_text()
+    assert "](loss.png)" in text and "](evaluation.png)" in text
 
 
 def test_demo_to_a_local_directory_with_overrides(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -57,6 +69,8 @@ def test_demo_to_a_local_directory_with_overrides(tmp_path: Path, capsys: pytest
     assert (output / MARKER_NAME).is_file() and (output / "model" / "adapter_model.safetensors").is_file()
     report = json.loads((output / REPORT_KEY).read_text())
     assert report["phase"] == "complete" and report["step"] == 2 and report["totalSteps"] == 2
+    assert _card_files(out) == {"model card": output / "README.md", "loss curve": output / "loss.png",
+                                "evaluation chart": output / "evaluation.png"}  # in the output directory itself
 
 
 def test_invalid_override_names_the_field(capsys: pytest.CaptureFixture[str]) -> None:
@@ -100,6 +114,7 @@ def test_a_passing_pilot_then_the_main_run(tmp_path: Path, capsys: pytest.Captur
     main = json.loads((output / REPORT_KEY).read_text())
     assert main["phase"] == "complete" and main["step"] == 2
     assert (output / MARKER_NAME).is_file() and (output / "model" / "model.safetensors").is_file()  # full weights
+    assert (output / "pilot" / "loss.png").is_file() and (output / "loss.png").is_file()  # each stage's own card
 
 
 def test_a_pilot_that_misses_its_gates_stops_before_the_main_run(tmp_path: Path,

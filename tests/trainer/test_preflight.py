@@ -201,3 +201,45 @@ def test_module_exits_config_error_with_the_reason_on_stderr(staged: Staged, s3_
     assert proc.returncode == EXIT_CONFIG_ERROR, proc.stderr
     assert "ModelUnreadable" in proc.stderr and missing in proc.stderr
     assert _written(config.spec.output.uri).error is not None
+
+
+# spec.serving: the adapter's target modules must be ones vLLM loads LoRA on (finetune_operator.serving's table).
+
+
+def test_serving_with_modules_vllm_cannot_load_is_serving_unsupported(staged: Staged, s3_env: dict[str, str],
+                                                                     tmp_path: Path) -> None:
+    config = make_config(staged, {"lora": {"targetModules": ["q_proj", "v_proj", "c_attn"]}, "serving": {}})
+
+    result, code = _run(config, tmp_path)
+
+    assert code == EXIT_CONFIG_ERROR
+    assert result.error is not None and result.error.reason == "ServingUnsupported"
+    message = result.error.message
+    assert "spec.lora.targetModules ['c_attn']" in message and "'llama'" in message
+    assert "spec.output.saveMerged: true" in message
+    assert result.architecture is not None and result.splits == []  # before the data: no time spent on it
+    assert _written(config.spec.output.uri).error == result.error
+
+    merged = make_config(staged, {"lora": {"targetModules": ["q_proj", "v_proj", "c_attn"]}, "serving": {},
+                                  "output": {"saveMerged": True}})
+    passed, code = _run(merged, tmp_path)
+    assert code == 0 and passed.ok, passed.error  # the merged model is served: no LoRA for vLLM to load
+
+
+def test_serving_on_an_architecture_vllm_lora_is_not_known_for(staged: Staged, s3_env: dict[str, str],
+                                                              tiny_model_dir: Path, tmp_path: Path) -> None:
+    import json
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    config_json = json.loads((model / "config.json").read_text())
+    config_json["model_type"] = "gpt_neox"
+    (model / "config.json").write_text(json.dumps(config_json))
+    config = make_config(staged, {"baseModel": {"uri": f"file://{model}"}, "serving": {}})
+
+    result, code = _run(config, tmp_path)
+
+    assert code == EXIT_CONFIG_ERROR
+    assert result.error is not None and result.error.reason == "ServingUnsupported"
+    assert "model type 'gpt_neox'" in result.error.message and "saveMerged" in result.error.message

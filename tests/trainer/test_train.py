@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from finetune_operator.contract import EXIT_GATES_FAILED, MARKER_NAME, REPORT_KEY
 from tests.trainer import train_helpers as th
@@ -98,7 +99,8 @@ def test_lora_artifacts_reload_and_generate(s3_env: Any, staged: th.Staged, tmp_
         return original(self, per_rank, total)
 
     monkeypatch.setattr(train.Run, "_train", spy)
-    config = th.make_config(staged, {"compliance": {"provenanceRequired": True}, "hyperparameters": {"packing": True}})
+    config = th.make_config(staged, {"compliance": {"provenanceRequired": True}, "hyperparameters": {"packing": True},
+                                     "serving": {"adapterName": "tiny"}})
     outcome = th.run_in_process(config)
     assert seen == {"provenance_before_training": True}
     store = th.store(config.spec.output.uri)
@@ -118,6 +120,18 @@ def test_lora_artifacts_reload_and_generate(s3_env: Any, staged: th.Staged, tmp_
     metrics = [json.loads(line) for line in store.read_bytes("metrics.jsonl").decode().splitlines()]
     assert all(m["tokens_per_second"] > 0 and m["tokens"] > 0 for m in metrics if "loss" in m)
     assert outcome.artifacts["model"] == report["artifacts"]["model"]
+    # The card's pictures (finetune_trainer/charts.py), next to it and linked relatively.
+    assert report["artifacts"]["lossChart"] == store.child("loss.png")
+    assert report["artifacts"]["evaluationChart"] == store.child("evaluation.png")
+    card = store.read_bytes("README.md").decode()
+    assert "](loss.png)" in card and "](evaluation.png)" in card
+    # spec.serving: the manifests beside the model, named in the report (finetune_operator.serving)
+    assert report["artifacts"]["servingLLMInferenceService"] == store.child("serving/llminferenceservice.yaml")
+    assert report["artifacts"]["servingVllm"] == store.child("serving/vllm.yaml")
+    llmisvc = yaml.safe_load(store.read_bytes("serving/llminferenceservice.yaml"))
+    assert llmisvc["spec"]["model"]["lora"] == {"adapters": [{"name": "tiny", "uri": report["artifacts"]["model"]}],
+                                                "maxRank": 16}
+    assert "serving/vllm.yaml" in {f["path"] for f in manifest["files"]}
 
     # The adapter reloads with peft on the base model and generates.
     import torch

@@ -168,6 +168,21 @@ CASES = [
     Case("pilot-format-gate-without-format", {"spec.method": "full",
                                               "spec.pilot": {"gates": [{"metric": "formatCompliance", "min": 0.9}]}},
          "spec", "formatCompliance is only measured with spec.evaluation.formatSchema or formatRegex"),
+    # spec.serving: vLLM and KServe load LoRA adapters and whole models, up to --max-lora-rank.
+    Case("serving-with-prefix", {"spec.method": "prefix", "spec.hyperparameters.gradientCheckpointing": False,
+                                 "spec.serving": {}}, "spec", "spec.serving cannot be used with method prefix"),
+    Case("serving-with-prompt", {"spec.method": "prompt", "spec.serving": {}}, "spec",
+         "spec.serving cannot be used with method prompt"),
+    Case("serving-rank-above-max-rank", {"spec.lora.r": 64, "spec.serving": {"maxRank": 32}}, "spec",
+         "spec.serving.maxRank 32 is below spec.lora.r 64"),
+    Case("serving-default-rank-above-max-rank", {"spec.lora": DELETE, "spec.serving": {"maxRank": 8}}, "spec",
+         "spec.serving.maxRank 8 is below spec.lora.r 16"),
+    Case("serving-max-rank-not-a-vllm-rank", {"spec.serving": {"maxRank": 48}}, "spec.serving.maxRank", "48"),
+    # spec.tracking.mlflow: credentials only from its secretRef, never in the URI.
+    Case("tracking-uri-with-credentials", {"spec.tracking": {"mlflow": {"trackingUri": "https://ci:hunter2@mlflow.example.com"}}},
+         "spec.tracking.mlflow.trackingUri", "pattern"),
+    Case("tracking-uri-not-http", {"spec.tracking": {"mlflow": {"trackingUri": "databricks"}}},
+         "spec.tracking.mlflow.trackingUri", "pattern"),
     # spec.budget: a GPU-hours cap.
     Case("zero-budget", {"spec.budget": {"maxGpuHours": 0}}, "spec.budget.maxGpuHours", "must be > 0"),
     Case("budget-without-cap", {"spec.budget": {}}, "spec.budget.maxGpuHours", "required"),

@@ -50,6 +50,11 @@ MUST_FAIL_AT_ADMISSION = {
     "pilot-gate-without-bounds",
     "pilot-without-evaluation",
     "pilot-format-gate-without-format",
+    "serving-with-prefix",
+    "serving-with-prompt",
+    "serving-rank-above-max-rank",
+    "serving-default-rank-above-max-rank",
+    "serving-max-rank-not-a-vllm-rank",
 }
 
 
@@ -87,3 +92,32 @@ def test_updates_other_than_suspend_are_refused_at_admission():
     edited["spec"]["dataset"]["train"] = "s3://elsewhere/train.jsonl"
     verdict = admit(edited, old=doc)
     assert any("spec.dataset is immutable" in e for e in verdict.cel_errors), verdict
+
+
+SERVING_REFUSALS = {
+    "serving-with-prefix": "spec.serving cannot be used with methods prefix and prompt",
+    "serving-with-prompt": "spec.serving cannot be used with methods prefix and prompt",
+    "serving-rank-above-max-rank": "spec.serving.maxRank must be at least spec.lora.r",
+    "serving-default-rank-above-max-rank": "spec.serving.maxRank must be at least spec.lora.r (default 16)",
+}
+
+
+@pytest.mark.parametrize("case_id", sorted(SERVING_REFUSALS))
+def test_serving_refusals_name_the_field(case_id: str):
+    (case,) = [c for c in CASES if c.id == case_id]
+    verdict = admit(case.manifest())
+    assert any(SERVING_REFUSALS[case_id] in e for e in verdict.cel_errors), verdict
+
+
+@pytest.mark.parametrize("changes", [
+    {"serving": {}},
+    {"serving": {"maxRank": 16}},  # the default lora.r 16
+    {"lora": {"r": 64}, "serving": {}},  # maxRank unset: the plan picks 64
+    {"method": "full", "lora": {"r": 64}, "serving": {"maxRank": 8}},  # full: no adapter, no rank
+    {"method": "auto", "lora": {"r": 8}, "serving": {"maxRank": 8, "adapterName": "triage", "apply": True}},
+], ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_serving_combinations_that_vllm_loads_are_admitted(changes: dict):
+    doc = yaml.safe_load(EXAMPLES[0].read_text())
+    doc["spec"].update(changes)
+    assert admit(doc).admitted, admit(doc)
+    assert validate_document(doc).ok

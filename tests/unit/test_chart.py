@@ -20,8 +20,9 @@ import pytest
 import yaml
 
 import finetune_operator
-from finetune_operator import handlers, metrics, policy, render
+from finetune_operator import handlers, metrics, policy, render, serving, serving_apply
 from finetune_operator.settings import DEFAULT_TRAINER_IMAGE, OperatorSettings
+from finetune_operator.spec import FineTuneJob
 from tests.unit.test_render import K8S_VERSIONS, pss_restricted_violations, rendered
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -188,6 +189,8 @@ NAMESPACED_PERMISSIONS = {
     ("", "services"): {"create", "get", "list", "watch", "patch"},
     ("", "configmaps"): {"create", "get", "list", "watch", "patch"},
     ("networking.k8s.io", "networkpolicies"): {"create", "get", "list", "watch", "patch", "delete"},
+    # spec.serving.apply: created, read by name (polled, not watched), labels patched on adoption; no delete.
+    ("serving.kserve.io", "llminferenceservices"): {"create", "get", "patch"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "events"): {"create", "patch"},
 }
@@ -251,7 +254,24 @@ def test_rbac_covers_what_the_renderers_create(chart: helm.Chart, values: dict[s
             verbs = granted[(group, plural[obj["kind"]])]
             assert {"create", "get", "list", "watch", "patch"} <= verbs
             assert ("delete" in verbs) == (obj["kind"] == "NetworkPolicy")
+        # spec.serving.apply's LLMInferenceService: what `inference_service` does to it (read, create, adopt), never
+        # a delete (garbage collection removes it with its FineTuneJob).
+        served = serving_apply_object()
+        verbs = granted[(served["apiVersion"].rpartition("/")[0], serving.LLMISVC_PLURAL)]
+        assert {"create", "get", "patch"} <= verbs and "delete" not in verbs
     assert NAMESPACED_PERMISSIONS[("networking.k8s.io", "networkpolicies")] >= {"create", "patch", "delete"}
+
+
+def serving_apply_object() -> dict[str, Any]:
+    """The LLMInferenceService the operator creates for a finished job with spec.serving.apply."""
+    job = FineTuneJob.model_validate({
+        "apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob",
+        "metadata": {"name": "served", "namespace": "team-a", "uid": "11111111-2222-4333-8444-555555555555"},
+        "spec": {"baseModel": {"uri": "hf://org/base"}, "method": "lora", "dataset": {"train": "s3://data/t.jsonl"},
+                 "output": {"uri": "s3://out/served/"}, "serving": {"apply": True}}})
+    plan = serving.serving_plan(job, "lora")
+    assert plan is not None
+    return serving_apply.desired(job, plan, render.owner_reference(job.metadata))
 
 
 def test_watch_namespaces_runs_kopf_on_those_namespaces(chart: helm.Chart) -> None:

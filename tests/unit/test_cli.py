@@ -186,6 +186,44 @@ def test_plan_accepts_prefix_and_prompt_tuning(tmp_path: Path):
     assert table.returncode == 0 and "healthcare-prefix" in table.stdout and "estimate" in table.stdout
 
 
+def test_plan_shows_the_serving_plan(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    """spec.serving: the table says what is served, under which names, and where the manifests go; -o json has it."""
+    doc = yaml.safe_load((ROOT / "examples" / "healthcare-lora.yaml").read_text())
+    doc["spec"]["lora"] = {"r": 24}
+    doc["spec"]["serving"] = {"adapterName": "triage", "apply": True}
+    lora = tmp_path / "lora.yaml"
+    lora.write_text(yaml.safe_dump(doc))
+    doc["metadata"]["name"] = "merged"
+    doc["spec"]["output"]["saveMerged"] = True
+    doc["spec"]["serving"] = {"baseModelName": "triage-7b"}
+    merged = tmp_path / "merged.yaml"
+    merged.write_text(yaml.safe_dump(doc))
+    output = doc["spec"]["output"]["uri"].rstrip("/")
+
+    assert cli.main(["plan", str(lora), str(merged)]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if ": serving: " in line]
+    name = yaml.safe_load(lora.read_text())["metadata"]["name"]
+    assert lines[:4] == [
+        f"{name}: serving: model {doc['spec']['baseModel']['uri']} served as "
+        f"{doc['spec']['baseModel']['uri'].removeprefix('hf://')!r}",
+        f"{name}: serving: adapter 'triage' from {output}/model/ (vLLM --max-lora-rank 32)",
+        f"{name}: serving: manifests (written when training succeeds): {output}/serving/llminferenceservice.yaml, "
+        f"{output}/serving/vllm.yaml",
+        f"{name}: serving: apply: the operator creates the LLMInferenceService once the job Succeeded with every "
+        "gate passed",
+    ]
+    assert lines[4:6] == [f"merged: serving: model {output}/merged/ served as 'triage-7b'",
+                          "merged: serving: no adapter: the served model is the whole fine-tuned model"]
+
+    assert cli.main(["plan", str(lora), "-o", "json"]) == 0
+    plan = json.loads(capsys.readouterr().out)["plan"]
+    assert plan["serving"] == {
+        "baseModelName": doc["spec"]["baseModel"]["uri"].removeprefix("hf://"), "modelUri": doc["spec"]["baseModel"]["uri"],
+        "adapterName": "triage", "adapterUri": f"{output}/model/", "maxRank": 32,
+        "manifests": [f"{output}/serving/llminferenceservice.yaml", f"{output}/serving/vllm.yaml"], "apply": True,
+    }
+
+
 # `finetune plan --inspect`: the base model's architecture read from its files (test_architecture writes them).
 def _local_job(tmp_path: Path, uri: str, name: str = "local-model", **base: str) -> Path:
     doc = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": name},

@@ -229,6 +229,19 @@ def test_status_when_the_preflight_found_bad_data() -> None:
     assert (st["preflight"]["phase"], st["preflight"]["reason"]) == ("Failed", "DataInvalid")
 
 
+def test_status_when_the_preflight_found_an_adapter_vllm_cannot_load() -> None:
+    """spec.serving's check (reason ServingUnsupported): the job fails before any GPU, with the trainer's words."""
+    message = ("spec.lora.targetModules ['c_attn'] cannot be loaded as LoRA by vLLM for model type 'llama': ...; "
+               "set spec.output.saveMerged: true")
+    refused = result(ok=False).model_copy(update={"error": TrainerError(reason="ServingUnsupported", message=message)})
+    assert preflight.failure(refused) == ("ServingUnsupported", message)
+    view = PreflightView(children=Children(job=pf_job(("Failed", "PodFailurePolicy", "exit 3"))), result=refused)
+    st = compute_status(ftj(), plan=None, preflight=view, now=NOW)
+    assert st["phase"] == "Failed" and conds(st)["Failed"]["reason"] == "ServingUnsupported"
+    assert "saveMerged: true" in conds(st)["Failed"]["message"] and "no GPU was requested" in conds(st)["Failed"]["message"]
+    assert (st["preflight"]["phase"], st["preflight"]["reason"]) == ("Failed", "ServingUnsupported")
+
+
 def test_status_when_the_preflight_job_failed_without_a_result() -> None:
     pod = {"metadata": {"name": "demo-preflight-x"}, "status": {"containerStatuses": [
         {"state": {"terminated": {"exitCode": EXIT_CONFIG_ERROR, "message": "ModelUnreadable: no config.json"}}}]}}

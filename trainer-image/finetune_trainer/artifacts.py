@@ -2,20 +2,29 @@
 
     model/            adapter (lora, qlora, prefix, prompt) or full weights (full), plus the tokenizer
     merged/           base + adapter merged into one model (spec.output.saveMerged; lora and qlora: the
-                      spec refuses it for prefix and prompt, whose virtual tokens are not weights)
+                      spec refuses it for prefix and prompt, whose virtual tokens are not weights), merged
+                      shard by shard (merge.py) and checked against the adapter (export.py)
     metrics.jsonl     one line per step: step, epoch, loss, learning_rate, tokens; at logging steps also
                       tokens_per_second (non-padding tokens) and window_loss; at checkpoints eval_loss
     evaluation.json   base vs fine-tuned scores (EvaluationStatus)
+    loss.png          the loss curve (train and eval loss over steps, the pilot's too) and the base vs
+    evaluation.png    fine-tuned scores (evaluation enabled), which the model card embeds (charts.py)
     provenance.json   data files with sha256, data stats, base model files with sha256, config, image, world;
                       with spec.retrieval the corpus files with sha256 and the index settings (`retrieval`)
+    tensorboard/      TensorBoard event files of every attempt (loss, eval_loss, learning_rate, tokens_per_second,
+                      gpu_hours), also uploaded at each checkpoint (tracking.py)
     retrieval/        spec.retrieval: the BM25 index (`index/`), `passages.jsonl`, `retriever.json` (settings,
                       prompt layout, corpus sha256): what a serving stack loads (`retrieval.Retriever.load`)
+    serving/          spec.serving: llminferenceservice.yaml (KServe) and vllm.yaml (vLLM Deployment + Service),
+                      rendered by finetune_operator.serving (not for the pilot stage)
     README.md         model card
     _COMPLETE         written last (a manifest of every file above with sizes and sha256)
 
-The marker is not written when gates fail: the files are there to inspect, but the output is not
-complete. For qlora the merge runs on a fresh 16-bit copy of the base (merging into 4-bit weights would
-round the adapter away) and on the CPU, so it never competes with the training model for GPU memory.
+The marker is not written when gates fail or the export check fails (export.py: the saved adapter
+reloaded on the base, and merged/, against the trained model's logits): the files are there to inspect, but
+the output is not complete. For qlora the merge goes into the 16-bit base on disk (merging into 4-bit weights
+would round the adapter away), on the CPU, one shard at a time, so it never competes with the training model
+for GPU memory.
 """
 
 from __future__ import annotations
@@ -79,22 +88,10 @@ def _save_model(run: Run, stage: Path) -> None:
         unwrapped = accelerator.unwrap_model(run.model)
         unwrapped.save_pretrained(str(stage / "model"), state_dict=state_dict, safe_serialization=True)
         run.tokenizer.save_pretrained(str(stage / "model"))
+        if run.method.adapter:  # the served base's name, target modules as a list (export.py)
+            from finetune_trainer import export
 
-
-def _save_merged(run: Run, stage: Path) -> None:
-    import torch
-    from peft import PeftModel
-
-    from finetune_trainer import modeling
-
-    dtype = run.precision.base_dtype if run.precision.base_dtype != torch.float16 or torch.cuda.is_available() \
-        else torch.float32
-    precision = modeling.Precision(run.precision.mixed, dtype)
-    base = modeling.load_base(run.model_dir, "lora", precision, torch.device("cpu"), run.config, quantized=False)
-    merged = PeftModel.from_pretrained(base, str(stage / "model")).merge_and_unload()
-    merged.config.use_cache = True
-    merged.save_pretrained(str(stage / "merged"), safe_serialization=True)
-    run.tokenizer.save_pretrained(str(stage / "merged"))
+            export.finish_adapter_config(stage / "model", run.spec.served_base_model_name())
 
 
 def publish(run: Run, evaluation: Any, final_loss: float | None, *, complete: bool) -> dict[str, str]:
@@ -113,20 +110,25 @@ def publish(run: Run, evaluation: Any, final_loss: float | None, *, complete: bo
 
 
 def _write_files(run: Run, stage: Path, evaluation: Any, final_loss: float | None, complete: bool) -> dict[str, str]:
-    from finetune_trainer import modelcard
+    from finetune_trainer import export, modelcard
 
     kinds = {"model": "model/", "metrics": "metrics.jsonl", "evaluation": "evaluation.json",
              "provenance": PROVENANCE_KEY, "modelCard": "README.md"}
+    merged = None
     if run.spec.output.save_merged:
         if not run.method.mergeable:
             log.warning("spec.output.saveMerged has no effect with method %s: %s", run.config.method,
                         "model/ is the whole model" if not run.method.adapter else "there is nothing to merge")
         else:
-            _save_merged(run, stage)
+            merged = export.save_merged(run, stage)  # streaming, shard by shard (merge.py)
             kinds["merged"] = "merged/"
+    check = export.check(run, stage, merged)  # reload and merge vs the trained model's logits (report.export)
+    complete = complete and (check is None or bool(check.passed))
     if run.inputs.retrieval is not None:
         run.inputs.retrieval.retriever.save(stage / "retrieval")
         kinds["retrieval"] = "retrieval/"
+    if run.tracker.stage_tensorboard(stage):  # every attempt's event files (tracking.py)
+        kinds["tensorboard"] = "tensorboard/"
     if run.metrics_path.is_file():
         shutil.copy(run.metrics_path, stage / "metrics.jsonl")
     else:
@@ -134,6 +136,13 @@ def _write_files(run: Run, stage: Path, evaluation: Any, final_loss: float | Non
     (stage / "evaluation.json").write_text(
         json.dumps(evaluation.model_dump(by_alias=True, exclude_none=True, mode="json"), indent=2, sort_keys=True) + "\n")
     (stage / PROVENANCE_KEY).write_text(json.dumps(_provenance(run), indent=2, sort_keys=True) + "\n")
+    from finetune_trainer import serving_manifests  # serving/*.yaml with spec.serving (not for the pilot)
+
+    kinds.update(serving_manifests.write(run.config, stage))
+    # loss.png, evaluation.png (kinds lossChart, evaluationChart), before the card, which links them
+    from finetune_trainer import charts
+
+    kinds.update(charts.write_for_run(run, stage, evaluation))
     uris = {kind: str(run.store.child(key.rstrip("/"))) + ("/" if key.endswith("/") else "")
             for kind, key in kinds.items()}
     summary = {"final_loss": final_loss, "steps": run.state.step, "world_size": run.world,
@@ -141,7 +150,8 @@ def _write_files(run: Run, stage: Path, evaluation: Any, final_loss: float | Non
                "validation_examples": len(run.inputs.validation), "examples_truncated": run.inputs.truncated,
                "examples_truncated_away": run.inputs.truncated_away}
     (stage / "README.md").write_text(
-        modelcard.render_model_card(run.config, evaluation=evaluation, artifacts=uris, metrics_summary=summary))
+        modelcard.render_model_card(run.config, evaluation=evaluation, artifacts=uris, metrics_summary=summary,
+                                    export=check))
     run.store.upload_dir(stage, "", marker=complete)
     if complete:
         log.info("artifacts complete: %s", run.store.child(MARKER_NAME))

@@ -58,6 +58,7 @@ def _leave_exit_code(code: int) -> None:
 
 def run(config: TrainerConfig, output_uri: str | None = None) -> int:
     """Run one trainer process in this process; returns the exit code (failures are reported)."""
+    from finetune_trainer import tracking
     from finetune_trainer.train import Preempted, Run
 
     job: Any = Run(config, output_uri)
@@ -65,14 +66,17 @@ def run(config: TrainerConfig, output_uri: str | None = None) -> int:
         job.run()
     except Preempted as stop:
         log.warning("%s", stop)
+        tracking.abandon(job, stop)
         return EXIT_PREEMPTED
     except TrainerFailure as err:
         log.error("%s", err)
+        tracking.abandon(job, err)
         if getattr(job, "reporter", None) is not None:
             job.reporter.fail_with(err)
         return err.exit_code
     except Exception as err:
         log.exception("trainer crashed")
+        tracking.abandon(job, err)
         if getattr(job, "reporter", None) is not None:
             job.reporter.fail_with(err)
         return 1

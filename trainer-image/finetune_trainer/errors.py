@@ -73,3 +73,19 @@ class BudgetExceeded(TrainerFailure):
 
     def __init__(self, message: str):
         super().__init__("BudgetExceeded", message)
+
+
+class ExportCheckFailed(TrainerFailure):
+    """The exported model does not compute what the trained one did (the saved adapter reloaded on the base,
+    or merged/, against the trained model's logits beyond the tolerance): like GatesFailed, the files are
+    uploaded for inspection but the output gets no completion marker."""
+
+    def __init__(self, message: str):
+        super().__init__("ExportCheckFailed", message)
+
+
+class MergeUnsupported(TrainerFailure):
+    """spec.output.saveMerged asked for a merge the streaming merge cannot make exactly (merge.py)."""
+
+    def __init__(self, message: str):
+        super().__init__("MergeUnsupported", message)

@@ -22,6 +22,9 @@ bounded, writing under `<output>/pilot/`, gated by pilot.gates), then, only when
 run. A pilot that misses its gates stops there with exit code 4 and its scores; its adapter stays in
 `<output>/pilot/model/`.
 
+At the end it prints where the model card and its charts (loss.png, evaluation.png) are: in the output when
+that is a directory, else copies under the work directory, which outlive the demo's S3 server.
+
 Exit code: the trainer's (0 ok, 3 bad config/data/credentials, 4 gates missed, 143 stopped, 1 crash);
 2 for usage errors.
 """
@@ -366,6 +369,27 @@ def _listing(output_uri: str, env: dict[str, str]) -> tuple[str, list[str]]:
         return store.child(""), store.list("")
 
 
+#: The model card and its pictures (finetune_trainer/charts.py), as `finetune run` names them.
+CARD_FILES = (("model card", "README.md"), ("loss curve", "loss.png"), ("evaluation chart", "evaluation.png"))
+
+
+def card_files(output: str, env: dict[str, str], copy_to: Path) -> list[tuple[str, Path]]:
+    """(what, local path) of the model card and its charts: in the output when it is a directory, else
+    copied into `copy_to` (the demo's S3 server and its data are gone after the run; the copy stays), the
+    card beside its pictures so its relative links work there too."""
+    if "://" not in output:
+        return [(what, Path(output) / name) for what, name in CARD_FILES if (Path(output) / name).is_file()]
+    from finetune_trainer.storage import Store
+
+    found = []
+    with scoped_environ(env):
+        store = Store.for_uri(output, retry_seconds=5)
+        for what, name in CARD_FILES:
+            if store.exists(name):
+                found.append((what, store.download_file(name, copy_to / name)))
+    return found
+
+
 def summarize(root: str, keys: list[str]) -> list[str]:
     """Output keys, directories (model/, merged/, status/, checkpoints/step-N/) collapsed with file counts."""
     groups: dict[str, int] = {}
@@ -501,6 +525,11 @@ def _run_stage(args: argparse.Namespace, config: TrainerConfig, output: str, wor
         if args.demo and output.startswith("s3://") and not args.keep_s3:
             print("  (the demo's S3 server and its data are removed at exit: add --keep-s3 to browse them, "
                   "or --output DIR to keep the artifacts in a directory)")
+        card = card_files(output, env, work / ("model-card" if label == "trainer" else f"{label}-model-card"))
+        if card:
+            print("\nmodel card and charts" + (" (copied here)" if "://" in output else "") + ":")
+            for what, path in card:
+                print(f"  {what + ':':<18}{path}")
     if report is not None and report.evaluation is not None:
         print(f"\nevaluation (base vs {'pilot' if label == 'pilot' else 'fine-tuned'}):")
         print(evaluation_table(report.evaluation))

@@ -14,8 +14,8 @@ from typing import Any
 import yaml
 
 from finetune_operator.contract import TrainerConfig
-from finetune_operator.spec import EvaluationStatus
-from finetune_trainer import methods
+from finetune_operator.spec import EvaluationStatus, ExportCheck
+from finetune_trainer import charts, methods
 
 #: (Scores field, label, whether higher is better)
 _METRICS = (
@@ -121,6 +121,36 @@ def _evaluation_section(evaluation: EvaluationStatus | None) -> list[str]:
         "",
     ]
     return lines
+
+
+def _chart(artifacts: Mapping[str, str], kind: str, file_name: str, alt: str) -> list[str]:
+    """A picture written next to the card (charts.py), linked relatively: the link works on the Hugging Face hub
+    and in a downloaded copy of the output alike."""
+    return [f"![{alt}]({file_name})", ""] if kind in artifacts else []
+
+
+def _export_section(export: ExportCheck | None) -> list[str]:
+    """The export checks (finetune_trainer.export): logits of what was exported vs what was trained."""
+    if export is None:
+        return []
+    rows: list[tuple[Any, ...]] = [("sample prompts", export.prompts)]
+    if export.adapter_max_abs_diff is not None:
+        rows.append(("saved adapter reloaded on the base vs the trained model: max abs logit difference",
+                     f"{export.adapter_max_abs_diff:.3g}"))
+    if export.merged_max_abs_diff is not None:
+        rows.append(("merged/ vs the adapter on the base (both fp32): max abs logit difference",
+                     f"{export.merged_max_abs_diff:.3g}"))
+    if export.merged_check is not None:
+        rows.append(("merged/ compared", export.merged_check))
+    rows.append(("tolerance (max abs logit difference)", f"{export.tolerance:.3g}" if export.tolerance is not None else "-"))
+    if export.merge_peak_bytes is not None:
+        rows.append(("merge: peak memory of tensors held", f"{export.merge_peak_bytes / 2**20:.1f} MiB"))
+    rows.append(("passed", export.passed))
+    return ["## Export checks", "",
+            "Max abs difference of the logits on sample prompts of the test set. The tolerance is the rounding "
+            "of the coarsest dtype involved at the logits' scale, with a margin (16 roundings in bf16, 4096 in "
+            "fp32); a wrong export differs by the adapter's whole effect.", "",
+            _table(("check", "value"), rows), ""]
 
 
 def _rung(rung: Any) -> str:
@@ -229,6 +259,7 @@ def render_model_card(
     evaluation: EvaluationStatus | None,
     artifacts: Mapping[str, str],
     metrics_summary: Mapping[str, Any],
+    export: ExportCheck | None = None,
 ) -> str:
     """The model card as Markdown (front matter, method and plan, data, hyperparameters, evaluation,
     artifacts, intended use and limitations)."""
@@ -293,9 +324,16 @@ def render_model_card(
         "",
     ]
     lines += _adjustments_section(config)
-    if metrics_summary:
-        lines += ["## Training", "", _table(("metric", "value"), sorted(metrics_summary.items())), ""]
+    if metrics_summary or charts.LOSS_KIND in artifacts:
+        lines += ["## Training", ""]
+        if metrics_summary:
+            lines += [_table(("metric", "value"), sorted(metrics_summary.items())), ""]
+        lines += _chart(artifacts, charts.LOSS_KIND, charts.LOSS_FILE,
+                        "Loss curve: training loss per step and eval loss at checkpoints")
     lines += _evaluation_section(evaluation)
+    lines += _chart(artifacts, charts.EVALUATION_KIND, charts.EVALUATION_FILE,
+                    "Evaluation: base vs fine-tuned scores")
+    lines += _export_section(export)
     if artifacts:
         lines += ["## Artifacts", ""] + [f"- {kind}: `{uri}`" for kind, uri in sorted(artifacts.items())] + [""]
     lines += _usage_section(config, artifacts)

@@ -24,8 +24,11 @@ the result it writes; `finetune plan --inspect` runs the model and data checks o
 3. Output: the result (`contract.PreflightResult`) is written to `<output>/preflight.json`; that write is
    the writability check.
 
-The first failure stops the checks. Reasons: `ModelUnreadable`, `DataInvalid`, `OutputNotWritable`; the
-message names the field, URI and (data) file and line. On failure preflight.json is still written with the
+With spec.serving serving an adapter, the model's architecture (config.json's model_type) must be one whose LoRA
+modules vLLM is known to load and spec.lora.targetModules among them (`check_serving`), before the data is read.
+
+The first failure stops the checks. Reasons: `ModelUnreadable`, `ServingUnsupported`, `DataInvalid`,
+`OutputNotWritable`; the message names the field, URI and (data) file and line. On failure preflight.json is still written with the
 error when the output is writable, the message goes to stderr, and the process exits
 `contract.EXIT_CONFIG_ERROR`. S3 that stays unreachable for the whole retry window (`StorageUnavailable`)
 is not a verdict on the job: exit 1, nothing written, so a Job retry can run it again.
@@ -213,6 +216,17 @@ def read_model(uri: str, revision: str | None, cache: Path, work: Path) -> tuple
         raise PreflightFailure("ModelUnreadable", f"spec.baseModel.uri {uri}: {err}") from None
 
 
+def check_serving(config: TrainerConfig, arch: Architecture) -> None:
+    """spec.serving: the adapter's target modules must be ones vLLM loads LoRA on for this architecture
+    (`finetune_operator.serving.VLLM_LORA_MODULES`); PreflightFailure ServingUnsupported otherwise."""
+    from finetune_operator import serving
+
+    problem = serving.target_module_problem(config.spec, config.method, arch.model_type)
+    if problem is not None:
+        field, message = problem
+        raise PreflightFailure("ServingUnsupported", message, field=field)
+
+
 def load_tokenizer(uri: str, directory: Path) -> Any:
     """The model's tokenizer (the trainer's `modeling.load_tokenizer`); ModelUnreadable when it has none."""
     from finetune_trainer.modeling import load_tokenizer as load
@@ -317,6 +331,7 @@ def check_local(config: TrainerConfig, model_dir: Path, cache: Path,
         arch = read_architecture(model_dir)
     except ArchitectureError as err:
         raise PreflightFailure("ModelUnreadable", f"spec.baseModel.uri {uri}: {err}") from None
+    check_serving(config, arch)
     tokenizer = load_tokenizer(uri, model_dir)
     splits = check_data(config, tokenizer, cache, local)
     return PreflightResult(ok=True, job_uid=config.uid, model_uri=uri, revision=spec.base_model.revision,
@@ -380,6 +395,7 @@ def run(config: TrainerConfig, output_uri: str | None = None, cache: Path | None
     try:
         arch, model_dir = read_model(spec.base_model.uri, spec.base_model.revision, cache, work)
         result.architecture = _architecture(arch)
+        check_serving(config, arch)
         log.info("model: %s", arch.describe())
         tokenizer = load_tokenizer(spec.base_model.uri, model_dir)
         result.splits = check_data(config, tokenizer, cache)

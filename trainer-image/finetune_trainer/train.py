@@ -18,7 +18,8 @@ Order of a run (every process runs every phase; rank 0 alone writes to the outpu
    run at a memory rung (micro-batch, accumulation, gradient checkpointing: `_attempt`); out of memory
    before the first checkpoint, they run again one rung lower (`oom.Ladder`, the out-of-memory ladder)
 7. fine-tuned evaluation, gates (GatesFailed, exit 4, naming the metric)
-8. artifacts, then the output's `_COMPLETE` marker (last)
+8. artifacts, the export check (`export.py`: the saved adapter reloaded, and merged/, against the trained
+   model's logits; ExportCheckFailed, exit 3, beyond its tolerance), then the output's `_COMPLETE` marker (last)
 
 Distributed: DDP through accelerate; FSDP (v2, full sharding of each decoder layer) for `method: full`
 with several GPU processes. On CPU (gloo) full fine-tuning uses DDP too: FSDP's CPU path is slow and
@@ -263,6 +264,9 @@ class Run:
         if self.spec.compliance.provenance_required and accelerator.is_main_process:
             self._upload_provenance()  # before the first training step; raises if it cannot
         accelerator.wait_for_everyone()
+        from finetune_trainer import tracking
+
+        self.tracker = tracking.start(self)  # TensorBoard, and MLflow with spec.tracking.mlflow (rank 0)
 
         # Setup and training, again one rung lower after an out-of-memory error in the first steps (oom.py).
         self.adjustments: list[Adjustment] = list(self.requested.adjustments)
@@ -282,15 +286,17 @@ class Run:
         self.reporter.update(evaluation=evaluation)
         failed = list(evaluation.failed_gates)
 
-        from finetune_trainer import artifacts
+        from finetune_trainer import artifacts, export
 
         self.reporter.phase("uploading")
         uris = artifacts.publish(self, evaluation, final_loss, complete=not failed)
         self.reporter.update(artifacts=uris)
+        self.tracker.finish(evaluation, uris, passed=not failed and export.passed(self))
         if failed:
             from finetune_trainer.errors import GatesFailed
 
             raise GatesFailed("; ".join(failed))
+        export.raise_if_failed(self)  # ExportCheckFailed (no marker, as with gates) when the export check failed
         self.reporter.phase("complete")
         return Outcome(state, final_loss, uris, evaluation, restored.step if restored else None)
 
@@ -581,6 +587,7 @@ class Run:
     def _metric(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(record) + "\n")
+        self.tracker.metric(record)
 
     def _checkpoint(self, keep: int) -> None:
         eval_loss = mean_loss(self.accelerator.unwrap_model(self.model), self.inputs.validation,
@@ -595,6 +602,7 @@ class Run:
                         metrics_path=self.metrics_path, fsdp=self.fsdp, save_state=self.method.save_state)
         if self.accelerator.is_main_process:
             ckpt.enforce_retention(self.store, keep)
+            self.tracker.checkpoint()
             log.info("checkpoint %s", uri)
         self.accelerator.wait_for_everyone()
         self.reporter.update(checkpoints=self._checkpoint_records())
