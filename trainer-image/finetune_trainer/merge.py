@@ -29,7 +29,9 @@ Output: one file per base file, named as transformers names them (`model.safeten
 `model-0000i-of-0000n.safetensors` with `model.safetensors.index.json`), in the safetensors format (8-byte
 little-endian header length, JSON header with each tensor's dtype, shape and data offsets, then the data),
 then `config.json` (the weights' dtype, `use_cache` on) and `generation_config.json`. The tokenizer is the
-caller's to save.
+caller's to save. The files are written here rather than with `safetensors.torch.save_file` because that
+takes a whole file's tensors at once (a single-file 7B base: the whole model); reading goes through the
+library (`safe_open`), and the tests read every written file back with it.
 """
 
 from __future__ import annotations
