@@ -1284,7 +1284,8 @@ class FineTuneJobStatus(_Model):
     checkpoints: list[CheckpointRecord] = Field(default_factory=list, max_length=100, description="Complete checkpoints, newest last.")
     artifacts: dict[str, Annotated[str, Field(max_length=1024)]] = Field(
         default_factory=dict, max_length=32, description="Artifact URIs by kind: model, merged, metrics, evaluation, provenance, modelCard, "
-        "retrieval (the index of spec.retrieval)."
+        "lossChart and evaluationChart (the card's pictures), tensorboard (event files), retrieval (the index of "
+        "spec.retrieval), servingLLMInferenceService and servingVllm (the manifests of spec.serving)."
     )
     evaluation: EvaluationStatus | None = Field(default=None, description="Evaluation scores, base beside fine-tuned.")
     adjustments: list[Adjustment] = Field(

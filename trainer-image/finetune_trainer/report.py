@@ -10,7 +10,9 @@ window), `evalLoss`, `learningRate`; `tokensPerSecond` (non-padding tokens, all 
 `etaSeconds`; `worldSize`; `resumedFromStep` (set when the run resumed from a checkpoint); `dataStats`
 (`{trainExamples, validationExamples, skippedRows, truncatedExamples}`, once the data is read); `checkpoints`
 (complete ones, newest last, each `{step, uri}`); `artifacts` (URIs by kind: model, merged, metrics,
-evaluation, provenance, modelCard); `evaluation` (base and fine-tuned scores; base as soon as it is
+evaluation, provenance, modelCard, lossChart, evaluationChart, tensorboard, retrieval, servingLLMInferenceService,
+servingVllm); `export` (the export checks, `finetune_trainer.export`); `tracking` (the MLflow run and its last
+failure, `finetune_trainer.tracking`); `evaluation` (base and fine-tuned scores; base as soon as it is
 known); `adjustments` (out-of-memory adjustments, oldest first, each `{step, from, to, reason, by}` with
 rungs `{microBatch, gradAccum, gradientCheckpointing}`: the config's, then the trainer's own, `oom.py`);
 `error` (`{reason, message}` when the phase is failed; `OutOfMemory` names every rung tried); `updatedAt`
