@@ -36,7 +36,7 @@ from __future__ import annotations
 import json
 import math
 import random
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -338,6 +338,20 @@ def load_dataset(
     `invalid_rows="fail"` raises a DataError naming the first offending rows; `"skip"` drops them and
     records them in `Dataset.skipped`.
     """
+    fmt, valid, problems = check_rows(
+        files, declared, invalid_rows, what, detect=detect_format, problem=row_problem, fallback="text",
+        checked=lambda fmt: f"format {fmt}", empty="add rows or point it at the data")
+    return Dataset(fmt, valid, problems)  # type: ignore[arg-type]
+
+
+def check_rows(files: Iterable[tuple[Path, str]], declared: str, invalid_rows: str, what: str, *,
+               detect: Callable[[Sequence[Row]], str], problem: Callable[[Any, Any], str | None], fallback: str,
+               checked: Callable[[str], str], empty: str) -> tuple[str, list[Row], list[RowProblem]]:
+    """Every row of `files` read and checked against one row format: the declared one, else the one `detect`
+    finds (`fallback` names what a file of non-object rows is checked as: any format refuses them). Returns
+    the format, the valid rows and the problems; with `invalid_rows="fail"` a problem raises a DataError
+    naming the first offending rows (file, line, field), and no valid row at all is one too (EmptyDataset).
+    `checked` words the format in that message; `empty` says what to do about empty files."""
     rows: list[Row] = []
     problems: list[RowProblem] = []
     sources: list[str] = []
@@ -348,14 +362,13 @@ def load_dataset(
         sources.append(source)
     if not rows and not problems:
         raise DataError(f"{what} has no valid rows: {', '.join(sources)} {'is' if len(sources) == 1 else 'are'} "
-                        "empty (no row is a JSON object, only blank lines); add rows or point it at the data",
-                        reason="EmptyDataset")
+                        f"empty (no row is a JSON object, only blank lines); {empty}", reason="EmptyDataset")
     # With no object row at all there is no format to detect: every row is named as not an object.
-    fmt: Format | None = declared if declared != "auto" else (  # type: ignore[assignment]
-        detect_format(rows) if any(isinstance(row.data, dict) for row in rows) else None)
+    fmt = declared if declared != "auto" else (
+        detect(rows) if any(isinstance(row.data, dict) for row in rows) else None)
     valid: list[Row] = []
     for row in rows:
-        message = row_problem(row.data, fmt or "text")  # (a non-object row fails before the format matters)
+        message = problem(row.data, fmt or fallback)  # (a non-object row fails before the format matters)
         if message is None:
             valid.append(row)
         else:
@@ -365,14 +378,14 @@ def load_dataset(
     more = f" (and {len(problems) - MAX_NAMED_ROWS} more)" if len(problems) > MAX_NAMED_ROWS else ""
     if problems and invalid_rows == "fail":
         raise DataError(
-            f"{len(problems)} invalid row(s) in {what} ({f'format {fmt}' if fmt else 'no row is a JSON object'}): "
+            f"{len(problems)} invalid row(s) in {what} ({checked(fmt) if fmt else 'no row is a JSON object'}): "
             f"{named}{more}. Fix them, or set spec.dataset.invalidRows: skip to drop them"
         )
     if not valid:
         raise DataError(f"{what} has no valid rows: all {len(problems)} row(s) are invalid and were skipped: "
                         f"{named}{more}", reason="EmptyDataset")
     assert fmt is not None  # valid rows are objects, so a format was declared or detected
-    return Dataset(fmt, valid, problems)
+    return fmt, valid, problems
 
 
 def split_holdout(rows: list[Row], fraction: float, seed: int) -> tuple[list[Row], list[Row]]:
