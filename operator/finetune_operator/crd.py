@@ -253,6 +253,13 @@ def _serving_rules() -> list[dict[str, Any]]:
             fieldPath=".serving.maxRank",
             reason="FieldValueInvalid",
         ),
+        _rule(
+            f"!has(self.serving) || (has(self.method) && self.method == 'full') || {lora_r} <= {api.VLLM_MAX_LORA_RANKS[-1]}",
+            f"spec.lora.r above {api.VLLM_MAX_LORA_RANKS[-1]}, the largest --max-lora-rank vLLM accepts, cannot be "
+            "served as an adapter: lower lora.r, or set spec.output.saveMerged: true and serve the merged model",
+            fieldPath=".lora.r",
+            reason="FieldValueInvalid",
+        ),
     ]
 
 

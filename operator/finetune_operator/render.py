@@ -298,18 +298,33 @@ def _uses_s3(job: FineTuneJob) -> bool:
     return any(uri and uri.startswith("s3://") for uri in named)
 
 
+#: The keys of spec.tracking.mlflow.secretRef the training pods get: MLflow's own credential variables.
+MLFLOW_SECRET_KEYS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def tracking_env(job: FineTuneJob) -> list[dict[str, Any]]:
+    """spec.tracking.mlflow.secretRef, key by key (`secretKeyRef`, each optional): only MLflow's credential
+    variables. Not `envFrom`: an MLflow Secret often holds AWS keys too (for clients that upload artifacts to
+    the server's bucket), which would shadow the storage Secrets or the pod's IRSA identity; and as `env` these
+    win over any MLFLOW_* key a storage Secret happens to hold."""
+    mlflow = job.spec.tracking.mlflow if job.spec.tracking else None
+    if mlflow is None or mlflow.secret_ref is None:
+        return []
+    return [{"name": key, "valueFrom": {"secretKeyRef": {"name": mlflow.secret_ref.name, "key": key,
+                                                         "optional": True}}}
+            for key in MLFLOW_SECRET_KEYS]
+
+
 def secret_names(job: FineTuneJob, settings: OperatorSettings) -> list[str]:
-    """Secrets projected with `envFrom`, in precedence order (last wins): MLflow tracking, model, dataset,
-    retrieval corpus, output. The tracking Secret (spec.tracking.mlflow.secretRef: MLFLOW_TRACKING_* variables)
-    comes first, so it can never shadow the storage credentials.
+    """Secrets projected with `envFrom`, in precedence order (last wins): model, dataset, retrieval corpus,
+    output. (The MLflow Secret is projected key by key: `tracking_env`.)
 
     The operator's default S3 secret stands in when the spec names no dataset or output secret, uses S3,
     and sets no service account -- static keys in the environment would shadow IRSA's web identity.
     """
     spec = job.spec
     retrieval = spec.retrieval.secret_ref if spec.retrieval else None
-    tracking = spec.tracking.mlflow.secret_ref if spec.tracking and spec.tracking.mlflow else None
-    refs = [tracking, spec.base_model.secret_ref, spec.dataset.secret_ref, retrieval, spec.output.secret_ref]
+    refs = [spec.base_model.secret_ref, spec.dataset.secret_ref, retrieval, spec.output.secret_ref]
     ordered = [ref.name for ref in refs if ref is not None]
     if (
         settings.s3_secret
@@ -438,6 +453,7 @@ def _env(job: FineTuneJob, plan: Plan, settings: OperatorSettings, stage: str | 
         {"name": "HOME", "value": TMP_DIR},
         {"name": "TMPDIR", "value": TMP_DIR},
         {"name": "HF_HOME", "value": f"{CACHE_DIR}/huggingface"},
+        *tracking_env(job),
     ]
     if settings.s3_endpoint:
         env.append({"name": "AWS_ENDPOINT_URL", "value": settings.s3_endpoint})

@@ -557,9 +557,9 @@ class MlflowSpec(_Model):
         max_length=1024,
         # No `user:password@` before the host: credentials come only from secretRef (the URI is shown in the
         # status, the run's URL and error messages).
-        pattern=r"^https?://[^\s/@]+(/\S*)?$",
-        description="The MLflow tracking server, `http(s)://host[:port][/path]`, without credentials (they come "
-        "from secretRef).",
+        pattern=r"^https?://[^\s/@?#]+(/[^\s?#]*)?$",
+        description="The MLflow tracking server, `http(s)://host[:port][/path]`, without credentials, query or "
+        "fragment (the URI appears in status, events and the run's params; credentials come from secretRef).",
     )
     experiment: str | None = Field(
         default=None,
@@ -904,6 +904,13 @@ class FineTuneJobSpec(_Model):
                 "models, not virtual tokens, and virtual tokens cannot be merged into the weights; use method lora "
                 "or qlora, or remove serving"
             )
+        largest = VLLM_MAX_LORA_RANKS[-1]
+        if self.method != "full" and self.lora.r > largest:
+            raise ValueError(
+                f"spec.lora.r {self.lora.r} is above {largest}, the largest --max-lora-rank vLLM accepts, so no server "
+                f"would load this adapter; lower lora.r to {largest} or less, or set spec.output.saveMerged: true and "
+                "serve the merged model (then remove serving.maxRank)"
+            )
         if serving.max_rank is not None and self.method != "full" and self.lora.r > serving.max_rank:
             raise ValueError(
                 f"spec.serving.maxRank {serving.max_rank} is below spec.lora.r {self.lora.r}: vLLM refuses adapters "
@@ -1200,7 +1207,8 @@ class ServingStatus(_Model):
     """The LLMInferenceService the operator created (spec.serving.apply)."""
 
     name: str | None = Field(default=None, max_length=253, description="Name of the LLMInferenceService.")
-    ready: bool | None = Field(default=None, description="Whether its Ready condition is True.")
+    ready: bool | None = Field(default=None, description="Whether its Ready condition was True when the operator "
+                               "last looked (it looks until it is Ready, then on later passes over the job).")
     url: str | None = Field(default=None, max_length=2048, description="Its address, once KServe reports one.")
 
 

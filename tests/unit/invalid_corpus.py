@@ -177,9 +177,13 @@ CASES = [
          "spec.serving.maxRank 32 is below spec.lora.r 64"),
     Case("serving-default-rank-above-max-rank", {"spec.lora": DELETE, "spec.serving": {"maxRank": 8}}, "spec",
          "spec.serving.maxRank 8 is below spec.lora.r 16"),
+    Case("serving-rank-above-vllm-largest", {"spec.lora.r": 1024, "spec.serving": {}}, "spec",
+         "spec.lora.r 1024 is above 512"),
     Case("serving-max-rank-not-a-vllm-rank", {"spec.serving": {"maxRank": 48}}, "spec.serving.maxRank", "48"),
     # spec.tracking.mlflow: credentials only from its secretRef, never in the URI.
     Case("tracking-uri-with-credentials", {"spec.tracking": {"mlflow": {"trackingUri": "https://ci:hunter2@mlflow.example.com"}}},
+         "spec.tracking.mlflow.trackingUri", "pattern"),
+    Case("tracking-uri-with-token-query", {"spec.tracking": {"mlflow": {"trackingUri": "https://mlflow.example.com/?token=hunter2"}}},
          "spec.tracking.mlflow.trackingUri", "pattern"),
     Case("tracking-uri-not-http", {"spec.tracking": {"mlflow": {"trackingUri": "databricks"}}},
          "spec.tracking.mlflow.trackingUri", "pattern"),

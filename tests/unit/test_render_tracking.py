@@ -23,18 +23,26 @@ def _job(case: str, **mlflow: Any) -> tuple[FineTuneJob, OperatorSettings]:
     return FineTuneJob.model_validate(data), OperatorSettings.from_env(env)
 
 
-def test_the_tracking_secret_comes_first_so_the_storage_keys_win() -> None:
+def _mlflow_env(container: dict[str, Any]) -> list[dict[str, Any]]:
+    return [e for e in container["env"] if e["name"].startswith("MLFLOW_")]
+
+
+def test_only_mlflow_keys_of_the_tracking_secret_reach_the_pod() -> None:
+    """Key by key, never `envFrom`: AWS keys an MLflow Secret may hold must not shadow the storage Secrets."""
     job, settings = _job("lora-7b")
     container = pod_spec(render.render_children(job, plan(job.spec), settings))["containers"][0]
-    assert container["envFrom"] == [{"secretRef": {"name": "mlflow-credentials"}},
-                                    {"secretRef": {"name": "hf-token"}}, {"secretRef": {"name": "s3-credentials"}}]
-    assert not any("MLFLOW" in e["name"] for e in container["env"])  # credentials by reference only
+    assert container["envFrom"] == [{"secretRef": {"name": "hf-token"}}, {"secretRef": {"name": "s3-credentials"}}]
+    assert _mlflow_env(container) == [
+        {"name": key, "valueFrom": {"secretKeyRef": {"name": "mlflow-credentials", "key": key, "optional": True}}}
+        for key in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")]
+    assert all("value" not in e for e in _mlflow_env(container))  # credentials by reference only
 
 
 def test_the_tracking_secret_does_not_replace_the_default_s3_secret() -> None:
     job, settings = _job("qlora-7b")
     container = pod_spec(render.render_children(job, plan(job.spec), settings))["containers"][0]
-    assert container["envFrom"] == [{"secretRef": {"name": "mlflow-credentials"}}, {"secretRef": {"name": "s3-default"}}]
+    assert container["envFrom"] == [{"secretRef": {"name": "s3-default"}}]
+    assert len(_mlflow_env(container)) == 3
 
 
 def test_the_pilot_pods_get_it_too() -> None:
@@ -44,13 +52,14 @@ def test_the_pilot_pods_get_it_too() -> None:
         **job.spec.wire(), "method": "full", "pilot": {"maxSteps": 20, "gates": [{"metric": "evalLoss", "minImprovement": 0.1}]}}})
     pilot_job = pilot.pilot_job(job)
     objects = render.render_children(pilot_job, pilot.plan(job), settings, stage=pilot.STAGE)
-    env_from = kind(objects, "Job")["spec"]["template"]["spec"]["containers"][0]["envFrom"]
-    assert env_from[0] == {"secretRef": {"name": "mlflow-credentials"}}
+    container = kind(objects, "Job")["spec"]["template"]["spec"]["containers"][0]
+    assert {e["valueFrom"]["secretKeyRef"]["name"] for e in _mlflow_env(container)} == {"mlflow-credentials"}
 
 
 def test_without_a_secret_nothing_is_added() -> None:
     job, settings = _job("lora-7b", secretRef=None)
-    assert "mlflow-credentials" not in render.secret_names(job, settings)
+    container = pod_spec(render.render_children(job, plan(job.spec), settings))["containers"][0]
+    assert _mlflow_env(container) == [] and "mlflow-credentials" not in render.secret_names(job, settings)
 
 
 def test_the_policy_checks_the_tracking_secret() -> None:
