@@ -12,6 +12,7 @@ import pytest
 
 from finetune_operator.contract import EXIT_CONFIG_ERROR, EXIT_GATES_FAILED, EXIT_PREEMPTED, REPORT_KEY
 from finetune_trainer import launch
+from finetune_trainer import world as world_mod
 from finetune_trainer.world import World, check_rendezvous, check_size, from_env
 from tests.trainer import train_helpers as th
 
@@ -89,6 +90,27 @@ def test_world_from_environment() -> None:
     with pytest.raises(Exception, match="formed a world of 1 process") as err:
         check_size(1, env)
     assert err.value.exit_code == EXIT_CONFIG_ERROR  # type: ignore[attr-defined]
+
+
+def test_publish_timeout_from_environment() -> None:
+    """FT_PUBLISH_TIMEOUT (the wait for rank 0's publishing): default 4 hours; a bad value is a config error
+    naming the variable, as FT_COLLECTIVE_TIMEOUT's."""
+    assert world_mod.publish_timeout({}) == 4 * 3600
+    assert world_mod.publish_timeout({"FT_PUBLISH_TIMEOUT": "7200"}) == 7200
+    with pytest.raises(Exception, match="FT_PUBLISH_TIMEOUT='2h' is not an integer") as err:
+        world_mod.publish_timeout({"FT_PUBLISH_TIMEOUT": "2h"})
+    assert err.value.exit_code == EXIT_CONFIG_ERROR  # type: ignore[attr-defined]
+    with pytest.raises(Exception, match="FT_PUBLISH_TIMEOUT=0 must be at least 1"):
+        world_mod.publish_timeout({"FT_PUBLISH_TIMEOUT": "0"})
+
+
+def test_publish_barrier_is_nothing_in_a_single_process() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("torch.distributed is initialized in this process")
+    world_mod.publish_barrier()
+    assert world_mod.publish_group() is None and world_mod._publish_group is None and not dist.is_initialized()
 
 
 def test_exit_code_priority() -> None:

@@ -103,6 +103,28 @@ def test_lineage_tags() -> None:
         "finetunejob.uid": UID}
 
 
+def test_probe_address() -> None:
+    assert tracking.probe_address("http://mlflow.ml:5000") == ("mlflow.ml", 5000)
+    assert tracking.probe_address("https://mlflow.example.com/") == ("mlflow.example.com", 443)
+    assert tracking.probe_address("http://127.0.0.1") == ("127.0.0.1", 80)
+    assert tracking.probe_address("databricks") is None
+
+
+def test_probe_address_skips_a_proxied_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("no_proxy", "NO_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", "http://proxy:3128")
+    assert tracking.probe_address("http://mlflow.ml:5000") is None
+    monkeypatch.setenv("NO_PROXY", "mlflow.ml")
+    assert tracking.probe_address("http://mlflow.ml:5000") == ("mlflow.ml", 5000)
+
+
+def test_an_unreachable_server_fails_the_probe_quickly() -> None:
+    started = time.monotonic()
+    assert not tracking.reachable(f"http://127.0.0.1:{th.free_port()}")
+    assert time.monotonic() - started < tracking.PROBE_SECONDS
+
+
 # --- the MLflow server -----------------------------------------------------------------------------
 
 
@@ -217,6 +239,7 @@ def test_a_run_stopped_and_resumed_is_one_mlflow_run_and_registers_a_version(
 
     run = client.get_run(status["runId"])
     assert run.info.status == "FINISHED" and run.info.run_name == "tracked"
+    assert run.data.tags[tracking.RESUMED_TAG] == "1"  # the second attempt reopened it from checkpoint 1
     assert client.get_experiment(status["experimentId"]).name == "default/tracked"
     params = run.data.params
     assert params["method"] == "lora" and params["uid"] == UID
@@ -290,3 +313,40 @@ def test_a_tracking_server_that_is_down_leaves_the_run_succeeded(s3_env: Any, st
     assert "training goes on" in status["error"]
     local = store.download_prefix("tensorboard", tmp_path / "tb")
     assert sorted(_event_scalars(local, "loss")) == [1, 2, 3, 4]
+
+
+def test_a_reopened_run_gets_the_params_an_earlier_attempt_could_not_send(mlflow_server: MlflowServer,
+                                                                         tmp_path: Path) -> None:
+    """The attempt that created the run could not send its params nor the snapshot artifact (the state object
+    says so and keeps the snapshot it created the run with); the next attempt, whose snapshot carries an
+    out-of-memory adjustment, reopens the run, sends the creation snapshot's params and artifact, records that
+    in the state, and tags the checkpoint step it resumes from (0: none)."""
+    from types import SimpleNamespace
+
+    from finetune_operator.spec import Adjustment, MlflowSpec
+
+    client = mlflow_server.client()
+    created_with = _config(tracking={"mlflow": {"trackingUri": mlflow_server.uri}})
+    experiment_id = client.create_experiment("default/reopened")
+    run_id = client.create_run(experiment_id).info.run_id
+    output = tmp_path / "output"
+    store = th.store(str(output))
+    store.write_json(tracking.STATE_KEY, {
+        "trackingUri": mlflow_server.uri, "jobUid": UID, "experimentId": experiment_id, "runId": run_id,
+        "modelVersion": None, "unsent": ["params", "snapshot"], "snapshot": tracking.snapshot(created_with)})
+    rung = {"microBatch": 4, "gradAccum": 1, "gradientCheckpointing": False}
+    adjustment = Adjustment.model_validate({"step": 0, "from": rung, "to": {**rung, "microBatch": 2, "gradAccum": 2},
+                                            "reason": "OOMKilled"})
+    later = created_with.model_copy(update={"adjustments": [adjustment]})
+    assert tracking.params(later) != tracking.params(created_with)
+    run = SimpleNamespace(requested=later, store=store, output_uri=str(output),
+                          reporter=SimpleNamespace(update=lambda **_: None))
+    mlflow = tracking.Mlflow(run, MlflowSpec.model_validate({"trackingUri": mlflow_server.uri}))  # type: ignore[arg-type]
+    mlflow.open()
+    assert mlflow.run_id == run_id and not mlflow.down and mlflow.status.error is None
+    tracked = client.get_run(run_id).data
+    assert tracked.params == tracking.params(created_with)
+    assert tracked.tags[tracking.RESUMED_TAG] == "0"
+    state = store.read_json(tracking.STATE_KEY)
+    assert state["runId"] == run_id and state["unsent"] == [] and "snapshot" not in state
+    assert "finetune/config.json" in {a.path for a in client.list_artifacts(run_id, "finetune")}

@@ -96,7 +96,11 @@ def _save_model(run: Run, stage: Path) -> None:
 
 def publish(run: Run, evaluation: Any, final_loss: float | None, *, complete: bool) -> dict[str, str]:
     """Write every artifact (rank 0), then the marker when `complete`; returns their URIs by kind."""
+    from finetune_trainer import world
+
     accelerator = run.accelerator
+    # The group of the wait below, created (collectively) while every rank is still in step.
+    world.publish_group()
     stage = run.work / "artifacts"
     if accelerator.is_main_process:
         shutil.rmtree(stage, ignore_errors=True)
@@ -105,7 +109,9 @@ def publish(run: Run, evaluation: Any, final_loss: float | None, *, complete: bo
     uris: dict[str, str] = {}
     if accelerator.is_main_process:
         uris = _write_files(run, stage, evaluation, final_loss, complete)
-    accelerator.wait_for_everyone()
+    # Rank 0's merge, export check and upload can outlast the collective timeout (70B with saveMerged): the
+    # others wait on a gloo group with FT_PUBLISH_TIMEOUT instead (world.ENV_PUBLISH_TIMEOUT).
+    world.publish_barrier()
     return uris
 
 

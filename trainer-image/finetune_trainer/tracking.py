@@ -15,19 +15,32 @@ attempt logged after the checkpoint resumed from (those steps are trained again)
 MLflow (the public `MlflowClient` API, no global run state): the experiment (`experiment`, default
 `<namespace>/<name>`) is created when missing; the run is created once and its id kept at
 `<output.uri>/STATE_KEY`, so a restarted pod or a resumed run logs to the same run. Params are the config
-snapshot flattened (`params`, logged when the run is created: MLflow refuses to change a param, and the
-operator adds out-of-memory adjustments to later pods' snapshots); per-step metrics go up in `log_batch`
-requests at logging steps and checkpoints; the evaluation before/after as `base.<score>`/`tuned.<score>`;
-the artifacts' URIs as tags. A main run (not the pilot) whose gates passed adds a version to
-`registeredModel` whose source is `merged/` (when saved) or `model/`, tagged with its lineage (`lineage_tags`).
+snapshot flattened (`params`) of the attempt that created the run: MLflow refuses to change a param, and the
+operator adds out-of-memory adjustments to later pods' snapshots. Until they (and the whole snapshot, as the
+run's artifact `finetune/config.json`) went up, the state object keeps that snapshot and what is unsent, and
+they are sent again when a failed server is retried and when a later attempt reopens the run (the same
+values again, which MLflow accepts). Per-step metrics go up in `log_batch` requests at logging steps and
+checkpoints; the evaluation before/after as `base.<score>`/`tuned.<score>`; the artifacts' URIs as tags.
+Every reopen of the run by a restarted pod tags it `finetune.dev/resumed-from-step` with the checkpoint step
+the attempt resumes from (0: none, trained from the start): MLflow keeps the values a crashed attempt logged
+for steps past its last checkpoint, so a metric's history then holds two values for those steps (the newer
+ones from this attempt); TensorBoard purges them (above), MLflow cannot. A main run (not the pilot) whose
+gates passed adds a version to `registeredModel` whose source is `merged/` (when saved) or `model/`, tagged
+with its lineage (`lineage_tags`).
 
 Failures never fail training: every MLflow call is caught, logged as a warning and recorded in the report
 (`tracking.error`, which the operator turns into the `Tracking` condition and a Warning event). A server that
 failed is not called again until a checkpoint RETRY_SECONDS later (and at the end of the run); metrics wait in
 a bounded buffer meanwhile, and the error clears once the server answers again. The HTTP client's retries are
-bounded (`HTTP_DEFAULTS`, about 2 s per call to a closed port): MLflow's own defaults retry with backoff for
-minutes. The whole snapshot also goes up as the run's artifact `finetune/config.json` (best effort: the
-server's artifact store may be one the trainer cannot write). Credentials are MLflow's own
+bounded (`HTTP_DEFAULTS`; MLflow's own defaults retry with backoff for minutes): the call that meets the
+failure costs about 2 s against a closed port (refused at once, 3 tries with backoff), but about 33 s when
+the connection is silently dropped (a NetworkPolicy dropping egress: 3 tries of a 10 s timeout, plus backoff)
+or the server accepts connections and never answers, all on rank 0 while the other ranks wait in their next
+collective. Later calls of the run are skipped, and each retry first probes the server's host and port over
+TCP (PROBE_SECONDS, 3 s at most; not through an HTTP proxy): a server still unreachable costs at most that per
+retry, one that accepts connections but does not answer up to the 33 s again. The snapshot artifact is best
+effort (the server's artifact store may be one the trainer cannot write: a warning, tried again when a later
+attempt reopens the run or a failed server is retried). Credentials are MLflow's own
 environment variables (MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN), which the operator
 projects from spec.tracking.mlflow.secretRef; nothing here reads or logs them.
 """
@@ -39,7 +52,10 @@ import logging
 import os
 import re
 import shutil
+import socket
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -76,6 +92,11 @@ MAX_BUFFERED = 10_000
 MAX_ERROR = 2048
 #: A server that failed is tried again at the first checkpoint this long after the failure (and at the end).
 RETRY_SECONDS = 60.0
+#: Before such a retry calls MLflow, a TCP connection to the tracking server's host and port must open within
+#: this: a dropped connection then costs this, not MLflow's retries of a 10 s request timeout (~33 s).
+PROBE_SECONDS = 3.0
+#: The tag a reopened run gets: the checkpoint step the attempt that reopened it resumes from.
+RESUMED_TAG = "finetune.dev/resumed-from-step"
 _KEY_CHARS = re.compile(r"[^A-Za-z0-9_\-. /]")
 #: Config fields not logged: the rendezvous id is the key to the job's c10d store (contract.TrainerConfig).
 _SECRET_FIELDS = ("rendezvousId",)
@@ -106,11 +127,20 @@ def _truncate(value: str, limit: int) -> str:
     return value if len(value) <= limit else value[: limit - 3] + "..."
 
 
+def snapshot(config: TrainerConfig) -> dict[str, Any]:
+    """The resolved config snapshot as tracked (without the secret fields)."""
+    return {k: v for k, v in config.wire().items() if k not in _SECRET_FIELDS}
+
+
+def snapshot_params(snap: Mapping[str, Any]) -> dict[str, str]:
+    """A snapshot (`snapshot`) as MLflow params: flattened, values cut to MLflow's limit (the whole snapshot
+    is in provenance.json, whose URI is the run's `artifact.provenance` tag)."""
+    return {_key(k): _truncate(v, MAX_PARAM_VALUE) for k, v in sorted(flatten(snap).items())}
+
+
 def params(config: TrainerConfig) -> dict[str, str]:
-    """The resolved config snapshot as MLflow params: flattened, values cut to MLflow's limit (the whole
-    snapshot is in provenance.json, whose URI is the run's `artifact.provenance` tag)."""
-    snapshot = {k: v for k, v in config.wire().items() if k not in _SECRET_FIELDS}
-    return {_key(k): _truncate(v, MAX_PARAM_VALUE) for k, v in sorted(flatten(snapshot).items())}
+    """The resolved config snapshot as MLflow params (`snapshot_params`)."""
+    return snapshot_params(snapshot(config))
 
 
 def experiment_name(config: TrainerConfig, spec: MlflowSpec) -> str:
@@ -179,6 +209,34 @@ def lineage_tags(config: TrainerConfig, provenance: Mapping[str, Any], *, gpu_ho
         "finetunejob.uid": config.uid or "",
     }
     return {k: v for k, v in tags.items() if v != ""}
+
+
+def probe_address(tracking_uri: str) -> tuple[str, int] | None:
+    """The host and port a TCP probe of the tracking server connects to; None when there is nothing to probe
+    (not http(s), or the requests go through an HTTP proxy, whose reachability says nothing of the server's)."""
+    parsed = urllib.parse.urlsplit(tracking_uri)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        return None
+    try:
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    except ValueError:
+        return None
+    proxies = urllib.request.getproxies()
+    if parsed.scheme in proxies and not urllib.request.proxy_bypass(parsed.hostname):
+        return None
+    return parsed.hostname, port
+
+
+def reachable(tracking_uri: str, timeout: float = PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the tracking server opens within `timeout` (True when not probed)."""
+    address = probe_address(tracking_uri)
+    if address is None:
+        return True
+    try:
+        with socket.create_connection(address, timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _error(what: str, uri: str, err: BaseException) -> str:
@@ -281,6 +339,11 @@ class Mlflow:
         self.down = False
         self._failed_at = 0.0
         self._buffer: list[Any] = []
+        # The snapshot the run was created with, while its params or artifact are unsent ("params",
+        # "snapshot"); kept in the state object too, so that a later attempt sends them (`_send_config`).
+        self._snapshot: dict[str, Any] | None = None
+        self._unsent: set[str] = set()
+        self._resumed_from = self._resume_step()
 
     # -- failures ----------------------------------------------------------------------------------
 
@@ -308,16 +371,25 @@ class Mlflow:
 
     def retry(self, *, now: bool = False) -> None:
         """Try a server that failed once more: at checkpoints RETRY_SECONDS after the failure, and at the end
-        (`now`). Each failed try costs a few seconds (HTTP_DEFAULTS)."""
-        if self.down and (now or time.monotonic() - self._failed_at >= RETRY_SECONDS):
-            self.down = False
-            run_id = self.run_id
-            if run_id is None:
-                self.open()
-            elif not self._buffer:  # nothing to send: ask for the run, so the error clears only on an answer
+        (`now`). A server whose port does not open within PROBE_SECONDS is left alone until the next retry;
+        otherwise the run is opened (or what is unsent of its config sent) and the buffered metrics flushed."""
+        if not self.down or (not now and time.monotonic() - self._failed_at < RETRY_SECONDS):
+            return
+        if not reachable(self.uri):
+            log.warning("MLflow: %s still does not accept connections; tried again later", self.uri)
+            self._failed_at = time.monotonic()
+            return
+        self.down = False
+        run_id = self.run_id
+        if run_id is None:
+            self.open()
+        else:
+            if not self._buffer and "params" not in self._unsent:
+                # Nothing else to send first: ask for the run, so the error clears only on an answer.
                 self._call("reaching the run", lambda: self.client.get_run(run_id))
-            if self.run_id is not None and not self.down and self.flush():
-                self._set(error=None)
+            self._send_config()
+        if self.run_id is not None and not self.down and self.flush():
+            self._set(error=None)
 
     # -- the run -----------------------------------------------------------------------------------
 
@@ -344,6 +416,12 @@ class Mlflow:
                 return
             else:
                 self._opened(str(kept["experimentId"]), kept["runId"], kept.get("modelVersion"))
+                unsent = set(kept.get("unsent") or ()) & {"params", "snapshot"}
+                if unsent and isinstance(kept.get("snapshot"), dict):
+                    self._snapshot, self._unsent = kept["snapshot"], unsent
+                if self._resumed_from is not None:  # duplicated steps after a crash are explained by this
+                    self.tags({RESUMED_TAG: str(self._resumed_from)})
+                self._send_config()
                 return
         name = experiment_name(config, self.spec)
         experiment_id = self._call(f"finding experiment {name!r}", lambda: self._experiment(name))
@@ -358,21 +436,46 @@ class Mlflow:
             return
         run_id = created.info.run_id
         self._opened(experiment_id, run_id, None)
-        self._save_state()
-        self.log_params(params(config))
-        self._log_snapshot(config)
+        self._snapshot, self._unsent = snapshot(config), {"params", "snapshot"}
+        self._save_state()  # with the snapshot: a later attempt sends what this one could not
+        self._send_config()
 
-    def _log_snapshot(self, config: TrainerConfig) -> None:
-        """The whole snapshot as the run's `finetune/config.json` (params cut long values). It goes to the
-        server's artifact store, which may be one the trainer cannot write to: a warning, not a failure."""
-        snapshot = {k: v for k, v in config.wire().items() if k not in _SECRET_FIELDS}
-        run_id = self.run_id
-        if run_id is None or self.down:
+    def _send_config(self) -> None:
+        """Send what is unsent of the snapshot the run was created with: its params (the run's config; the
+        same values again when an earlier try sent part of them) and the whole snapshot as the run's artifact
+        `finetune/config.json` (params cut long values). The artifact goes to the server's artifact store,
+        which may be one the trainer cannot write to: a warning, not a failure (tried again on a reopen or retry)."""
+        run_id, snap = self.run_id, self._snapshot
+        if run_id is None or self.down or not self._unsent or snap is None:
             return
+        before = set(self._unsent)
+        if "params" in self._unsent:
+            if not self.log_params(snapshot_params(snap)):
+                return  # the server failed: kept for `retry` (the state already says so)
+            self._unsent.discard("params")
+        if "snapshot" in self._unsent:
+            try:
+                self.client.log_dict(run_id, snap, "finetune/config.json")
+            except Exception as err:
+                log.warning("MLflow: could not store the config snapshot as an artifact of run %s: %s", run_id,
+                            err)
+            else:
+                self._unsent.discard("snapshot")
+        if not self._unsent:
+            self._snapshot = None
+        if self._unsent != before:
+            self._save_state()
+
+    def _resume_step(self) -> int | None:
+        """The checkpoint step this attempt resumes from (0: none), as train.Run finds it; None when the
+        output cannot be read (the tag is then left out)."""
+        from finetune_trainer import checkpoint as ckpt
+
         try:
-            self.client.log_dict(run_id, snapshot, "finetune/config.json")
+            return ckpt.latest_complete(self.run.store) or 0
         except Exception as err:
-            log.warning("MLflow: could not store the config snapshot as an artifact of run %s: %s", run_id, err)
+            log.warning("could not list the checkpoints under %s: %s", self.run.output_uri, err)
+            return None
 
     def _experiment(self, name: str) -> str:
         found = self.client.get_experiment_by_name(name)
@@ -394,8 +497,11 @@ class Mlflow:
         log.info("MLflow run %s", self.status.run_url)
 
     def _save_state(self) -> None:
-        state = {"trackingUri": self.uri, "jobUid": self.run.requested.uid, "experimentId": self.status.experiment_id,
-                 "runId": self.run_id, "modelVersion": self.status.model_version}
+        state: dict[str, Any] = {
+            "trackingUri": self.uri, "jobUid": self.run.requested.uid, "experimentId": self.status.experiment_id,
+            "runId": self.run_id, "modelVersion": self.status.model_version, "unsent": sorted(self._unsent)}
+        if self._unsent:
+            state["snapshot"] = self._snapshot
         try:
             self.run.store.write_json(STATE_KEY, state)
         except Exception as err:
@@ -413,10 +519,12 @@ class Mlflow:
                 return False
         return True
 
-    def log_params(self, values: Mapping[str, str]) -> None:
+    def log_params(self, values: Mapping[str, str]) -> bool:
+        """True when every param went up."""
         from mlflow.entities import Param
 
-        self._send("logging params", [Param(k, v) for k, v in values.items()], MAX_PARAMS_PER_BATCH, "params")
+        return self._send("logging params", [Param(k, v) for k, v in values.items()], MAX_PARAMS_PER_BATCH,
+                          "params")
 
     def metrics(self, values: Mapping[str, float], step: int) -> None:
         """Buffer metrics at `step` (sent by `flush`)."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
 
 from finetune_operator.contract import (
     DEFAULT_MAIN_PORT,
@@ -33,6 +35,14 @@ from finetune_trainer.errors import ConfigError
 #: while the others wait (rank 0's checkpoint and artifact uploads).
 ENV_COLLECTIVE_TIMEOUT = "FT_COLLECTIVE_TIMEOUT"
 DEFAULT_COLLECTIVE_TIMEOUT = 600
+#: Seconds the other ranks wait for rank 0 to publish the artifacts (`publish_barrier`). Rank 0 alone then
+#: merges the model shard by shard (saveMerged), reloads the base for the export check, draws the charts and
+#: uploads everything: for a 70B model that takes far longer than the collective timeout, whose watchdog
+#: would kill the waiting ranks (and fail the run) after training succeeded. So that one wait runs on a gloo
+#: group of its own with this timeout (default 4 hours). A rank 0 that crashes closes its connections and
+#: fails the others at once; only one frozen or lost without a word holds them up to this long.
+ENV_PUBLISH_TIMEOUT = "FT_PUBLISH_TIMEOUT"
+DEFAULT_PUBLISH_TIMEOUT = 4 * 3600
 
 
 @dataclass(frozen=True)
@@ -101,6 +111,44 @@ def from_env(env: Mapping[str, str] | None = None) -> World:
 def collective_timeout(env: Mapping[str, str] | None = None) -> int:
     """Seconds a collective waits for a peer (`FT_COLLECTIVE_TIMEOUT`, default 600)."""
     return _int(os.environ if env is None else env, ENV_COLLECTIVE_TIMEOUT, DEFAULT_COLLECTIVE_TIMEOUT, 1)
+
+
+def publish_timeout(env: Mapping[str, str] | None = None) -> int:
+    """Seconds the other ranks wait for rank 0's publishing (`FT_PUBLISH_TIMEOUT`, default 4 hours)."""
+    return _int(os.environ if env is None else env, ENV_PUBLISH_TIMEOUT, DEFAULT_PUBLISH_TIMEOUT, 1)
+
+
+_publish_group: Any = None
+
+
+def _distributed() -> Any:
+    """torch.distributed when this process is in a world of more than one, else None."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size() < 2:
+        return None
+    return dist
+
+
+def publish_group() -> Any:
+    """The gloo group `publish_barrier` waits on (timeout `publish_timeout()`), created once per process; None
+    in a single-process run. Creating it is collective: every rank calls this at the same point, before rank 0
+    starts its long work (`artifacts.publish`), so the creation itself never waits on a busy rank 0."""
+    global _publish_group
+    dist = _distributed()
+    if dist is None:
+        return None
+    if _publish_group is None:
+        _publish_group = dist.new_group(backend="gloo", timeout=timedelta(seconds=publish_timeout()))
+    return _publish_group
+
+
+def publish_barrier() -> None:
+    """Wait, up to `FT_PUBLISH_TIMEOUT`, until every rank is here (rank 0 last, done publishing); nothing in
+    a single-process run."""
+    group = publish_group()
+    if group is not None:
+        _distributed().barrier(group=group)
 
 
 def expected_size(env: Mapping[str, str] | None = None) -> int | None:
