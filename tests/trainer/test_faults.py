@@ -309,7 +309,8 @@ class Outage:
 
     def _maybe_stop(self, key: str) -> None:
         with self._lock:
-            if self.stopped is None and not key.startswith(("checkpoints/", "status/")):
+            # Not for the TensorBoard event files either: they go up at every checkpoint, during training.
+            if self.stopped is None and not key.startswith(("checkpoints/", "status/", "tensorboard/")):
                 self.server.stop()
                 self.stopped = time.monotonic()
                 if self.back_after is not None:
