@@ -21,6 +21,7 @@ from finetune_trainer import preference_data as pd
 from finetune_trainer.errors import DataError
 from finetune_trainer.objectives.dpo import PairEncoded
 from tests.trainer.conftest import HealthcareSample
+from tests.trainer.test_data import _jsonl
 
 PAIR: dict[str, Any] = {
     "prompt": "What is the usual adult dose of this medication?", "input": "metformin",
@@ -34,14 +35,6 @@ CHAT: dict[str, Any] = {  # OpenAI's DPO line, with the (empty) tool fields its 
     "preferred_output": [{"role": "assistant", "content": "500 mg by mouth twice daily."}],
     "non_preferred_output": [{"role": "assistant", "content": "2000 mg by mouth once daily."}],
 }
-
-
-def _jsonl(path: Path, rows: list[Any], raw_lines: dict[int, bytes] | None = None) -> Path:
-    lines = [json.dumps(r).encode() for r in rows]
-    for index, raw in (raw_lines or {}).items():
-        lines.insert(index, raw)
-    path.write_bytes(b"\n".join(lines) + b"\n")
-    return path
 
 
 def _with(base: dict[str, Any], **changes: Any) -> dict[str, Any]:
