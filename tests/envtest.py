@@ -255,12 +255,34 @@ class ControlPlane:
         tails = "\n".join(f"--- {n} ---\n{self.log_tail(n, 15)}" for n in self.processes)
         raise ControlPlaneError(f"timed out after {self.timeout:.0f}s waiting for {what}\n{tails}")
 
+    #: Starts tried when a port `free_port` picked was taken before the process bound it (the picked port is
+    #: released first, and an outgoing connection's ephemeral port, e.g. kube-apiserver's own to etcd, can land
+    #: on it): "address already in use" in a log, seen once in CI.
+    PORT_ATTEMPTS = 3
+
     def start(self) -> ControlPlane:
         started = time.monotonic()
         deadline = started + self.timeout
         atexit.register(self.stop)
-        pki = Pki(self.dir / "pki")
-        self.pki = pki
+        self.pki = Pki(self.dir / "pki")
+        for attempt in range(1, self.PORT_ATTEMPTS + 1):
+            try:
+                self._start(deadline)
+                break
+            except ControlPlaneError as err:
+                taken = any("address already in use" in self.log_tail(name) for name in self.processes)
+                if not taken or attempt == self.PORT_ATTEMPTS:
+                    raise
+                print(f"envtest: a port was taken before it was bound ({err.args[0].splitlines()[0]}); "
+                      "starting again on other ports", file=sys.stderr)
+                self._terminate()
+                self.processes = {}
+                shutil.rmtree(self.dir / "etcd", ignore_errors=True)
+        self.started_seconds = time.monotonic() - started
+        return self
+
+    def _start(self, deadline: float) -> None:
+        pki = self.pki
         etcd_port, peer_port, api_port, kcm_port = free_port(), free_port(), free_port(), free_port()
         etcd_url = f"http://{HOST}:{etcd_port}"
         self._spawn("etcd", [
@@ -298,8 +320,19 @@ class ControlPlane:
         ])
         self._wait("the default ServiceAccount (the controller manager's service-account controller)",
                    lambda: self._get("/api/v1/namespaces/default/serviceaccounts/default") is not None, deadline)
-        self.started_seconds = time.monotonic() - started
-        return self
+
+    def _terminate(self) -> None:
+        """SIGTERM every process (controller manager first), SIGKILL what is left after 10 s."""
+        for name in reversed(list(self.processes)):
+            with contextlib.suppress(ProcessLookupError):
+                self.processes[name].terminate()
+        deadline = time.monotonic() + 10
+        for proc in self.processes.values():
+            try:
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def _get(self, path: str, raw: bool = False) -> Any:
         try:
@@ -316,16 +349,7 @@ class ControlPlane:
         if self._stopped:
             return
         self._stopped = True
-        for name in reversed(list(self.processes)):
-            with contextlib.suppress(ProcessLookupError):
-                self.processes[name].terminate()
-        deadline = time.monotonic() + 10
-        for proc in self.processes.values():
-            try:
-                proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        self._terminate()
         if self._own_dir and os.environ.get("FT_ENVTEST_KEEP") != "1":
             shutil.rmtree(self.dir, ignore_errors=True)
 
