@@ -30,6 +30,7 @@ from pydantic import Field
 
 from finetune_operator.spec import (
     Adjustment,
+    BaseJobStatus,
     CheckpointRecord,
     EvaluationStatus,
     ExportCheck,
@@ -109,6 +110,12 @@ class TrainerConfig(_Model):
         description="Out-of-memory adjustments made before this pod, oldest first (the operator adds one after a pod "
         "OOMKilled, from `next_rung`). The trainer starts at the last one's `to` rung (or lower, if a checkpoint "
         "was written at a lower one) and keeps them at the head of its report's adjustments.")
+
+    base: BaseJobStatus | None = Field(
+        default=None,
+        description="With spec.baseModel.fromJob: what the chain resolved to (spec.baseModel.uri is set to its "
+        "modelUri): the adapters to merge into the base before this job's method, and the earlier stages "
+        "(recorded in provenance).")
 
     def start_rung(self) -> MemoryRung:
         """Where training starts: the last adjustment's rung, else the spec's hyperparameters."""
@@ -215,6 +222,11 @@ class PreflightSplit(_Model):
     sampled: bool = Field(description="Whether any file's token count is extrapolated from a sample.")
     longer_than_max_seq_length: int = Field(
         default=0, description="Tokenized rows longer than maxSeqLength (counted in the sample only).")
+    pairs: int | None = Field(default=None, description="Preference pairs (format preference): equal to examples.")
+    tokens_per_pair: float | None = Field(default=None, description="Mean tokens per pair: prompt, chosen and "
+                                          "rejected (format preference; over the sample when sampled).")
+    length_bias: float | None = Field(default=None, description="Mean chosen minus rejected response tokens "
+                                      "(format preference; over the sample when sampled).")
     files: list[PreflightFile] = Field(
         default_factory=list, max_length=MAX_PREFLIGHT_FILES,
         description="The split's first files (all of them up to MAX_PREFLIGHT_FILES); the counts above cover every file.")

@@ -650,7 +650,7 @@ async def _preflight_pass(api: kube.Kube, rt: Runtime, body: dict[str, Any], job
         except sizing.PlanningError as err:
             error = str(err)
     elif result is None and where is None and plan is None:
-        error = str(sizing.SizeUnknown(job.spec.base_model.uri)) + (
+        error = str(sizing.SizeUnknown(job.spec.base_model.resolved_uri())) + (
             f" (the pre-flight read it, but the operator cannot read {result_uri})")
     return replace(view, children=replace(children, job=job_obj, pods=pods), result=result, plan=completed,
                    planning_error=error)

@@ -268,7 +268,7 @@ def pvc_mounts(job: FineTuneJob) -> list[_PvcMount]:
     """Claims named by `pvc://` URIs, sorted; the output's claim is writable, the others read-only."""
     spec = job.spec
     read = [
-        spec.base_model.uri,
+        spec.base_model.resolved_uri(),
         spec.dataset.train,
         spec.dataset.validation,
         spec.evaluation.test_set,
@@ -287,7 +287,7 @@ def pvc_mounts(job: FineTuneJob) -> list[_PvcMount]:
 def _uses_s3(job: FineTuneJob) -> bool:
     spec = job.spec
     named = [
-        spec.base_model.uri,
+        spec.base_model.resolved_uri(),
         spec.dataset.train,
         spec.dataset.validation,
         spec.output.uri,

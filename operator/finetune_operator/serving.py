@@ -102,7 +102,7 @@ def serving_plan(job: FineTuneJob, method: ResolvedMethod) -> ServingPlan | None
     elif spec.output.save_merged:
         model_uri = _under(output, "merged")
     else:
-        model_uri = spec.base_model.uri
+        model_uri = spec.base_model.resolved_uri()
     return ServingPlan(
         base_model_name=spec.served_base_model_name(),
         model_uri=model_uri,

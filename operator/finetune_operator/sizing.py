@@ -118,7 +118,7 @@ def nominal_billions(spec: FineTuneJobSpec, architecture: Architecture | None = 
         return p_b
     if architecture is not None:
         return architecture.parameters / 1e9
-    raise SizeUnknown(spec.base_model.uri)
+    raise SizeUnknown(spec.base_model.uri or f"fromJob {spec.base_model.from_job}")
 
 
 @dataclass(frozen=True)

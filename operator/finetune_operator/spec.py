@@ -36,7 +36,10 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 
 Method = Literal["auto", "full", "lora", "qlora", "prefix", "prompt"]
 ResolvedMethod = Literal["full", "lora", "qlora", "prefix", "prompt"]
-DataFormat = Literal["auto", "instruction", "chat", "text"]
+DataFormat = Literal["auto", "instruction", "chat", "text", "preference"]
+Objective = Literal["sft", "dpo"]
+#: Methods DPO trains with (prefix and prompt tuning have no weights to compare against a reference).
+DPO_METHODS = ("auto", "full", "lora", "qlora")
 Precision = Literal["bf16", "fp16", "fp32"]
 
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
@@ -110,13 +113,24 @@ class SecretRef(_Model):
 class BaseModelSpec(_Model):
     """The pretrained model to fine-tune."""
 
-    uri: str = Field(
+    uri: str | None = Field(
+        default=None,
         description="Where the base model lives: `hf://org/name` (Hugging Face hub), `s3://bucket/prefix/`, "
         "`pvc://claim/path` (a PersistentVolumeClaim in the job's namespace) or `file:///path` (a path "
         "inside the trainer image or local machine). The model size is read from the name when it "
-        "contains one (`Llama-2-7b-hf` -> 7B).",
+        "contains one (`Llama-2-7b-hf` -> 7B). Exactly one of uri and fromJob.",
         min_length=1,
         max_length=1024,
+    )
+    from_job: str | None = Field(
+        default=None,
+        description="Start from the result of another FineTuneJob in the same namespace (a chained stage, e.g. DPO "
+        "after SFT). This job waits (phase Pending, condition WaitingForBaseJob) until that job Succeeded with its "
+        "gates passed, then starts from its merged weights when it saved them (or its whole model for method full), "
+        "else from its base model with its adapter merged in before the new adapter is added. A failed or deleted "
+        "base job fails this one naming it. Exactly one of uri and fromJob; revision does not apply.",
+        max_length=MAX_NAME_LENGTH,
+        pattern=NAME_PATTERN,
     )
     revision: str | None = Field(
         default=None,
@@ -141,6 +155,23 @@ class BaseModelSpec(_Model):
 
     _check_uri = field_validator("uri")(_uri_check(("hf", "s3", "pvc", "file")))
 
+    @model_validator(mode="after")
+    def _one_source(self) -> BaseModelSpec:
+        if (self.uri is None) == (self.from_job is None):
+            raise ValueError("spec.baseModel needs exactly one of uri (a model's location) and fromJob (another "
+                             "FineTuneJob's result)" + ("; remove one" if self.uri else "; set one"))
+        if self.from_job is not None and self.revision is not None:
+            raise ValueError("spec.baseModel.revision applies to hf:// URIs, not to fromJob (the base job's result "
+                             "is fixed when it succeeds); remove revision")
+        return self
+
+    def resolved_uri(self) -> str:
+        """The model's URI; a `fromJob` spec has one only once the operator resolved the chain
+        (`chain.resolve`): before that, asking is a bug."""
+        if self.uri is None:
+            raise ValueError(f"spec.baseModel.fromJob {self.from_job!r} is not resolved to a model URI yet")
+        return self.uri
+
     @field_validator("parameters")
     @classmethod
     def _check_parameters(cls, value: str | None) -> str | None:
@@ -153,7 +184,7 @@ class BaseModelSpec(_Model):
         it (the operator's pre-flight then reads it from config.json; `sizing.plan` refuses without it)."""
         if self.parameters is not None:
             return parse_parameters(self.parameters)
-        return uris.parameters_from_name(self.uri)
+        return uris.parameters_from_name(self.uri) if self.uri is not None else None
 
 
 class LoraSpec(_Model):
@@ -602,7 +633,40 @@ class CheckpointSpec(_Model):
     keep: int = Field(default=3, ge=1, le=100, description="Newest complete checkpoints kept. Defaults to 3.")
 
 
-GateMetric = Literal["accuracy", "terminology", "hallucination", "formatCompliance", "evalLoss", "perplexity"]
+GateMetric = Literal["accuracy", "terminology", "hallucination", "formatCompliance", "evalLoss", "perplexity",
+                     "preferenceAccuracy", "rewardMargin"]
+#: Gate metrics measured on preference pairs (objective dpo, or spec.evaluation.preferenceTestSet).
+PREFERENCE_METRICS = ("preferenceAccuracy", "rewardMargin")
+
+
+class DpoSpec(_Model):
+    """Direct Preference Optimization settings (spec.objective: dpo)."""
+
+    beta: float = Field(
+        default=0.1, gt=0, le=100,
+        description="How far the policy may move from the reference: the implicit reward is beta x the log-probability "
+        "ratio (sigmoid), and 1/(2 beta) the target margin (ipo). Defaults to 0.1.")
+    loss: Literal["sigmoid", "ipo"] = Field(
+        default="sigmoid",
+        description="`sigmoid` (DPO: -log sigmoid of the reward margin) or `ipo` (IPO: the squared distance of the "
+        "per-token log-ratio margin from 1/(2 beta)). Defaults to sigmoid.")
+    reference_free: bool = Field(
+        default=False,
+        description="Take the reference log-probabilities as 0: the policy is only asked to prefer chosen over "
+        "rejected, with no pull towards the starting model. Defaults to false.")
+    precompute_reference: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description="Compute the reference log-probabilities of every training and held-out pair once, in a pass "
+        "before training, and store them with the checkpoints (a resumed run reads them). `auto`: for method full "
+        "(the only way without a second copy of the weights); lora and qlora compute them each step with the "
+        "adapter switched off. `always`: for every method (saves the reference forward of each step). `never`: "
+        "not with method full. Defaults to auto.")
+
+    def precomputes(self, method: str) -> bool:
+        """Whether the reference is a table computed before training (else the adapter-disabled model)."""
+        if self.reference_free:
+            return False
+        return self.precompute_reference == "always" or (self.precompute_reference == "auto" and method == "full")
 
 
 class Gate(_Model):
@@ -638,6 +702,14 @@ class EvaluationSpec(_Model):
         max_length=1024,
         description="Test examples in the training format. Defaults to the validation data, else a "
         "held-out 5% of the training data.",
+    )
+    preference_test_set: str | None = Field(
+        default=None,
+        max_length=1024,
+        description="Held-out preference pairs (the preference format) scored for preference accuracy and reward "
+        "margin, base beside fine-tuned. With objective dpo defaults to the validation pairs, else a held-out 5% of "
+        "the training pairs (testSet then holds instruction examples for the domain scores, if any); with objective "
+        "sft defaults to none.",
     )
     glossary: str | None = Field(
         default=None,
@@ -678,7 +750,7 @@ class EvaluationSpec(_Model):
         "recommendation: gates decide failure. Defaults to 0.5.",
     )
 
-    _check_uris = field_validator("test_set", "glossary")(_uri_check(("s3", "pvc", "file")))
+    _check_uris = field_validator("test_set", "preference_test_set", "glossary")(_uri_check(("s3", "pvc", "file")))
 
     @field_validator("format_schema")
     @classmethod
@@ -790,6 +862,16 @@ class FineTuneJobSpec(_Model):
         "`prompt` trains embeddings prepended to the input (prompt tuning). `auto` picks qlora below 10,000 "
         "examples (dataset.examples), else lora. Defaults to auto.",
     )
+    objective: Objective = Field(
+        default="sft",
+        description="What the model is trained to do: `sft` (supervised fine-tuning on instruction, chat or text "
+        "data) or `dpo` (Direct Preference Optimization on preference pairs, spec.dpo; with methods full, lora and "
+        "qlora). Defaults to sft.",
+    )
+    dpo: DpoSpec | None = Field(
+        default=None,
+        description="DPO settings; only with objective dpo. Defaults to beta 0.1, loss sigmoid, a reference.",
+    )
     lora: LoraSpec = Field(default_factory=LoraSpec, description="Adapter settings for lora and qlora. Defaults to r=16, alpha=32.")
     quantization: QuantizationSpec | None = Field(
         default=None,
@@ -895,7 +977,46 @@ class FineTuneJobSpec(_Model):
             self._retrieval_limits(self.retrieval)
         if self.serving is not None:
             self._serving_limits(self.serving)
+        self._objective_limits()
         return self
+
+    def resolved_dpo(self) -> DpoSpec:
+        return self.dpo or DpoSpec()
+
+    def _objective_limits(self) -> None:
+        """What DPO combines with (mirrored by CEL rules in crd.py)."""
+        fmt = self.dataset.format
+        if self.objective != "dpo":
+            if self.dpo is not None:
+                raise ValueError("spec.dpo is only valid with spec.objective dpo; set objective: dpo or remove dpo")
+            if fmt == "preference":
+                raise ValueError("spec.dataset.format preference needs spec.objective dpo (pairs have no single "
+                                 "answer to train on); set objective: dpo, or give instruction, chat or text data")
+        else:
+            if self.method not in DPO_METHODS:
+                raise ValueError(f"spec.objective dpo cannot be used with method {self.method}: virtual tokens have no "
+                                 "adapter to switch off for the reference; use method lora, qlora or full")
+            if fmt not in ("auto", "preference"):
+                raise ValueError(f"spec.dataset.format {fmt} cannot be used with spec.objective dpo: DPO trains on "
+                                 "preference pairs; set format: preference (or auto) and give pairs")
+            if self.hyperparameters.packing:
+                raise ValueError("spec.hyperparameters.packing cannot be used with spec.objective dpo: the two sequences "
+                                 "of a pair are compared with each other and are never packed; set packing: false")
+            if self.retrieval is not None:
+                raise ValueError("spec.retrieval cannot be used with spec.objective dpo; train with retrieval in an sft "
+                                 "stage and chain the dpo stage to it (spec.baseModel.fromJob)")
+            if self.pilot is not None:
+                raise ValueError("spec.pilot cannot be used with spec.objective dpo (the pilot is an sft LoRA run); "
+                                 "remove pilot, or run an sft stage first and chain this job to it")
+            dpo = self.resolved_dpo()
+            if self.method == "full" and dpo.precompute_reference == "never" and not dpo.reference_free:
+                raise ValueError("spec.dpo.precomputeReference never cannot be used with method full: the reference "
+                                 "would be a second copy of the weights; set precomputeReference: auto")
+        prefs = self.objective == "dpo" or self.evaluation.preference_test_set is not None
+        for index, gate in enumerate(self.evaluation.gates):
+            if gate.metric in PREFERENCE_METRICS and not prefs:
+                raise ValueError(f"spec.evaluation.gates[{index}].metric {gate.metric} is measured on preference pairs: "
+                                 "set spec.objective dpo or spec.evaluation.preferenceTestSet, or gate another metric")
 
     def _serving_limits(self, serving: ServingSpec) -> None:
         if self.method in VIRTUAL_TOKEN_METHODS:
@@ -924,7 +1045,7 @@ class FineTuneJobSpec(_Model):
         `llama-7b`). The saved adapter's `base_model_name_or_path` (what vLLM and KServe match adapters by)."""
         if self.serving is not None and self.serving.base_model_name:
             return self.serving.base_model_name
-        uri = self.base_model.uri
+        uri = self.base_model.resolved_uri()
         if uri.startswith("hf://"):
             return uri.removeprefix("hf://").rstrip("/")
         return uri.rstrip("/").rsplit("/", 1)[-1] or uri
@@ -1147,6 +1268,16 @@ class Scores(_Model):
     format_compliance: float | None = Field(default=None, description="Share of answers meeting the format schema or regex, 0..1.")
     eval_loss: float | None = Field(default=None, description="Mean token loss on the test set.")
     perplexity: float | None = Field(default=None, description="exp(evalLoss).")
+    preference_accuracy: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Share of held-out preference pairs with a positive implicit reward margin, 0..1: the model gives "
+        "the chosen response a higher summed log-probability than the rejected one (the reward of reference-free DPO, "
+        "so base and fine-tuned, and the stages of a chain, are measured on one scale).")
+    reward_margin: float | None = Field(
+        default=None,
+        description="Mean implicit reward margin over the held-out pairs: beta x (log p(chosen) - log p(rejected)), "
+        "beta from spec.dpo (0.1 by default).")
+    preference_pairs: int | None = Field(default=None, ge=0, description="Held-out preference pairs scored.")
 
 
 class RetrievalScores(_Model):
@@ -1260,9 +1391,44 @@ class PreflightStatus(_Model):
     tokens: int | None = Field(default=None, ge=0, description="Tokens of spec.dataset.train with the model's "
                                "tokenizer, before truncation.")
     sampled: bool | None = Field(default=None, description="Whether the token count is extrapolated from a sample.")
+    pairs: int | None = Field(default=None, ge=0, description="Preference pairs of spec.dataset.train (objective dpo).")
+    tokens_per_pair: float | None = Field(default=None, ge=0, description="Mean tokens per pair: prompt, chosen and "
+                                          "rejected (objective dpo).")
+    length_bias: float | None = Field(default=None, description="Mean chosen minus rejected response tokens (objective "
+                                      "dpo): far from 0, DPO can learn to prefer a length instead of content.")
     result: str | None = Field(default=None, max_length=1024, description="Where the full result is "
                                "(`<output.uri>/preflight.json`).")
     completion_time: str | None = Field(default=None, description="When the pre-flight finished (RFC 3339).")
+
+
+class ChainStage(_Model):
+    """One earlier FineTuneJob of a chain (spec.baseModel.fromJob), as it was when this job started from it."""
+
+    name: str = Field(max_length=253, description="The FineTuneJob's name.")
+    namespace: str = Field(max_length=63, description="Its namespace.")
+    uid: str | None = Field(default=None, max_length=128, description="Its metadata.uid.")
+    objective: str = Field(default="sft", max_length=16, description="Its spec.objective.")
+    method: str = Field(max_length=16, description="Its resolved method.")
+    output_uri: str = Field(max_length=1024, description="Its spec.output.uri (artifacts, provenance).")
+
+
+class BaseJobStatus(_Model):
+    """Where a chained job (spec.baseModel.fromJob) starts from, resolved when the base job succeeded."""
+
+    name: str = Field(max_length=253, description="The base FineTuneJob (spec.baseModel.fromJob).")
+    uid: str | None = Field(default=None, max_length=128, description="Its metadata.uid when first seen: a job "
+                            "recreated under the same name is another job.")
+    phase: Phase | None = Field(default=None, description="Its phase when last seen.")
+    model_uri: str | None = Field(default=None, max_length=1024, description="The model this job loads: the base "
+                                  "job's merged/ (or model/ for method full), else its own base model.")
+    revision: str | None = Field(default=None, max_length=128, description="hf:// revision of modelUri, if any.")
+    adapters: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list, max_length=16, description="Adapters merged into modelUri, in order, before this "
+        "job's method is applied (the base job's adapter last).")
+    parameters: int | None = Field(default=None, ge=0, description="Parameter count of the model (from the base "
+                                   "job's pre-flight or spec), for sizing.")
+    chain: list[ChainStage] = Field(default_factory=list, max_length=16, description="Every earlier stage, first "
+                                    "first; the base job last.")
 
 
 class PilotStatus(_Model):
@@ -1309,6 +1475,8 @@ class FineTuneJobStatus(_Model):
                                 "once the training Job is created after either. Unset when neither runs.")
     preflight: PreflightStatus | None = Field(default=None, description="The CPU pre-flight, when the operator runs it.")
     pilot: PilotStatus | None = Field(default=None, description="The pilot stage, with spec.pilot.")
+    base_job: BaseJobStatus | None = Field(default=None, description="With spec.baseModel.fromJob: the base job, and "
+                                           "the model and adapters this job starts from once it succeeded.")
     export: ExportCheck | None = Field(default=None, description="The exported adapter and merged model checked "
                                        "against the trained model (logit differences on sample prompts).")
     tracking: TrackingStatus | None = Field(default=None, description="The MLflow run and registered model version "

@@ -52,7 +52,7 @@ def _provenance(run: Run) -> dict[str, Any]:
         run.config,
         data_files=[path for path, _ in run.inputs.files],
         data_uris=[uri for _, uri in run.inputs.files],
-        base_model_uri=run.spec.base_model.uri,
+        base_model_uri=run.spec.base_model.resolved_uri(),
         base_model_revision=run.spec.base_model.revision,
         base_model_files_sha256=provenance.sha256_tree(run.model_dir),
         image=run.config.image,

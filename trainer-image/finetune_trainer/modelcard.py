@@ -60,7 +60,7 @@ def _front_matter(config: TrainerConfig) -> str:
     if spec.dataset.format != "auto":
         tags.append(spec.dataset.format)
     meta = {
-        "base_model": _base_model_id(spec.base_model.uri),
+        "base_model": _base_model_id(spec.base_model.resolved_uri()),
         "library_name": "peft" if methods.get(config.method).adapter else "transformers",
         "pipeline_tag": "text-generation",
         "tags": tags,
@@ -184,7 +184,7 @@ def _usage_section(config: TrainerConfig, artifacts: Mapping[str, str]) -> list[
             "from peft import PeftModel",
             "from transformers import AutoModelForCausalLM, AutoTokenizer",
             "",
-            f'base = AutoModelForCausalLM.from_pretrained("{_base_model_id(config.spec.base_model.uri)}")',
+            f'base = AutoModelForCausalLM.from_pretrained("{_base_model_id(config.spec.base_model.resolved_uri())}")',
             f'model = PeftModel.from_pretrained(base, "{model_dir}")',
             f'tokenizer = AutoTokenizer.from_pretrained("{model_dir}")',
         ]
@@ -271,7 +271,7 @@ def render_model_card(
         _front_matter(config),
         f"# {config.name}",
         "",
-        f"Fine-tuned from `{spec.base_model.uri}`{revision} with {method.title} by "
+        f"Fine-tuned from `{spec.base_model.resolved_uri()}`{revision} with {method.title} by "
         f"finetune-operator (FineTuneJob `{config.namespace}/{config.name}`).",
         "",
         "## Method and plan",

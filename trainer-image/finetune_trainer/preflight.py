@@ -326,7 +326,7 @@ def check_local(config: TrainerConfig, model_dir: Path, cache: Path,
     output is neither checked nor written. Returns a passing result; raises PreflightFailure
     (ModelUnreadable, DataInvalid) naming the field, file and line, as `run` would report it."""
     spec = config.spec
-    uri = spec.base_model.uri
+    uri = spec.base_model.resolved_uri()
     try:
         arch = read_architecture(model_dir)
     except ArchitectureError as err:
@@ -388,16 +388,16 @@ def run(config: TrainerConfig, output_uri: str | None = None, cache: Path | None
     cache = cache or cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     # jobUid: the operator takes only its own FineTuneJob's result (`finetune_operator.progress`).
-    result = PreflightResult(ok=False, job_uid=config.uid, model_uri=spec.base_model.uri,
+    result = PreflightResult(ok=False, job_uid=config.uid, model_uri=spec.base_model.resolved_uri(),
                              revision=spec.base_model.revision, output_uri=output, checked_at=_now())
     failure: PreflightFailure | None = None
     work = Path(tempfile.mkdtemp(prefix="preflight-", dir=cache))
     try:
-        arch, model_dir = read_model(spec.base_model.uri, spec.base_model.revision, cache, work)
+        arch, model_dir = read_model(spec.base_model.resolved_uri(), spec.base_model.revision, cache, work)
         result.architecture = _architecture(arch)
         check_serving(config, arch)
         log.info("model: %s", arch.describe())
-        tokenizer = load_tokenizer(spec.base_model.uri, model_dir)
+        tokenizer = load_tokenizer(spec.base_model.resolved_uri(), model_dir)
         result.splits = check_data(config, tokenizer, cache)
         result.ok = True
     except PreflightFailure as err:

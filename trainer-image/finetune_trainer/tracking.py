@@ -194,7 +194,7 @@ def lineage_tags(config: TrainerConfig, provenance: Mapping[str, Any], *, gpu_ho
     train = next((entry for entry in data if entry.get("uri") == config.spec.dataset.train), None)
     gates = [g.wire() for g in config.spec.evaluation.gates]
     tags = {
-        "base_model.uri": config.spec.base_model.uri,
+        "base_model.uri": config.spec.base_model.resolved_uri(),
         "base_model.revision": config.spec.base_model.revision or "unpinned",
         "base_model.files_sha256": str(base.get("filesSha256") or ""),
         "dataset.sha256": str((train or {}).get("sha256") or ""),

@@ -250,7 +250,7 @@ class Run:
         self.reporter.phase("starting", world_size=self.world)
 
         with accelerator.local_main_process_first():
-            model_dir = modeling.materialize_model(self.spec.base_model.uri, self.spec.base_model.revision,
+            model_dir = modeling.materialize_model(self.spec.base_model.resolved_uri(), self.spec.base_model.revision,
                                                    self.cache)
             tokenizer = modeling.load_tokenizer(model_dir)
             inputs = load_inputs(self.config, tokenizer, self.cache)
