@@ -65,12 +65,17 @@ def resolve(base: FineTuneJob, status: FineTuneJobStatus, *, uid: str | None = N
 
 
 def _parameters(base: FineTuneJob, status: FineTuneJobStatus) -> int | None:
-    if status.preflight is not None and status.preflight.parameters:
-        return status.preflight.parameters
+    # The size the base job was planned with first (its explicit parameters or its model name, e.g. 7B), so a
+    # chained stage of a table model plans from the same table row; the pre-flight's exact count (6.74B) only
+    # where the base job had no size of its own.
+    billions = base.spec.base_model.parameters_billion()
+    if billions is not None:
+        return round(billions * 1e9)
     if status.base_job is not None and status.base_job.parameters:
         return status.base_job.parameters
-    billions = base.spec.base_model.parameters_billion()
-    return round(billions * 1e9) if billions is not None else None
+    if status.preflight is not None and status.preflight.parameters:
+        return status.preflight.parameters
+    return None
 
 
 def apply(spec: FineTuneJobSpec, resolved: BaseJobStatus) -> FineTuneJobSpec:

@@ -9,8 +9,8 @@
   operator completes from them: `method: auto` on the counted examples and `plan.estimate` (steps, hours,
   GPU-hours). A bad row, or an estimate above spec.budget.maxGpuHours, is an invalid manifest; `s3://` or
   `hf://` data, or no trainer, leaves the model-only plan with a note on stderr saying why.
-- `finetune run FILE --local ...`: run a FineTuneJob on this machine (the trainer package; needs the
-  `train` extra).
+- `finetune run FILE... --local ...`: run a FineTuneJob on this machine, or several in order as a chain
+  (spec.baseModel.fromJob naming an earlier one; the trainer package; needs the `train` extra).
 - `finetune crd [finetunepolicy|admission-policy]`: print a CustomResourceDefinition (or the admission policy) generated from the spec models.
 
 Exit codes: 0 ok, 1 invalid input (every problem printed, one line each), 2 usage.
@@ -134,6 +134,11 @@ def _counts(r: Loaded, out: TextIO) -> None:
         extra = [f"{split.skipped_rows:,} invalid row(s) skipped"] if split.skipped_rows else []
         if split.longer_than_max_seq_length:
             extra.append(f"{split.longer_than_max_seq_length:,} of the tokenized rows longer than maxSeqLength")
+        if split.pairs is not None:  # preference data: what DPO trains on, and whether length could stand in
+            extra.insert(0, f"{split.pairs:,} pairs" + (
+                f", {split.tokens_per_pair:,.1f} tokens per pair" if split.tokens_per_pair is not None else "") + (
+                f", length bias {split.length_bias:+.1f} tokens (chosen - rejected)"
+                if split.length_bias is not None else ""))
         sample = sum(f.sample_rows for f in split.files)
         sampled = f", sampled: tokens extrapolated from {sample:,} rows" if split.sampled else ""
         out.write(f"{r.name}: data: {split.field} {split.uri}: {split.examples:,} examples ({split.format}), "
@@ -160,6 +165,12 @@ def _yaml_stream(rows: list[Loaded], image: str | None, out: TextIO) -> None:
         assert r.job is not None and r.plan is not None
         plan_text = yaml.safe_dump(_plan_dict(r), sort_keys=False, width=10_000)
         comment = "".join(f"# {line}\n" for line in plan_text.splitlines())
+        if r.job.spec.base_model.from_job is not None:
+            # A chained stage starts from its base job's result, which is not known before that job succeeded:
+            # the operator renders its children then (finetune_operator.chain), so there is nothing to show yet.
+            docs.append(comment + f"# spec.baseModel.fromJob: the operator creates this job's children once FineTuneJob "
+                        f"{r.job.spec.base_model.from_job} Succeeded (this job starts from its result)\n")
+            continue
         if r.pilot_plan is not None:
             # What the operator creates first: the pilot stage. Its main stage follows only once the pilot
             # passed its gates, which only the operator can tell.
@@ -287,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "ValidatingAdmissionPolicy that enforces FineTunePolicies. Defaults to finetunejob.")
     crd.set_defaults(func=cmd_crd)
 
-    sub.add_parser("run", help="run a FineTuneJob on this machine: finetune run FILE --local [...]", add_help=False)
+    sub.add_parser("run", help="run FineTuneJobs on this machine: finetune run FILE... --local [...]", add_help=False)
     return parser
 
 

@@ -6,6 +6,12 @@ The vocabulary follows Kubeflow Trainer's TrainJob: one condition per question a
 Types (each is `True`, `False` or `Unknown`):
 
 - `Valid`: the spec passed validation. False/InvalidSpec names the field; nothing is created.
+- `WaitingForBaseJob` (only with spec.baseModel.fromJob, `finetune_operator.chain_wait`): True while the job
+  waits for its base job (BaseJobRunning: it exists and has not finished; BaseJobNotFound: not created yet;
+  BaseJobArtifactsPending: it Succeeded and its report's artifacts are not read yet), phase Pending and nothing
+  created; False/BaseJobSucceeded once the base job Succeeded with its gates passed (status.baseJob then says what
+  this job starts from), or False with the failure reason (BaseJobFailed, BaseJobDeleted, BaseJobUnchainable)
+  when this job fails because of it.
 - `Planned`: the sizing plan exists (status.plan). False/PlanningFailed says why it cannot.
 - `Created`: the ConfigMap, Service and Job exist and are ours. False/ForeignChild names an object of
   the same name that something else controls (it is left alone).
@@ -25,8 +31,8 @@ Types (each is `True`, `False` or `Unknown`):
 - `Failed`: True with the failure reason (InvalidSpec, PlanningFailed, BackoffLimitExceeded,
   DeadlineExceeded, GatesFailed, TrainerConfigError, the trainer's own reason such as InvalidData,
   PilotGatesFailed, PilotFailed, the pre-flight's reasons, BudgetExceeded: refused before start when the
-  estimate exceeds spec.budget.maxGpuHours, or stopped by the trainer when the cap was reached, ...).
-  Terminal.
+  estimate exceeds spec.budget.maxGpuHours, or stopped by the trainer when the cap was reached, the base
+  job's BaseJobFailed, BaseJobDeleted and BaseJobUnchainable, ...). Terminal.
 - `HallucinationHigh`: only for jobs without spec.retrieval, once the fine-tuned model is evaluated.
   True/HallucinationAboveThreshold when its hallucination score is above evaluation.hallucinationThreshold
   (default 0.5; a Warning event recommends spec.retrieval with the measured score), else
@@ -61,9 +67,11 @@ HALLUCINATION_HIGH = "HallucinationHigh"
 SERVING = "Serving"
 #: spec.tracking.mlflow: whether the trainer's MLflow tracking works (`status.tracking`).
 TRACKING = "Tracking"
+#: spec.baseModel.fromJob: whether the job still waits for its base job (`finetune_operator.chain_wait`).
+WAITING_FOR_BASE_JOB = "WaitingForBaseJob"
 
 #: Display order in status.conditions (also the order `kubectl describe` shows them).
-TYPES: tuple[str, ...] = (VALID, PREFLIGHT_PASSED, PLANNED, CREATED, PILOT_PASSED, QUEUED, RUNNING, SUSPENDED, COMPLETE, FAILED,
+TYPES: tuple[str, ...] = (VALID, WAITING_FOR_BASE_JOB, PREFLIGHT_PASSED, PLANNED, CREATED, PILOT_PASSED, QUEUED, RUNNING, SUSPENDED, COMPLETE, FAILED,
                           HALLUCINATION_HIGH, SERVING, TRACKING)
 
 TRUE = "True"
@@ -124,6 +132,16 @@ NOT_SERVED = "NotServed"
 #: The `Tracking` condition's reasons.
 TRACKED = "Tracked"
 TRACKING_FAILED = "TrackingFailed"
+#: The `WaitingForBaseJob` condition's reasons (`finetune_operator.chain_wait`). While it waits:
+BASE_JOB_RUNNING = "BaseJobRunning"
+BASE_JOB_NOT_FOUND = "BaseJobNotFound"
+BASE_JOB_ARTIFACTS_PENDING = "BaseJobArtifactsPending"
+#: ... once it may start (also the Normal event's reason):
+BASE_JOB_SUCCEEDED = "BaseJobSucceeded"
+#: ... and when the base job fails this one (also the Failed condition's reasons):
+BASE_JOB_FAILED = "BaseJobFailed"
+BASE_JOB_DELETED = "BaseJobDeleted"
+BASE_JOB_UNCHAINABLE = "BaseJobUnchainable"
 #: Warning events (no condition): a progress report or pre-flight result at the job's output was ignored
 #: (another job's, without a jobUid, too large, or invalid: `finetune_operator.progress`).
 REPORT_IGNORED = "ReportIgnored"
@@ -149,6 +167,9 @@ TERMINAL_FAILURE_REASONS = frozenset(
         SERVING_UNSUPPORTED,
         PREFLIGHT_FAILED,
         BUDGET_EXCEEDED,
+        BASE_JOB_FAILED,
+        BASE_JOB_DELETED,
+        BASE_JOB_UNCHAINABLE,
     }
 )
 

@@ -298,8 +298,9 @@ def lower(a: MemoryRung, b: MemoryRung) -> MemoryRung:
 
 
 def resolve(job: FineTuneJob, plan: Plan, image: str | None = None, stage: Literal["pilot", "preflight"] | None = None,
-            rendezvous_id: str | None = None) -> TrainerConfig:
-    """Freeze a job into the trainer's config snapshot."""
+            rendezvous_id: str | None = None, base: BaseJobStatus | None = None) -> TrainerConfig:
+    """Freeze a job into the trainer's config snapshot. `base`: with spec.baseModel.fromJob, what the chain resolved
+    to (`chain.resolve`); `job` is then the applied one (`chain.apply`: spec.baseModel.uri is base.modelUri)."""
     spec = job.spec.model_copy(deep=True)
     spec.method = plan.method  # `auto` resolved once, here
     if plan.method == "qlora" and spec.quantization is None:
@@ -319,6 +320,7 @@ def resolve(job: FineTuneJob, plan: Plan, image: str | None = None, stage: Liter
         image=image or spec.image,
         stage=stage,
         rendezvous_id=rendezvous_id,
+        base=base,
     )
 
 

@@ -25,6 +25,8 @@ PRINTER_COLUMNS: list[dict[str, Any]] = [
      "description": "With spec.pilot: Pilot while the LoRA pilot runs, Main after it passed."},
     {"name": "Method", "type": "string", "jsonPath": ".status.plan.method", "description": "Resolved training method."},
     {"name": "Model", "type": "string", "jsonPath": ".spec.baseModel.uri", "description": "Base model."},
+    {"name": "From", "type": "string", "jsonPath": ".spec.baseModel.fromJob", "priority": 1,
+     "description": "The FineTuneJob this one starts from (spec.baseModel.fromJob)."},
     {"name": "GPUs", "type": "integer", "jsonPath": ".status.plan.gpus", "description": "Planned GPUs."},
     {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary", "description": "Training progress."},
     {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "description": "Latest training loss."},
@@ -192,6 +194,7 @@ def _add_rules(spec_schema: dict[str, Any]) -> None:
     ]
     spec_rules += _retrieval_rules()
     spec_rules += _serving_rules()
+    spec_rules += _objective_rules()
     for name in props:
         if name in MUTABLE_SPEC_FIELDS:
             continue
@@ -211,6 +214,7 @@ def _add_rules(spec_schema: dict[str, Any]) -> None:
             "set at most one of spec.dataset.validation and spec.dataset.validationSplit",
         )
     ]
+    props["baseModel"]["x-kubernetes-validations"] = _base_model_rules()
     props["prompt"]["x-kubernetes-validations"] = [
         _rule("!has(self.init) || self.init != 'text' || has(self.initText)",
               "spec.prompt.initText is required with init: text"),
@@ -229,6 +233,104 @@ def _add_rules(spec_schema: dict[str, Any]) -> None:
     ]
 
 
+def _base_model_rules() -> list[dict[str, Any]]:
+    """spec.baseModel's rules (the spec model's `BaseModelSpec._one_source`): one source, and revision only with a
+    URI. That fromJob does not name the job itself is a rule at the root, the one node that sees metadata.name."""
+    return [
+        _rule(
+            "has(self.uri) != has(self.fromJob)",
+            "spec.baseModel needs exactly one of uri (a model's location) and fromJob (another FineTuneJob's "
+            "result); set one and remove the other",
+        ),
+        _rule(
+            "!has(self.fromJob) || !has(self.revision)",
+            "spec.baseModel.revision applies to hf:// URIs, not to fromJob (the base job's result is fixed when it "
+            "succeeds); remove revision",
+            fieldPath=".revision",
+            reason="FieldValueForbidden",
+        ),
+    ]
+
+
+def _objective_rules() -> list[dict[str, Any]]:
+    """spec.objective's cross-field rules (the spec model's `_objective_limits`). The CRD carries no defaults: an
+    unset objective is sft, an unset method auto (lora or qlora), an unset format auto, unset packing false."""
+    dpo = "(has(self.objective) && self.objective == 'dpo')"
+    methods = ", ".join(f"'{m}'" for m in api.DPO_METHODS)
+    preference_metrics = ", ".join(f"'{m}'" for m in api.PREFERENCE_METRICS)
+    return [
+        _rule(
+            f"!has(self.dpo) || {dpo}",
+            "spec.dpo is only valid with spec.objective dpo; set objective: dpo or remove dpo",
+            fieldPath=".dpo",
+            reason="FieldValueForbidden",
+        ),
+        _rule(
+            f"!{dpo} || !has(self.method) || self.method in [{methods}]",
+            "spec.objective dpo cannot be used with methods prefix and prompt: virtual tokens have no adapter to "
+            "switch off for the reference; use method lora, qlora or full",
+            fieldPath=".method",
+            reason="FieldValueForbidden",
+        ),
+        _rule(
+            f"!{dpo} || !has(self.dataset.format) || self.dataset.format in ['auto', 'preference']",
+            "spec.dataset.format instruction, chat and text cannot be used with spec.objective dpo: DPO trains on "
+            "preference pairs; set format: preference (or auto) and give pairs",
+            fieldPath=".dataset.format",
+            reason="FieldValueForbidden",
+        ),
+        _rule(
+            f"{dpo} || !has(self.dataset.format) || self.dataset.format != 'preference'",
+            "spec.dataset.format preference needs spec.objective dpo (pairs have no single answer to train on); "
+            "set objective: dpo, or give instruction, chat or text data",
+            fieldPath=".dataset.format",
+            reason="FieldValueForbidden",
+        ),
+        _rule(
+            f"!{dpo} || !has(self.hyperparameters) || !has(self.hyperparameters.packing) "
+            "|| !self.hyperparameters.packing",
+            "spec.hyperparameters.packing cannot be used with spec.objective dpo: the two sequences of a pair are "
+            "compared with each other and are never packed; set packing: false",
+            fieldPath=".hyperparameters.packing",
+            reason="FieldValueForbidden",
+        ),
+        _rule(
+            f"!{dpo} || !has(self.retrieval)",
+            "spec.retrieval cannot be used with spec.objective dpo; train with retrieval in an sft stage and chain "
+            "the dpo stage to it (spec.baseModel.fromJob)",
+            fieldPath=".retrieval",
+            reason="FieldValueForbidden",
+        ),
+        _rule(
+            f"!{dpo} || !has(self.pilot)",
+            "spec.pilot cannot be used with spec.objective dpo (the pilot is an sft LoRA run); remove pilot, or run "
+            "an sft stage first and chain this job to it",
+            fieldPath=".pilot",
+            reason="FieldValueForbidden",
+        ),
+        _rule(
+            f"!{dpo} || !has(self.method) || self.method != 'full' || !has(self.dpo) "
+            "|| !has(self.dpo.precomputeReference) || self.dpo.precomputeReference != 'never' "
+            "|| (has(self.dpo.referenceFree) && self.dpo.referenceFree)",
+            "spec.dpo.precomputeReference never cannot be used with method full: the reference would be a second "
+            "copy of the weights; set precomputeReference: auto",
+            fieldPath=".dpo.precomputeReference",
+            reason="FieldValueForbidden",
+        ),
+        _rule(
+            f"{dpo} || !has(self.evaluation) || has(self.evaluation.preferenceTestSet) "
+            f"|| !has(self.evaluation.gates) || self.evaluation.gates.all(g, !(g.metric in [{preference_metrics}]))",
+            "spec.evaluation.gates preferenceAccuracy and rewardMargin are measured on preference pairs: set "
+            "spec.objective dpo or spec.evaluation.preferenceTestSet, or gate another metric",
+            fieldPath=".evaluation.gates",
+            reason="FieldValueForbidden",
+        ),
+    ]
+
+
+CHAINED_SERVING_MESSAGE = api.CHAINED_SERVING_MESSAGE
+
+
 def _serving_rules() -> list[dict[str, Any]]:
     """spec.serving's cross-field rules (the spec model's `_serving_limits`). The CRD carries no defaults: an unset
     method is `auto` (lora or qlora, never virtual tokens) and an unset lora.r is its default."""
@@ -236,6 +338,13 @@ def _serving_rules() -> list[dict[str, Any]]:
     lora_r = f"(has(self.lora) && has(self.lora.r) ? self.lora.r : {rank})"
     virtual = ", ".join(f"'{m}'" for m in api.VIRTUAL_TOKEN_METHODS)
     return [
+        _rule(
+            "!has(self.serving) || !has(self.baseModel.fromJob) || (has(self.method) && self.method == 'full') "
+            "|| (has(self.output.saveMerged) && self.output.saveMerged)",
+            CHAINED_SERVING_MESSAGE,
+            fieldPath=".output.saveMerged",
+            reason="FieldValueRequired",
+        ),
         _rule(
             f"!has(self.serving) || !has(self.method) || !(self.method in [{virtual}])",
             "spec.serving cannot be used with methods prefix and prompt: vLLM and KServe load LoRA adapters or "
@@ -319,6 +428,15 @@ def build_schema() -> dict[str, Any]:
             _rule(
                 f"self.metadata.name.matches('{api.NAME_PATTERN}')",
                 "metadata.name must be a DNS label starting with a letter (it names a Service)",
+            ),
+            # At the root: the one node whose `self` sees both metadata.name and the spec.
+            _rule(
+                "!has(self.spec) || !has(self.spec.baseModel) || !has(self.spec.baseModel.fromJob) "
+                "|| self.spec.baseModel.fromJob != self.metadata.name",
+                "spec.baseModel.fromJob names this FineTuneJob itself; a job cannot start from its own result: "
+                "name the earlier stage's FineTuneJob",
+                fieldPath=".spec.baseModel.fromJob",
+                reason="FieldValueInvalid",
             ),
         ],
     }

@@ -8,6 +8,10 @@ a fresh read of the object:
 1. validate the spec (`FineTuneJob.model_validate`); an invalid spec gets Valid=False/InvalidSpec naming
    the fields, phase Failed (the spec is immutable, so it can never become valid), a Warning event, and
    nothing is created;
+   with spec.baseModel.fromJob, wait for the base job first (`_chain_gate`, `chain_wait`): phase Pending and
+   WaitingForBaseJob True, nothing else done, until the base job Succeeded with its gates passed (or failed,
+   or was deleted: this job fails naming it); its resolution (`chain.resolve`) is written to status.baseJob
+   once, and every later step of this and every later pass works on `chain.apply(spec, status.baseJob)`;
 2. plan it (`sizing.plan`, kept in status.plan; a plan already in the status wins, so an operator
    upgrade never re-sizes a running job);
    the CPU pre-flight stage first (`finetune_operator.preflight`, unless FT_PREFLIGHT=false): its ConfigMap
@@ -36,7 +40,11 @@ stop it earlier; `track` tells these apart from the FineTuneJob's other events),
 a labelled batch/v1 Job changes, whenever a training pod (labels `finetune.dev/job` and
 `app.kubernetes.io/component=trainer`) appears, changes or goes away, and from one operator-wide
 background task, the refresher, for the jobs that need polling. Phase changes come from these watches;
-only progress (it lives only in S3) needs polling, and only while a trainer can be writing it. The
+only progress (it lives only in S3) needs polling, and only while a trainer can be writing it. A job waiting
+for its base job is woken by the base job's own FineTuneJob events: `track` keeps which jobs name which base
+(`Runtime.dependents`, from each job's spec.baseModel.fromJob) and, when a base job is created, deleted, or
+changes phase, gates or artifacts (`chain_wait.base_view`; its progress does not count), schedules its
+waiting dependents for the refresher's next tick; their own fallback refresh is every 6 intervals. The
 refresher's schedule is `refresh.next_refresh` (pure, table-tested): a Running job, or one with pods that
 have not finished, is refreshed `FT_STATUS_INTERVAL` seconds (default 10) after a pass that changed its
 progress, then at doubling delays while its report stays the same, up to `refresh.BACKOFF_CAP` (6)
@@ -58,7 +66,10 @@ What a FineTuneJob costs the API server: from create to its first status, its th
 status write and one event: 5 requests, no reads, nothing written to the FineTuneJob but its status
 (bench/operator_scale_bench.py counts them in the audit log, with FT_PREFLIGHT=false). The pre-flight
 stage changes the first pass to its ConfigMap and Job, one status write and one event (4); its Job's
-completion then costs one S3 read, two status writes and the three children. The first pass of an
+completion then costs one S3 read, two status writes and the three children. A chained job (fromJob) costs
+one read of its base job per pass while it waits (a pass: its creation, a wake-up from the base job's change, the
+fallback refresh), a status write and an event when its wait starts, and one status write and one event
+(BaseJobSucceeded) when it resolves, before its first stage as above. The first pass of an
 object uses the body of the watch event that brought it (nothing of ours wrote it since); later passes
 read it under the object's lock. A Job event runs a pass only when it changes what the status reads from the
 Job (`refresh.job_view`): the watch's echo of the operator's create and the controller's bookkeeping on a
@@ -100,6 +111,8 @@ import kopf
 from pydantic import ValidationError
 
 from finetune_operator import (
+    chain,
+    chain_wait,
     conditions,
     contract,
     kube,
@@ -160,6 +173,12 @@ class JobState:
     spec: tuple[tuple[str, int], ...] | None = None  # `spec_digest` of the spec last reconciled (None: not yet)
     ignored: set[str] = field(default_factory=set)  # "<object URI> <cause>" of ignored reports (event posted)
     serving_pending: bool = False  # spec.serving.apply: the last pass's LLMInferenceService needs another look
+    # Chained stages (spec.baseModel.fromJob, see `_chain_gate`):
+    from_job: str | None = None  # this job's fromJob, as the watch last showed it (its entry in `Runtime.dependents`)
+    base_view: tuple[Any, ...] | None = None  # `chain_wait.base_view` of this job when its watch last showed it
+    chain_settled: bool = False  # a pass found this job's chain resolved (or the job finished): no more wake-ups
+    waiting: bool = False  # the last pass found it waiting for its base job
+    poked: bool = False  # woken by its base job's change since its last pass began: refresh at once
 
 
 @dataclass
@@ -177,6 +196,8 @@ class Runtime:
     names: dict[str, str] = field(default_factory=dict)  # "namespace/name" -> uid, the same jobs by name
     locks: dict[str, asyncio.Lock] = field(default_factory=dict)  # "namespace/name" -> its lock
     jobs: dict[str, JobState] = field(default_factory=dict)  # "namespace/name" -> what the refresher keeps
+    # "namespace/base" -> names of the jobs whose spec.baseModel.fromJob is `base` (kept by `track`)
+    dependents: dict[str, set[str]] = field(default_factory=dict)
     passes: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(PASS_CONCURRENCY))
     policies: PolicyLookup = field(default_factory=PolicyLookup)
     serving: serving_io.Discovery = field(default_factory=serving_io.Discovery)  # KServe's CRD served? (cached)
@@ -340,7 +361,10 @@ async def ensure_children(
     created: list[str] = []
     adopted: list[str] = []
     job_obj: dict[str, Any] | None = None
-    for desired in render.render_children(job, plan, rt.settings, stage, rendezvous_id=secrets.token_hex(16)):
+    # A chained job's `job` is already `chain.apply`'s; its snapshot also carries the resolution (TrainerConfig.base).
+    base = chain_wait.resolution(body.get("status"))
+    for desired in render.render_children(job, plan, rt.settings, stage, rendezvous_id=secrets.token_hex(16),
+                                          base=base):
         label = f"{desired['kind']}/{desired['metadata']['name']}"
         url = child_url(desired)
         existing = None if fresh else await api.get(url)
@@ -501,11 +525,20 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
         )
         if awaiting:
             report = await _read_report(rt, body, output_uri)
+        finished = rt.jobs.get(f"{meta.get('namespace')}/{meta.get('name')}")
+        if finished is not None:
+            finished.chain_settled, finished.waiting = True, False
         new = status_mod.compute_status(body, plan=None, report=report, now=now)
         await _write(api, rt, body, new)
         return refresh.Outcome(phase=new.get("phase"), awaiting_artifacts=awaiting and not new.get("artifacts"))
 
     state = rt.job_state(meta["namespace"], meta["name"])
+    if job.spec.base_model.from_job is not None:
+        gated = await _chain_gate(api, rt, body, job, state, logger, now)
+        if isinstance(gated, refresh.Outcome):
+            return gated  # waiting for the base job, or failed because of it: nothing else is done
+        body, job = gated  # from here on the spec's baseModel is the resolution (`chain.apply`)
+        old_status = body.get("status") or {}
     checking = _preflight_runs(rt, body)
     plan = _existing_plan(body)
     if plan is None:
@@ -581,6 +614,49 @@ async def reconcile_body(api: kube.Kube, rt: Runtime, body: dict[str, Any], logg
         pods_active=refresh.pods_active(children.pods),
         report_changed=refresh.report_changed(old_status, new),
     )
+
+
+async def _chain_gate(api: kube.Kube, rt: Runtime, body: dict[str, Any], job: FineTuneJob, state: JobState,
+                      logger: Any, now: str) -> refresh.Outcome | tuple[dict[str, Any], FineTuneJob]:
+    """spec.baseModel.fromJob before anything else (`chain_wait`): the pass's Outcome while the job waits for its
+    base job or after it failed because of it; else the body (its status holding the resolution) and the job with
+    its spec applied (`chain.apply`), for the rest of the pass.
+
+    The resolution is made once: while status.baseJob has no modelUri the base job is read (one GET) and judged
+    (`chain_wait.decide`); the pass that resolves it writes the status (status.baseJob, WaitingForBaseJob False,
+    the BaseJobSucceeded event) before anything is created, and every later pass starts from that recording
+    without reading the base job (which may since have been deleted: this job keeps what it started from)."""
+    meta = body["metadata"]
+    namespace, name = str(meta["namespace"]), str(meta["name"])
+    status = body.get("status") or {}
+    resolved = chain_wait.resolution(status)
+    if resolved is None:
+        base_name = str(job.spec.base_model.from_job)
+        base = await api.get(ftj_url(namespace, base_name))
+
+        def next_of(link: str) -> str | None:
+            # A cycle runs only through jobs that wait: the base job as just read, the others as their last pass
+            # in this process found them (a job that resolved, or finished, ended its link).
+            if link == base_name:
+                waits = base is not None and chain_wait.resolution(base.get("status")) is None and (
+                    (base.get("status") or {}).get("phase") not in status_mod.TERMINAL_PHASES)
+                return chain_wait.from_job(base) if waits and base is not None else None
+            other = rt.jobs.get(f"{namespace}/{link}")
+            return other.from_job if other is not None and other.waiting else None
+
+        verdict = chain_wait.decide(name, namespace, base_name, chain_wait.recorded(status), base,
+                                    chain_wait.find_cycle(name, base_name, next_of))
+        new = status_mod.compute_status(body, plan=None, chain=verdict, now=now)
+        await _write(api, rt, body, new)
+        state.waiting = verdict.action == "wait"
+        state.chain_settled = verdict.action != "wait"
+        if verdict.action != "start":
+            return refresh.Outcome(phase=new.get("phase"), waiting_for_base=state.waiting)
+        logger.info(f"{name}: {verdict.message}")
+        body = {**body, "status": new}
+        resolved = verdict.base_job
+    state.waiting, state.chain_settled = False, True
+    return body, job.model_copy(update={"spec": chain.apply(job.spec, resolved)})
 
 
 async def _policy_refusal(api: kube.Kube, rt: Runtime, body: dict[str, Any], plan: Plan | None, final: bool,
@@ -739,6 +815,8 @@ def _schedule(rt: Runtime, body: Mapping[str, Any], outcome: refresh.Outcome) ->
     decision = refresh.next_refresh(outcome, state.idle, rt.interval)
     state.idle = decision.idle
     state.due = None if decision.delay is None else time.monotonic() + decision.delay
+    if state.poked:  # its base job changed while this pass ran, perhaps after the pass read it: look again now
+        state.due = time.monotonic()
 
 
 async def reconcile(
@@ -765,6 +843,7 @@ async def reconcile(
             return
         first = state.passes == 0
         state.passes += 1
+        state.poked = False  # this pass reads the base job after the change that woke it
         if given is not None and first:
             body: dict[str, Any] | None = dict(given)
         else:
@@ -1048,12 +1127,23 @@ async def track(type: str, body: kopf.Body, memo: kopf.Memo, logger: Any, **_: A
         if rt.names.get(f"{namespace}/{name}") == uid:
             del rt.names[f"{namespace}/{name}"]
         rt.forget_lock(namespace, name)
-        rt.jobs.pop(f"{namespace}/{name}", None)
+        gone = rt.jobs.pop(f"{namespace}/{name}", None)
+        if gone is not None:
+            _link(rt, namespace, name, gone.from_job, None)
         rt.metrics.forget(uid)
+        _wake_dependents(rt, namespace, name)
         return
     rt.known[uid] = (namespace, name)
     rt.names[f"{namespace}/{name}"] = uid
     state = rt.job_state(namespace, name)
+    from_job = chain_wait.from_job(body)
+    if from_job != state.from_job:
+        _link(rt, namespace, name, state.from_job, from_job)
+        state.from_job = from_job
+    view = chain_wait.base_view(body)
+    if view != state.base_view:
+        state.base_view = view
+        _wake_dependents(rt, namespace, name)
     digest = spec_digest(body.get("spec"))
     before = state.spec
     if before == digest:
@@ -1076,6 +1166,32 @@ async def track(type: str, body: kopf.Body, memo: kopf.Memo, logger: Any, **_: A
         await reconcile(rt, namespace, name, logger, cause, given=body)
     except kopf.TemporaryError as err:
         logger.warning(f"{cause} pass of {namespace}/{name} failed, retried by the refresher: {err}")
+
+
+def _link(rt: Runtime, namespace: str, name: str, before: str | None, after: str | None) -> None:
+    """Move job `name` in `Runtime.dependents` from base job `before` to base job `after` (either may be None)."""
+    if before is not None:
+        names = rt.dependents.get(f"{namespace}/{before}")
+        if names is not None:
+            names.discard(name)
+            if not names:
+                del rt.dependents[f"{namespace}/{before}"]
+    if after is not None:
+        rt.dependents.setdefault(f"{namespace}/{after}", set()).add(name)
+
+
+def _wake_dependents(rt: Runtime, namespace: str, base: str) -> None:
+    """The FineTuneJob `base` changed in a way its dependents' verdicts read (`chain_wait.base_view`: created,
+    deleted, phase, gates, artifacts): each job that waits for it (`Runtime.dependents`, not settled) is refreshed
+    at the refresher's next tick, at most a second away. Through the refresher rather than a pass here, so that
+    this watch's handler never waits on other jobs' locks and passes, and a burst of changes costs one pass per
+    dependent. A dependent whose pass is in flight keeps the wake-up (`JobState.poked`) for right after it."""
+    for name in rt.dependents.get(f"{namespace}/{base}", ()):
+        state = rt.jobs.get(f"{namespace}/{name}")
+        if state is None or state.chain_settled:
+            continue
+        state.poked = True
+        state.due = time.monotonic()
 
 
 @kopf.on.event("batch", "v1", "jobs", labels={render.LABEL_JOB: kopf.PRESENT})

@@ -35,7 +35,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from finetune_operator import kube, render
+from finetune_operator import chain_wait, kube, render
 from finetune_operator import serving_apply as decide_mod
 from finetune_operator.progress import report_location
 from finetune_operator.spec import FineTuneJob, ServingPlan
@@ -76,6 +76,7 @@ async def settle(api: kube.Kube, discovery: Discovery, body: Mapping[str, Any], 
         job = FineTuneJob.model_validate(body)
     except ValidationError:
         return new, False
+    job = chain_wait.applied(job, new)  # a chained job serves what it started from (spec.baseModel.fromJob)
     decision = decide_mod.decide(job, new, report_readable=report_location(job.spec.output.uri) is not None)
     verdict, served = decision.verdict, None
     if decision.plan is not None:

@@ -1,13 +1,14 @@
 """`finetune plan --inspect`'s data count: the operator's CPU pre-flight, run on this machine.
 
 Where the trainer package is installed and every dataset URI of a spec (spec.dataset.train,
-spec.dataset.validation, spec.evaluation.testSet) is on this machine (`file://`, or `pvc://claim/path`
+spec.dataset.validation, spec.evaluation.testSet, spec.evaluation.preferenceTestSet) is on this machine (`file://`, or `pvc://claim/path`
 under the claim's `--mount CLAIM=PATH`), `count` runs the pre-flight's own model and data checks
 (`finetune_trainer.preflight.check_local`: the tokenizer from the inspected model directory, every row read
 by the trainer's readers, tokens counted as the trainer encodes examples) and completes the plan from the
 result with `preflight.complete_plan`, the operator's own function: `method: auto` decided on the counted
 examples and `plan.estimate` (steps, hours, GPU-hours). So the printed plan is the plan the operator writes
-after its pre-flight. A bad row is a DataInvalid issue on its field naming the file and line; an estimate
+after its pre-flight. Preference data (objective dpo) is counted in pairs, with the mean tokens per pair and
+the length bias (mean chosen minus rejected tokens), which `finetune plan` prints per split. A bad row is a DataInvalid issue on its field naming the file and line; an estimate
 above spec.budget.maxGpuHours is an issue on that field with `preflight.over_budget`'s message.
 
 `s3://` and `hf://` data are not downloaded by `finetune plan`: the plan then stays the model-only one and
@@ -63,7 +64,8 @@ class Mounts:
 
 def data_uris(spec: FineTuneJobSpec) -> list[str]:
     """The dataset URIs the pre-flight reads, in its order."""
-    found = [spec.dataset.train, spec.dataset.validation, spec.evaluation.test_set]
+    found = [spec.dataset.train, spec.dataset.validation, spec.evaluation.test_set,
+             spec.evaluation.preference_test_set]
     return [uri for uri in found if uri]
 
 

@@ -126,12 +126,13 @@ class FineTunePolicySpec(api._Model):
     data_uri_prefixes: _Names | None = Field(
         default=None, max_length=64,
         description="Prefixes the data URIs (dataset.train, dataset.validation, retrieval.corpus, "
-        "evaluation.testSet, evaluation.glossary) must start with. " + _PREFIX_HELP + " Defaults to any URI.",
+        "evaluation.testSet, evaluation.preferenceTestSet, evaluation.glossary) must start with. " + _PREFIX_HELP
+        + " Defaults to any URI.",
     )
     model_uri_prefixes: _Names | None = Field(
         default=None, max_length=64,
-        description="Prefixes `spec.baseModel.uri` must start with (for example `hf://` for the hub only). "
-        + _PREFIX_HELP + " Defaults to any URI.",
+        description="Prefixes `spec.baseModel.uri` must start with (for example `hf://` for the hub only); a chained "
+        "stage (baseModel.fromJob) has none to check. " + _PREFIX_HELP + " Defaults to any URI.",
     )
 
 
@@ -219,7 +220,7 @@ def _validations() -> list[dict[str, Any]]:
     for field, variable, what in (
         ("outputUriPrefixes", "outputUris", "spec.output.uri"),
         ("dataUriPrefixes", "dataUris", "a data URI (dataset.train, dataset.validation, retrieval.corpus, "
-                                         "evaluation.testSet or evaluation.glossary)"),
+                                         "evaluation.testSet, evaluation.preferenceTestSet or evaluation.glossary)"),
         ("modelUriPrefixes", "modelUris", "spec.baseModel.uri"),
     ):
         bad = f"variables.{variable}.filter(u, !({_PREFIX_MATCH.format(field=field, uri='u')}))"
@@ -316,10 +317,13 @@ def _variables() -> list[dict[str, str]]:
         {"name": "nodeSelectorKeys", "expression":
             f"{_present('resources.nodeSelector')} ? object.spec.resources.nodeSelector.map(k, k) : []"},
         {"name": "outputUris", "expression": "[object.spec.output.uri]"},
-        {"name": "modelUris", "expression": "[object.spec.baseModel.uri]"},
+        # A chained stage (baseModel.fromJob) has no URI: it starts from its base job's output, which that
+        # job's own outputUriPrefixes confined.
+        {"name": "modelUris", "expression": "[?object.spec.baseModel.?uri]"},
         {"name": "dataUris", "expression":
             "[object.spec.dataset.train, ?object.spec.dataset.?validation, ?object.spec.?retrieval.?corpus, "
-            "?object.spec.?evaluation.?testSet, ?object.spec.?evaluation.?glossary]"},
+            "?object.spec.?evaluation.?testSet, ?object.spec.?evaluation.?preferenceTestSet, "
+            "?object.spec.?evaluation.?glossary]"},
     ]
 
 

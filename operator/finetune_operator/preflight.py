@@ -32,7 +32,7 @@ from __future__ import annotations
 from finetune_operator import conditions as c
 from finetune_operator import cost, sizing
 from finetune_operator.architecture import Architecture
-from finetune_operator.contract import PreflightResult
+from finetune_operator.contract import PreflightResult, PreflightSplit
 from finetune_operator.spec import FineTuneJobSpec, Plan
 
 #: The stage name in labels, child names and `TrainerConfig.stage`.
@@ -64,12 +64,15 @@ def architecture(result: PreflightResult) -> Architecture | None:
     return Architecture(**fields, path=result.model_uri)
 
 
+def train_split(result: PreflightResult) -> PreflightSplit | None:
+    """What the pre-flight found in spec.dataset.train, or None when the result has no such split."""
+    return next((split for split in result.splits if split.field == "spec.dataset.train"), None)
+
+
 def train_counts(result: PreflightResult) -> tuple[int, int, bool] | None:
     """(examples, tokens, sampled) of spec.dataset.train, or None when the result has no such split."""
-    for split in result.splits:
-        if split.field == "spec.dataset.train":
-            return split.examples, split.tokens, split.sampled
-    return None
+    split = train_split(result)
+    return (split.examples, split.tokens, split.sampled) if split is not None else None
 
 
 def counted_spec(spec: FineTuneJobSpec, result: PreflightResult) -> FineTuneJobSpec:
@@ -132,9 +135,14 @@ def summary(result: PreflightResult, result_uri: str | None) -> dict[str, object
     if arch is not None:
         out["parameters"] = arch.parameters
         out["architecture"] = sizing.shape_words(arch)[:256]
-    counts = train_counts(result)
-    if counts is not None:
-        out["examples"], out["tokens"], out["sampled"] = counts
+    split = train_split(result)
+    if split is not None:
+        out["examples"], out["tokens"], out["sampled"] = split.examples, split.tokens, split.sampled
+        # preference data (objective dpo): the pairs, their mean length and the length bias, where counted
+        for key, value in (("pairs", split.pairs), ("tokensPerPair", split.tokens_per_pair),
+                           ("lengthBias", split.length_bias)):
+            if value is not None:
+                out[key] = round(value, 2) if isinstance(value, float) else value
     if result_uri:
         out["result"] = result_uri
     return out

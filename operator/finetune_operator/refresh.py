@@ -17,6 +17,9 @@ Succeeded without artifacts (report readable)   every `BACKOFF_CAP` x interval (
 Succeeded with spec.serving.apply and its       the backoff above (`serving_apply`: nothing about the
 LLMInferenceService not Ready, its CRD not      LLMInferenceService reaches the operator but a read)
 installed, or a foreign one in its place
+Pending, waiting for its base job               every `BACKOFF_CAP` x interval, a fallback only: the base
+(spec.baseModel.fromJob)                        job's own watch events wake its dependents at once
+                                                (`handlers.track`, `chain_wait.base_view`)
 Pending with its Job and no pods, Suspended,    never: Job and pod events bring every change
 Queued, Succeeded, Failed
 ==============================================  ===========================================================
@@ -56,6 +59,7 @@ class Outcome:
     awaiting_artifacts: bool = False  # Succeeded, no artifacts yet, the report is readable by the operator
     failed: bool = False  # the pass raised
     serving_pending: bool = False  # finished, its LLMInferenceService (spec.serving.apply) not Ready yet or not made
+    waiting_for_base: bool = False  # Pending: spec.baseModel.fromJob's base job has not succeeded yet
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,8 @@ def next_refresh(outcome: Outcome, idle: int, interval: float, cap: int = BACKOF
         return Next(None, 0)
     if outcome.phase in (SUSPENDED, QUEUED):
         return Next(None, 0)
+    if outcome.phase == PENDING and outcome.waiting_for_base:
+        return Next(longest, 0)
     if outcome.phase == RUNNING or outcome.pods_active or (outcome.phase == PENDING and not outcome.children_ready):
         idle = 0 if outcome.report_changed else idle + 1
         return Next(min(interval * 2 ** min(idle, 16), longest), idle)

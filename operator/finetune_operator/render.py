@@ -51,7 +51,7 @@ from typing import Any
 from finetune_operator import contract, preflight, uris
 from finetune_operator.quantity import parse_quantity_bytes
 from finetune_operator.settings import OperatorSettings
-from finetune_operator.spec import API_VERSION, KIND, FineTuneJob, ObjectMeta, Plan
+from finetune_operator.spec import API_VERSION, KIND, BaseJobStatus, FineTuneJob, ObjectMeta, Plan
 
 #: Kubernetes caps names used as DNS labels (Service names, pod host names, label values) at 63.
 MAX_DNS_LABEL = 63
@@ -191,12 +191,13 @@ def trainer_image(job: FineTuneJob, settings: OperatorSettings) -> str:
 
 
 def render_config_map(job: FineTuneJob, plan: Plan, settings: OperatorSettings,
-                      stage: str | None = None, rendezvous_id: str | None = None) -> dict[str, Any]:
-    """The ConfigMap holding the trainer's config snapshot (`rendezvous_id`: see `render_children`)."""
+                      stage: str | None = None, rendezvous_id: str | None = None,
+                      base: BaseJobStatus | None = None) -> dict[str, Any]:
+    """The ConfigMap holding the trainer's config snapshot (`rendezvous_id`, `base`: see `render_children`)."""
     names = child_names(job.metadata.name, stage)
     snapshot = contract.resolve(job, plan, trainer_image(job, settings),
                                 "pilot" if stage == "pilot" else "preflight" if stage == preflight.STAGE else None,
-                                rendezvous_id=rendezvous_id)
+                                rendezvous_id=rendezvous_id, base=base)
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
@@ -686,22 +687,25 @@ def render_preflight_job(job: FineTuneJob, settings: OperatorSettings) -> dict[s
 
 
 def render_children(job: FineTuneJob, plan: Plan, settings: OperatorSettings,
-                    stage: str | None = None, rendezvous_id: str | None = None) -> list[dict[str, Any]]:
+                    stage: str | None = None, rendezvous_id: str | None = None,
+                    base: BaseJobStatus | None = None) -> list[dict[str, Any]]:
     """All children in creation order: ConfigMap, Service, NetworkPolicy (when `settings.network_policy`),
     Job: the Job's pods need the first two, and the policy is in place before any pod exists.
 
     `rendezvous_id`: the random id of the job's c10d rendezvous, kept in the config snapshot (the caller draws
     it; it matters only when the ConfigMap is created, which is the only time a snapshot is written whole).
+    `base`: with spec.baseModel.fromJob, the chain's resolution (`TrainerConfig.base`); `job` is then
+    `chain.apply`'s (its spec.baseModel.uri set).
 
     `stage="pilot"`: the pilot stage's, rendered from `pilot.pilot_job(job)` and its plan.
     `stage="preflight"`: the pre-flight's ConfigMap and Job (`plan` is ignored: `preflight.placeholder_plan`)."""
     if stage == preflight.STAGE:
         return [
-            render_config_map(job, preflight.placeholder_plan(job.spec), settings, stage),
+            render_config_map(job, preflight.placeholder_plan(job.spec), settings, stage, base=base),
             render_preflight_job(job, settings),
         ]
     return [
-        render_config_map(job, plan, settings, stage, rendezvous_id),
+        render_config_map(job, plan, settings, stage, rendezvous_id, base),
         render_service(job, plan, settings, stage),
         *([render_network_policy(job, settings, stage)] if settings.network_policy else []),
         render_job(job, plan, settings, stage),

@@ -1,13 +1,16 @@
 """The sizing planner: a pure function from a FineTuneJob spec to a GPU plan.
 
-Listed sizes (7B, 13B, 70B) come from the model-size table, which is a product contract:
+Listed sizes (7B, 13B, 70B) of objective sft come from the model-size table, which is a product contract:
 
     size   full      lora      qlora
     7B     4x24GiB   1x24GiB   1x12GiB
     13B    8x24GiB   1x48GiB   1x24GiB
     70B    16x48GiB  2x48GiB   1x48GiB
 
-Any other size comes from the memory model below, rounded up to a standard GPU class and a GPU count.
+Any other size, and every objective dpo run, comes from the memory model below, rounded up to a standard GPU
+class and a GPU count. A chained stage (spec.baseModel.fromJob) is sized from spec.baseModel.parameters, which
+`chain.apply` fills in from the base job once it succeeded; before that, without it, planning raises
+`BaseJobUnresolved`.
 
 Memory model (bytes; P = parameters, a Llama-shaped decoder with hidden size h, L = h/128 layers,
 P ~ 12*L*h^2, vocabulary V = 32,000, micro-batch b, sequence length s). When the model's architecture is
@@ -43,6 +46,20 @@ is untied:
   log-softmax and its gradient (16*b*s*V).
   (Refitted against an H100: bench/results/gpu-h100.txt.)
 - overhead per GPU: 1.5 GiB (CUDA context, communication buffers) plus 10% of the rest (fragmentation).
+
+Objective dpo (`objectives/dpo.py` in the trainer): the model-size table is the contract for `sft` only; a dpo
+plan always comes from the memory model (source `estimate`, the reason says so). Each example is a pair, and
+one forward runs its two sequences (prompt + chosen, prompt + rejected) as rows of one batch: the activations
+and the loss path above are those of 2*b rows. The reference costs no second copy of the weights:
+
+- lora/qlora (unless precomputed): the same model with its adapter switched off, run under no_grad after the
+  policy's forward while the policy's activations are held: one layer's activations of the 2*b rows at a
+  time (A of 2*b rows, nothing stored) plus its logits path, 16-bit logits and their fp32 upcast
+  (6*2b*s*V);
+- full (precomputeReference auto or always, or always with lora/qlora): the reference log-probabilities are
+  computed in a no_grad pass before training, which needs less than a training step, into a table of two
+  fp32 numbers per pair held on the CPU: nothing on the GPU during training;
+- referenceFree: no reference at all.
 
 With N > 1 GPUs the weights and trainable state are fully sharded (FSDP), activations are not:
 per_gpu(N) = (weights + state) / N + activations + overhead. Prefix and prompt tuning train data-parallel
@@ -100,6 +117,19 @@ class PlanningError(ValueError):
         self.message = message
 
 
+class BaseJobUnresolved(PlanningError):
+    """A chained stage (spec.baseModel.fromJob) without spec.baseModel.parameters, before its base job
+    succeeded: the model it starts from, and so its size, is not known yet. The operator plans once it resolved
+    the chain (`chain.apply` sets the URI and the base job's parameter count)."""
+
+    def __init__(self, from_job: str):
+        super().__init__(
+            "spec.baseModel.fromJob",
+            f"the model size is not known before FineTuneJob {from_job!r} succeeded (this stage starts from its "
+            "result, and the operator plans it then); set spec.baseModel.parameters, e.g. '7B', to plan it now")
+        self.from_job = from_job
+
+
 class SizeUnknown(PlanningError):
     """Neither spec.baseModel.parameters nor the model's name gives its size, and no architecture was read:
     the operator's pre-flight (or `finetune plan --inspect`) reads it from the model's files."""
@@ -118,7 +148,9 @@ def nominal_billions(spec: FineTuneJobSpec, architecture: Architecture | None = 
         return p_b
     if architecture is not None:
         return architecture.parameters / 1e9
-    raise SizeUnknown(spec.base_model.uri or f"fromJob {spec.base_model.from_job}")
+    if spec.base_model.uri is None and spec.base_model.from_job is not None:
+        raise BaseJobUnresolved(spec.base_model.from_job)
+    raise SizeUnknown(spec.base_model.resolved_uri())
 
 
 @dataclass(frozen=True)
@@ -131,11 +163,16 @@ class MemoryEstimate:
     trainable_parameters: float
     #: Weights and trainable state sharded over the GPUs (FSDP); False: replicated on each (prefix, prompt).
     sharded: bool = True
+    #: Objective dpo: the reference's share per GPU (the adapter-disabled forward's working set; 0 when
+    #: precomputed before training or reference-free). Not sharded, like activations.
+    reference: float = 0.0
+    #: Rows of a micro-batch: batchSize, or 2 x batchSize for dpo (a chosen and a rejected sequence per pair).
+    rows: int = 0
 
     def per_gpu(self, gpus: int) -> float:
         """GiB one GPU needs when the run is spread over `gpus` GPUs."""
         shard = (self.weights + self.trainable_state) / (gpus if self.sharded else 1)
-        body = shard + self.activations
+        body = shard + self.activations + self.reference
         return body * (1 + OVERHEAD_FRACTION) + OVERHEAD_FIXED_GIB
 
     def total(self, gpus: int) -> float:
@@ -235,7 +272,8 @@ def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod,
         trainable = lora_parameters(hidden, layers, spec.lora.r, spec.lora.target_modules, dims)
         state = trainable * 16
 
-    b, s = hp.batch_size, hp.max_seq_length
+    # dpo: a micro-batch of b pairs is one forward of 2b rows (the chosen sequences, then the rejected ones)
+    b, s = hp.batch_size * (2 if spec.objective == "dpo" else 1), hp.max_seq_length
     if method == "prompt":
         s += spec.resolved_prompt().virtual_tokens
     per_layer = b * s * (34.0 * hidden + 4 * (dims.kv_dim - hidden) + 8 * (dims.intermediate - hidden * 8 / 3))
@@ -246,6 +284,10 @@ def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod,
     activations += 16.0 * b * s * vocab
     if method == "prefix":
         activations += 2.0 * layers * b * spec.resolved_prefix().virtual_tokens * hidden * bytes_16
+    reference = 0.0
+    if reference_kind(spec, method) == "adapter":
+        # under no_grad, while the policy's activations are held: one layer at a time, and its logits path
+        reference = per_layer + 6.0 * b * s * vocab
 
     return MemoryEstimate(
         weights=weights / GIB,
@@ -253,7 +295,36 @@ def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod,
         activations=activations / GIB,
         trainable_parameters=trainable,
         sharded=method not in VIRTUAL_TOKEN_METHODS,
+        reference=reference / GIB,
+        rows=b,
     )
+
+
+def reference_kind(spec: FineTuneJobSpec, method: ResolvedMethod) -> str | None:
+    """How a dpo run gets its reference log-probabilities with `method`: `adapter` (the adapter switched off,
+    each step), `precomputed` (a pass before training), `none` (referenceFree); None for sft."""
+    if spec.objective != "dpo":
+        return None
+    dpo = spec.resolved_dpo()
+    if dpo.reference_free:
+        return "none"
+    return "precomputed" if dpo.precomputes(method) else "adapter"
+
+
+def _dpo_words(spec: FineTuneJobSpec, method: ResolvedMethod, mem: MemoryEstimate) -> str:
+    """What the memory model counted for objective dpo, for a plan's reason."""
+    rows = f"{mem.rows} rows per micro-batch (batchSize {spec.hyperparameters.batch_size} pairs x chosen and rejected)"
+    kind = reference_kind(spec, method)
+    if kind == "adapter":
+        ref = (f"reference {_fmt(mem.reference)} GiB (the base with the adapter switched off, under no_grad: one "
+               "layer's activations and its logits at a time; no second copy of the weights)")
+    elif kind == "precomputed":
+        ref = ("reference 0 GiB on the GPU (its log-probabilities computed in a pass before training, which needs "
+               "less than a training step, into a table of 2 numbers per pair on the CPU; no second copy of the "
+               "weights)")
+    else:
+        ref = "no reference (referenceFree)"
+    return f"{rows}; {ref}"
 
 
 def resolve_method(spec: FineTuneJobSpec) -> tuple[ResolvedMethod, str]:
@@ -324,6 +395,10 @@ def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Pla
     model-size table still decides the spec's nominal 7B, 13B and 70B sizes."""
     method, method_reason = resolve_method(spec)
     p_b = nominal_billions(spec, architecture)
+    if spec.base_model.uri is None:
+        # a chained stage before the operator resolved it (chain.apply sets the URI and the base job's count)
+        method_reason += (f"; spec.baseModel.fromJob {spec.base_model.from_job}: sized from spec.baseModel.parameters "
+                          "until that job succeeded")
     mem = estimate_memory(spec, method, architecture)
     res = spec.resources
     warnings: list[str] = []
@@ -352,7 +427,11 @@ def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Pla
             f"{_fmt(mem.activations)} GiB; the frozen base is replicated on each GPU, not sharded"
         )
 
-    table_cell = TABLE.get(int(p_b), {}).get(method) if float(p_b).is_integer() else None
+    dpo = spec.objective == "dpo"
+    if dpo:
+        parts += f"; {_dpo_words(spec, method, mem)}"
+    # The model-size table is the contract for sft: a dpo run (twice the rows, a reference) is always estimated.
+    table_cell = TABLE.get(int(p_b), {}).get(method) if float(p_b).is_integer() and not dpo else None
     explicit_mem = parse_gpu_memory_gib(res.gpu_memory) if res.gpu_memory else None
 
     if res.gpus is None and explicit_mem is None:
@@ -398,8 +477,10 @@ def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Pla
                 sized_by += f" with the architecture read from {_short_path(architecture.path)}/config.json" + (
                     " and the safetensors headers" if architecture.parameters_source == "safetensors headers" else "")
                 sized_by += f" ({shape_words(architecture)})"
+            why = (f"objective dpo with {size} {method}: the model-size table is for sft, so {sized_by}" if dpo else
+                   f"{size} {method} is not in the model-size table, so {sized_by}")
             reason = (
-                f"{method_reason}; {size} {method} is not in the model-size table, so {sized_by}: "
+                f"{method_reason}; {why}: "
                 f"{parts}; {_fmt(mem.per_gpu(gpus))} GiB per GPU on {gpus} GPU(s) -> {gpus}x{gib}GiB, "
                 + ("the least total GPU memory that fits" if method == "full" else "the fewest GPUs that fit")
             )

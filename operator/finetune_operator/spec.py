@@ -14,7 +14,7 @@ import json
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from finetune_operator import uris
@@ -635,6 +635,10 @@ class CheckpointSpec(_Model):
 
 GateMetric = Literal["accuracy", "terminology", "hallucination", "formatCompliance", "evalLoss", "perplexity",
                      "preferenceAccuracy", "rewardMargin"]
+CHAINED_SERVING_MESSAGE = (
+    "spec.serving with spec.baseModel.fromJob needs spec.output.saveMerged: true: this stage starts from the earlier "
+    "stages' adapters merged into the base, so a server loading the base and this stage's adapter alone would miss "
+    "them; set output.saveMerged: true (the merged model is served)")
 #: Gate metrics measured on preference pairs (objective dpo, or spec.evaluation.preferenceTestSet).
 PREFERENCE_METRICS = ("preferenceAccuracy", "rewardMargin")
 
@@ -1019,6 +1023,8 @@ class FineTuneJobSpec(_Model):
                                  "set spec.objective dpo or spec.evaluation.preferenceTestSet, or gate another metric")
 
     def _serving_limits(self, serving: ServingSpec) -> None:
+        if self.base_model.from_job is not None and self.method != "full" and not self.output.save_merged:
+            raise ValueError(CHAINED_SERVING_MESSAGE)
         if self.method in VIRTUAL_TOKEN_METHODS:
             raise ValueError(
                 f"spec.serving cannot be used with method {self.method}: vLLM and KServe load LoRA adapters or whole "
@@ -1151,6 +1157,16 @@ class FineTuneJob(_Model):
     kind: Literal["FineTuneJob"]
     metadata: ObjectMeta
     spec: FineTuneJobSpec
+
+    @field_validator("spec")
+    @classmethod
+    def _not_its_own_base(cls, spec: FineTuneJobSpec, info: ValidationInfo) -> FineTuneJobSpec:
+        # Only the whole manifest knows its name (the CRD's root CEL rule says the same at admission).
+        meta = info.data.get("metadata")
+        if meta is not None and spec.base_model.from_job == meta.name:
+            raise ValueError("spec.baseModel.fromJob names this FineTuneJob itself; a job cannot start from its own "
+                             "result: name the earlier stage's FineTuneJob")
+        return spec
 
 
 # --------------------------------------------------------------------------------------------------

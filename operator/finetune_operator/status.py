@@ -19,8 +19,18 @@ Succeeded   the Job has condition Complete=True                                 
 Queued      Kueue manages the job and keeps its Job suspended (not admitted)     Queued=True/WaitingForAdmission
 Suspended   the Job is suspended by spec.suspend                                 Suspended=True/Suspended
 Running     at least one training pod runs (or is ready)                         Running=True/Running
-Pending     children missing or foreign, or pods not running yet                Created=False or Running=False/Starting
+Pending     children missing or foreign, or pods not running yet; or, with      Created=False or Running=False/Starting;
+            spec.baseModel.fromJob, waiting for the base job                     WaitingForBaseJob=True
 ==========  ===================================================================  =====================
+
+With spec.baseModel.fromJob the job first waits for its base job (`finetune_operator.chain_wait`): phase Pending,
+WaitingForBaseJob True with the reason it waits (BaseJobRunning, BaseJobNotFound, BaseJobArtifactsPending), Running
+False/WaitingForBaseJob, status.baseJob the base job's name, uid when first seen and phase when last seen, and no
+other condition (nothing is planned or created). A base job that failed, was deleted (or recreated) while this
+job waited, or whose result cannot be started from fails this job (Failed=True/BaseJobFailed, BaseJobDeleted or
+BaseJobUnchainable, naming it). Once it Succeeded with its gates passed, status.baseJob holds the resolution
+(`chain.resolve`: model, adapters, chain) and WaitingForBaseJob turns False/BaseJobSucceeded; everything after
+that is as for any job, planned from `chain.apply(spec, status.baseJob)`.
 
 The CPU pre-flight (`finetune_operator.preflight`, when the operator runs it) comes first: stage `Preflight`,
 condition PreflightPassed Unknown/PreflightRunning while its Job runs (the phase is that Job's: Pending,
@@ -74,6 +84,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from finetune_operator import chain_wait
 from finetune_operator import conditions as c
 from finetune_operator import preflight as preflight_mod
 from finetune_operator.contract import EXIT_CONFIG_ERROR, EXIT_GATES_FAILED, PreflightResult, TrainerReport
@@ -182,12 +193,15 @@ def compute_status(
     pilot: PilotView | None = None,
     preflight: PreflightView | None = None,
     policy_violation: str | None = None,
+    chain: chain_wait.Verdict | None = None,
     now: str,
 ) -> dict[str, Any]:
     """The new status of FineTuneJob `job` (a dict as read from the API). See the module docstring.
 
     `preflight`: the pre-flight stage runs (its status is not Succeeded yet); `plan` is then the preliminary
-    plan from the model's size (None when no size is known before the pre-flight reads it)."""
+    plan from the model's size (None when no size is known before the pre-flight reads it).
+    `chain`: spec.baseModel.fromJob's verdict in a pass that has not resolved it before (`chain_wait.decide`);
+    the status is then that verdict's alone (waiting, failed, or resolved and about to start)."""
     meta = job.get("metadata") or {}
     spec = job.get("spec") or {}
     old: dict[str, Any] = dict(job.get("status") or {})
@@ -209,6 +223,9 @@ def compute_status(
         _tracking(b, new.get("tracking"))
         return _finish(new, b)
 
+    if chain is not None:
+        _chain_stage(new, b, chain)
+        return _finish(new, b)
     if policy_violation is not None:
         # Before any child: the namespace's FineTunePolicy refuses the job (finetune_operator.policy).
         b.set(c.PLANNED, c.FALSE, c.POLICY_VIOLATION, policy_violation)
@@ -393,6 +410,22 @@ def _pilot_stage(new: dict[str, Any], b: _Builder, plan: Plan, pilot: PilotView,
     return True
 
 
+def _chain_stage(new: dict[str, Any], b: _Builder, verdict: chain_wait.Verdict) -> None:
+    """spec.baseModel.fromJob before the job starts (see `finetune_operator.chain_wait`): waiting (Pending, nothing
+    created), failed because of the base job, or resolved (Pending, about to start: the caller writes this, then
+    goes on with the normal flow from the resolution in status.baseJob)."""
+    new["baseJob"] = {k: v for k, v in verdict.base_job.wire().items() if not _empty(v)}
+    if verdict.action == "wait":
+        b.set(c.WAITING_FOR_BASE_JOB, c.TRUE, verdict.reason, verdict.message)
+        _pending(new, b, c.WAITING_FOR_BASE_JOB, verdict.message)
+    elif verdict.action == "fail":
+        b.set(c.WAITING_FOR_BASE_JOB, c.FALSE, verdict.reason, verdict.message)
+        _fail(new, b, verdict.reason, verdict.message, None)
+    else:
+        b.set(c.WAITING_FOR_BASE_JOB, c.FALSE, c.BASE_JOB_SUCCEEDED, verdict.message)
+        _pending(new, b, c.STARTING, verdict.message)
+
+
 def _preflight_stage(new: dict[str, Any], b: _Builder, plan: Plan | None, view: PreflightView,
                      meta: Mapping[str, Any], spec: Mapping[str, Any]) -> bool:
     """The pre-flight stage (see `finetune_operator.preflight`): True when it decides the status (it runs,
@@ -568,6 +601,13 @@ def transition_events(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> 
     pilot = c.find(new.get("conditions"), c.PILOT_PASSED)
     if pilot and pilot.get("status") == c.TRUE and not c.is_true(old.get("conditions"), c.PILOT_PASSED):
         warnings.append(Event("Normal", c.PILOT_GATES_PASSED, pilot.get("message", "")))
+    waiting = c.find(new.get("conditions"), c.WAITING_FOR_BASE_JOB)
+    was_waiting = c.find(old.get("conditions"), c.WAITING_FOR_BASE_JOB)
+    if waiting and waiting.get("status") == c.TRUE and not c.is_true(old.get("conditions"), c.WAITING_FOR_BASE_JOB):
+        warnings.append(Event("Normal", c.WAITING_FOR_BASE_JOB, waiting.get("message", "")))
+    started = (was_waiting or {}).get("reason") == c.BASE_JOB_SUCCEEDED
+    if waiting and waiting.get("reason") == c.BASE_JOB_SUCCEEDED and not started:
+        warnings.append(Event("Normal", c.BASE_JOB_SUCCEEDED, waiting.get("message", "")))
     phase = new.get("phase")
     if phase and phase != old.get("phase"):
         cond = _deciding_condition(new)

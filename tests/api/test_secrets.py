@@ -31,17 +31,19 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune_operator import render
+from finetune_operator import chain, render
 from finetune_operator.contract import REPORT_KEY
 from finetune_operator.settings import OperatorSettings
 from finetune_operator.sizing import plan as size
-from finetune_operator.spec import FineTuneJob
+from finetune_operator.spec import BaseJobStatus, FineTuneJob
 from tests.api.conftest import FTJ, Cluster, ftj_manifest, operator, wait_for
 
 SENTINEL = "sEnTiNeL-7c1e5a0f9b2d4e68-do-not-leak"
 FORMS = (SENTINEL, base64.b64encode(SENTINEL.encode()).decode())
 SECRET = "s3-credentials"
 ROOT = Path(__file__).resolve().parents[2]
+#: What a chained example (spec.baseModel.fromJob) starts from when rendered here: its base job's model.
+CHAIN_START = "hf://meta-llama/Llama-2-7b-hf"
 SHELLS = {"sh", "bash", "dash", "zsh", "ash", "ksh", "/bin/sh", "/bin/bash", "/usr/bin/env", "-c"}
 
 
@@ -203,6 +205,10 @@ def test_no_secret_value_in_objects_events_requests_or_logs(
     for path in sorted((ROOT / "examples").glob("*.yaml")):
         for doc in yaml.safe_load_all(path.read_text()):
             ftj = FineTuneJob.model_validate(doc)
+            if ftj.spec.base_model.from_job is not None:  # a chained stage: rendered once resolved, as the operator does
+                resolved = BaseJobStatus(name=ftj.spec.base_model.from_job, phase="Succeeded", model_uri=CHAIN_START,
+                                         adapters=[f"s3://out/{ftj.spec.base_model.from_job}/model/"])
+                ftj = ftj.model_copy(update={"spec": chain.apply(ftj.spec, resolved)})
             rendered = render.render_children(ftj, size(ftj.spec), OperatorSettings.from_env())
             containers += check_commands(next(o for o in rendered if o["kind"] == "Job"), doc["spec"])
     print(f"\nsecrets: sentinel absent from {scanned} object versions ({len(kinds)} kinds), {len(sent)} operator "

@@ -138,7 +138,14 @@ def test_published_openapi_describes_every_spec_and_status_field(kube: Kube, crd
         assert root["properties"][part].get("description"), part
         missing = _undescribed(root["properties"][part], part, schemas)
         assert not missing, f"fields without a description in the published OpenAPI: {missing}"
-    assert "lora" in root["properties"]["spec"]["properties"]
+    spec = root["properties"]["spec"]["properties"]
+    assert {"lora", "objective", "dpo"} <= set(spec)
+    base_model = spec["baseModel"]
+    for wrapper in ("allOf", "oneOf", "anyOf"):  # how the server may wrap a described object
+        if len(base_model.get(wrapper) or []) == 1:
+            base_model = {**base_model, **base_model[wrapper][0]}
+    base_model = schemas[base_model["$ref"].rsplit("/", 1)[-1]] if "$ref" in base_model else base_model
+    assert {"uri", "fromJob"} <= set(base_model["properties"])
 
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
@@ -225,3 +232,59 @@ def test_kubectl_explain_teaches_the_serving_and_tracking_fields(kubeconfig: str
     text = kubectl_explain(kubeconfig, what)
     for field in fields:
         assert field in text, f"kubectl explain {what} does not show {field}:\n{text}"
+
+
+# Objective dpo and chained stages (spec.objective, spec.dpo, spec.baseModel.fromJob): each CEL rule on the real
+# API server, whose refusal names the field through the rule's fieldPath (or the node it sits on).
+@pytest.mark.parametrize(("case_id", "named"), [
+    ("uri-and-from-job", "spec.baseModel: Invalid value: spec.baseModel needs exactly one of uri"),
+    ("neither-uri-nor-from-job", "spec.baseModel: Invalid value: spec.baseModel needs exactly one of uri"),
+    ("revision-with-from-job", "spec.baseModel.revision: Forbidden: spec.baseModel.revision applies to hf:// URIs"),
+    ("from-job-is-itself", "spec.baseModel.fromJob: Invalid value"),
+    ("dpo-block-without-dpo-objective", "spec.dpo: Forbidden: spec.dpo is only valid with spec.objective dpo"),
+    ("dpo-with-prefix", "spec.method: Forbidden: spec.objective dpo cannot be used with methods prefix and prompt"),
+    ("dpo-with-prompt", "spec.method: Forbidden: spec.objective dpo cannot be used with methods prefix and prompt"),
+    ("dpo-with-chat-data", "spec.dataset.format: Forbidden: spec.dataset.format instruction, chat and text"),
+    ("preference-data-without-dpo", "spec.dataset.format: Forbidden: spec.dataset.format preference needs"),
+    ("dpo-with-packing", "spec.hyperparameters.packing: Forbidden: spec.hyperparameters.packing cannot be used "
+                         "with spec.objective dpo"),
+    ("dpo-with-retrieval", "spec.retrieval: Forbidden: spec.retrieval cannot be used with spec.objective dpo"),
+    ("dpo-with-pilot", "spec.pilot: Forbidden: spec.pilot cannot be used with spec.objective dpo"),
+    ("dpo-full-without-precomputed-reference", "spec.dpo.precomputeReference: Forbidden: "
+                                               "spec.dpo.precomputeReference never cannot be used with method full"),
+    ("preference-gate-without-pairs", "spec.evaluation.gates: Forbidden: spec.evaluation.gates preferenceAccuracy "
+                                      "and rewardMargin are measured on preference pairs"),
+])
+def test_invalid_objective_and_chain_are_refused_naming_the_field(refusals: dict[str, str | None], case_id: str,
+                                                                 named: str) -> None:
+    message = refusals[case_id]
+    assert message is not None, f"{case_id}: admitted"
+    assert named in message, f"{case_id}: the refusal does not say {named!r}: {message}"
+
+
+def _objective_manifests() -> dict[str, dict[str, Any]]:
+    from tests.unit.test_admission import VALID_OBJECTIVES, _changed
+
+    return {case_id: _changed(changes) for case_id, changes in VALID_OBJECTIVES.items()}
+
+
+@pytest.mark.parametrize("case_id", sorted(_objective_manifests()))
+def test_dpo_stages_and_chains_are_admitted(kube: Kube, crd: Any, namespace: str, case_id: str) -> None:
+    assert dry_run_create(kube, namespace, _objective_manifests()[case_id]) is None
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl is not installed")
+@pytest.mark.parametrize(("what", "fields"), [
+    ("finetunejob.spec.dpo", ("beta", "loss", "referenceFree", "precomputeReference", "sigmoid", "ipo",
+                              "Defaults to 0.1", "second copy of the weights")),
+    ("finetunejob.spec.baseModel", ("uri", "fromJob", "WaitingForBaseJob", "Exactly one of uri and fromJob")),
+    ("finetunejob.spec.objective", ("sft", "dpo", "Defaults to sft")),
+    ("finetunejob.status.baseJob", ("modelUri", "adapters", "chain", "parameters")),
+    ("finetunejob.status.preflight", ("pairs", "tokensPerPair", "lengthBias")),
+])
+def test_kubectl_explain_teaches_the_dpo_and_chain_fields(kubeconfig: str, crd: Any, what: str,
+                                                          fields: tuple[str, ...]) -> None:
+    text = kubectl_explain(kubeconfig, what)
+    flowed = " ".join(text.split())  # kubectl wraps descriptions at 80 columns
+    for field in fields:
+        assert field in flowed, f"kubectl explain {what} does not show {field}:\n{text}"

@@ -305,6 +305,38 @@ def test_the_policy_decides_not_the_code(kube: Kube, release: Release) -> None:
         kube.request("DELETE", f"{POLICIES}/{permissive}")
 
 
+def test_uri_prefixes_see_chained_stages_and_preference_test_sets(kube: Kube, release: Release) -> None:
+    """A chained stage (spec.baseModel.fromJob) has no model URI to check: admitted under modelUriPrefixes; a
+    DPO stage's evaluation.preferenceTestSet is a data URI: refused outside dataUriPrefixes, naming it."""
+    confined = f"confined-{SUFFIX}"
+    apply_policy(kube, confined, {"modelUriPrefixes": ["s3://ft-e2e-models/"],
+                                  "dataUriPrefixes": ["s3://healthcare-data/"],
+                                  "nodeSelectorKeys": ["node.kubernetes.io/instance-type"]})
+    try:
+        with fresh_namespace(kube, "chain") as namespace:
+            label(kube, namespace, confined)
+            foreign = manifest(namespace, "foreign-model")
+            foreign["spec"]["baseModel"]["uri"] = "hf://org/model"
+            wait_enforced(kube, foreign)
+            assert "spec.baseModel.uri: hf://org/model" in refusal(kube, foreign)
+
+            chained = manifest(namespace, "dpo-stage", objective="dpo", method="lora")
+            chained["spec"]["baseModel"] = {"fromJob": "sft-stage", "parameters": "1M"}
+            chained["spec"]["dataset"] = {"train": "s3://healthcare-data/preference/train.jsonl",
+                                          "format": "preference"}
+            chained["spec"]["evaluation"] = {"preferenceTestSet": "s3://healthcare-data/preference/test.jsonl"}
+            assert _admitted(kube, chained)
+
+            leaked = copy.deepcopy(chained)
+            leaked["spec"]["evaluation"]["preferenceTestSet"] = "s3://elsewhere/pairs.jsonl"
+            message = refusal(kube, leaked)
+            assert "evaluation.preferenceTestSet" in message and "s3://elsewhere/pairs.jsonl" in message, message
+            assert f"FineTunePolicy {confined}" in message
+    finally:
+        if not KEEP:
+            kube.request("DELETE", f"{POLICIES}/{confined}")
+
+
 def test_no_policy_at_all_refuses_every_job(kube: Kube, release: Release) -> None:
     """The binding's parameterNotFoundAction is Deny: without any FineTunePolicy nothing is admitted."""
     default = kube.get(f"{POLICIES}/default")

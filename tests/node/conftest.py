@@ -400,7 +400,9 @@ def _upload_model_and_data(installed: Installed) -> None:
             client.upload_file(str(path), MODEL_BUCKET, "tiny-llama/" + path.relative_to(model_dir).as_posix())
     for local, key in (("healthcare_train.jsonl", "instructions/train.jsonl"),
                        ("healthcare_test.jsonl", "instructions/test.jsonl"),
-                       ("healthcare_glossary.txt", "glossary.txt")):
+                       ("healthcare_glossary.txt", "glossary.txt"),
+                       ("healthcare_preference_train.jsonl", "preferences/train.jsonl"),
+                       ("healthcare_preference_test.jsonl", "preferences/test.jsonl")):
         client.upload_file(str(DATA_DIR / local), DATA_BUCKET, key)
 
 

@@ -42,6 +42,12 @@ class Case:
 
 
 LOSS_GATE = {"metric": "evalLoss", "minImprovement": 0.1}
+#: The example as a DPO stage on preference pairs (valid as it stands).
+DPO = {"spec.objective": "dpo", "spec.dataset.format": "preference",
+       "spec.dataset.train": "s3://healthcare-data/preference/train.jsonl"}
+#: The example chained to an SFT stage (valid as it stands: the size comes from spec.baseModel.parameters).
+FROM_JOB = {"spec.baseModel.uri": DELETE, "spec.baseModel.revision": DELETE, "spec.baseModel.fromJob": "sft-stage",
+            "spec.baseModel.parameters": "7B"}
 
 CASES = [
     Case("unknown-method", {"spec.method": "sft"}, "spec.method", "must be one of"),
@@ -187,6 +193,48 @@ CASES = [
          "spec.tracking.mlflow.trackingUri", "pattern"),
     Case("tracking-uri-not-http", {"spec.tracking": {"mlflow": {"trackingUri": "databricks"}}},
          "spec.tracking.mlflow.trackingUri", "pattern"),
+    # spec.baseModel: a model's location or another FineTuneJob's result (a chained stage), exactly one.
+    Case("uri-and-from-job", {"spec.baseModel.fromJob": "sft-stage"}, "spec.baseModel", "exactly one of uri"),
+    Case("neither-uri-nor-from-job", {"spec.baseModel.uri": DELETE, "spec.baseModel.revision": DELETE},
+         "spec.baseModel", "exactly one of uri"),
+    Case("revision-with-from-job", {"spec.baseModel.uri": DELETE, "spec.baseModel.fromJob": "sft-stage"},
+         "spec.baseModel", "revision applies to hf:// URIs"),
+    Case("from-job-is-itself", {**FROM_JOB, "spec.baseModel.fromJob": "healthcare-assistant"}, "spec",
+         "names this FineTuneJob itself"),
+    Case("chained-serving-without-merged", {**FROM_JOB, "spec.serving": {}}, "spec",
+         "spec.serving with spec.baseModel.fromJob needs spec.output.saveMerged: true"),
+    Case("from-job-not-a-name", {**FROM_JOB, "spec.baseModel.fromJob": "SFT_stage"}, "spec.baseModel.fromJob",
+         "pattern"),
+    # spec.objective dpo: preference pairs, with full, lora and qlora, no packing, retrieval or pilot.
+    Case("dpo-block-without-dpo-objective", {"spec.dpo": {"beta": 0.2}}, "spec",
+         "spec.dpo is only valid with spec.objective dpo"),
+    Case("dpo-with-prefix", {**DPO, "spec.method": "prefix", "spec.hyperparameters.gradientCheckpointing": False},
+         "spec", "cannot be used with method prefix"),
+    Case("dpo-with-prompt", {**DPO, "spec.method": "prompt"}, "spec", "cannot be used with method prompt"),
+    Case("dpo-with-instruction-data", {**DPO, "spec.dataset.format": "instruction"}, "spec",
+         "spec.dataset.format instruction cannot be used with spec.objective dpo"),
+    Case("dpo-with-chat-data", {**DPO, "spec.dataset.format": "chat"}, "spec",
+         "spec.dataset.format chat cannot be used with spec.objective dpo"),
+    Case("dpo-with-text-data", {**DPO, "spec.dataset.format": "text"}, "spec",
+         "spec.dataset.format text cannot be used with spec.objective dpo"),
+    Case("preference-data-without-dpo", {"spec.dataset.format": "preference"}, "spec",
+         "spec.dataset.format preference needs spec.objective dpo"),
+    Case("dpo-with-packing", {**DPO, "spec.hyperparameters.packing": True}, "spec",
+         "spec.hyperparameters.packing cannot be used with spec.objective dpo"),
+    Case("dpo-with-retrieval", {**DPO, "spec.retrieval": {"corpus": "s3://healthcare-data/corpus/"}}, "spec",
+         "spec.retrieval cannot be used with spec.objective dpo"),
+    Case("dpo-with-pilot", {**DPO, "spec.method": "full", "spec.pilot": {"gates": [LOSS_GATE]}}, "spec",
+         "spec.pilot cannot be used with spec.objective dpo"),
+    Case("dpo-full-without-precomputed-reference", {**DPO, "spec.method": "full",
+                                                    "spec.dpo": {"precomputeReference": "never"}}, "spec",
+         "spec.dpo.precomputeReference never cannot be used with method full"),
+    Case("dpo-unknown-loss", {**DPO, "spec.dpo": {"loss": "kto"}}, "spec.dpo.loss", "must be one of"),
+    Case("dpo-zero-beta", {**DPO, "spec.dpo": {"beta": 0}}, "spec.dpo.beta", "must be > 0"),
+    Case("unknown-objective", {"spec.objective": "orpo"}, "spec.objective", "must be one of"),
+    Case("preference-gate-without-pairs", {"spec.evaluation.gates": [{"metric": "preferenceAccuracy", "min": 0.6}]},
+         "spec", "preferenceAccuracy is measured on preference pairs"),
+    Case("reward-margin-gate-without-pairs", {"spec.evaluation.gates": [LOSS_GATE, {"metric": "rewardMargin", "min": 0}]},
+         "spec", "rewardMargin is measured on preference pairs"),
     # spec.budget: a GPU-hours cap.
     Case("zero-budget", {"spec.budget": {"maxGpuHours": 0}}, "spec.budget.maxGpuHours", "must be > 0"),
     Case("budget-without-cap", {"spec.budget": {}}, "spec.budget.maxGpuHours", "required"),

@@ -15,7 +15,7 @@ import yaml
 from finetune_operator.manifests import validate_document
 
 from .admission import admit
-from .invalid_corpus import CASES, Case
+from .invalid_corpus import CASES, DELETE, DPO, FROM_JOB, Case
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples").glob("*.yaml"))
 
@@ -55,6 +55,28 @@ MUST_FAIL_AT_ADMISSION = {
     "serving-rank-above-max-rank",
     "serving-default-rank-above-max-rank",
     "serving-max-rank-not-a-vllm-rank",
+    "uri-and-from-job",
+    "neither-uri-nor-from-job",
+    "revision-with-from-job",
+    "from-job-is-itself",
+    "chained-serving-without-merged",
+    "from-job-not-a-name",
+    "dpo-block-without-dpo-objective",
+    "dpo-with-prefix",
+    "dpo-with-prompt",
+    "dpo-with-instruction-data",
+    "dpo-with-chat-data",
+    "dpo-with-text-data",
+    "preference-data-without-dpo",
+    "dpo-with-packing",
+    "dpo-with-retrieval",
+    "dpo-with-pilot",
+    "dpo-full-without-precomputed-reference",
+    "dpo-unknown-loss",
+    "dpo-zero-beta",
+    "unknown-objective",
+    "preference-gate-without-pairs",
+    "reward-margin-gate-without-pairs",
 }
 
 
@@ -121,3 +143,88 @@ def test_serving_combinations_that_vllm_loads_are_admitted(changes: dict):
     doc["spec"].update(changes)
     assert admit(doc).admitted, admit(doc)
     assert validate_document(doc).ok
+
+
+#: Each DPO and chain rule's refusal at admission (the CRD's CEL message, worded as the spec model's; the API
+#: server prefixes the rule's fieldPath: tests/e2e/test_api_server.py).
+OBJECTIVE_REFUSALS = {
+    "uri-and-from-job": "spec.baseModel needs exactly one of uri (a model's location) and fromJob",
+    "neither-uri-nor-from-job": "spec.baseModel needs exactly one of uri (a model's location) and fromJob",
+    "revision-with-from-job": "spec.baseModel.revision applies to hf:// URIs, not to fromJob",
+    "from-job-is-itself": "spec.baseModel.fromJob names this FineTuneJob itself",
+    "dpo-block-without-dpo-objective": "spec.dpo is only valid with spec.objective dpo; set objective: dpo",
+    "dpo-with-prefix": "spec.objective dpo cannot be used with methods prefix and prompt",
+    "dpo-with-prompt": "spec.objective dpo cannot be used with methods prefix and prompt",
+    "dpo-with-instruction-data": "spec.dataset.format instruction, chat and text cannot be used with spec.objective dpo",
+    "dpo-with-chat-data": "spec.dataset.format instruction, chat and text cannot be used with spec.objective dpo",
+    "dpo-with-text-data": "spec.dataset.format instruction, chat and text cannot be used with spec.objective dpo",
+    "preference-data-without-dpo": "spec.dataset.format preference needs spec.objective dpo",
+    "dpo-with-packing": "spec.hyperparameters.packing cannot be used with spec.objective dpo",
+    "dpo-with-retrieval": "spec.retrieval cannot be used with spec.objective dpo",
+    "dpo-with-pilot": "spec.pilot cannot be used with spec.objective dpo",
+    "dpo-full-without-precomputed-reference": "spec.dpo.precomputeReference never cannot be used with method full",
+    "preference-gate-without-pairs": "preferenceAccuracy and rewardMargin are measured on preference pairs",
+    "reward-margin-gate-without-pairs": "preferenceAccuracy and rewardMargin are measured on preference pairs",
+}
+
+
+@pytest.mark.parametrize("case_id", sorted(OBJECTIVE_REFUSALS))
+def test_objective_and_chain_refusals_name_the_field_and_the_fix(case_id: str):
+    (case,) = [c for c in CASES if c.id == case_id]
+    verdict = admit(case.manifest())
+    assert not verdict.schema_errors, verdict
+    assert any(OBJECTIVE_REFUSALS[case_id] in e for e in verdict.cel_errors), verdict
+
+
+def _changed(changes: dict) -> dict:
+    return Case("valid", changes, "", "").manifest()
+
+
+#: DPO stages and chains both the CRD and the spec model accept (each a change of the healthcare example).
+VALID_OBJECTIVES = {
+    "dpo-lora": DPO,
+    "dpo-qlora-auto-format": {**DPO, "spec.method": "qlora", "spec.dataset.format": "auto",
+                              "spec.dpo": {"beta": 0.5, "loss": "ipo"}},
+    "dpo-auto-method": {**DPO, "spec.method": "auto", "spec.dataset.examples": 2000},
+    "dpo-full": {**DPO, "spec.method": "full", "spec.dpo": {"precomputeReference": "auto"}},
+    "dpo-full-reference-free": {**DPO, "spec.method": "full",
+                                "spec.dpo": {"precomputeReference": "never", "referenceFree": True}},
+    "dpo-lora-never-precomputed": {**DPO, "spec.dpo": {"precomputeReference": "never"}},
+    "dpo-preference-gates": {**DPO, "spec.evaluation.gates": [{"metric": "preferenceAccuracy", "min": 0.6},
+                                                              {"metric": "rewardMargin", "minImprovement": 0.1}]},
+    "sft-with-preference-test-set": {
+        "spec.evaluation.preferenceTestSet": "s3://healthcare-data/preference/test.jsonl",
+        "spec.evaluation.gates": [{"metric": "preferenceAccuracy", "min": 0.5}]},
+    "from-job": FROM_JOB,
+    "dpo-from-job": {**DPO, **FROM_JOB},
+}
+
+
+@pytest.mark.parametrize("case_id", sorted(VALID_OBJECTIVES))
+def test_dpo_stages_and_chains_are_admitted_and_planned(case_id: str):
+    doc = _changed(VALID_OBJECTIVES[case_id])
+    verdict = admit(doc)
+    assert verdict.admitted, verdict
+    loaded = validate_document(doc)
+    assert loaded.ok, [str(i) for i in loaded.issues]
+
+
+def test_a_chained_stage_without_a_size_is_admitted_but_planned_only_once_resolved():
+    """The CRD admits a fromJob stage with no size; `finetune plan` cannot size it before the base job succeeded
+    (the operator plans after resolving the chain, with the base job's parameter count)."""
+    doc = _changed({**FROM_JOB, "spec.baseModel.parameters": DELETE})
+    assert admit(doc).admitted
+    loaded = validate_document(doc)
+    (issue,) = loaded.issues
+    assert issue.path == "spec.baseModel.fromJob" and "set spec.baseModel.parameters" in issue.message
+
+
+def test_objective_and_base_model_are_immutable():
+    doc = _changed(DPO)
+    sft = copy.deepcopy(doc)
+    sft["spec"]["objective"] = "sft"
+    assert any("spec.objective is immutable" in e for e in admit(sft, old=doc).cel_errors)
+    chained = _changed(FROM_JOB)
+    moved = copy.deepcopy(chained)
+    moved["spec"]["baseModel"]["fromJob"] = "another-stage"
+    assert any("spec.baseModel is immutable" in e for e in admit(moved, old=chained).cel_errors)

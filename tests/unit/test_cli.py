@@ -50,6 +50,9 @@ def test_plan_examples_json_gives_the_table_for_all_nine_cells():
         plan = item["plan"]
         assert set(plan) >= {"method", "gpus", "gpuMemoryGiB", "nodes", "gpusPerNode", "estimatedMemoryGiB", "source", "reason"}
         doc = yaml.safe_load(next(p for p in EXAMPLES if yaml.safe_load(p.read_text())["metadata"]["name"] == item["name"]).read_text())
+        if doc["spec"].get("objective") == "dpo":  # the table is for sft: the memory model sizes dpo (pairs, reference)
+            assert plan["source"] == "estimate" and "memory model" in plan["reason"], item
+            continue
         size = {"7": "7B", "13": "13B", "70": "70B"}[
             next(s for s in ("70", "13", "7") if f"-{s}b" in doc["spec"]["baseModel"]["uri"].lower())
         ]
@@ -159,7 +162,10 @@ def test_plan_yaml_output_validates_against_kubernetes_schemas():
 
     result = run("plan", *map(str, EXAMPLES), "-o", "yaml")
     docs = _docs(result.stdout)
-    assert len(docs) == 4 * len(EXAMPLES)
+    # a chained stage (spec.baseModel.fromJob) has no children before its base job succeeded: a comment only
+    chained = [p for p in EXAMPLES if "fromJob" in yaml.safe_load(p.read_text())["spec"]["baseModel"]]
+    assert chained and "the operator creates this job's children once FineTuneJob healthcare-sft" in result.stdout
+    assert len(docs) == 4 * (len(EXAMPLES) - len(chained))
     for doc in docs:
         kubernetes_validate.validate(doc, "1.31.0", strict=True)
 
@@ -345,3 +351,25 @@ def test_model_dir_and_mount_need_inspect(tmp_path: Path, capsys):
     assert "add --inspect" in capsys.readouterr().err
     assert cli.main(["plan", "--inspect", "--mount", "no-equals-sign", str(job)]) == 2
     assert "expected CLAIM=PATH" in capsys.readouterr().err
+
+
+def test_plan_inspect_prints_the_pairs_of_preference_data():
+    """What `finetune plan --inspect` prints for a split of preference pairs (objective dpo): the pairs, the mean
+    tokens per pair and the length bias the pre-flight counted."""
+    import io
+
+    from finetune_operator.contract import PreflightResult, PreflightSplit
+    from finetune_operator.manifests import Loaded, validate_document
+
+    from .invalid_corpus import DPO, Case
+
+    loaded: Loaded = validate_document(Case("dpo", DPO, "", "").manifest())
+    pairs = PreflightSplit(field="spec.dataset.train", uri="file:///data/pairs.jsonl", format="preference",
+                           examples=199, tokens=59_700, sampled=False, pairs=199, tokens_per_pair=300.04,
+                           length_bias=-12.35)
+    loaded.preflight = PreflightResult(ok=True, model_uri="file:///models/tiny", output_uri="s3://out-bucket/x/",
+                                       splits=[pairs], checked_at="2026-03-01T11:00:00Z")
+    out = io.StringIO()
+    cli._counts(loaded, out)
+    assert ("spec.dataset.train file:///data/pairs.jsonl: 199 examples (preference), 59,700 tokens; 199 pairs, "
+            "300.0 tokens per pair, length bias -12.3 tokens (chosen - rejected)") in out.getvalue()

@@ -76,6 +76,7 @@ def test_names_columns_and_subresources():
         "Stage",
         "Method",
         "Model",
+        "From",
         "GPUs",
         "Progress",
         "Loss",

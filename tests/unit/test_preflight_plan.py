@@ -21,7 +21,7 @@ from finetune_operator.contract import (
     TrainerError,
 )
 from finetune_operator.settings import OperatorSettings, SettingsError
-from finetune_operator.spec import FineTuneJob, FineTuneJobSpec, Plan
+from finetune_operator.spec import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus, Plan
 from finetune_operator.status import Children, PreflightView, compute_status, transition_events
 
 CREATED = "2026-03-01T10:00:00Z"
@@ -207,6 +207,27 @@ def test_status_when_the_preflight_passed_holds_the_completed_plan() -> None:
     # The next pass (the main stage) moves the stage on.
     main = compute_status(ftj(st), plan=plan, now=NOW)
     assert main["stage"] == "Main" and main["preflight"]["phase"] == "Succeeded"
+
+
+def test_status_carries_the_pair_counts_of_preference_data() -> None:
+    """objective dpo: the train split's pairs, tokens per pair and length bias land in status.preflight (the
+    spec model's wire names), beside the examples and tokens; an sft result carries none of them."""
+    pairs = PreflightSplit(field="spec.dataset.train", uri="s3://data/pairs.jsonl", format="preference",
+                           examples=199, tokens=59_700, sampled=False, pairs=199, tokens_per_pair=300.0,
+                           length_bias=-12.3456)
+    held_out = PreflightSplit(field="spec.evaluation.preferenceTestSet", uri="s3://data/pairs-test.jsonl",
+                              format="preference", examples=50, tokens=14_000, sampled=False, pairs=50,
+                              tokens_per_pair=280.0, length_bias=40.0)
+    found = result().model_copy(update={"splits": [held_out, pairs]})
+    dpo = spec(objective="dpo", method="lora", dataset={"format": "preference"})
+    plan = preflight.complete_plan(dpo, found)
+    view = PreflightView(children=Children(job=pf_job(("Complete", "CompletionsReached", ""))), result=found,
+                         plan=plan, result_uri="s3://out/run/preflight.json")
+    st = compute_status(ftj(), plan=None, preflight=view, now=NOW)
+    pf = st["preflight"]
+    assert (pf["examples"], pf["pairs"], pf["tokensPerPair"], pf["lengthBias"]) == (199, 199, 300.0, -12.35)
+    assert FineTuneJobStatus.model_validate(st).preflight.length_bias == -12.35  # type: ignore[union-attr]
+    assert not {"pairs", "tokensPerPair", "lengthBias"} & set(preflight.summary(result(), None))
 
 
 def test_status_when_the_estimate_exceeds_the_budget() -> None:
