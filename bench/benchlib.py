@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 from pathlib import Path
 
 
@@ -99,3 +100,23 @@ def worker_env(threads: int, work: Path) -> dict[str, str]:
     env.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
                 "PYTHONUNBUFFERED": "1", "FT_LOG_LEVEL": "WARNING", "FT_CACHE_DIR": str(work / "cache")})
     return env
+
+
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS, VmHWM), in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident memory: VmHWM, the high-water mark of its own address space.
+
+    Not `getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries ru_maxrss over an exec from the parent, so a child
+    started by the parent that built the model reports the parent's peak (1.3 GB here) and no delta at all;
+    VmHWM starts afresh with the child's address space. The two agree where the parent's peak was smaller."""
+    try:
+        return status_bytes("VmHWM")
+    except (OSError, KeyError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux

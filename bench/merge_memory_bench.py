@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,30 +38,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from benchlib import cpu_model, mlp_width
+from benchlib import cpu_model, mlp_width, peak_rss_bytes
 
 HERE = Path(__file__).resolve().parent
 MIB = 1024**2
-
-
-def status_bytes(field: str) -> int:
-    """A memory field of /proc/self/status (VmRSS, VmHWM), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory: VmHWM, the high-water mark of its own address space.
-
-    Not `getrusage(RUSAGE_SELF).ru_maxrss`: Linux carries ru_maxrss over an exec from the parent, so a child
-    started by the parent that built the model reports the parent's peak (1.3 GB here) and no delta at all;
-    VmHWM starts afresh with the child's address space. The two agree where the parent's peak was smaller."""
-    try:
-        return status_bytes("VmHWM")
-    except (OSError, KeyError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 # ------------------------------------------------------------------------------------------------

@@ -75,6 +75,7 @@ def worker(method: str, manifest: Path, steps: int, accumulation: int, seed: int
            output: Path, report: Path) -> int:
     import torch
 
+    from finetune_operator import manifests
     from finetune_operator.contract import resolve
     from finetune_trainer import entrypoint, local, train
 
@@ -86,8 +87,10 @@ def worker(method: str, manifest: Path, steps: int, accumulation: int, seed: int
                  f"hyperparameters.precision={precision}", "hyperparameters.packing=false"]
     for text in overrides:
         local.set_path(doc, *local.parse_override(text))
-    job, plan = local.validate(doc, str(manifest))
-    config = resolve(job, plan)
+    loaded = manifests.validate_document(doc, str(manifest))  # what `finetune run --local` validates with
+    if not loaded.ok:
+        raise RuntimeError(f"{manifest} is not a valid FineTuneJob: " + "; ".join(map(str, loaded.issues)))
+    config = resolve(loaded.job, loaded.plan)
 
     if fsdp:
         make_accelerator = train.make_accelerator

@@ -27,7 +27,7 @@ itself (following the QLoRA paper), whatever the precision: its QLoRA adapters a
   `max_steps`, logging every step, no saving, the default collator.
 - ours: what `finetune run --local` runs in the trainer process: the manifest (examples/healthcare-lora.yaml
   with the base model and data at local files, `evaluation.enabled: false` so the run is about training)
-  is validated and resolved as the CLI does (`local.validate`, `contract.resolve`, with `--set`-style
+  is validated and resolved as the CLI does (`manifests.validate_document`, `contract.resolve`, with `--set`-style
   overrides for the method, maxSteps, packing and seed), then `entrypoint.run(config, output)` runs it
   (the launcher and CLI around it only supervise). Batches are grouped by length within each optimizer
   step and padded to their own longest row; `_packed`: `packing: true`.
@@ -443,6 +443,7 @@ def worker_ours(method: str, manifest: Path, steps: int, packing: bool, seed: in
     """Ours: the manifest resolved as `finetune run --local` does, run by the trainer's entrypoint."""
     import torch
 
+    from finetune_operator import manifests
     from finetune_operator.contract import resolve
     from finetune_trainer import entrypoint, local, train
 
@@ -456,8 +457,10 @@ def worker_ours(method: str, manifest: Path, steps: int, packing: bool, seed: in
         overrides.append("quantization.computeDtype=float32")
     for text in overrides:
         local.set_path(doc, *local.parse_override(text))
-    job, plan = local.validate(doc, str(manifest))
-    config = resolve(job, plan)
+    loaded = manifests.validate_document(doc, str(manifest))  # what `finetune run --local` validates with
+    if not loaded.ok:
+        raise RuntimeError(f"{manifest} is not a valid FineTuneJob: " + "; ".join(map(str, loaded.issues)))
+    config = resolve(loaded.job, loaded.plan)
 
     stamps: list[tuple[float, float]] = []
     records: list[dict[str, Any]] = []

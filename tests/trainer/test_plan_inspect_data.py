@@ -195,3 +195,33 @@ def test_a_directory_is_counted_and_a_sampled_count_says_so(tmp_path: Path, tiny
     assert (f"{NAME}: data: spec.dataset.train file://{data}/: 130 examples (instruction), "
             in (table := capsys.readouterr().out))
     assert "sampled: tokens extrapolated from 20 rows" in table  # 10 of each file
+
+
+def test_preference_pairs_are_counted_with_their_length_bias(tmp_path: Path, tiny_model_dir: Path,
+                                                            healthcare_sample: Any, capsys) -> None:
+    """objective dpo: `finetune plan --inspect` counts the training pairs and the held-out ones (the pre-flight's
+    checks on both), prints the pairs, tokens per pair and length bias, and sizes the run from the memory model
+    (the model-size table is for sft)."""
+    train = healthcare_sample.dir / "healthcare_preference_train.jsonl"
+    held_out = healthcare_sample.dir / "healthcare_preference_test.jsonl"
+    job = _job(tmp_path, tiny_model_dir, f"file://{train}", objective="dpo", method="lora",
+               evaluation={"preferenceTestSet": f"file://{held_out}"})
+
+    assert cli.main(["plan", "--inspect", str(job), "-o", "json"]) == 0
+    captured = capsys.readouterr()
+    assert "not counted" not in captured.err
+    out = json.loads(captured.out)
+    splits = {s["field"]: s for s in out["preflight"]["splits"]}
+    assert set(splits) == {"spec.dataset.train", "spec.evaluation.preferenceTestSet"}
+    pairs = splits["spec.dataset.train"]
+    assert pairs["format"] == "preference" and pairs["pairs"] == pairs["examples"] == _lines(train)
+    assert splits["spec.evaluation.preferenceTestSet"]["pairs"] == _lines(held_out)
+    assert pairs["tokensPerPair"] > 0 and pairs["lengthBias"] is not None
+    plan = out["plan"]
+    assert plan["source"] == "estimate" and "objective dpo" in plan["reason"]
+    assert "rows per micro-batch" in plan["reason"]
+
+    assert cli.main(["plan", "--inspect", str(job)]) == 0
+    table = capsys.readouterr().out
+    assert (f"{NAME}: data: spec.dataset.train file://{train}: {_lines(train):,} examples (preference), " in table)
+    assert f"; {_lines(train):,} pairs, {pairs['tokensPerPair']:,.1f} tokens per pair, length bias " in table

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from finetune_operator.contract import MARKER_NAME
 
 if TYPE_CHECKING:
-    from finetune_trainer.train import Run
+    from finetune_trainer.runtypes import RunContext as Run
 
 log = logging.getLogger(__name__)
 
@@ -155,6 +155,8 @@ def _write_files(run: Run, stage: Path, evaluation: Any, final_loss: float | Non
                "train_examples": run.inputs.train_examples, "skipped_rows": run.inputs.skipped_rows,
                "validation_examples": len(run.inputs.validation), "examples_truncated": run.inputs.truncated,
                "examples_truncated_away": run.inputs.truncated_away}
+    if run.spec.objective != "sft":  # dpo: the examples above are preference pairs
+        summary["objective"] = run.spec.objective
     (stage / "README.md").write_text(
         modelcard.render_model_card(run.config, evaluation=evaluation, artifacts=uris, metrics_summary=summary,
                                     export=check))

@@ -6,6 +6,15 @@ computed here with the training loss (same masking: answer tokens only). With `e
 only the loss and perplexity are measured. Every process computes the same scores on the same examples
 (under FSDP the forward passes are collective), and rank 0 reports them.
 
+Preference pairs (objective dpo, or `evaluation.preferenceTestSet`): the held-out pairs' preference accuracy
+(share of pairs with a positive margin), mean reward margin and count, with the reference-free implicit
+reward `beta * log p(response)` (summed over the response's tokens): margin `beta * (log p(chosen) -
+log p(rejected))`, beta from spec.dpo. Reference-free because the scores compare models (base beside
+fine-tuned, one stage of a chain beside the next): a reference-relative margin is 0 for the reference itself
+by construction. What DPO optimizes, the margin against its reference, is logged per step in metrics.jsonl.
+For dpo the domain scores (and the test loss) need `evaluation.testSet` (instruction data); without it only
+the preference scores are measured.
+
 With `spec.retrieval` every model is scored twice: on the plain test prompts and on the same prompts with
 their top-k passages (`EvaluationStatus.withRetrieval`); the gates then check the scores with retrieval,
 the setting the model was trained for.
@@ -18,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from finetune_operator.spec import EvaluationStatus, RetrievalScores, Scores
 
 if TYPE_CHECKING:
-    from finetune_trainer.train import Run
+    from finetune_trainer.runtypes import RunContext as Run
 
 
 #: Key of the with-retrieval scores in the dict `score` returns (kept in checkpoints as it is).
@@ -31,8 +40,22 @@ def _examples(items: list[Any]) -> list[Any]:
     return [evaluate.EvalExample(prompt=i.prompt, reference=i.reference, context=i.context) for i in items]
 
 
-def _scores(run: Run, model: Any, items: list[Any], test: list[Any]) -> Scores:
-    from finetune_trainer.train import mean_loss
+def _preference(run: Run, model: Any, scores: Scores) -> None:
+    """The held-out pairs' preference scores into `scores` (see the module docstring)."""
+    pairs = run.inputs.preference_test
+    if not pairs:
+        return
+    from finetune_trainer.objectives import dpo
+    from finetune_trainer.objectives.build import dpo_settings
+
+    result = dpo.evaluate_pairs(model, pairs, dpo.ZeroReference(), dpo_settings(run.spec), run.hp.batch_size,
+                                run.tokenizer.pad_token_id, run.accelerator.device, run.method.selective_logits)
+    scores.preference_accuracy, scores.reward_margin, scores.preference_pairs = \
+        result.accuracy, result.margin, result.pairs
+
+
+def _scores(run: Run, model: Any, items: list[Any], test: list[Any], preference: bool = False) -> Scores:
+    from finetune_trainer.objectives.sft import mean_loss
 
     scores = Scores()
     if run.spec.evaluation.enabled and items:
@@ -46,6 +69,8 @@ def _scores(run: Run, model: Any, items: list[Any], test: list[Any]) -> Scores:
 
         scores.eval_loss = loss
         scores.perplexity = perplexity_from_loss(loss)
+    if preference:
+        _preference(run, model, scores)
     return scores
 
 
@@ -58,7 +83,7 @@ def score(run: Run, label: str) -> dict[str, Any]:
     was_training = model.training
     model.eval()
     try:
-        scores = _scores(run, model, run.inputs.eval_items, run.inputs.test)
+        scores = _scores(run, model, run.inputs.eval_items, run.inputs.test, preference=True)
         rag = _scores(run, model, run.inputs.rag_eval_items, run.inputs.rag_test) \
             if run.inputs.retrieval is not None else None
     finally:
@@ -80,8 +105,10 @@ def evaluation_status(run: Run, base: dict[str, Any] | None, tuned: dict[str, An
     base, tuned = dict(base or {}), (dict(tuned) if tuned is not None else None)
     rag_base, rag_tuned = base.pop(WITH_RETRIEVAL, None), (tuned or {}).pop(WITH_RETRIEVAL, None)
     gates = run.spec.evaluation.gates if tuned is not None else None
-    status = evaluate.compare(Scores.model_validate(base), Scores.model_validate(tuned or {}),
-                              len(run.inputs.eval_items) if run.spec.evaluation.enabled else len(run.inputs.test),
+    examples = len(run.inputs.eval_items) if run.spec.evaluation.enabled else len(run.inputs.test)
+    if not examples and not run.inputs.test:  # dpo without an instruction test set: the pairs were scored
+        examples = len(run.inputs.preference_test)
+    status = evaluate.compare(Scores.model_validate(base), Scores.model_validate(tuned or {}), examples,
                               gates=None if run.inputs.retrieval is not None else gates)
     if run.inputs.retrieval is not None:
         status.with_retrieval = RetrievalScores(base=Scores.model_validate(rag_base or {}),
@@ -90,6 +117,6 @@ def evaluation_status(run: Run, base: dict[str, Any] | None, tuned: dict[str, An
             failed = evaluate.check_gates(status.with_retrieval.tuned, gates)
             status.gates_passed = not failed
             status.failed_gates = [f"{message} (with retrieval)" for message in failed][:16]
-    if not run.spec.evaluation.enabled:
-        status.accuracy_metric = ""  # nothing was generated: loss and perplexity only
+    if not run.spec.evaluation.enabled or not run.inputs.eval_items:
+        status.accuracy_metric = ""  # nothing was generated: loss and perplexity (or preference scores) only
     return status

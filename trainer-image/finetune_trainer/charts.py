@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
     from finetune_operator.spec import EvaluationStatus
-    from finetune_trainer.train import Run
+    from finetune_trainer.runtypes import RunContext as Run
 
 log = logging.getLogger(__name__)
 

@@ -13,6 +13,9 @@ A checkpoint holds everything needed to continue exactly where training stopped:
                        the memory rung (micro-batch, accumulation, gradient checkpointing) and the
                        out-of-memory adjustments so far
     metrics.jsonl      the metrics log up to this step
+    reference_logps.safetensors
+                       objective dpo with a precomputed reference: the reference log-probabilities of the
+                       training and validation pairs, computed once before the first step (objectives/build.py)
     _COMPLETE          written last, by rank 0, after every process's files are uploaded
 
 A checkpoint without `_COMPLETE` (the writer died while uploading) is ignored and deleted on resume.
@@ -198,8 +201,10 @@ def save(
     metrics_path: Path | None,
     fsdp: bool,
     save_state: Callable[[Any, Path], None] | None = None,
+    extra: Callable[[Path], Any] | None = None,
 ) -> str:
-    """Write checkpoint `state.step` from every process; returns its URI once its marker is written."""
+    """Write checkpoint `state.step` from every process; returns its URI once its marker is written.
+    `extra` writes further files into the checkpoint's directory (rank 0)."""
     import torch
 
     key = prefix(state.step)
@@ -223,6 +228,8 @@ def save(
         (local / f"rng-{rank}.json").write_text(rng_json)
         if metrics_path is not None and metrics_path.is_file():
             shutil.copy(metrics_path, local / "metrics.jsonl")
+        if extra is not None:
+            extra(local)
     else:
         store.write_bytes(f"{key}/rng-{rank}.json", rng_json.encode())
     accelerator.wait_for_everyone()  # every process's files are up before the marker

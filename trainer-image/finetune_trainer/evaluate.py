@@ -340,6 +340,9 @@ def _fmt(value: float) -> str:
 
 #: Scores where lower is better: a gate's minImprovement asks them to fall, the others to rise.
 LOWER_IS_BETTER = frozenset({"evalLoss", "perplexity", "hallucination"})
+#: Higher is better, but the score is signed (not a share or a loss): minImprovement is a rise by that fraction
+#: of the base's magnitude (`_improvement_miss`). preferenceAccuracy (a share) is compared like accuracy.
+SIGNED = frozenset({"rewardMargin"})
 
 
 def check_gates(tuned: Scores, gates: Sequence[Gate], base: Scores | None = None) -> list[str]:
@@ -373,6 +376,16 @@ def _improvement_miss(metric: str, value: float, before: float | None, fraction:
         if value > limit:
             return [f"{metric} {_fmt(value)} > {_fmt(limit)} (base {_fmt(before)} lowered by minImprovement "
                     f"{_fmt(fraction)})"]
+        return []
+    if metric in SIGNED:
+        # A margin can be 0 or negative (the base often prefers the rejected answer): a relative rise of
+        # before x (1 + fraction) would then ask for less than the base. Raised by `fraction` of its size
+        # instead, and strictly above it (so a base margin of 0 needs a positive one).
+        limit = round(before + fraction * abs(before), 12)
+        if value < limit or value <= before:
+            return [f"{metric} {_fmt(value)} < {_fmt(limit)} (base {_fmt(before)} raised by minImprovement "
+                    f"{_fmt(fraction)} of its magnitude, and strictly)" if value < limit else
+                    f"{metric} {_fmt(value)} is not above the base's {_fmt(before)} (minImprovement {_fmt(fraction)})"]
         return []
     limit = round(before * (1 + fraction), 12)
     if value < limit:

@@ -51,7 +51,7 @@ from finetune_trainer.errors import ExportCheckFailed
 
 if TYPE_CHECKING:
     from finetune_trainer.merge import Merged
-    from finetune_trainer.train import Run
+    from finetune_trainer.runtypes import RunContext as Run
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,9 @@ def max_abs_diff(a: Sequence[Any], b: Sequence[Any]) -> float:
 def sample_prompts(inputs: Any, count: int = PROMPTS, tokens: int = PROMPT_TOKENS) -> list[list[int]]:
     """The first `count` examples of the test set, then of validation, then of training; each cut to `tokens`."""
     items = [*inputs.test[:count], *inputs.validation[:count], *inputs.train[:count]][:count]
-    return [list(item.input_ids[:tokens]) for item in items]
+    # A preference pair (objective dpo) is sampled as its prompt and chosen answer.
+    return [list((item.input_ids if hasattr(item, "input_ids") else [*item.prompt_ids, *item.chosen_ids])[:tokens])
+            for item in items]
 
 
 def finish_adapter_config(model_dir: Path, served_name: str) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import yaml
 from finetune_operator.contract import TrainerConfig
 from finetune_operator.spec import EvaluationStatus, ExportCheck
 from finetune_trainer import charts, methods
+from finetune_trainer.provenance import chain_card_lines
 
 #: (Scores field, label, whether higher is better)
 _METRICS = (
@@ -25,6 +26,8 @@ _METRICS = (
     ("format_compliance", "format compliance", True),
     ("eval_loss", "eval loss (lower is better)", False),
     ("perplexity", "perplexity (lower is better)", False),
+    ("preference_accuracy", "preference accuracy (held-out pairs)", True),
+    ("reward_margin", "reward margin (held-out pairs)", True),
 )
 
 
@@ -89,11 +92,15 @@ def _evaluation_section(evaluation: EvaluationStatus | None) -> list[str]:
         return ["## Evaluation", "", "No evaluation was run (`spec.evaluation.enabled: false`, or training did "
                 "not finish).", ""]
     rows = _score_rows(evaluation, evaluation.base, evaluation.tuned)
+    generated = evaluation.base.accuracy is not None or evaluation.tuned.accuracy is not None
+    intro = (f"Base model and fine-tuned model on the same {evaluation.examples} held-out test examples "
+             "(greedy decoding)" + (", without retrieval (plain prompts)." if evaluation.with_retrieval else "."))
+    if not generated and (evaluation.tuned.preference_pairs or evaluation.base.preference_pairs):
+        intro = "Base model and fine-tuned model on the same held-out preference pairs (no test set to generate from)."
     lines = [
         "## Evaluation",
         "",
-        f"Base model and fine-tuned model on the same {evaluation.examples} held-out test examples "
-        "(greedy decoding)" + (", without retrieval (plain prompts)." if evaluation.with_retrieval else "."),
+        intro,
         "",
         _table(("metric", "base", "fine-tuned", "change"), rows) if rows else "No scores were recorded.",
         "",
@@ -106,6 +113,15 @@ def _evaluation_section(evaluation: EvaluationStatus | None) -> list[str]:
             "hallucination.",
             "",
             _table(("metric (with retrieval)", "base", "fine-tuned", "change"), rag) if rag else "No scores.",
+            "",
+        ]
+    pairs = evaluation.tuned.preference_pairs or evaluation.base.preference_pairs
+    if pairs:
+        lines += [
+            f"Preference accuracy and reward margin: on {pairs} held-out preference pairs, the share of pairs whose "
+            "chosen answer the model makes more likely than the rejected one, and the mean margin beta x (log "
+            "p(chosen) - log p(rejected)) (summed over the answer tokens; reference-free, so base and fine-tuned "
+            "are on one scale).",
             "",
         ]
     if evaluation.gates_passed is not None:
@@ -274,10 +290,18 @@ def render_model_card(
         f"Fine-tuned from `{spec.base_model.resolved_uri()}`{revision} with {method.title} by "
         f"finetune-operator (FineTuneJob `{config.namespace}/{config.name}`).",
         "",
+        *chain_card_lines(config),  # a chained stage (spec.baseModel.fromJob): where it started from
         "## Method and plan",
         "",
     ]
-    method_rows: list[tuple[Any, ...]] = [("method", config.method), *method.card_rows(spec)]
+    method_rows: list[tuple[Any, ...]] = [("method", config.method), *method.card_rows(spec),
+                                          ("objective", spec.objective)]
+    if spec.objective == "dpo":
+        dpo = spec.resolved_dpo()
+        reference = ("none (reference-free)" if dpo.reference_free else
+                     "precomputed before training" if dpo.precomputes(config.method) else
+                     "the base (adapter switched off)")
+        method_rows += [("DPO loss / beta", f"{dpo.loss} / {dpo.beta:g}"), ("DPO reference", reference)]
     method_rows += [
         ("GPUs", f"{plan.gpus} x {plan.gpu_memory_gib} GiB on {plan.nodes} node(s)"),
         ("plan source", plan.source),
@@ -292,6 +316,8 @@ def render_model_card(
         data_rows.append(("validation split", spec.dataset.validation_split))
     if spec.evaluation.test_set:
         data_rows.append(("test set", spec.evaluation.test_set))
+    if spec.evaluation.preference_test_set:
+        data_rows.append(("preference test set", spec.evaluation.preference_test_set))
     if spec.evaluation.glossary:
         data_rows.append(("glossary", spec.evaluation.glossary))
     provenance = artifacts.get("provenance")

@@ -266,16 +266,36 @@ def count_tokens(rows: list[Any], fmt: Any, tokenizer: Any, max_seq_length: int)
     return Tokens(total, sampled, len(sample), sum(1 for n in lengths if n > max_seq_length))
 
 
+def count_pair_tokens(rows: list[Any], form: Any, tokenizer: Any, max_seq_length: int) -> tuple[Tokens, Any]:
+    """Tokens of preference `rows` (prompt + chosen + rejected, untruncated) from the first SAMPLE_ROWS,
+    extrapolated by row count, and the sample's `preference_data.PairStats`."""
+    from finetune_trainer import preference_data
+
+    sample = rows[:SAMPLE_ROWS]
+    stats = preference_data.pair_stats((preference_data.tokenize_pair(row.data, form, tokenizer) for row in sample),
+                                       max_seq_length)
+    sampled = len(rows) > len(sample)
+    total = round(stats.tokens * len(rows) / len(sample)) if sampled else stats.tokens
+    return Tokens(total, sampled, len(sample), stats.longer_than_max_length), stats
+
+
 def check_split(field: str, uri: str, declared: str, config: TrainerConfig, tokenizer: Any,
-                cache: Path, local: str | None = None) -> PreflightSplit:
+                cache: Path, local: str | None = None, *, preference: bool = False) -> PreflightSplit:
     """Read, check and count one dataset field's files (from the plain path `local` instead of `uri` when
-    given: the files then carry their local paths). Raises PreflightFailure DataInvalid."""
+    given: the files then carry their local paths). Raises PreflightFailure DataInvalid. `preference`: the
+    rows are preference pairs (`declared` auto, instruction or chat; `preference_data`): a pair with an
+    empty answer or the same answer twice is invalid like any malformed row, named with file and line;
+    the split reports its pairs, tokens per pair and length bias."""
     from finetune_trainer import dataset as ds
-    from finetune_trainer import inputs
+    from finetune_trainer import inputs, preference_data
 
     try:
         files = inputs.data_files(local or uri, cache)
-        loaded = ds.load_dataset(files, declared, config.spec.dataset.invalid_rows, what=field)
+        if preference:
+            loaded = preference_data.load_preferences(files, "auto" if declared == "preference" else declared,
+                                                      config.spec.dataset.invalid_rows, what=field)
+        else:
+            loaded = ds.load_dataset(files, declared, config.spec.dataset.invalid_rows, what=field)
     except TrainerFailure as err:
         if _retryable(err):
             raise
@@ -284,19 +304,32 @@ def check_split(field: str, uri: str, declared: str, config: TrainerConfig, toke
     skipped = Counter(problem.source for problem in loaded.skipped)
     per_file: list[PreflightFile] = []
     too_long = 0
+    max_len = config.spec.hyperparameters.max_seq_length
+    sample_pairs = sample_tokens = sample_bias = 0.0
     for _, source in files:
         rows = [row for row in loaded.rows if row.source == source]
-        tokens = count_tokens(rows, loaded.format, tokenizer, config.spec.hyperparameters.max_seq_length)
+        if preference:
+            tokens, stats = count_pair_tokens(rows, loaded.form, tokenizer, max_len)
+            sample_pairs, sample_tokens = sample_pairs + stats.pairs, sample_tokens + stats.tokens
+            sample_bias += stats.chosen_tokens - stats.rejected_tokens
+        else:
+            tokens = count_tokens(rows, loaded.format, tokenizer, max_len)
         too_long += tokens.too_long
         per_file.append(PreflightFile(uri=source, rows=len(rows) + skipped[source], tokens=tokens.total,
                                       sampled=tokens.sampled, sample_rows=tokens.sample_rows))
     if len(per_file) > MAX_PREFLIGHT_FILES:
         log.info("%s: %d files; the result lists the first %d (its counts cover them all)", field, len(per_file),
                  MAX_PREFLIGHT_FILES)
-    return PreflightSplit(
-        field=field, uri=uri, format=loaded.format, examples=len(loaded.rows), skipped_rows=len(loaded.skipped),
-        tokens=sum(f.tokens for f in per_file), sampled=any(f.sampled for f in per_file),
-        longer_than_max_seq_length=too_long, files=per_file[:MAX_PREFLIGHT_FILES])
+    split = PreflightSplit(
+        field=field, uri=uri, format="preference" if preference else loaded.format, examples=len(loaded.rows),
+        skipped_rows=len(loaded.skipped), tokens=sum(f.tokens for f in per_file),
+        sampled=any(f.sampled for f in per_file), longer_than_max_seq_length=too_long,
+        files=per_file[:MAX_PREFLIGHT_FILES])
+    if preference:
+        split.pairs = len(loaded.rows)
+        split.tokens_per_pair = round(sample_tokens / sample_pairs, 3) if sample_pairs else 0.0
+        split.length_bias = round(sample_bias / sample_pairs, 3) if sample_pairs else 0.0
+    return split
 
 
 def check_data(config: TrainerConfig, tokenizer: Any, cache: Path,
@@ -305,13 +338,22 @@ def check_data(config: TrainerConfig, tokenizer: Any, cache: Path,
     `local` maps a dataset URI to a plain path on this machine to read instead (see `check_local`)."""
     spec = config.spec
     local = local or {}
-    train = check_split("spec.dataset.train", spec.dataset.train, spec.dataset.format, config, tokenizer, cache,
-                        local.get(spec.dataset.train))
+    dpo = spec.objective == "dpo"
+    train = check_split("spec.dataset.train", spec.dataset.train, "auto" if dpo else spec.dataset.format, config,
+                        tokenizer, cache, local.get(spec.dataset.train), preference=dpo)
     splits = [train]
-    for field, uri in (("spec.dataset.validation", spec.dataset.validation),
-                       ("spec.evaluation.testSet", spec.evaluation.test_set)):
-        if uri:
-            splits.append(check_split(field, uri, train.format, config, tokenizer, cache, local.get(uri)))
+    if spec.dataset.validation:
+        uri = spec.dataset.validation
+        splits.append(check_split("spec.dataset.validation", uri, "auto" if dpo else train.format, config,
+                                  tokenizer, cache, local.get(uri), preference=dpo))
+    if spec.evaluation.test_set:  # for dpo: instruction or chat rows, for the domain scores
+        uri = spec.evaluation.test_set
+        splits.append(check_split("spec.evaluation.testSet", uri, "auto" if dpo else train.format, config,
+                                  tokenizer, cache, local.get(uri)))
+    if spec.evaluation.preference_test_set:
+        uri = spec.evaluation.preference_test_set
+        splits.append(check_split("spec.evaluation.preferenceTestSet", uri, "auto", config, tokenizer, cache,
+                                  local.get(uri), preference=True))
     return splits
 
 

@@ -64,7 +64,7 @@ from finetune_operator.contract import TrainerConfig
 from finetune_operator.spec import EvaluationStatus, MlflowSpec, TrackingStatus
 
 if TYPE_CHECKING:
-    from finetune_trainer.train import Run
+    from finetune_trainer.runtypes import RunContext as Run
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,9 @@ TENSORBOARD_DIR = "tensorboard"
 #: Where the MLflow run's identity is kept, next to the report (survives pod restarts).
 STATE_KEY = "status/tracking.json"
 #: Metrics of a metrics.jsonl line that are tracked (the others, step/epoch/tokens, are not scalars to chart).
-STEP_METRICS = ("loss", "eval_loss", "learning_rate", "tokens_per_second")
+STEP_METRICS = ("loss", "eval_loss", "learning_rate", "tokens_per_second",
+                # objective dpo (loop.py): the step's pairs against the reference, and the validation pairs'
+                "preference_accuracy", "reward_margin", "eval_preference_accuracy", "eval_reward_margin")
 #: MLflow's HTTP client defaults are 7 retries with a backoff factor of 2 and a 120 s timeout: minutes per call
 #: against a server that is down. Bounded for this process unless the environment sets them already.
 HTTP_DEFAULTS = {

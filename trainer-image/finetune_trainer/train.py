@@ -9,11 +9,13 @@ Order of a run (every process runs every phase; rank 0 alone writes to the outpu
 1. world check (`world.check_size`), output already complete? -> nothing to do
 2. data and base model fetched (one process per machine first, then the others from the cache)
 3. provenance.json uploaded when `compliance.provenanceRequired` (the run fails if it cannot)
-4. resume from the newest complete checkpoint, if any (incomplete ones are deleted)
+4. resume from the newest complete checkpoint, if any (incomplete ones are deleted); the objective
+   (`objectives.build`): for dpo with a precomputed reference, its table is computed here on a fresh run (before
+   the base evaluation and the first step) and read from the checkpoint on resume
 5. base-model evaluation (fresh runs: the model at step 0, seen through the method's `as_base`: LoRA's
    adapters start at zero, prefix and prompt tuning's virtual tokens are switched off)
-6. training: AdamW, warmup + cosine/linear/constant (`transformers.get_scheduler`), gradient accumulation
-   with token-weighted loss (each optimizer step averages over all its supervised tokens, on all ranks),
+6. training (`loop.py`): AdamW, warmup + cosine/linear/constant (`transformers.get_scheduler`), gradient
+   accumulation with the loss averaged over the step's items on all ranks (supervised tokens for sft, pairs for dpo),
    gradient clipping at 1.0, checkpoints every `checkpoint.everySteps` and after the last step. Steps 4-6
    run at a memory rung (micro-batch, accumulation, gradient checkpointing: `_attempt`); out of memory
    before the first checkpoint, they run again one rung lower (`oom.Ladder`, the out-of-memory ladder)
@@ -25,6 +27,12 @@ Distributed: DDP through accelerate; FSDP (v2, full sharding of each decoder lay
 with several GPU processes. On CPU (gloo) full fine-tuning uses DDP too: FSDP's CPU path is slow and
 exists for offloading, and the CPU runs this trainer supports (tests, `finetune run --local`) use models
 that fit every process anyway.
+
+The pieces: this module sets a run up and drives it (the phases above); `loop.py` is the optimizer-step
+loop, which talks to the objective (`objectives/`, chosen from `spec.objective` by `objectives.build`: the
+batch layout, the loss and its evaluation) and calls back into the run only through `loop.Hooks`;
+`assess.py` scores the model, `artifacts.py` publishes the output. Those read the run through
+`runtypes.RunContext`, so none of them imports this module.
 
 SIGTERM (and SIGINT): the loop finishes the optimizer step in progress, all ranks agree to stop (one
 all-reduce per step), a checkpoint is saved unless the step already has one, and the process exits
@@ -38,10 +46,7 @@ import json
 import logging
 import math
 import os
-import signal
-import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -54,41 +59,16 @@ from finetune_trainer import dataset as ds
 from finetune_trainer import methods, modeling, oom
 from finetune_trainer import world as world_mod
 from finetune_trainer.inputs import load_inputs
-from finetune_trainer.report import Reporter, log_every, now
+from finetune_trainer.loop import MAX_GRAD_NORM, Loop, Preempted, StopFlag
+from finetune_trainer.objectives.build import StoredReference
+from finetune_trainer.objectives.build import build as build_objective
+from finetune_trainer.objectives.sft import mean_loss, step_loss
+from finetune_trainer.report import Reporter, now
 
 log = logging.getLogger(__name__)
 
-MAX_GRAD_NORM = 1.0
-
-
-class Preempted(Exception):
-    """SIGTERM was handled: a checkpoint is saved; exit with EXIT_PREEMPTED."""
-
-    def __init__(self, step: int):
-        super().__init__(f"stopped by SIGTERM after step {step}; checkpoint saved")
-        self.step = step
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the handlers are restored when the run ends."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> StopFlag:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, _frame: Any) -> None:
-        log.warning("received signal %d: checkpointing and stopping after this step", signum)
-        self.requested = True
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+#: Importable from here as before the loop and the sft loss moved out (the entrypoint, tests, benches).
+__all__ = ["MAX_GRAD_NORM", "Outcome", "Preempted", "Run", "StopFlag", "make_accelerator", "mean_loss", "step_loss"]
 
 
 @dataclass
@@ -140,68 +120,6 @@ def make_accelerator(config: TrainerConfig, fsdp: bool | None = None) -> tuple[A
 
 
 # ------------------------------------------------------------------------------------------------
-# Loss helpers
-# ------------------------------------------------------------------------------------------------
-
-
-def _supervised(batch: dict[str, Any]) -> int:
-    # labels[:, 0] is never predicted (the model shifts labels by one)
-    return int((batch["labels"][:, 1:] != ds.IGNORE_INDEX).sum())
-
-
-def _model_inputs(batch: dict[str, Any], device: Any) -> dict[str, Any]:
-    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}
-
-
-def step_loss(model: Any, batch: dict[str, Any], device: Any, num_items: Any, selective: bool) -> Any:
-    """A training micro-batch's loss: the sum of its supervised tokens' cross-entropy over `num_items`.
-
-    `selective`: the logits are computed only at the positions (columns of the batch) where some row's next
-    token is supervised (transformers' `logits_to_keep` with the positions' indices), and the loss from
-    them as transformers' causal-LM loss computes it (float32 logits, sum, divided by `num_items`): the
-    same loss, without the output projection and its vocabulary-wide logits for prompt tokens and padding
-    (about two thirds of the positions of the bundled instruction sample in length-grouped micro-batches of
-    4: 34.5% kept). The logits tensor is the largest activation of a large-vocabulary model (batch x sequence
-    x vocabulary floats), so this saves memory too. The forward goes through the wrapped model (DDP, FSDP, peft) as usual."""
-    import torch
-    import torch.nn.functional as F
-
-    inputs = _model_inputs(batch, device)
-    if not selective:
-        return model(**inputs, use_cache=False, num_items_in_batch=num_items).loss
-    labels = inputs.pop("labels")
-    targets = labels[:, 1:]  # position p predicts token p + 1
-    keep = (targets != ds.IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
-    if keep.numel() == 0:
-        keep = torch.zeros(1, dtype=torch.long, device=labels.device)  # nothing supervised: a zero loss
-    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
-    loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(),
-                           ignore_index=ds.IGNORE_INDEX, reduction="sum")
-    return loss / num_items
-
-
-def mean_loss(model: Any, items: list[ds.Encoded], batch_size: int, pad_id: int, device: Any) -> float | None:
-    """Mean token loss of `items` (every process computes the same value on the same items)."""
-    import torch
-
-    if not items:
-        return None
-    total = torch.zeros((), dtype=torch.float64)
-    count = 0
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        for start in range(0, len(items), batch_size):
-            batch = ds.collate(items[start:start + batch_size], pad_id)
-            n = _supervised(batch)
-            out = model(**_model_inputs(batch, device), use_cache=False, num_items_in_batch=1)
-            total += out.loss.detach().double().cpu()  # a sum: num_items_in_batch=1
-            count += n
-    model.train(was_training)
-    return float(total / max(count, 1))
-
-
-# ------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------
 
@@ -226,6 +144,10 @@ class Run:
         # Local scratch and checkpoint copies are keyed by the output, so runs of the same job name with
         # different outputs sharing a cache never mix.
         self._output_key = hashlib.sha256(self.output_uri.encode()).hexdigest()[:12]
+        #: The objective of the current attempt (`_use_objective`), and its stored dpo reference, if any.
+        self.objective: Any = None
+        self._reference: StoredReference | None = None
+        self._loop: Loop | None = None
 
     # -- setup -------------------------------------------------------------------------------------
 
@@ -274,7 +196,8 @@ class Run:
         ladder = oom.Ladder(self.requested, world=self.world, adjustments=self.adjustments,
                             step=lambda: self.state.step)
         final_loss, restored = ladder.run(self.requested.start_rung(), self._attempt,
-                                          in_window=lambda: self._oom_window, release=self._release,
+                                          in_window=lambda: self._loop is not None and self._loop.oom_window,
+                                          release=self._release,
                                           on_adjust=lambda _: self.reporter.update(adjustments=self.adjustments))
         state = self.state
         if final_loss is None:  # resumed after the last step (evaluation or upload had failed)
@@ -320,7 +243,7 @@ class Run:
         from finetune_trainer import assess
 
         accelerator, precision = self.accelerator, self.precision
-        self._oom_window = False  # set by _train until its first checkpoint is written
+        self._loop = None  # its oom_window is set until its first checkpoint is written
         self.state = ckpt.TrainState()
         restored = self._restore()
         if self._gpu_base is None:  # once per process: a later restore (the ladder) holds this process's time
@@ -344,11 +267,14 @@ class Run:
         log.info("method %s: %d of %d parameters trainable (%.2f%%)", self.config.method, trainable, total,
                  100.0 * trainable / max(total, 1))
 
+        optimizer = self._optimizer(model)
+        model, optimizer = accelerator.prepare(model, optimizer)
+        # After prepare: under FSDP only rank 0 loaded the weights, and a precomputed reference's forward passes
+        # are collective (every rank computes every pair).
+        self._use_objective(model, restored)
         per_rank = self._batches_per_rank()
         steps_per_epoch = ds.steps_per_epoch(per_rank, self.hp.gradient_accumulation_steps)
         total_steps = self.hp.max_steps or max(1, math.ceil(self.hp.epochs * steps_per_epoch))
-        optimizer = self._optimizer(model)
-        model, optimizer = accelerator.prepare(model, optimizer)
         scheduler = self._scheduler(optimizer, total_steps)
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
 
@@ -383,6 +309,20 @@ class Run:
             ckpt.set_rng_state(self._fresh_rng)
         return self._train(per_rank, total_steps), restored
 
+    def _use_objective(self, model: Any, restored: ckpt.Restored | None) -> None:
+        """The objective of this attempt (`objectives.build`): for dpo with a precomputed reference, the table
+        is computed here on a fresh run, before any step and before the base evaluation, or read from the
+        checkpoint resumed from; then the objective adjusts the model (dpo: dropout off)."""
+        with self.accelerator.autocast():  # the precision the training forward computes in
+            built = build_objective(
+                self.spec, self.config.method, selective=self.method.selective_logits, model=model,
+                train=self.inputs.train if self.inputs.objective == "dpo" else (), validation=self.inputs.validation
+                if self.inputs.objective == "dpo" else (), batch_size=self.hp.batch_size,
+                pad_id=self.tokenizer.pad_token_id, device=self.accelerator.device,
+                restored_dir=restored.directory if restored is not None else None, known=self._reference)
+        self.objective, self._reference = built.objective, built.reference
+        self.objective.prepare(model)
+
     def _release(self) -> None:
         """Drop the references of an attempt that ran out of memory (oom.Ladder frees the memory)."""
         self.model = self.optimizer = self.scheduler = None
@@ -412,15 +352,16 @@ class Run:
                 for s in ckpt.complete_steps(self.store)]
 
     def _batches_per_rank(self) -> int:
-        lengths = [len(item.input_ids) for item in self.inputs.train]
-        plan = ds.batch_plan(lengths, self.hp.batch_size, self.hp.seed, 0, not self.hp.packing,
+        lengths = [self.objective.length(item) for item in self.inputs.train]
+        packed = self.objective.packable and self.hp.packing
+        plan = ds.batch_plan(lengths, self.hp.batch_size, self.hp.seed, 0, not packed,
                              self.hp.gradient_accumulation_steps)
         per_rank = len(plan) // self.world
         if per_rank == 0:
             from finetune_trainer.errors import DataError
 
             raise DataError(
-                f"{len(self.inputs.train)} training rows make {len(plan)} batch(es) of "
+                f"{len(self.inputs.train)} training {'pairs' if self.inputs.objective == 'dpo' else 'rows'} make {len(plan)} batch(es) of "
                 f"{self.hp.batch_size}, fewer than the {self.world} processes; add data or lower "
                 "spec.hyperparameters.batchSize", reason="EmptyDataset")
         return per_rank
@@ -475,108 +416,42 @@ class Run:
         return self._agreed(self.gpu_hours() >= budget.max_gpu_hours)
 
     def _train(self, per_rank: int, total_steps: int) -> float | None:
-        import torch
+        """The optimizer steps from `self.state` to `total_steps` (`loop.Loop`, this run its hooks)."""
+        if self.state.step < total_steps:
+            self.reporter.phase("training", step=self.state.step)
+        self._loop = Loop(objective=self.objective, items=self.inputs.train, accelerator=self.accelerator,
+                          model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, state=self.state,
+                          hp=self.hp, every=self.spec.checkpoint.every_steps, rank=self.rank, world=self.world,
+                          pad_id=self.tokenizer.pad_token_id, per_rank=per_rank, total_steps=total_steps)
+        return self._loop.run(self)
 
-        accelerator, model, optimizer, scheduler = self.accelerator, self.model, self.optimizer, self.scheduler
-        state, hp = self.state, self.hp
-        accumulation = hp.gradient_accumulation_steps
-        lengths = [len(item.input_ids) for item in self.inputs.train]
-        pad_id = self.tokenizer.pad_token_id
-        every, keep = self.spec.checkpoint.every_steps, self.spec.checkpoint.keep
-        report_every = log_every(total_steps)
-        final_loss: float | None = None
-        window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
-        run_start, start_step = time.monotonic(), state.step
+    # -- loop.Hooks: what the loop asks of the run (the private methods are what benches and tests patch) --
 
-        if state.step < total_steps:
-            self.reporter.phase("training", step=state.step)
-        self._oom_window = True  # until the first checkpoint: an OOM steps down the ladder (oom.py)
-        model.train()
-        with StopFlag() as flag:
-            while state.step < total_steps:
-                step_start = time.monotonic()
-                if state.batches_in_epoch >= per_rank:
-                    state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-                plan = ds.batch_plan(lengths, hp.batch_size, hp.seed, state.epoch, not hp.packing, accumulation)
-                mine = ds.shard(plan, self.rank, self.world)
-                group = mine[state.batches_in_epoch:state.batches_in_epoch + accumulation]
-                batches = [ds.collate([self.inputs.train[i] for i in b], pad_id) for b in group]
+    def log_metric(self, record: dict[str, Any]) -> None:
+        self._metric(record)
 
-                # Token-weighted loss over the whole optimizer step on every rank: each micro-batch's
-                # summed loss is divided by the step's supervised tokens per rank (DDP averages ranks).
-                local = torch.tensor([float(sum(_supervised(b) for b in batches))], device=accelerator.device)
-                global_count = accelerator.reduce(local, "sum") if self.world > 1 else local
-                per_rank_items = global_count[0] / self.world
-                step_total = torch.zeros((), device=accelerator.device)
-                tokens = 0
-                for j, batch in enumerate(batches):
-                    sync = j == len(batches) - 1
-                    oom.probe(micro_batch=hp.batch_size, step=state.step)
-                    with nullcontext() if sync else accelerator.no_sync(model):
-                        loss = step_loss(model, batch, accelerator.device, per_rank_items,
-                                         self.method.selective_logits)
-                        accelerator.backward(loss)
-                    step_total += loss.detach().float()
-                    tokens += batch["num_tokens"]
-                accelerator.clip_grad_norm_(model.parameters(), MAX_GRAD_NORM)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.batches_in_epoch += len(group)
+    def report_progress(self, **fields: Any) -> None:
+        self.reporter.update(**fields, gpu_hours=round(self.gpu_hours(), 6))
 
-                if self.world > 1:
-                    summed = accelerator.reduce(torch.stack([step_total, torch.tensor(float(tokens),
-                                                             device=accelerator.device)]), "sum")
-                    loss_value, tokens = float(summed[0]) / self.world, int(summed[1])
-                else:
-                    loss_value = float(step_total)
-                final_loss = loss_value
-                window_loss += loss_value
-                window_steps += 1
-                window_tokens += tokens
-                epoch = state.epoch + state.batches_in_epoch / per_rank
-                lr = float(scheduler.get_last_lr()[0])
+    def should_stop(self, flag: StopFlag) -> bool:
+        return self._stop_agreed(flag)
 
-                step_time = time.monotonic() - step_start
-                window_time += step_time
-                if accelerator.is_main_process:
-                    self._metric({"step": state.step, "epoch": round(epoch, 4), "loss": loss_value,
-                                  "learning_rate": lr, "tokens": tokens,
-                                  "tokens_per_second": tokens / step_time if step_time > 0 else None})
-                if state.step % report_every == 0 or state.step == total_steps:
-                    # Throughput over the window's step time only (checkpoints and reports excluded).
-                    rate = window_tokens / window_time if window_time > 0 else None
-                    done = state.step - start_step
-                    eta = (time.monotonic() - run_start) / done * (total_steps - state.step) if done else None
-                    self.reporter.update(step=state.step, epoch=round(epoch, 4), loss=window_loss / window_steps,
-                                         learning_rate=lr, tokens_per_second=rate,
-                                         eta_seconds=int(eta) if eta is not None else None,
-                                         gpu_hours=round(self.gpu_hours(), 6))
-                    window_loss, window_steps, window_tokens, window_time = 0.0, 0, 0, 0.0
+    def over_budget(self) -> bool:
+        return self._over_budget()
 
-                stop = self._stop_agreed(flag)
-                # The budget is checked after the step, so a run always makes progress it can keep.
-                spent = state.step < total_steps and self._over_budget()
-                if state.step % every == 0 or state.step == total_steps or stop or spent:
-                    self._checkpoint(keep)
-                    self._oom_window = False
-                    # A SIGTERM during the checkpoint: this step is saved, so stop now rather than one step
-                    # and one more checkpoint later (a big model's checkpoint can take most of the grace period).
-                    stop = stop or self._stop_agreed(flag)
-                if stop:
-                    raise Preempted(state.step)
-                if spent:
-                    from finetune_trainer.errors import BudgetExceeded
+    def budget_exceeded(self, step: int, total_steps: int) -> Exception:
+        from finetune_trainer.errors import BudgetExceeded
 
-                    budget = self.spec.budget
-                    assert budget is not None
-                    raise BudgetExceeded(
-                        f"used {self.gpu_hours():.4g} GPU-hours, reaching spec.budget.maxGpuHours "
-                        f"({budget.max_gpu_hours:g}), at step {state.step} of {total_steps}; checkpoint "
-                        f"{ckpt.prefix(state.step)} is saved: a FineTuneJob with the same output.uri and a larger "
-                        "spec.budget.maxGpuHours resumes from it")
-        return final_loss
+        budget = self.spec.budget
+        assert budget is not None
+        return BudgetExceeded(
+            f"used {self.gpu_hours():.4g} GPU-hours, reaching spec.budget.maxGpuHours "
+            f"({budget.max_gpu_hours:g}), at step {step} of {total_steps}; checkpoint "
+            f"{ckpt.prefix(step)} is saved: a FineTuneJob with the same output.uri and a larger "
+            "spec.budget.maxGpuHours resumes from it")
+
+    def save_checkpoint(self) -> None:
+        self._checkpoint(self.spec.checkpoint.keep)
 
     def _last_logged_loss(self) -> float | None:
         if not self.metrics_path.is_file():
@@ -590,16 +465,21 @@ class Run:
         self.tracker.metric(record)
 
     def _checkpoint(self, keep: int) -> None:
-        eval_loss = mean_loss(self.accelerator.unwrap_model(self.model), self.inputs.validation,
-                              self.hp.batch_size, self.tokenizer.pad_token_id, self.accelerator.device)
+        # The objective's loss on the validation split (dpo: the DPO loss against the training reference, with
+        # the validation pairs' preference accuracy and margin beside it, logged as eval_*).
+        scores = self.objective.evaluate(self.accelerator.unwrap_model(self.model), self.inputs.validation,
+                                         self.hp.batch_size, self.tokenizer.pad_token_id, self.accelerator.device)
+        eval_loss = scores.get("eval_loss")
         if eval_loss is not None:
             if self.accelerator.is_main_process:
-                self._metric({"step": self.state.step, "eval_loss": eval_loss})
+                extra = {f"eval_{k}": v for k, v in sorted(scores.items()) if k != "eval_loss"}
+                self._metric({"step": self.state.step, "eval_loss": eval_loss, **extra})
             self.reporter.report.eval_loss = eval_loss
         self.state.gpu_seconds = self.gpu_hours() * 3600
         uri = ckpt.save(accelerator=self.accelerator, model=self.model, optimizer=self.optimizer,
                         scheduler=self.scheduler, state=self.state, store=self.store, staging=self.work / "staging",
-                        metrics_path=self.metrics_path, fsdp=self.fsdp, save_state=self.method.save_state)
+                        metrics_path=self.metrics_path, fsdp=self.fsdp, save_state=self.method.save_state,
+                        extra=self._reference.save if self._reference is not None else None)
         if self.accelerator.is_main_process:
             ckpt.enforce_retention(self.store, keep)
             self.tracker.checkpoint()

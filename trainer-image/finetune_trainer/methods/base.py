@@ -51,7 +51,7 @@ class TrainingMethod:
     #: One paragraph for the model card's usage section: what serving this artifact needs.
     usage_note: str = ""
     #: The model's output positions are the input's, so training may compute logits only at the positions
-    #: whose next token is supervised (`train.step_loss`). False for prompt tuning, whose peft forward puts
+    #: whose next token is supervised (`objectives.sft.step_loss`). False for prompt tuning, whose peft forward puts
     #: virtual tokens before the input, and prefix tuning, whose forward goes through peft's KV-cache path.
     selective_logits: bool = True
 

@@ -14,9 +14,10 @@ The loop knows none of them; it talks to an `Objective` (`objectives.base`):
 - `evaluate(model, items, batch_size, pad_id, device)` -> metrics of held-out items (`eval_loss`; for dpo also
   `preference_accuracy`, `reward_margin`)
 
-Objectives are built from the spec: `sft.SftObjective(selective)`, `dpo.DpoObjective(settings, reference)`
-with the reference the method calls for (`AdapterReference` for lora/qlora, `PrecomputedReference` for full,
-`ZeroReference` when `referenceFree`). `REGISTRY` maps `spec.objective` to the class.
+Objectives are built from the spec by `build.build`: `sft.SftObjective(selective)`, `dpo.DpoObjective(settings,
+reference)` with the reference the method calls for (`AdapterReference` for lora/qlora, `PrecomputedReference`
+for full, `ZeroReference` when `referenceFree`), the precomputed table stored with the checkpoints and read
+back on resume. `REGISTRY` maps `spec.objective` to the class.
 
 Adding an objective: a module here with its class, one line in `REGISTRY`, the spec field and its memory model.
 """

@@ -126,7 +126,7 @@ def sequence_logps(model: Any, batch: dict[str, Any], device: Any,
 
     Log-softmax in float32 of the logits at the positions that predict a label. `selective`: the logits are
     computed only at the columns where some row's next token is a label (transformers' `logits_to_keep` with
-    their indices, as `train.step_loss` does), not for the prompt and padding columns of every row. The
+    their indices, as `objectives.sft.step_loss` does), not for the prompt and padding columns of every row. The
     forward goes through `model` as given (DDP, peft), with gradients when the caller has them on."""
     import torch
 

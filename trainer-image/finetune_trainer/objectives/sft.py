@@ -1,9 +1,8 @@
 """`sft`: supervised fine-tuning, the token-level cross-entropy on the supervised tokens of each example.
 
-A thin wrapper over the loss helpers that live in `train.py` today (`step_loss`, `mean_loss`) and the batch
-layout of `dataset.py` (`collate`, packing), so the loop can call both objectives the same way; the helpers
-move here when the loop is split out of `train.Run`. `train` is imported inside the methods because it will
-import this package.
+The batch layout is `dataset.py`'s (`collate`; packed rows when `hyperparameters.packing`), the loss the
+causal-LM cross-entropy on answer tokens (`step_loss`), the evaluation the mean token loss of held-out
+examples (`mean_loss`, also the test set's eval loss and perplexity in `assess`).
 
 The step's loss is token-weighted: each micro-batch's summed token loss is divided by the supervised tokens
 of the whole optimizer step (`weight`), so every supervised token counts the same whatever its micro-batch.
@@ -16,7 +15,68 @@ from typing import Any
 
 from finetune_trainer.objectives.base import StepLoss
 
-IGNORE_INDEX = -100  # dataset.IGNORE_INDEX
+IGNORE_INDEX = -100  # dataset.IGNORE_INDEX; repeated so importing this module does not import dataset
+
+
+def supervised(batch: dict[str, Any]) -> int:
+    """Supervised tokens of a batch: labels[:, 0] is never predicted (the model shifts labels by one)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+def model_inputs(batch: dict[str, Any], device: Any) -> dict[str, Any]:
+    """The batch's tensors the model's forward takes, on `device`."""
+    return {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "labels", "attention_mask", "position_ids")}
+
+
+def step_loss(model: Any, batch: dict[str, Any], device: Any, num_items: Any, selective: bool) -> Any:
+    """A training micro-batch's loss: the sum of its supervised tokens' cross-entropy over `num_items`.
+
+    `selective`: the logits are computed only at the positions (columns of the batch) where some row's next
+    token is supervised (transformers' `logits_to_keep` with the positions' indices), and the loss from
+    them as transformers' causal-LM loss computes it (float32 logits, sum, divided by `num_items`): the
+    same loss, without the output projection and its vocabulary-wide logits for prompt tokens and padding
+    (about two thirds of the positions of the bundled instruction sample in length-grouped micro-batches of
+    4: 34.5% kept). The logits tensor is the largest activation of a large-vocabulary model (batch x sequence
+    x vocabulary floats), so this saves memory too. The forward goes through the wrapped model (DDP, FSDP, peft) as usual."""
+    import torch
+    import torch.nn.functional as F
+
+    inputs = model_inputs(batch, device)
+    if not selective:
+        return model(**inputs, use_cache=False, num_items_in_batch=num_items).loss
+    labels = inputs.pop("labels")
+    targets = labels[:, 1:]  # position p predicts token p + 1
+    keep = (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(1)
+    if keep.numel() == 0:
+        keep = torch.zeros(1, dtype=torch.long, device=labels.device)  # nothing supervised: a zero loss
+    logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits
+    loss = F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss / num_items
+
+
+def mean_loss(model: Any, items: Sequence[Any], batch_size: int, pad_id: int, device: Any) -> float | None:
+    """Mean token loss of `items` (every process computes the same value on the same items)."""
+    import torch
+
+    from finetune_trainer import dataset as ds
+
+    if not items:
+        return None
+    items = list(items)
+    total = torch.zeros((), dtype=torch.float64)
+    count = 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(items), batch_size):
+            batch = ds.collate(items[start:start + batch_size], pad_id)
+            n = supervised(batch)
+            out = model(**model_inputs(batch, device), use_cache=False, num_items_in_batch=1)
+            total += out.loss.detach().double().cpu()  # a sum: num_items_in_batch=1
+            count += n
+    model.train(was_training)
+    return float(total / max(count, 1))
 
 
 class SftObjective:
@@ -42,17 +102,12 @@ class SftObjective:
         return dataset.collate([items[i] for i in indices], pad_id)
 
     def weight(self, batch: dict[str, Any]) -> int:
-        # labels[:, 0] is never predicted (the model shifts labels by one)
-        return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        return supervised(batch)
 
     def loss(self, model: Any, batch: dict[str, Any], device: Any, num_items: Any) -> StepLoss:
-        from finetune_trainer import train
-
-        return StepLoss(train.step_loss(model, batch, device, num_items, self.selective))
+        return StepLoss(step_loss(model, batch, device, num_items, self.selective))
 
     def evaluate(self, model: Any, items: Sequence[Any], batch_size: int, pad_id: int,
                  device: Any) -> dict[str, float]:
-        from finetune_trainer import train
-
-        loss = train.mean_loss(model, list(items), batch_size, pad_id, device)
+        loss = mean_loss(model, items, batch_size, pad_id, device)
         return {} if loss is None else {"eval_loss": loss}
