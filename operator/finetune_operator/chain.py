@@ -56,11 +56,13 @@ def resolve(base: FineTuneJob, status: FineTuneJobStatus, *, uid: str | None = N
                              parameters=parameters, chain=chain)
     if earlier is not None:  # the base job was itself chained: it started from earlier.model_uri + adapters
         start, revision, adapters = earlier.model_uri, earlier.revision, list(earlier.adapters)
+        secret = base.spec.base_model.secret_ref or earlier.secret_ref
     else:
         start, revision, adapters = base.spec.base_model.uri, base.spec.base_model.revision, []
+        secret = base.spec.base_model.secret_ref
     if start is None:
         raise BaseUnchainable(f"base job {name} has no resolved base model (status.baseJob.modelUri)")
-    return BaseJobStatus(name=name, uid=uid, phase="Succeeded", model_uri=start, revision=revision,
+    return BaseJobStatus(name=name, uid=uid, phase="Succeeded", model_uri=start, revision=revision, secret_ref=secret,
                          adapters=[*adapters, model], parameters=parameters, chain=chain)
 
 
@@ -83,6 +85,8 @@ def apply(spec: FineTuneJobSpec, resolved: BaseJobStatus) -> FineTuneJobSpec:
     `TrainerConfig.base` and provenance), parameters from the base job when the spec does not give them."""
     base_model = spec.base_model.model_copy(update={
         "uri": resolved.model_uri, "from_job": None, "revision": resolved.revision,
+        # The model the base job started from may need that job's Secret (a gated hub model's token).
+        "secret_ref": spec.base_model.secret_ref or resolved.secret_ref,
         "parameters": spec.base_model.parameters or (_param_text(resolved.parameters) if resolved.parameters else None),
     })
     return spec.model_copy(update={"base_model": base_model})

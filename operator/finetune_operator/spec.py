@@ -1438,6 +1438,9 @@ class BaseJobStatus(_Model):
     model_uri: str | None = Field(default=None, max_length=1024, description="The model this job loads: the base "
                                   "job's merged/ (or model/ for method full), else its own base model.")
     revision: str | None = Field(default=None, max_length=128, description="hf:// revision of modelUri, if any.")
+    secret_ref: SecretRef | None = Field(default=None, description="The base job's spec.baseModel.secretRef when "
+                                         "modelUri is the model that job started from (a gated hub model's token): "
+                                         "used when this job's spec.baseModel names no Secret.")
     adapters: list[Annotated[str, Field(max_length=1024)]] = Field(
         default_factory=list, max_length=16, description="Adapters merged into modelUri, in order, before this "
         "job's method is applied (the base job's adapter last).")
