@@ -18,6 +18,11 @@ model's tokenizer and reads the model's exact parameter count. From those and th
 - throughput: GPUs x the GPU class's peak x the method's assumed utilisation (tables below);
 - hours = tokens trained x FLOPs per token / throughput / 3600; GPU-hours = hours x GPUs. Evaluation, model
   download and checkpoint uploads are not included.
+- `objective: dpo`: the pre-flight counts a pair's prompt, chosen and rejected tokens once, but training runs
+  two sequences per pair, each with the prompt: the tokens are doubled (an upper bound, reached when the
+  prompt dominates; the estimate errs long), each sequence capped at `maxSeqLength`. The reference costs a
+  forward pass (2N per token) every step when it is the model with its adapter switched off, or one forward
+  pass over the training tokens before training when it is precomputed; nothing when `referenceFree`.
 
 The peak per GPU memory class is that of the slowest common data-centre GPU of the class (dense bf16/fp16
 tensor throughput from NVIDIA's datasheets), so the estimate errs long: an H100 (989 TFLOPS) in the 80 GiB
@@ -80,7 +85,8 @@ def estimate(spec: FineTuneJobSpec, plan: Plan, *, parameters: int, examples: in
     data = spec.dataset
     kept = 1.0 if data.validation or not data.validation_split else 1.0 - data.validation_split
     train_examples = math.floor(examples * kept)
-    capped = min(tokens, examples * hp.max_seq_length)
+    sequences_per_example = 2 if spec.objective == "dpo" else 1  # chosen and rejected, each with the prompt
+    capped = min(tokens * sequences_per_example, examples * sequences_per_example * hp.max_seq_length)
     tokens_epoch = round(capped * kept)
     ranks = plan.gpus
     sequences = math.ceil(tokens_epoch / hp.max_seq_length) if hp.packing else train_examples
@@ -93,13 +99,19 @@ def estimate(spec: FineTuneJobSpec, plan: Plan, *, parameters: int, examples: in
     utilisation = UTILISATION[plan.method]
     checkpointing = bool(hp.gradient_checkpointing)
     per_token = flops_per_token(parameters, plan.method, checkpointing)
+    reference = _dpo_reference(spec, plan.method)
+    if reference == "per step":
+        per_token += 2.0 * parameters
     flops_per_second = plan.gpus * gpu.peak_tflops * 1e12 * utilisation
     seconds = tokens_trained * per_token / flops_per_second
+    if reference == "precomputed":
+        seconds += tokens_epoch * 2.0 * parameters / flops_per_second
     hours = seconds / 3600
     passes = round(per_token / parameters)
     basis = (
         f"{passes}N FLOPs per token (N = {parameters:,}; {plan.method}"
         + (", gradient checkpointing" if checkpointing else "")
+        + (f"; dpo: two sequences per pair, reference {reference}" if reference else "")
         + f") over {plan.gpus} x {gpu.name} at {gpu.peak_tflops:g} TFLOPS x {utilisation:.0%} assumed utilisation "
         "(finetune_operator.cost); training only, evaluation and uploads not included"
     )
@@ -115,6 +127,16 @@ def estimate(spec: FineTuneJobSpec, plan: Plan, *, parameters: int, examples: in
         gpu_hours=_round(hours * plan.gpus),
         basis=basis,
     )
+
+
+def _dpo_reference(spec: FineTuneJobSpec, method: str) -> str | None:
+    """How a dpo run's reference log-probabilities cost: "per step", "precomputed", "free"; None for sft."""
+    if spec.objective != "dpo":
+        return None
+    dpo = spec.resolved_dpo()
+    if dpo.reference_free:
+        return "free"
+    return "precomputed" if dpo.precomputes(method) else "per step"
 
 
 def _round(hours: float) -> float:

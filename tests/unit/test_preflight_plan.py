@@ -118,6 +118,31 @@ def test_packing_counts_sequences_not_examples_and_max_steps_wins() -> None:
     assert capped.steps == 7
 
 
+@pytest.mark.parametrize(("method", "dpo", "reference"), [
+    ("lora", {}, "per step"),          # the adapter switched off: one more forward (2N) per token, every step
+    ("full", {}, "precomputed"),       # one forward over the training tokens before training
+    ("lora", {"referenceFree": True}, "free"),
+])
+def test_dpo_doubles_the_sequences_and_counts_the_reference(method: str, dpo: dict[str, Any], reference: str) -> None:
+    """1,000 pairs of 300 tokens (prompt + chosen + rejected), batch 4 x accumulation 4, 2 epochs, checkpointing."""
+    hp = {"epochs": 2, "batchSize": 4, "gradientAccumulationSteps": 4, "maxSeqLength": 512}
+    s = spec(method=method, objective="dpo", dpo=dpo, dataset={"format": "preference"}, hyperparameters=hp)
+    p = Plan(method=method, gpus=1, gpu_memory_gib=24, nodes=1, gpus_per_node=1, estimated_memory_gib=20,
+             source="estimate", reason="r")
+    est = cost.estimate(s, p, parameters=7_000_000_000, examples=1000, tokens=300_000, sampled=False)
+    assert est.steps == 126 and est.train_examples == 1000  # steps count pairs, as the trainer does
+    assert est.tokens == 600_000 and est.tokens_trained == 1_200_000  # two sequences per pair, each with the prompt
+    sft = cost.estimate(spec(method=method, hyperparameters=hp), p, parameters=7_000_000_000, examples=1000,
+                        tokens=300_000, sampled=False)
+    passes = round(cost.flops_per_token(7_000_000_000, method, True) / 7e9)
+    utilisation = cost.UTILISATION[method]
+    flops = 1_200_000 * passes * 7e9 + {"per step": 1_200_000 * 2 * 7e9, "precomputed": 600_000 * 2 * 7e9,
+                                         "free": 0.0}[reference]
+    assert est.hours == pytest.approx(flops / (125e12 * utilisation) / 3600, rel=1e-3)
+    assert est.hours > 2 * sft.hours * 0.999
+    assert f"reference {reference}" in est.basis
+
+
 # --- the completed plan ------------------------------------------------------------------------------------
 
 
