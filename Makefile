@@ -12,7 +12,7 @@ FIND_LINKS ?= $(PIP_FIND_LINKS)
 UV     := $(BIN)/uv pip install -q --compile-bytecode --python $(BIN)/python -c constraints.txt $(if $(FIND_LINKS),--find-links $(FIND_LINKS))
 PYTEST_ARGS ?=
 
-.PHONY: install test demo demo-rag lint crd bench clean lock
+.PHONY: install test demo demo-rag demo-dpo lint crd bench clean lock
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,12 @@ demo: install
 # The same demo with retrieval augmentation (spec.retrieval): hallucination with and without retrieval.
 demo-rag: install
 	$(BIN)/finetune run examples/healthcare-rag.yaml --local --demo
+
+# Preference tuning as a chain of two FineTuneJobs: SFT on the instruction sample, then DPO (spec.baseModel.fromJob)
+# on its preference pairs, starting from the SFT stage's result; preference accuracy and hallucination before and
+# after each stage, and a table of both at the end.
+demo-dpo: install
+	$(BIN)/finetune run examples/healthcare-sft-stage.yaml examples/healthcare-dpo-stage.yaml --local --demo
 
 lint: install
 	$(BIN)/ruff check operator trainer-image tests bench

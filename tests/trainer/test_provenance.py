@@ -163,3 +163,48 @@ def test_virtual_token_methods_record_their_settings(method: str, block: str, se
     assert resolved["method"] == method
     assert {k: resolved[block][k] for k in settings} == settings
     assert "lora" not in resolved and "quantization" not in resolved
+
+
+def test_a_chained_stage_records_its_chain(healthcare_sample: HealthcareSample) -> None:
+    """config.base (resolved from spec.baseModel.fromJob): every earlier stage, the model started from, and each
+    merged adapter with its sha256 in merge order; an adapter the trainer did not hash is recorded as null."""
+    from finetune_operator.spec import BaseJobStatus, ChainStage
+
+    stages = [ChainStage(name="sft", namespace="clinical", uid="u-1", objective="sft", method="lora",
+                         output_uri="s3://out/sft/"),
+              ChainStage(name="dpo", namespace="clinical", uid="u-2", objective="dpo", method="qlora",
+                         output_uri="s3://out/dpo/")]
+    base = BaseJobStatus(name="dpo", uid="u-2", phase="Succeeded", model_uri="hf://org/base", revision="main",
+                         adapters=["s3://out/sft/model/", "s3://out/dpo/model/"], chain=stages)
+    config = _config().model_copy(update={"base": base})
+    record = _record(config, healthcare_sample, merged_adapters=[{"uri": "s3://out/sft/model/", "sha256": "cd" * 32}])
+    assert record["chain"] == {
+        "adaptersMerged": [{"sha256": "cd" * 32, "uri": "s3://out/sft/model/"},
+                           {"sha256": None, "uri": "s3://out/dpo/model/"}],
+        "baseJob": {"name": "dpo", "uid": "u-2"},
+        "stages": [{"method": "lora", "name": "sft", "namespace": "clinical", "objective": "sft",
+                    "outputUri": "s3://out/sft/", "uid": "u-1"},
+                   {"method": "qlora", "name": "dpo", "namespace": "clinical", "objective": "dpo",
+                    "outputUri": "s3://out/dpo/", "uid": "u-2"}],
+        "startedFrom": {"revision": "main", "uri": "hf://org/base"},
+    }
+    assert "chain" not in _record(_config(), healthcare_sample)  # an unchained job has none
+
+
+def test_the_model_card_names_the_chain() -> None:
+    from finetune_operator.spec import BaseJobStatus, ChainStage
+    from finetune_trainer.modelcard import render_model_card
+    from finetune_trainer.provenance import chain_card_lines
+
+    assert chain_card_lines(_config()) == []
+    base = BaseJobStatus(name="sft", model_uri="hf://org/base", adapters=["s3://out/sft/model/"],
+                         chain=[ChainStage(name="sft", namespace="clinical", objective="sft", method="lora",
+                                           output_uri="s3://out/sft/")])
+    card = render_model_card(_config().model_copy(update={"base": base}), evaluation=None, artifacts={},
+                             metrics_summary={})
+    assert ("it started from the result of FineTuneJob `sft`, that is `hf://org/base` with 1 earlier adapter(s) merged "
+            "into it in order before this stage's method (`s3://out/sft/model/`)") in card
+    assert "| 1 | `clinical/sft` | sft | lora | `s3://out/sft/` |" in card
+    whole = base.model_copy(update={"model_uri": "s3://out/sft/merged/", "adapters": []})
+    assert "`s3://out/sft/merged/` as it is (a whole model)" in "\n".join(
+        chain_card_lines(_config().model_copy(update={"base": whole})))

@@ -1,4 +1,4 @@
-"""`finetune run FILE --local`: run a FineTuneJob manifest on this machine with the pods' code.
+"""`finetune run FILE... --local`: run FineTuneJob manifests on this machine with the pods' code.
 
 The manifest is validated and planned exactly as the operator does (`manifests.validate_document`,
 `contract.resolve`), written as the trainer config, and run through the same launcher a pod runs
@@ -6,14 +6,25 @@ The manifest is validated and planned exactly as the operator does (`manifests.v
 is drawn from the trainer's progress report (`<output>/status/report.json`), the same object the operator
 reads; the trainer's own log goes to a file (its tail is printed when the run fails).
 
+Several manifests run in order, as a chain: a manifest whose `spec.baseModel.fromJob` names the metadata.name of an
+earlier manifest starts from that run's result, resolved exactly as the operator resolves it on a cluster
+(`finetune_operator.chain.resolve` on the earlier run's outcome: its artifacts, plan and own chain; then
+`chain.apply`), and the trainer merges the earlier adapters into its base before training (`modeling.materialize_start`).
+A fromJob naming no earlier manifest is refused before anything runs; a stage that fails (or misses its gates) stops
+the chain, naming the stage. At the end of a chain a table shows each stage's preference accuracy, reward margin and
+hallucination, base model beside result.
+
 Flags:
   --local               run here (required for now: cluster runs go through `kubectl apply`)
   --processes N         trainer processes on this machine (default 1)
-  --output URI_OR_DIR   write output there instead of spec.output.uri (a plain directory is allowed)
+  --output URI_OR_DIR   write output there instead of spec.output.uri (a plain directory is allowed); with
+                        several manifests each stage writes under <output>/<metadata.name>/
   --set PATH=VALUE      override a spec field, e.g. hyperparameters.learningRate=0.002 (repeatable;
-                        VALUE is YAML; PATH is relative to spec unless it starts with metadata. or spec.)
-  --demo                self-contained demo: a local S3 server, the bundled healthcare sample at the
-                        manifest's dataset URIs, and a tiny Llama standing in for the base model
+                        VALUE is YAML; PATH is relative to spec unless it starts with metadata. or spec.);
+                        with several manifests it applies to each
+  --demo                self-contained demo: a local S3 server, the bundled healthcare sample (instruction
+                        rows, or preference pairs for preference data) at the manifests' dataset URIs, and a
+                        tiny Llama standing in for the base model
   --keep-s3             (demo) keep the S3 server running at the end until Ctrl+C
   --log FILE            trainer log file (default: a file in the work directory)
 
@@ -43,6 +54,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +62,7 @@ import yaml
 
 from finetune_operator import pilot as pilot_stage
 from finetune_operator.contract import (
+    ENV_ALLOWED_ROOTS,
     ENV_CACHE_DIR,
     ENV_CONFIG,
     ENV_MAIN_PORT,
@@ -80,14 +93,25 @@ DEMO_MODEL_BUCKET = "finetune-demo-models"
 DEMO_MODEL_PREFIX = "tiny-llama/"
 
 
+#: The DPO stage of a chain (`make demo-dpo`) on the tiny stand-in: its own steps (over the SFT stage's
+#: DEMO_OVERRIDES, which it shares for the adapter's shape). Tuned on this machine; the figures are in the README.
+DEMO_DPO_OVERRIDES: list[tuple[str, Any, str]] = [
+    ("hyperparameters.learningRate", 2e-3, "DPO on the tiny model: larger than for a 7B, smaller than its SFT"),
+    ("hyperparameters.epochs", 3, "199 pairs, two sequences each and the reference's pass: fewer passes than SFT"),
+    ("dpo.beta", 0.5, "keeps the tiny policy nearer its SFT start: at 0.1 its answers degrade faster for the same gain"),
+]
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="finetune run", description="Run a FineTuneJob manifest on this machine.")
-    parser.add_argument("file", help="FineTuneJob manifest (YAML)")
+    parser = argparse.ArgumentParser(prog="finetune run", description="Run FineTuneJob manifests on this machine.")
+    parser.add_argument("files", nargs="+", metavar="file",
+                        help="FineTuneJob manifest (YAML); several run in order as a chain (spec.baseModel.fromJob)")
     parser.add_argument("--local", action="store_true", help="run on this machine (required for now)")
     parser.add_argument("--processes", type=int, default=1, help="trainer processes (default 1)")
-    parser.add_argument("--output", help="output URI or directory instead of spec.output.uri")
+    parser.add_argument("--output", help="output URI or directory instead of spec.output.uri (several manifests: "
+                        "<output>/<name>/ each)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="PATH=VALUE",
-                        help="override a spec field (repeatable), e.g. hyperparameters.learningRate=0.002")
+                        help="override a spec field (repeatable; every manifest), e.g. hyperparameters.learningRate=0.002")
     parser.add_argument("--demo", action="store_true",
                         help="local S3 server + bundled sample + tiny stand-in model (see `make demo`)")
     parser.add_argument("--keep-s3", action="store_true", help="(demo) keep the S3 server until Ctrl+C")
@@ -154,16 +178,6 @@ def load_manifest(path: Path) -> dict[str, Any]:
     return docs[0]
 
 
-def validate(doc: dict[str, Any], source: str) -> tuple[Any, Any]:
-    """(FineTuneJob, Plan), or UsageError listing every problem with its field."""
-    from finetune_operator import manifests
-
-    loaded = manifests.validate_document(doc, source)
-    if not loaded.ok:
-        raise ManifestError(f"{source} is not a valid FineTuneJob:\n" + "\n".join(f"  {i}" for i in loaded.issues))
-    return loaded.job, loaded.plan
-
-
 # ------------------------------------------------------------------------------------------------
 # Demo setup
 # ------------------------------------------------------------------------------------------------
@@ -189,37 +203,62 @@ def scoped_environ(values: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def _is_preference(spec: dict[str, Any]) -> bool:
+    return spec.get("objective") == "dpo" or (spec.get("dataset") or {}).get("format") == "preference"
+
+
+def demo_uploads(spec: dict[str, Any]) -> list[tuple[str, Path]]:
+    """(S3 URI, bundled file) for each data URI of a manifest's spec: the instruction sample, or its preference
+    pairs (`data/make_preference.py`) for dpo or preference data. A prefix (ending in /) gets the file under
+    its own name."""
+    from finetune_trainer import tiny
+
+    data = tiny.DATA_DIR
+    pairs = _is_preference(spec)
+    dataset = spec.get("dataset") or {}
+    evaluation = spec.get("evaluation") or {}
+    out = []
+    for uri, local in ((dataset.get("train"),
+                        data / ("healthcare_preference_train.jsonl" if pairs else "healthcare_train.jsonl")),
+                       (dataset.get("validation"),
+                        data / ("healthcare_preference_test.jsonl" if pairs else "healthcare_test.jsonl")),
+                       (evaluation.get("testSet"), data / "healthcare_test.jsonl"),
+                       (evaluation.get("preferenceTestSet"), data / "healthcare_preference_test.jsonl"),
+                       (evaluation.get("glossary"), data / "healthcare_glossary.txt"),
+                       ((spec.get("retrieval") or {}).get("corpus"), data / "healthcare_corpus.jsonl")):
+        if isinstance(uri, str) and uri.startswith("s3://"):
+            out.append((uri + local.name if uri.endswith("/") else uri, local))
+    return out
+
+
 @contextlib.contextmanager
-def demo_environment(doc: dict[str, Any], work: Path, keep: bool) -> Iterator[tuple[dict[str, str], Any]]:
-    """Start the local S3 server, upload the sample and the tiny model; yields (env, server)."""
+def demo_environment(docs: list[dict[str, Any]], work: Path, keep: bool) -> Iterator[tuple[dict[str, str], Any]]:
+    """Start the local S3 server, upload the sample and the tiny model for every manifest (a chain shares one
+    server); yields (env, server). Each manifest with a baseModel.uri gets the tiny model there; a chained one
+    (fromJob) starts from its base job's result, so a size its manifest gives for a cluster is dropped."""
     from finetune_trainer import storage, tiny
     from finetune_trainer.s3server import LocalS3
 
-    data = tiny.DATA_DIR
     server = LocalS3(work / "s3")
     server.start()
     try:
         env = server.env()
         client = server.client()
-        spec = doc.get("spec", {})
-        uploads: list[tuple[str, Path]] = []
-        dataset = spec.get("dataset", {})
-        evaluation = spec.get("evaluation", {})
-        for uri, local in ((dataset.get("train"), data / "healthcare_train.jsonl"),
-                           (dataset.get("validation"), data / "healthcare_test.jsonl"),
-                           (evaluation.get("testSet"), data / "healthcare_test.jsonl"),
-                           (evaluation.get("glossary"), data / "healthcare_glossary.txt"),
-                           ((spec.get("retrieval") or {}).get("corpus"), data / "healthcare_corpus.jsonl")):
-            if isinstance(uri, str) and uri.startswith("s3://"):
-                # A prefix (ending in /) gets the file under its own name.
-                uploads.append((uri + local.name if uri.endswith("/") else uri, local))
-        output = spec.get("output", {}).get("uri")
-        buckets = {_split_s3(uri)[0] for uri, _ in uploads} | {DEMO_MODEL_BUCKET}
-        if isinstance(output, str) and output.startswith("s3://"):
-            buckets.add(_split_s3(output)[0])
+        uploads: dict[str, Path] = {}
+        buckets = {DEMO_MODEL_BUCKET}
+        for doc in docs:
+            spec = doc.get("spec", {})
+            for uri, local in demo_uploads(spec):
+                if uploads.setdefault(uri, local) != local:
+                    raise UsageError(f"--demo: two manifests use {uri} for different data ({uploads[uri].name} and "
+                                     f"{local.name}); give each its own URI")
+            output = spec.get("output", {}).get("uri")
+            if isinstance(output, str) and output.startswith("s3://"):
+                buckets.add(_split_s3(output)[0])
+        buckets |= {_split_s3(uri)[0] for uri in uploads}
         for bucket in sorted(buckets):
             server.create_bucket(bucket)
-        for uri, local in uploads:
+        for uri, local in uploads.items():
             bucket, key = _split_s3(uri)
             client.upload_file(str(local), bucket, key)
             print(f"  uploaded {local.name:<26} -> {uri}")
@@ -231,12 +270,19 @@ def demo_environment(doc: dict[str, Any], work: Path, keep: bool) -> Iterator[tu
         model_uri = f"s3://{DEMO_MODEL_BUCKET}/{DEMO_MODEL_PREFIX}"
         with scoped_environ(env):
             storage.Store.for_uri(model_uri).upload_dir(model_dir, "", marker=False)
-        base = spec.get("baseModel", {}).get("uri", "?")
         params = _parameter_count(model_dir)
         print(f"  uploaded tiny Llama ({params / 1e6:.2f}M parameters) -> {model_uri}")
-        print(f"  NOTE: a tiny Llama built here stands in for {base}: there is no model hub on this machine.")
-        spec.setdefault("baseModel", {})
-        spec["baseModel"] = {"uri": model_uri, "parameters": f"{params / 1e6:.2f}M"}
+        for doc in docs:
+            spec = doc.setdefault("spec", {})
+            base_model = spec.get("baseModel") or {}
+            if base_model.get("fromJob"):
+                if base_model.pop("parameters", None) is not None:
+                    print(f"  {doc.get('metadata', {}).get('name')}: spec.baseModel.parameters dropped: the size "
+                          f"comes from its base job {base_model['fromJob']} (the tiny model)")
+                continue
+            base = base_model.get("uri", "?")
+            print(f"  NOTE: a tiny Llama built here stands in for {base}: there is no model hub on this machine.")
+            spec["baseModel"] = {"uri": model_uri, "parameters": f"{params / 1e6:.2f}M"}
         yield env, server
     finally:
         if keep:
@@ -334,11 +380,15 @@ def evaluation_table(evaluation: Any) -> str:
         ("eval loss", "eval_loss", False),
         ("perplexity", "perplexity", False),
     ]
-    width = max(len(r[0]) for r in rows)
     rag = getattr(evaluation, "with_retrieval", None)
     columns = [("base", evaluation.base), ("fine-tuned", evaluation.tuned)]
     if rag is not None:
         columns += [("base+RAG", rag.base), ("tuned+RAG", rag.tuned)]
+    # On held-out preference pairs (objective dpo, or evaluation.preferenceTestSet): only when they were scored.
+    rows += [row for row in (("preference accuracy", "preference_accuracy", True), ("reward margin", "reward_margin",
+                                                                                   False))
+             if any(getattr(scores, row[1], None) is not None for _, scores in columns)]
+    width = max(len(r[0]) for r in rows)
     lines = [f"  {'metric':<{width}}" + "".join(f"  {name:>10}" for name, _ in columns),
              f"  {'-' * width}" + f"  {'-' * 10}" * len(columns)]
     for label, field, percent in rows:
@@ -346,6 +396,31 @@ def evaluation_table(evaluation: Any) -> str:
                                                       for _, scores in columns))
     lines.append(f"  ({evaluation.examples} test examples" + (
         "; +RAG: each prompt with its top-k passages from spec.retrieval.corpus)" if rag is not None else ")"))
+    return "\n".join(lines)
+
+
+def _arrow(base: float | None, tuned: float | None, percent: bool) -> str:
+    return f"{_fmt(base, percent)} -> {_fmt(tuned, percent)}"
+
+
+def chain_table(stages: list[tuple[str, Any, float]]) -> str:
+    """One line per stage (name, evaluation, spec.dpo.beta) of a chain: preference accuracy and reward margin on the
+    held-out pairs, hallucination on the instruction test set, each as the stage's starting model -> its result
+    (`-` where not measured). The margin scales with beta, so each row names its own."""
+    header = ("stage", "preference accuracy", "reward margin (beta)", "hallucination")
+    rows = []
+    for name, evaluation, beta in stages:
+        if evaluation is None:
+            rows.append((name, "-", "-", "-"))
+            continue
+        base, tuned = evaluation.base, evaluation.tuned
+        rows.append((name, _arrow(base.preference_accuracy, tuned.preference_accuracy, True),
+                     f"{_arrow(base.reward_margin, tuned.reward_margin, False)} ({beta:g})",
+                     _arrow(base.hallucination, tuned.hallucination, True)))
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  " + "  ".join(cell.ljust(w) for cell, w in zip(header, widths, strict=True)),
+             "  " + "  ".join("-" * w for w in widths)]
+    lines += ["  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows]
     return "\n".join(lines)
 
 
@@ -407,20 +482,130 @@ def summarize(root: str, keys: list[str]) -> list[str]:
             for name, count in sorted(groups.items())]
 
 
+@dataclass
+class Stage:
+    """One manifest of the command line: its document (with --set and demo overrides), the job as validated (a
+    chained one still with fromJob), and the plan (None for a chained one until its base job's result is known)."""
+
+    source: Path
+    doc: dict[str, Any]
+    job: Any = None
+    plan: Any = None
+
+    @property
+    def name(self) -> str:
+        return str(self.job.metadata.name)
+
+    @property
+    def from_job(self) -> str | None:
+        return self.job.spec.base_model.from_job  # type: ignore[no-any-return]
+
+
+@dataclass
+class Finished:
+    """A stage that Succeeded (gates passed): what a later stage chained to it is resolved from."""
+
+    job: Any  # FineTuneJob as run (a chained one with its base model resolved)
+    plan: Any
+    report: Any  # the trainer's final TrainerReport
+    base: Any = None  # BaseJobStatus when it was itself chained
+
+
+def _validate_stage(stage: Stage) -> None:
+    """Validate and plan `stage.doc`; a chained stage without spec.baseModel.parameters cannot be planned before
+    its base job ran (`sizing.BaseJobUnresolved`), which is not an error here: it is planned once resolved."""
+    from finetune_operator import manifests
+
+    loaded = manifests.validate_document(stage.doc, str(stage.source))
+    chained_unplanned = loaded.job is not None and loaded.job.spec.base_model.from_job is not None and all(
+        issue.path == "spec.baseModel.fromJob" for issue in loaded.issues)
+    if not loaded.ok and not chained_unplanned:
+        raise ManifestError(f"{stage.source} is not a valid FineTuneJob:\n" + "\n".join(f"  {i}" for i in loaded.issues))
+    stage.job, stage.plan = loaded.job, loaded.plan
+
+
+def check_chain(stages: list[Stage]) -> None:
+    """Every fromJob names an earlier manifest (same namespace); names are unique. Checked before anything runs."""
+    seen: dict[str, Stage] = {}
+    for stage in stages:
+        if stage.name in seen:
+            raise ManifestError(f"{stage.source} and {seen[stage.name].source} are both named {stage.name!r}: "
+                                "give each stage of a chain its own metadata.name")
+        if stage.from_job is not None:
+            base = seen.get(stage.from_job)
+            if base is None:
+                earlier = ", ".join(f"{s.name} ({s.source})" for s in seen.values()) or "none"
+                later = any(s.name == stage.from_job for s in stages)
+                raise ManifestError(
+                    f"{stage.source}: spec.baseModel.fromJob names {stage.from_job!r}, which is not the metadata.name "
+                    f"of an earlier manifest on the command line (earlier: {earlier}); "
+                    + ("list its manifest before this one" if later else
+                       f"add its manifest before this one: finetune run --local BASE.yaml {stage.source}"))
+            if base.job.metadata.namespace != stage.job.metadata.namespace:
+                raise ManifestError(f"{stage.source}: spec.baseModel.fromJob names {stage.from_job!r} in namespace "
+                                    f"{base.job.metadata.namespace}, this job is in {stage.job.metadata.namespace}: "
+                                    "a chain stays in one namespace")
+        seen[stage.name] = stage
+
+
+def resolve_chained(stage: Stage, base: Finished) -> tuple[Any, Any, Any]:
+    """(job, plan, BaseJobStatus) of a chained stage, from its base job's outcome: `chain.resolve` on a status built
+    as the operator sees a Succeeded job (its plan, artifacts and own chain), then `chain.apply`, validated again."""
+    from finetune_operator import chain
+    from finetune_operator.spec import FineTuneJobStatus
+
+    status = FineTuneJobStatus(phase="Succeeded", plan=base.plan, base_job=base.base,
+                               artifacts={kind: _as_uri(uri) for kind, uri in base.report.artifacts.items()})
+    try:
+        resolved = chain.resolve(base.job, status, uid=base.job.metadata.uid)
+    except chain.BaseUnchainable as err:
+        raise ManifestError(f"{stage.source}: cannot start from {base.job.metadata.name}: {err}") from None
+    spec = chain.apply(stage.job.spec, resolved)
+    doc = copy.deepcopy(stage.doc)
+    doc["spec"]["baseModel"] = spec.base_model.wire()
+    resolved_stage = Stage(stage.source, doc)
+    _validate_stage(resolved_stage)
+    return resolved_stage.job, resolved_stage.plan, resolved
+
+
+def _as_uri(location: str) -> str:
+    """An artifact location as a URI: a local output directory's paths become file:// URIs (a spec's baseModel.uri
+    must be one; the trainer is allowed to read there, `_allowed_roots`)."""
+    return location if "://" in location else f"file://{Path(location).resolve()}{'/' if location.endswith('/') else ''}"
+
+
+def _stage_output(args: argparse.Namespace, job: Any, chained: bool) -> str:
+    output = args.output or job.spec.output.uri
+    if chained and args.output:  # several manifests: one directory (or prefix) per stage under --output
+        output = f"{args.output.rstrip('/')}/{job.metadata.name}" + ("/" if "://" in args.output else "")
+    return output if "://" in output else str(Path(output).resolve())
+
+
 def run_local(args: argparse.Namespace) -> int:
     if not args.local:
         raise UsageError("only local runs are supported by `finetune run` for now: add --local "
                          "(for a cluster, `kubectl apply -f FILE`)")
     if args.processes < 1:
         raise UsageError("--processes must be at least 1")
-    source = Path(args.file)
-    doc = load_manifest(source)
+    stages = [Stage(Path(f), load_manifest(Path(f))) for f in args.files]
     overrides = [parse_override(text) for text in args.overrides]
-    for path, value in overrides:
-        print(f"override: {set_path(doc, path, value)} = {value!r}")
-    job, plan = validate(doc, str(source))
-    print(f"plan on a cluster: method {plan.method}, {plan.gpus}x{plan.gpu_memory_gib}GiB GPU ({plan.source}): "
-          f"{plan.reason}")
+    for stage in stages:
+        for path, value in overrides:
+            print(f"override: {set_path(stage.doc, path, copy.deepcopy(value))} = {value!r}"
+                  + (f"  ({stage.source})" if len(stages) > 1 else ""))
+        _validate_stage(stage)
+    check_chain(stages)
+    for stage in stages:
+        if stage.plan is not None:
+            print(f"plan on a cluster{f' ({stage.name})' if len(stages) > 1 else ''}: method {stage.plan.method}, "
+                  f"{stage.plan.gpus}x{stage.plan.gpu_memory_gib}GiB GPU ({stage.plan.source}): {stage.plan.reason}")
+        else:
+            print(f"plan on a cluster ({stage.name}): once {stage.from_job} succeeded (spec.baseModel.fromJob)")
+    chained = len(stages) > 1
+    outputs = [_stage_output(args, stage.job, chained) for stage in stages]
+    if len(set(outputs)) < len(outputs):
+        raise UsageError(f"two stages write to the same output ({', '.join(outputs)}): give each its own "
+                         "spec.output.uri, or pass --output DIR (each stage then writes under DIR/<name>/)")
     work = Path(tempfile.mkdtemp(prefix="finetune-local-"))
     print(f"running locally: {args.processes} process(es), work directory {work}")
 
@@ -428,37 +613,109 @@ def run_local(args: argparse.Namespace) -> int:
         env: dict[str, str] = {}
         if args.demo:
             print("demo setup:")
-            env, _server = stack.enter_context(demo_environment(doc, work, args.keep_s3))
+            env, _server = stack.enter_context(demo_environment([stage.doc for stage in stages], work, args.keep_s3))
             print("demo overrides for the tiny stand-in:")
-            has_pilot = job.spec.pilot is not None
-            for path, value, why in DEMO_OVERRIDES:
-                if path.startswith("lora.") and plan.method not in ("lora", "qlora") and not has_pilot:
-                    continue  # LoRA settings mean nothing to full, prefix or prompt tuning (but to their pilot)
-                if path.startswith("pilot.") and not has_pilot:
-                    continue
-                if full_path(path) not in [full_path(own) for own, _ in overrides]:  # --set wins
-                    print(f"  {set_path(doc, path, copy.deepcopy(value))} = {value}  ({why})")
-            job, plan = validate(doc, str(source))
-        output = args.output or job.spec.output.uri
-        if "://" not in output:
-            output = str(Path(output).resolve())
-            Path(output).mkdir(parents=True, exist_ok=True)
+            for stage in stages:
+                _demo_overrides(stage, overrides, chained)
+                _validate_stage(stage)
+        finished: dict[str, Finished] = {}
         try:
-            if job.spec.pilot is not None:
-                code = _run_pilot(args, job, output, work, env)
+            for i, (stage, output) in enumerate(zip(stages, outputs, strict=True), 1):
+                job, plan, base = stage.job, stage.plan, None
+                if chained:
+                    print(f"\n=== stage {i}/{len(stages)}: {stage.name} ({stage.source}, objective "
+                          f"{job.spec.objective}) ===")
+                if stage.from_job is not None:
+                    job, plan, base = resolve_chained(stage, finished[stage.from_job])
+                    merges = ", ".join(base.adapters) or "none (a whole model)"
+                    print(f"starts from {stage.from_job}'s result: {base.model_uri}; adapters merged in first: {merges}")
+                    print(f"plan on a cluster: method {plan.method}, {plan.gpus}x{plan.gpu_memory_gib}GiB GPU "
+                          f"({plan.source}): {plan.reason}")
+                if "://" not in output:
+                    Path(output).mkdir(parents=True, exist_ok=True)
+                code = _run_job(args, job, plan, output, work, env, base, list(finished.values()),
+                                f"trainer-{stage.name}" if chained else "trainer")
                 if code != 0:
+                    if chained:
+                        rest = [s.name for s in stages[i:]]
+                        print(f"\nchain stopped: stage {i}/{len(stages)} {stage.name} ({stage.source}) "
+                              f"{'missed its gates' if code == EXIT_GATES_FAILED else 'failed'} (exit code {code})"
+                              + (f"; not run: {', '.join(rest)}" if rest else ""))
                     return code
-                print("\nstage 2/2: the main run")
-            return _run_stage(args, resolve(job, plan), output, work, env, "trainer")
+                if chained:
+                    finished[stage.name] = Finished(job, plan, _final_report(output, env), base)
+            if chained:
+                print("\nchain: base model -> result of each stage (held-out preference pairs; instruction test set)")
+                print(chain_table([(name, done.report.evaluation, done.job.spec.resolved_dpo().beta)
+                                   for name, done in finished.items()]))
+                print("  (reward margin: beta x (log p(chosen) - log p(rejected)) summed over the answer tokens, mean "
+                      "over the pairs; preference accuracy: the share of pairs with a positive margin)")
+            return 0
         finally:
             if not os.environ.get(ENV_CACHE_DIR):
                 shutil.rmtree(work / "cache", ignore_errors=True)  # copies of the model and data
 
 
-def _run_pilot(args: argparse.Namespace, job: Any, output: str, work: Path, env: dict[str, str]) -> int:
+def _demo_overrides(stage: Stage, overrides: list[tuple[str, Any]], chained: bool) -> None:
+    """The demo's settings for the tiny stand-in (DEMO_OVERRIDES; a dpo stage's own on top), printed with why;
+    --set wins."""
+    job, plan = stage.job, stage.plan
+    method = plan.method if plan is not None else job.spec.method
+    has_pilot = job.spec.pilot is not None
+    extra = DEMO_DPO_OVERRIDES if job.spec.objective == "dpo" else []
+    chosen: dict[str, tuple[Any, str]] = {}
+    for path, value, why in [*DEMO_OVERRIDES, *extra]:
+        if path.startswith("lora.") and method not in ("lora", "qlora", "auto") and not has_pilot:
+            continue  # LoRA settings mean nothing to full, prefix or prompt tuning (but to their pilot)
+        if path.startswith("pilot.") and not has_pilot:
+            continue
+        chosen[path] = (value, why)
+    for path, (value, why) in chosen.items():
+        if full_path(path) not in [full_path(own) for own, _ in overrides]:  # --set wins
+            print(f"  {set_path(stage.doc, path, copy.deepcopy(value))} = {value}  ({why})"
+                  + (f"  [{stage.name}]" if chained else ""))
+
+
+def _final_report(output: str, env: dict[str, str]) -> Any:
+    from finetune_trainer.report import read_report
+    from finetune_trainer.storage import Store
+
+    with scoped_environ(env):
+        return read_report(Store.for_uri(output, retry_seconds=5))
+
+
+def _run_job(args: argparse.Namespace, job: Any, plan: Any, output: str, work: Path, env: dict[str, str],
+             base: Any, earlier: list[Finished], label: str) -> int:
+    """One FineTuneJob: its pilot first when it has one, then the main run (`base`: where a chained job starts;
+    `label`: "trainer", or "trainer-<name>" for a stage of a chain, names its log and card copies)."""
+    if earlier:  # the trainer may read the earlier stages' local outputs (file:// URIs of their artifacts)
+        env = {**env, ENV_ALLOWED_ROOTS: os.pathsep.join(str(p) for p in _allowed_roots(earlier, work))}
+    if job.spec.pilot is not None:
+        code = _run_pilot(args, job, output, work, env, base)
+        if code != 0:
+            return code
+        print("\nstage 2/2: the main run")
+    config = resolve(job, plan, base=base)  # as the operator freezes a chained job's config
+    return _run_stage(args, config, output, work, env, label)
+
+
+def _allowed_roots(earlier: list[Finished], work: Path) -> list[Path]:
+    """The roots a file:// URI may be under for the trainer (storage.allowed_roots) plus the earlier stages' local
+    output directories (a chain through `--output DIR` outside the temp directory)."""
+    from finetune_trainer import storage
+
+    roots = [*storage.allowed_roots(), work / "cache"]
+    for done in earlier:
+        for uri in done.report.artifacts.values():
+            if "://" not in uri or uri.startswith("file://"):
+                roots.append(Path(uri.removeprefix("file://")).parent)
+    return list(dict.fromkeys(roots))
+
+
+def _run_pilot(args: argparse.Namespace, job: Any, output: str, work: Path, env: dict[str, str], base: Any = None) -> int:
     """Stage 1 of a job with spec.pilot: the LoRA pilot, as the operator runs it; its exit code."""
     plan = pilot_stage.plan(job)
-    config = resolve(pilot_stage.pilot_job(job), plan, stage="pilot")
+    config = resolve(pilot_stage.pilot_job(job), plan, stage="pilot", base=base)  # a chained job's pilot starts there too
     hp = config.spec.hyperparameters
     bound = f"{hp.max_steps} steps" if hp.max_steps else f"{hp.epochs:g} of an epoch"
     print(f"\nstage 1/2: LoRA pilot ({bound}; on a cluster {plan.gpus}x{plan.gpu_memory_gib}GiB GPU), gates: "
@@ -533,7 +790,7 @@ def _run_stage(args: argparse.Namespace, config: TrainerConfig, output: str, wor
     if report is not None and report.evaluation is not None:
         print(f"\nevaluation (base vs {'pilot' if label == 'pilot' else 'fine-tuned'}):")
         print(evaluation_table(report.evaluation))
-        advice = hallucination_advice(config.spec, report.evaluation) if label == "trainer" else None
+        advice = hallucination_advice(config.spec, report.evaluation) if label != "pilot" else None
         if advice:
             print(f"\n{advice}")
     return code

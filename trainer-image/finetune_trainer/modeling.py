@@ -9,20 +9,30 @@ on CPU falls back to fp32 with a warning. A GPU without bf16 support falls back 
 
 Model URIs (`hf://org/name` with the spec's revision, `s3://`, `pvc://`, `file://`, plain directories) are
 materialized by `storage.fetch` under FT_CACHE_DIR.
+
+Chained stages (`TrainerConfig.base`, from spec.baseModel.fromJob): `materialize_start` fetches the base model and
+the chain's adapters and merges the adapters into the base, in order, with the streaming merge (`merge.py`) into a
+cache directory keyed by the sha256 of the base's files and of each adapter's. The merge is on the 16-bit (or 32-bit)
+weights on disk, before any loading: a QLoRA stage then quantizes the merged model, which is the model the earlier
+stages produced, rather than merging into 4-bit weights (which would round the earlier updates away). Loading and the
+method's preparation then proceed on that directory as on any base model.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
+import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune_operator.contract import ENV_CACHE_DIR, TrainerConfig
-from finetune_trainer import methods
-from finetune_trainer.errors import ConfigError
+from finetune_trainer import methods, provenance
+from finetune_trainer.errors import ConfigError, MergeUnsupported
 from finetune_trainer.methods.qlora import (
     keep_4bit_weights_unpacked as keep_4bit_weights_unpacked,  # re-exported
 )
@@ -46,6 +56,124 @@ def materialize_model(uri: str, revision: str | None, cache: Path) -> Path:
         raise ConfigError(f"{uri} holds no model (no config.json); point spec.baseModel.uri at a directory "
                           "saved with save_pretrained", reason="InvalidModel")
     return path
+
+
+@dataclass(frozen=True)
+class ChainAdapter:
+    """One adapter of a chain as it was merged: its URI and the sha256 of its files (provenance)."""
+
+    uri: str
+    files: dict[str, str]  # relative path -> sha256
+
+    @property
+    def sha256(self) -> str:
+        return provenance.sha256_manifest(self.files)
+
+
+@dataclass
+class StartingModel:
+    """What a run loads: `path`, the base model (`base_dir`, spec.baseModel.uri as fetched) with the chain's
+    `adapters` merged in, in order; `path` is `base_dir` when there is nothing to merge."""
+
+    path: Path
+    base_dir: Path
+    adapters: tuple[ChainAdapter, ...] = field(default=())
+    _base_files: dict[str, str] | None = field(default=None, repr=False)
+
+    @property
+    def base_files(self) -> dict[str, str]:
+        """{relative path: sha256} of the base model's files, computed once: the merge's cache key and provenance
+        both need them, and a large base takes minutes to hash."""
+        if self._base_files is None:
+            self._base_files = provenance.sha256_tree(self.base_dir)
+        return self._base_files
+
+    def adapter_records(self) -> list[dict[str, str]]:
+        """The merged adapters as provenance records them: [{uri, sha256}], in merge order."""
+        return [{"uri": a.uri, "sha256": a.sha256} for a in self.adapters]
+
+
+#: Under the cache: one directory per (base, adapters) combination, named by the digest of their file hashes.
+CHAIN_CACHE = "chain"
+#: Written last into a merged directory: what it holds; its presence means the merge finished.
+CHAIN_RECORD = "chain.json"
+#: Files of a saved model that the merge writes itself (weights and config), and weights in other formats (a hub
+#: snapshot may hold .bin or .pth copies of the same weights, which would be the unmerged ones); everything else of the
+#: base (the tokenizer's files, the chat template) is copied beside the merged weights as it is.
+_MERGE_WRITES = ("config.json", "generation_config.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".index.json")
+
+
+def materialize_start(config: TrainerConfig, cache: Path) -> StartingModel:
+    """The model a run starts from: spec.baseModel.uri fetched, with `config.base.adapters` (a chained stage's
+    earlier adapters, `finetune_operator.chain`) merged into it in order."""
+    spec = config.spec
+    base_dir = materialize_model(spec.base_model.resolved_uri(), spec.base_model.revision, cache)
+    base = config.base
+    uris = list(base.adapters) if base is not None else []
+    if base is None or not uris:
+        return StartingModel(base_dir, base_dir)
+    from finetune_trainer import storage
+
+    adapter_dirs = []
+    for uri in uris:
+        path = Path(storage.fetch(uri, cache))
+        if not (path / "adapter_config.json").is_file():
+            raise ConfigError(
+                f"the chain's adapter {uri} (status.baseJob.adapters of base job {base.name}) holds no "
+                "adapter_config.json: it is not a LoRA adapter saved by the trainer", reason="InvalidModel")
+        adapter_dirs.append(path)
+    adapters = tuple(ChainAdapter(uri, provenance.sha256_tree(path)) for uri, path in zip(uris, adapter_dirs, strict=True))
+    base_files = provenance.sha256_tree(base_dir)
+    key = hashlib.sha256(json.dumps({"base": base_files, "adapters": [a.files for a in adapters]},
+                                    sort_keys=True).encode()).hexdigest()[:24]
+    start = StartingModel(cache / CHAIN_CACHE / key, base_dir, adapters, base_files)
+    with storage.locked(start.path.with_suffix(".lock")):  # local ranks sharing the cache merge once
+        if not (start.path / CHAIN_RECORD).is_file():
+            _merge_chain(adapter_dirs, start)
+        else:
+            log.info("using the cached merge of the chain's %d adapter(s) at %s", len(adapters), start.path)
+    return start
+
+
+def _merge_chain(adapter_dirs: list[Path], start: StartingModel) -> None:
+    """Merge the adapters into the base one after another (each merge reads the previous one's output), staged
+    beside `start.path` and moved there when complete, so an interrupted merge is never taken for a finished one."""
+    from finetune_trainer import merge
+
+    base_dir, out = start.base_dir, start.path
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=out.name + ".", dir=out.parent))
+    try:
+        current = base_dir
+        for i, (adapter, adapter_dir) in enumerate(zip(start.adapters, adapter_dirs, strict=True)):
+            target = staging / f"step-{i}"
+            try:
+                merged = merge.merge_adapter(current, adapter_dir, target)
+            except MergeUnsupported as err:
+                raise ConfigError(f"the chain's adapter {adapter.uri} cannot be merged into the model it starts "
+                                  f"from: {err.message}", reason="MergeUnsupported") from None
+            log.info("chain: merged %s into %d weight(s) of %s", adapter.uri, len(merged.merged), current)
+            _copy_other_files(base_dir, target)
+            if current != base_dir:
+                shutil.rmtree(current)  # only the latest merge is needed: at most two copies on disk at once
+            current = target
+        (current / CHAIN_RECORD).write_text(json.dumps(
+            {"baseFilesSha256": provenance.sha256_manifest(start.base_files), "adapters": start.adapter_records()},
+            indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(current, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _copy_other_files(base_dir: Path, target: Path) -> None:
+    """The base's files the merge does not write (tokenizer, chat template), copied beside the merged weights."""
+    for path in sorted(base_dir.iterdir()):
+        if path.is_file() and not path.name.startswith(".") and not path.name.endswith(_WEIGHT_SUFFIXES) \
+                and path.name not in _MERGE_WRITES and path.name != CHAIN_RECORD:
+            shutil.copy(path, target / path.name)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,12 @@ a hash of the resolved spec, the resolved hyperparameters, library versions, see
 job's identity. It carries no host names and no local cache paths, and its keys are sorted, so two runs
 of the same job on the same inputs give records that differ only in `startedAt` (and `job.uid`).
 
+A chained stage (spec.baseModel.fromJob, `TrainerConfig.base`) also records its chain under `chain`: every earlier
+stage (name, namespace, uid, objective, method, output URI), first first, the model it started from and the adapters
+merged into it before its own method, in merge order, each with the sha256 of its files (`modeling.StartingModel`).
+`baseModel` stays the model at spec.baseModel.uri (the chain's start, or the base job's merged/), so its file
+hashes say what the chain's adapters were merged into.
+
 This module builds the record; the trainer decides when to upload it (before the first step when
 `compliance.provenanceRequired`).
 """
@@ -21,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_operator.contract import TrainerConfig
+from finetune_operator.spec import BaseJobStatus
 
 SCHEMA_VERSION = 1
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes", "tokenizers",
@@ -116,6 +123,39 @@ def _data_entries(
     return sorted(entries, key=lambda e: (e.get("role") or "", e["uri"] or "", e["name"]))
 
 
+def chain_record(base: BaseJobStatus, merged_adapters: Sequence[Mapping[str, str]] = ()) -> dict[str, Any]:
+    """The `chain` entry of a chained stage: its earlier stages, the model it started from, and the adapters merged
+    into that model in order (`merged_adapters`: [{uri, sha256}] as the merge hashed them; an adapter missing there
+    is recorded with sha256 null, never left out)."""
+    digests = {entry["uri"]: entry.get("sha256") for entry in merged_adapters}
+    return {
+        "baseJob": {"name": base.name, "uid": base.uid},
+        "stages": [{"name": stage.name, "namespace": stage.namespace, "uid": stage.uid, "objective": stage.objective,
+                    "method": stage.method, "outputUri": stage.output_uri} for stage in base.chain],
+        "startedFrom": {"uri": base.model_uri, "revision": base.revision},
+        "adaptersMerged": [{"uri": uri, "sha256": digests.get(uri)} for uri in base.adapters],
+    }
+
+
+def chain_card_lines(config: TrainerConfig) -> list[str]:
+    """The model card's account of a chained stage (Markdown lines, ending with a blank one); [] without config.base."""
+    base = config.base
+    if base is None:
+        return []
+    rows = [f"| {i} | `{stage.namespace}/{stage.name}` | {stage.objective} | {stage.method} | `{stage.output_uri}` |"
+            for i, stage in enumerate(base.chain, 1)]
+    merged = (f"with {len(base.adapters)} earlier adapter(s) merged into it in order before this stage's method ("
+              + ", ".join(f"`{uri}`" for uri in base.adapters) + ")") if base.adapters else "as it is (a whole model)"
+    return [f"This is a chained stage: it started from the result of FineTuneJob `{base.name}`, that is "
+            f"`{base.model_uri}` {merged}. The earlier stages, first first (their adapters' sha256 are in the "
+            "provenance record):", "",
+            "| stage | FineTuneJob | objective | method | output |", "|---|---|---|---|---|", *rows, "",
+            *([f"**This adapter applies to the chain's start, not to `{base.model_uri}` alone**: load `merged/` "
+               "(spec.output.saveMerged), or merge the earlier adapters above into the base first, in order. "
+               "Serving a chained stage therefore needs saveMerged (admission refuses spec.serving without it).", ""]
+              if base.adapters and config.method in ("lora", "qlora") else [])]
+
+
 def _timestamp(value: datetime | str | None) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -146,6 +186,7 @@ def build_provenance(
     started_at: datetime | str | None,
     data_stats: Mapping[str, int] | None = None,
     retrieval: Mapping[str, Any] | None = None,
+    merged_adapters: Sequence[Mapping[str, str]] = (),
 ) -> dict[str, Any]:
     """The provenance record (a JSON-ready dict with sorted keys).
 
@@ -156,6 +197,8 @@ def build_provenance(
     `data_stats`: what was trained on (`contract.DataStats` wire form: examples, skipped rows, truncated).
     `retrieval`: spec.retrieval's corpus (every file's URI, sha256 and size), passages and settings
     (`retrieval.provenance_record`); left out without retrieval.
+    `merged_adapters`: for a chained stage (`config.base`), the adapters merged before training with the sha256 of
+    their files (`modeling.StartingModel.adapter_records()`); the `chain` entry is left out without config.base.
     """
     base_model: dict[str, Any] = {"uri": base_model_uri, "revision": base_model_revision}
     if isinstance(base_model_files_sha256, Mapping):
@@ -187,4 +230,6 @@ def build_provenance(
         record["dataStats"] = dict(data_stats)
     if retrieval is not None:
         record["retrieval"] = dict(retrieval)
+    if config.base is not None:
+        record["chain"] = chain_record(config.base, merged_adapters)
     return _sorted(record)

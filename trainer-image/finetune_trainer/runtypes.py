@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from finetune_trainer.checkpoint import TrainState
     from finetune_trainer.inputs import Inputs
     from finetune_trainer.methods.base import TrainingMethod
-    from finetune_trainer.modeling import Precision
+    from finetune_trainer.modeling import Precision, StartingModel
     from finetune_trainer.objectives.base import Objective
     from finetune_trainer.report import Reporter
     from finetune_trainer.storage import Store
@@ -38,6 +38,8 @@ class RunContext(Protocol):
     started_at: str
     metrics_path: Path
     model_dir: Path
+    #: What the run started from: the base model and a chained stage's merged adapters (provenance).
+    start: StartingModel
     tokenizer: Any
     inputs: Inputs
     accelerator: Any

@@ -679,8 +679,8 @@ class S3Store(Store):
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """An exclusive lock file, so local ranks sharing a cache download once."""
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive lock file, so local ranks sharing a cache download (or merge) once."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -729,7 +729,7 @@ def _fetch_s3(uri: str, parsed: uris.Uri, cache: Path, parallel: int) -> Path:
     content = entry / "content"
     result = content / Path(path).name if single else content
     wanted = {"uri": normalized, "objects": [list(item) for item in listing]}
-    with _locked(entry.with_suffix(".lock")):
+    with locked(entry.with_suffix(".lock")):
         stamp = entry / "listing.json"
         if stamp.is_file() and json.loads(stamp.read_text()) == wanted and result.exists():
             log.info("using cached copy of %s at %s", uri, result)

@@ -172,8 +172,9 @@ class Run:
         self.reporter.phase("starting", world_size=self.world)
 
         with accelerator.local_main_process_first():
-            model_dir = modeling.materialize_model(self.spec.base_model.resolved_uri(), self.spec.base_model.revision,
-                                                   self.cache)
+            # The base model, with a chained stage's earlier adapters merged in (spec.baseModel.fromJob).
+            self.start = modeling.materialize_start(self.config, self.cache)
+            model_dir = self.start.path
             tokenizer = modeling.load_tokenizer(model_dir)
             inputs = load_inputs(self.config, tokenizer, self.cache)
         self.tokenizer, self.inputs, self.model_dir = tokenizer, inputs, model_dir
