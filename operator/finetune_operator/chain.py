@@ -40,6 +40,12 @@ def resolve(base: FineTuneJob, status: FineTuneJobStatus, *, uid: str | None = N
                               "cannot be merged into a model to start from; chain to a lora, qlora or full job")
     model = status.artifacts.get("model")
     if not model:
+        output = base.spec.output.uri
+        if not output.startswith("s3://"):
+            # The operator reads a job's report, and so its artifacts, only from S3; and it mounts no other job's
+            # claim into this one's pods.
+            raise BaseUnchainable(f"base job {name} writes its result to {output}: a chained stage starts from a "
+                                  "base job's result in S3; give the base job an s3:// spec.output.uri")
         raise BaseUnchainable(f"base job {name} Succeeded but reports no model artifact (status.artifacts.model)")
     earlier = status.base_job
     chain = [*(earlier.chain if earlier is not None else []),

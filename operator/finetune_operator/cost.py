@@ -104,8 +104,8 @@ def estimate(spec: FineTuneJobSpec, plan: Plan, *, parameters: int, examples: in
         per_token += 2.0 * parameters
     flops_per_second = plan.gpus * gpu.peak_tflops * 1e12 * utilisation
     seconds = tokens_trained * per_token / flops_per_second
-    if reference == "precomputed":
-        seconds += tokens_epoch * 2.0 * parameters / flops_per_second
+    if reference == "precomputed":  # every rank computes the whole table: one GPU's throughput, not the plan's
+        seconds += tokens_epoch * 2.0 * parameters / (flops_per_second / plan.gpus)
     hours = seconds / 3600
     passes = round(per_token / parameters)
     basis = (

@@ -325,6 +325,20 @@ def _objective_rules() -> list[dict[str, Any]]:
             fieldPath=".evaluation.gates",
             reason="FieldValueForbidden",
         ),
+        _rule(
+            f"!{dpo} || !has(self.evaluation) || has(self.evaluation.testSet) || !has(self.evaluation.gates) "
+            f"|| self.evaluation.gates.all(g, g.metric in [{preference_metrics}])",
+            api.DPO_DOMAIN_GATE_MESSAGE,
+            fieldPath=".evaluation.gates",
+            reason="FieldValueForbidden",
+        ),
+        _rule(
+            f"!has(self.pilot) || !has(self.pilot.gates) || self.pilot.gates.all(g, !(g.metric in [{preference_metrics}]))",
+            "spec.pilot.gates preferenceAccuracy and rewardMargin are measured on preference pairs, which the pilot "
+            "(an sft LoRA run) is not scored on; gate the pilot on another metric",
+            fieldPath=".pilot.gates",
+            reason="FieldValueForbidden",
+        ),
     ]
 
 

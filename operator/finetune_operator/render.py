@@ -273,6 +273,7 @@ def pvc_mounts(job: FineTuneJob) -> list[_PvcMount]:
         spec.dataset.train,
         spec.dataset.validation,
         spec.evaluation.test_set,
+        spec.evaluation.preference_test_set,
         spec.evaluation.glossary,
         spec.retrieval.corpus if spec.retrieval else None,
     ]
@@ -293,6 +294,7 @@ def _uses_s3(job: FineTuneJob) -> bool:
         spec.dataset.validation,
         spec.output.uri,
         spec.evaluation.test_set,
+        spec.evaluation.preference_test_set,
         spec.evaluation.glossary,
         spec.retrieval.corpus if spec.retrieval else None,
     ]

@@ -92,6 +92,10 @@ def serving_plan(job: FineTuneJob, method: ResolvedMethod) -> ServingPlan | None
     serving = spec.serving
     if serving is None:
         return None
+    if spec.base_model.uri is None:
+        # A chained stage before its base job succeeded: what it serves (merged/, named after the chain's start) is
+        # known once the operator resolved the chain (`chain.apply`); `finetune plan` shows the rest of the plan.
+        return None
     if method not in (*ADAPTER_METHODS, "full"):
         # The spec refuses spec.serving with prefix and prompt; a resolved method never reaches here otherwise.
         raise ValueError(f"spec.serving cannot serve method {method}: use lora, qlora or full")

@@ -639,6 +639,10 @@ CHAINED_SERVING_MESSAGE = (
     "spec.serving with spec.baseModel.fromJob needs spec.output.saveMerged: true: this stage starts from the earlier "
     "stages' adapters merged into the base, so a server loading the base and this stage's adapter alone would miss "
     "them; set output.saveMerged: true (the merged model is served)")
+DPO_DOMAIN_GATE_MESSAGE = (
+    "spec.evaluation.gates on accuracy, terminology, hallucination, formatCompliance, evalLoss or perplexity are "
+    "measured on instruction test examples, which a dpo job has only with spec.evaluation.testSet; set testSet, or "
+    "gate preferenceAccuracy or rewardMargin")
 #: Gate metrics measured on preference pairs (objective dpo, or spec.evaluation.preferenceTestSet).
 PREFERENCE_METRICS = ("preferenceAccuracy", "rewardMargin")
 
@@ -660,7 +664,7 @@ class DpoSpec(_Model):
         "rejected, with no pull towards the starting model. Defaults to false.")
     precompute_reference: Literal["auto", "always", "never"] = Field(
         default="auto",
-        description="Compute the reference log-probabilities of every training and held-out pair once, in a pass "
+        description="Compute the reference log-probabilities of every training and validation pair once, in a pass "
         "before training, and store them with the checkpoints (a resumed run reads them). `auto`: for method full "
         "(the only way without a second copy of the weights); lora and qlora compute them each step with the "
         "adapter switched off. `always`: for every method (saves the reference forward of each step). `never`: "
@@ -685,7 +689,8 @@ class Gate(_Model):
         le=100,
         description="Least relative improvement on the base model's score, as a fraction: 0.2 means evalLoss, "
         "perplexity or hallucination (lower is better) must fall to at most 0.8 x the base's, and accuracy, "
-        "terminology or formatCompliance must rise to at least 1.2 x the base's. Defaults to none.",
+        "terminology, formatCompliance or preferenceAccuracy must rise to at least 1.2 x the base's; rewardMargin, "
+        "which can be negative, to at least base + 0.2 x |base| and above the base. Defaults to none.",
     )
 
     @model_validator(mode="after")
@@ -704,8 +709,9 @@ class EvaluationSpec(_Model):
     test_set: str | None = Field(
         default=None,
         max_length=1024,
-        description="Test examples in the training format. Defaults to the validation data, else a "
-        "held-out 5% of the training data.",
+        description="Test examples in the training format (instruction or chat rows with objective dpo, for the "
+        "domain scores). Defaults to the validation data, else a held-out 5% of the training data; with objective "
+        "dpo to none.",
     )
     preference_test_set: str | None = Field(
         default=None,
@@ -1021,6 +1027,8 @@ class FineTuneJobSpec(_Model):
             if gate.metric in PREFERENCE_METRICS and not prefs:
                 raise ValueError(f"spec.evaluation.gates[{index}].metric {gate.metric} is measured on preference pairs: "
                                  "set spec.objective dpo or spec.evaluation.preferenceTestSet, or gate another metric")
+            if self.objective == "dpo" and self.evaluation.test_set is None and gate.metric not in PREFERENCE_METRICS:
+                raise ValueError(DPO_DOMAIN_GATE_MESSAGE)
 
     def _serving_limits(self, serving: ServingSpec) -> None:
         if self.base_model.from_job is not None and self.method != "full" and not self.output.save_merged:
@@ -1073,6 +1081,9 @@ class FineTuneJobSpec(_Model):
             raise ValueError("spec.pilot.gates are checked on the evaluation; set spec.evaluation.enabled: true "
                              "or remove pilot")
         for index, gate in enumerate(pilot.gates):
+            if gate.metric in PREFERENCE_METRICS:
+                raise ValueError(f"spec.pilot.gates[{index}].metric {gate.metric} is measured on preference pairs, which "
+                                 "the pilot (an sft LoRA run) is not scored on; gate the pilot on another metric")
             if gate.metric == "formatCompliance" and not (self.evaluation.format_schema or self.evaluation.format_regex):
                 raise ValueError(
                     f"spec.pilot.gates[{index}].metric formatCompliance is only measured with "
@@ -1257,7 +1268,8 @@ class Progress(_Model):
     summary: str = Field(default="", max_length=64, description="Short progress text for `kubectl get`, like `45% 450/1000`.")
     epoch: float | None = Field(default=None, description="Fractional epoch.")
     loss: float | None = Field(default=None, description="Latest training loss.")
-    eval_loss: float | None = Field(default=None, description="Latest validation loss.")
+    eval_loss: float | None = Field(default=None, description="Latest validation loss (objective dpo: the DPO loss on "
+                                    "the validation pairs).")
     tokens_per_second: float | None = Field(default=None, description="Training throughput, non-padding tokens per second.")
     gpu_hours: float | None = Field(
         default=None, ge=0, description="GPU-hours used so far (what spec.budget.maxGpuHours caps), as the trainer "
@@ -1282,7 +1294,7 @@ class Scores(_Model):
         default=None, description="Share of domain terms and numbers in the answers supported by neither input nor reference, 0..1 (lower is better)."
     )
     format_compliance: float | None = Field(default=None, description="Share of answers meeting the format schema or regex, 0..1.")
-    eval_loss: float | None = Field(default=None, description="Mean token loss on the test set.")
+    eval_loss: float | None = Field(default=None, description="Mean token loss on the test set (the instruction test set with objective dpo).")
     perplexity: float | None = Field(default=None, description="exp(evalLoss).")
     preference_accuracy: float | None = Field(
         default=None, ge=0, le=1,

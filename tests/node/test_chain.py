@@ -50,13 +50,13 @@ def test_a_dpo_stage_waits_for_its_sft_stage_and_starts_from_its_result(installe
     sft = tiny_manifest(SFT, maxSteps=4)
     sft["spec"]["evaluation"].pop("gates", None)
     # The dependent first: it must wait for a base job that does not exist yet.
-    cluster.kubectl("apply", "-f", str(write_manifest(installed, _dpo_manifest())))
+    cluster.kubectl("-n", ML_NAMESPACE, "apply", "-f", str(write_manifest(installed, _dpo_manifest())))
     waiting = wait_for(f"{DPO} to wait for {SFT}",
                        lambda: (o := ftj(cluster, DPO)) and _condition(o, "WaitingForBaseJob").get("status") == "True"
                        and o, timeout=120)
     assert waiting["status"]["phase"] == "Pending", waiting["status"]
     assert SFT in _condition(waiting, "WaitingForBaseJob")["message"]
-    cluster.kubectl("apply", "-f", str(write_manifest(installed, sft)))
+    cluster.kubectl("-n", ML_NAMESPACE, "apply", "-f", str(write_manifest(installed, sft)))
     try:
         early_pods: list[str] = []
 

@@ -58,7 +58,7 @@ def test_the_dpo_stage_starts_from_the_sft_stage_result(tmp_path: Path, capsys: 
     record = json.loads((dpo / "provenance.json").read_text())
     chain = record["chain"]
     assert [(s["name"], s["objective"], s["method"]) for s in chain["stages"]] == [("healthcare-sft", "sft", "lora")]
-    assert chain["stages"][0]["outputUri"] == "s3://finetune-artifacts/healthcare-sft/"
+    assert chain["stages"][0]["outputUri"] == f"file://{sft}/"  # where the stage wrote, not its manifest's URI
     assert chain["startedFrom"]["uri"] == "s3://finetune-demo-models/tiny-llama/"
     assert chain["adaptersMerged"] == [{"uri": adapter, "sha256": sha256_manifest(sha256_tree(sft / "model"))}]
     assert record["baseModel"]["uri"] == "s3://finetune-demo-models/tiny-llama/"

@@ -235,6 +235,12 @@ CASES = [
          "spec", "preferenceAccuracy is measured on preference pairs"),
     Case("reward-margin-gate-without-pairs", {"spec.evaluation.gates": [LOSS_GATE, {"metric": "rewardMargin", "min": 0}]},
          "spec", "rewardMargin is measured on preference pairs"),
+    Case("dpo-domain-gate-without-test-set", {**DPO, "spec.evaluation.testSet": DELETE,
+                                              "spec.evaluation.gates": [{"metric": "hallucination", "max": 0.5}]},
+         "spec", "measured on instruction test examples, which a dpo job has only with spec.evaluation.testSet"),
+    Case("pilot-preference-gate", {"spec.method": "full", "spec.evaluation.preferenceTestSet": "s3://healthcare-data/p.jsonl",
+                                   "spec.pilot": {"gates": [{"metric": "preferenceAccuracy", "min": 0.5}]}},
+         "spec", "which the pilot (an sft LoRA run) is not scored on"),
     # spec.budget: a GPU-hours cap.
     Case("zero-budget", {"spec.budget": {"maxGpuHours": 0}}, "spec.budget.maxGpuHours", "must be > 0"),
     Case("budget-without-cap", {"spec.budget": {}}, "spec.budget.maxGpuHours", "required"),

@@ -60,6 +60,8 @@ MUST_FAIL_AT_ADMISSION = {
     "revision-with-from-job",
     "from-job-is-itself",
     "chained-serving-without-merged",
+    "dpo-domain-gate-without-test-set",
+    "pilot-preference-gate",
     "from-job-not-a-name",
     "dpo-block-without-dpo-objective",
     "dpo-with-prefix",
@@ -165,6 +167,9 @@ OBJECTIVE_REFUSALS = {
     "dpo-full-without-precomputed-reference": "spec.dpo.precomputeReference never cannot be used with method full",
     "preference-gate-without-pairs": "preferenceAccuracy and rewardMargin are measured on preference pairs",
     "reward-margin-gate-without-pairs": "preferenceAccuracy and rewardMargin are measured on preference pairs",
+    "dpo-domain-gate-without-test-set": "which a dpo job has only with spec.evaluation.testSet",
+    "pilot-preference-gate": "which the pilot (an sft LoRA run) is not scored on",
+    "chained-serving-without-merged": "spec.serving with spec.baseModel.fromJob needs spec.output.saveMerged: true",
 }
 
 

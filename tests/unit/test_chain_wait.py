@@ -83,7 +83,7 @@ ROWS: list[tuple[str, BaseJobStatus | None, dict[str, Any] | None, tuple[str, st
     ("succeeded, artifacts not read yet", SEEN, base_job("Succeeded"),
      ("wait", c.BASE_JOB_ARTIFACTS_PENDING, ("sft", "status.artifacts.model", OUTPUT))),
     ("succeeded on pvc, no artifacts ever", SEEN, base_job("Succeeded", output="pvc://claim/sft/"),
-     ("fail", c.BASE_JOB_UNCHAINABLE, ("sft", "no model artifact"))),
+     ("fail", c.BASE_JOB_UNCHAINABLE, ("sft", "pvc://claim/sft/", "give the base job an s3:// spec.output.uri"))),
     ("prefix tuning", SEEN, base_job("Succeeded", method="prefix", artifacts=MODEL),
      ("fail", c.BASE_JOB_UNCHAINABLE, ("sft", "virtual tokens"))),
     ("succeeded", SEEN, base_job("Succeeded", artifacts=MODEL, gates_passed=True),

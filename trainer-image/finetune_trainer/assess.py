@@ -113,8 +113,14 @@ def evaluation_status(run: Run, base: dict[str, Any] | None, tuned: dict[str, An
     if run.inputs.retrieval is not None:
         status.with_retrieval = RetrievalScores(base=Scores.model_validate(rag_base or {}),
                                                 tuned=Scores.model_validate(rag_tuned or {}))
+        # Preference pairs are scored without passages (an sft job's preferenceTestSet): the same scores stand in
+        # the with-retrieval rows, which the gates check.
+        for rag_scores, plain in ((status.with_retrieval.base, status.base), (status.with_retrieval.tuned, status.tuned)):
+            for name in ("preference_accuracy", "reward_margin", "preference_pairs"):
+                if getattr(rag_scores, name) is None:
+                    setattr(rag_scores, name, getattr(plain, name))
         if gates:
-            failed = evaluate.check_gates(status.with_retrieval.tuned, gates)
+            failed = evaluate.check_gates(status.with_retrieval.tuned, gates, base=status.with_retrieval.base)
             status.gates_passed = not failed
             status.failed_gates = [f"{message} (with retrieval)" for message in failed][:16]
     if not run.spec.evaluation.enabled or not run.inputs.eval_items:

@@ -643,6 +643,11 @@ def run_local(args: argparse.Namespace) -> int:
                               + (f"; not run: {', '.join(rest)}" if rest else ""))
                     return code
                 if chained:
+                    # Where this stage really wrote (--output), not its manifest's output.uri: what a later stage's
+                    # provenance records as this stage's output.
+                    ran_at = _as_uri(output if output.endswith("/") else output + "/")
+                    spec = job.spec.model_copy(update={"output": job.spec.output.model_copy(update={"uri": ran_at})})
+                    job = job.model_copy(update={"spec": spec})
                     finished[stage.name] = Finished(job, plan, _final_report(output, env), base)
             if chained:
                 print("\nchain: base model -> result of each stage (held-out preference pairs; instruction test set)")

@@ -280,11 +280,11 @@ def load_reference(path: Path, fingerprint: str) -> torch.Tensor:
             metadata = fh.metadata() or {}
             table = fh.get_tensor("logps")
     except (OSError, ValueError, KeyError, SafetensorError) as err:
-        raise DataError(f"{path}: cannot read the stored DPO reference log-probabilities ({err}); delete the file "
-                        "to recompute them from the base model (not from a trained checkpoint)") from None
+        raise DataError(f"{path}: cannot read the stored DPO reference log-probabilities ({err}); they cannot be "
+                        "recomputed from a trained checkpoint: start a new run (another output.uri)") from None
     if metadata.get("format") != REFERENCE_FORMAT:
         raise DataError(f"{path}: field format is {metadata.get('format')!r}, expected {REFERENCE_FORMAT!r}; "
-                        "the file was written by another version: recompute it from the base model")
+                        "the file was written by another version: start a new run (another output.uri)")
     if metadata.get("fingerprint") != fingerprint:
         raise DataError(f"{path}: field fingerprint {metadata.get('fingerprint')!r} does not match the training "
                         f"pairs ({fingerprint!r}): the data or tokenizer changed since these reference "
