@@ -3,10 +3,14 @@ sys.path, as `python bench/<script>.py`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import resource
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 
 def cpu_model() -> str:
@@ -120,3 +124,15 @@ def peak_rss_bytes() -> int:
         return status_bytes("VmHWM")
     except (OSError, KeyError):
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def run_script_worker(script: Path, args: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """Run `script --worker ARGS` in a subprocess (each bench side in a fresh process); returns the JSON object it
+    prints last, or raises with the tail of its output."""
+    cmd = [sys.executable, str(script.resolve()), "--worker", *args]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
+    if result.returncode != 0 or not lines:
+        tail = "\n".join((result.stderr + result.stdout).splitlines()[-30:])
+        raise RuntimeError(f"worker {args[:2]} failed (exit {result.returncode}):\n{tail}")
+    return dict(json.loads(lines[-1]))

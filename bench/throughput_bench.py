@@ -111,7 +111,6 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -119,7 +118,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from benchlib import bench_precision, count_parameters, cpu_model, mlp_width, worker_env
+from benchlib import bench_precision, count_parameters, cpu_model, mlp_width, run_script_worker, worker_env
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "healthcare-lora.yaml"
@@ -163,13 +162,7 @@ def write_manifest(work: Path, model: Path, train: Path, params: int) -> Path:
 
 def run_worker(args: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
     """Run this script as a worker subprocess; returns the JSON it prints last."""
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", *args]
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{")]
-    if result.returncode != 0 or not lines:
-        tail = "\n".join((result.stderr + result.stdout).splitlines()[-30:])
-        raise RuntimeError(f"worker {args[:2]} failed (exit {result.returncode}):\n{tail}")
-    return json.loads(lines[-1])
+    return run_script_worker(Path(__file__), args, env, timeout)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from finetune_operator import sizing
 from finetune_operator.spec import CostEstimate, FineTuneJobSpec, Plan
 
 
@@ -99,8 +100,8 @@ def estimate(spec: FineTuneJobSpec, plan: Plan, *, parameters: int, examples: in
     utilisation = UTILISATION[plan.method]
     checkpointing = bool(hp.gradient_checkpointing)
     per_token = flops_per_token(parameters, plan.method, checkpointing)
-    reference = _dpo_reference(spec, plan.method)
-    if reference == "per step":
+    reference = sizing.reference_kind(spec, plan.method)
+    if reference == "adapter":
         per_token += 2.0 * parameters
     flops_per_second = plan.gpus * gpu.peak_tflops * 1e12 * utilisation
     seconds = tokens_trained * per_token / flops_per_second
@@ -111,7 +112,7 @@ def estimate(spec: FineTuneJobSpec, plan: Plan, *, parameters: int, examples: in
     basis = (
         f"{passes}N FLOPs per token (N = {parameters:,}; {plan.method}"
         + (", gradient checkpointing" if checkpointing else "")
-        + (f"; dpo: two sequences per pair, reference {reference}" if reference else "")
+        + (f"; dpo: two sequences per pair, reference {REFERENCE_COST[reference]}" if reference else "")
         + f") over {plan.gpus} x {gpu.name} at {gpu.peak_tflops:g} TFLOPS x {utilisation:.0%} assumed utilisation "
         "(finetune_operator.cost); training only, evaluation and uploads not included"
     )
@@ -129,14 +130,9 @@ def estimate(spec: FineTuneJobSpec, plan: Plan, *, parameters: int, examples: in
     )
 
 
-def _dpo_reference(spec: FineTuneJobSpec, method: str) -> str | None:
-    """How a dpo run's reference log-probabilities cost: "per step", "precomputed", "free"; None for sft."""
-    if spec.objective != "dpo":
-        return None
-    dpo = spec.resolved_dpo()
-    if dpo.reference_free:
-        return "free"
-    return "precomputed" if dpo.precomputes(method) else "per step"
+#: What each kind of DPO reference (`sizing.reference_kind`) costs, in the estimate's basis.
+REFERENCE_COST = {"adapter": "a forward per step (adapter off)", "precomputed": "one pass before training",
+                  "none": "none (referenceFree)"}
 
 
 def _round(hours: float) -> float:

@@ -21,7 +21,6 @@ stage moves on the SFT stage's own watch events.
 from __future__ import annotations
 
 import json
-import secrets
 import subprocess
 import time
 from collections.abc import Iterator
@@ -37,11 +36,8 @@ from tests.e2e.conftest import OUTPUT_BUCKET, wait_for
 from tests.e2e.test_chart import (
     MODEL_URI,
     chart_manifest,
-    chart_operator,
     fresh_namespace,
-    installed_release,
-    service_account_token,
-    token_kubeconfig,
+    namespace_operator,
 )
 from tests.kube import Kube, KubeError
 
@@ -66,16 +62,9 @@ def namespace(kube: Kube) -> Iterator[str]:
 def operator(kube: Kube, kubeconfig: str, crd: Any, s3: Any, namespace: str,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The chart (watching `namespace` only, without the FineTunePolicy singletons) and its operator."""
-    name = f"ft-{secrets.token_hex(3)}"
-    work = tmp_path_factory.mktemp("chain")
-    with installed_release(kube, kubeconfig, name, {"watchNamespaces": [namespace], "policy": {"enabled": False}}) \
-            as release:
-        account = release.one("ServiceAccount")["metadata"]["name"]
-        config = token_kubeconfig(kubeconfig, service_account_token(kube, release.namespace, account),
-                                  work / "kubeconfig")
-        with chart_operator(release, config, None, s3, work / "operator.log", FT_PREFLIGHT="false",
+    with namespace_operator(kube, kubeconfig, s3, namespace, tmp_path_factory.mktemp("chain"), FT_PREFLIGHT="false",
                             FT_STATUS_INTERVAL="30") as running:
-            yield running
+        yield running
 
 
 def sft_manifest(namespace: str, name: str) -> dict[str, Any]:

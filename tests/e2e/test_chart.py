@@ -245,6 +245,21 @@ def chart_operator(release: Release, kubeconfig: str, namespace: str | None, s3:
 
 
 @contextlib.contextmanager
+def namespace_operator(kube: Kube, kubeconfig: str, s3: Any, namespace: str, work: Path,
+                       **env: str) -> Iterator[Operator]:
+    """The chart (watching `namespace` only, without the FineTunePolicy singletons) and its operator, logged in
+    with the chart ServiceAccount's token (`chart_operator`; `env` as there)."""
+    name = f"ft-{secrets.token_hex(3)}"
+    with installed_release(kube, kubeconfig, name, {"watchNamespaces": [namespace], "policy": {"enabled": False}}) \
+            as release:
+        account = release.one("ServiceAccount")["metadata"]["name"]
+        config = token_kubeconfig(kubeconfig, service_account_token(kube, release.namespace, account),
+                                  work / "kubeconfig")
+        with chart_operator(release, config, None, s3, work / "operator.log", **env) as running:
+            yield running
+
+
+@contextlib.contextmanager
 def fresh_namespace(kube: Kube, prefix: str) -> Iterator[str]:
     name = f"{prefix}-{secrets.token_hex(3)}"
     kube.request("POST", "/api/v1/namespaces", body={

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,11 +37,8 @@ from finetune_operator.spec import EvaluationStatus, FineTuneJob
 from tests.e2e.conftest import CRD_URL, KEEP, OUTPUT_BUCKET, wait_for
 from tests.e2e.test_chart import (
     chart_manifest,
-    chart_operator,
     fresh_namespace,
-    installed_release,
-    service_account_token,
-    token_kubeconfig,
+    namespace_operator,
 )
 from tests.kube import Kube, KubeError
 
@@ -75,17 +71,10 @@ def kserve_preinstalled(kube: Kube) -> bool:
 def operator(kube: Kube, kubeconfig: str, crd: Any, s3: Any, namespace: str, kserve_preinstalled: bool,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """The chart (watching `namespace` only, without the FineTunePolicy singletons) and its operator."""
-    name = f"ft-{secrets.token_hex(3)}"
-    work = tmp_path_factory.mktemp("serving-apply")
-    with installed_release(kube, kubeconfig, name, {"watchNamespaces": [namespace], "policy": {"enabled": False}}) \
-            as release:
-        account = release.one("ServiceAccount")["metadata"]["name"]
-        config = token_kubeconfig(kubeconfig, service_account_token(kube, release.namespace, account),
-                                  work / "kubeconfig")
-        # No pre-flight pod can run here; a short interval keeps the refreshes of a finished job quick.
-        with chart_operator(release, config, None, s3, work / "operator.log", FT_PREFLIGHT="false",
-                            FT_STATUS_INTERVAL="0.5") as running:
-            yield running
+    # No pre-flight pod can run here; a short interval keeps the refreshes of a finished job quick.
+    with namespace_operator(kube, kubeconfig, s3, namespace, tmp_path_factory.mktemp("serving-apply"),
+                            FT_PREFLIGHT="false", FT_STATUS_INTERVAL="0.5") as running:
+        yield running
 
 
 def served_manifest(namespace: str, name: str) -> dict[str, Any]:

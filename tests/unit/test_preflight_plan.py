@@ -119,9 +119,9 @@ def test_packing_counts_sequences_not_examples_and_max_steps_wins() -> None:
 
 
 @pytest.mark.parametrize(("method", "dpo", "reference"), [
-    ("lora", {}, "per step"),          # the adapter switched off: one more forward (2N) per token, every step
+    ("lora", {}, "adapter"),           # the adapter switched off: one more forward (2N) per token, every step
     ("full", {}, "precomputed"),       # one forward over the training tokens before training
-    ("lora", {"referenceFree": True}, "free"),
+    ("lora", {"referenceFree": True}, "none"),
 ])
 def test_dpo_doubles_the_sequences_and_counts_the_reference(method: str, dpo: dict[str, Any], reference: str) -> None:
     """1,000 pairs of 300 tokens (prompt + chosen + rejected), batch 4 x accumulation 4, 2 epochs, checkpointing."""
@@ -136,11 +136,11 @@ def test_dpo_doubles_the_sequences_and_counts_the_reference(method: str, dpo: di
                         tokens=300_000, sampled=False)
     passes = round(cost.flops_per_token(7_000_000_000, method, True) / 7e9)
     utilisation = cost.UTILISATION[method]
-    flops = 1_200_000 * passes * 7e9 + {"per step": 1_200_000 * 2 * 7e9, "precomputed": 600_000 * 2 * 7e9,
-                                         "free": 0.0}[reference]
+    flops = 1_200_000 * passes * 7e9 + {"adapter": 1_200_000 * 2 * 7e9, "precomputed": 600_000 * 2 * 7e9,
+                                         "none": 0.0}[reference]
     assert est.hours == pytest.approx(flops / (125e12 * utilisation) / 3600, rel=1e-3)
     assert est.hours > 2 * sft.hours * 0.999
-    assert f"reference {reference}" in est.basis
+    assert f"reference {cost.REFERENCE_COST[reference]}" in est.basis
 
 
 # --- the completed plan ------------------------------------------------------------------------------------
