@@ -3,14 +3,31 @@ sys.path, as `python bench/<script>.py`)."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
 import platform
 import resource
+import shutil
+import statistics
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The settings of examples/healthcare-lora.yaml that the training throughput benches (throughput_bench.py,
+# dpo_throughput_bench.py) run both sides with.
+EXAMPLE = REPO / "examples" / "healthcare-lora.yaml"
+SEED = 42
+MAX_LEN = 512
+VALIDATION_SPLIT = 0.1
+BATCH, ACCUMULATION = 4, 4
 
 
 def cpu_model() -> str:
@@ -136,3 +153,91 @@ def run_script_worker(script: Path, args: list[str], env: dict[str, str], timeou
         tail = "\n".join((result.stderr + result.stdout).splitlines()[-30:])
         raise RuntimeError(f"worker {args[:2]} failed (exit {result.returncode}):\n{tail}")
     return dict(json.loads(lines[-1]))
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[Path]:
+    """A temporary folder for a benchmark's files (named `prefix`...), removed however the run ends."""
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def build_tiny_inputs(work: Path, hidden: int, layers: int, data_file: str) -> tuple[Path, Path, int]:
+    """The tiny Llama (`hidden` wide, `layers` deep, vocabulary 2048) and a copy of the bundled `data_file` under
+    `work`; returns (model dir, data file, parameters)."""
+    from finetune_trainer import tiny
+
+    model = tiny.build_tiny_model(work / "model", seed=0, hidden_size=hidden, num_layers=layers,
+                                  num_heads=max(1, hidden // 64), intermediate_size=mlp_width(hidden),
+                                  vocab_size=2048, max_position_embeddings=2 * MAX_LEN)
+    data = work / "data"
+    data.mkdir()
+    train = data / "train.jsonl"
+    shutil.copy(tiny.DATA_DIR / data_file, train)
+    return model, train, count_parameters(model)
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of a training bench's worker every side takes: its inputs (model and training file, or a
+    manifest), steps, threads, seed and precision."""
+    parser.add_argument("--model", type=Path)
+    parser.add_argument("--train", type=Path)
+    parser.add_argument("--manifest", type=Path)
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--threads", type=int, required=True)
+    parser.add_argument("--seed", type=int, required=True)
+    parser.add_argument("--precision", choices=["bf16", "fp32"], required=True)
+
+
+def resolve_manifest(manifest: Path, overrides: list[str]) -> Any:
+    """The trainer config of `manifest` with `--set`-style `overrides`, validated and resolved as
+    `finetune run --local` does."""
+    from finetune_operator import manifests
+    from finetune_operator.contract import resolve
+    from finetune_trainer import local
+
+    doc = local.load_manifest(manifest)
+    for text in overrides:
+        local.set_path(doc, *local.parse_override(text))
+    loaded = manifests.validate_document(doc, str(manifest))  # what `finetune run --local` validates with
+    if not loaded.ok:
+        raise RuntimeError(f"{manifest} is not a valid FineTuneJob: " + "; ".join(map(str, loaded.issues)))
+    return resolve(loaded.job, loaded.plan)
+
+
+def step_figures(stamps: list[tuple[float, float]], tokens: list[int]) -> dict[str, Any]:
+    """Throughput over steps 2..N from each step's end (wall, CPU) stamps and its useful tokens."""
+    walls = [stamps[k][0] - stamps[k - 1][0] for k in range(1, len(stamps))]
+    cpus = [stamps[k][1] - stamps[k - 1][1] for k in range(1, len(stamps))]
+    counted = tokens[1:len(stamps)]
+    return {
+        "tokens": sum(counted),
+        "seconds": sum(walls),
+        "cpu_seconds": sum(cpus),
+        "tokens_per_second": statistics.median(t / w for t, w in zip(counted, walls, strict=True)),
+        "tokens_per_second_total": sum(counted) / sum(walls),
+        "tokens_per_cpu_second": sum(counted) / sum(cpus),
+    }
+
+
+def step_clock(stamps: list[tuple[float, float]]) -> Any:
+    """A transformers `TrainerCallback` that appends the (wall, CPU) time to `stamps` at the end of every optimizer
+    step: the stamps `step_figures` takes."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+            stamps.append((time.perf_counter(), time.process_time()))
+
+    return Clock()
+
+
+def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first run's figures with each throughput the best over `runs`: other work on the machine only ever
+    slows a run down, so the fastest run is the one it disturbed least (a median over the pooled steps of
+    two runs is not that when a burst of other work covers one of them)."""
+    return {**runs[0], **{key: max(r[key] for r in runs)
+                          for key in ("tokens_per_second", "tokens_per_second_total", "tokens_per_cpu_second")}}

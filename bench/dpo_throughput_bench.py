@@ -73,30 +73,16 @@ import math
 import os
 import resource
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import benchlib
 import yaml
-from benchlib import (
-    bench_precision,
-    count_parameters,
-    cpu_model,
-    mlp_width,
-    native_bf16,
-    run_script_worker,
-    worker_env,
-)
+from benchlib import ACCUMULATION, BATCH, EXAMPLE, MAX_LEN, SEED, VALIDATION_SPLIT
 
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "healthcare-lora.yaml"
-SEED = 42
-MAX_LEN = 512
-VALIDATION_SPLIT = 0.1
-BATCH, ACCUMULATION = 4, 4
 BETA = 0.1
 LEARNING_RATE = 2e-4  # examples/healthcare-lora.yaml's
 WARMUP = 0.03
@@ -113,16 +99,7 @@ PAIRS_FILE = "healthcare_preference_train.jsonl"
 
 def build_inputs(work: Path, hidden: int, layers: int) -> tuple[Path, Path, int]:
     """The tiny model and the preference file under `work`; returns (model dir, data file, parameters)."""
-    from finetune_trainer import tiny
-
-    model = tiny.build_tiny_model(work / "model", seed=0, hidden_size=hidden, num_layers=layers,
-                                  num_heads=max(1, hidden // 64), intermediate_size=mlp_width(hidden),
-                                  vocab_size=2048, max_position_embeddings=2 * MAX_LEN)
-    data = work / "data"
-    data.mkdir()
-    train = data / "train.jsonl"
-    shutil.copy(tiny.DATA_DIR / PAIRS_FILE, train)
-    return model, train, count_parameters(model)
+    return benchlib.build_tiny_inputs(work, hidden, layers, PAIRS_FILE)
 
 
 def trainer_dispatches_objective() -> bool:
@@ -152,7 +129,7 @@ def write_manifest(work: Path, model: Path, train: Path, params: int, reference:
 
 def run_worker(args: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
     """Run this script as a worker subprocess; returns the JSON it prints last."""
-    return run_script_worker(Path(__file__), args, env, timeout)
+    return benchlib.run_script_worker(Path(__file__), args, env, timeout)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -179,21 +156,6 @@ def encoded(rows: list[Any], tokenizer: Any) -> tuple[list[Any], int]:
     if out.dropped:
         raise RuntimeError(f"{out.dropped} pairs dropped by encoding: the bench expects every pair kept")
     return out.pairs, out.truncated
-
-
-def step_figures(stamps: list[tuple[float, float]], tokens: list[int]) -> dict[str, Any]:
-    """Throughput over steps 2..N from each step's end (wall, CPU) stamps and its useful tokens."""
-    walls = [stamps[k][0] - stamps[k - 1][0] for k in range(1, len(stamps))]
-    cpus = [stamps[k][1] - stamps[k - 1][1] for k in range(1, len(stamps))]
-    counted = tokens[1:len(stamps)]
-    return {
-        "tokens": sum(counted),
-        "seconds": sum(walls),
-        "cpu_seconds": sum(cpus),
-        "tokens_per_second": statistics.median(t / w for t, w in zip(counted, walls, strict=True)),
-        "tokens_per_second_total": sum(counted) / sum(walls),
-        "tokens_per_cpu_second": sum(counted) / sum(cpus),
-    }
 
 
 def load_lora_model(model_dir: Path, precision: str) -> Any:
@@ -227,7 +189,7 @@ def worker_trl(row: str, model_dir: Path, train: Path, steps: int, threads: int,
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
     from trl import DPOConfig, DPOTrainer
 
     from finetune_trainer import preference_data as pd
@@ -249,10 +211,6 @@ def worker_trl(row: str, model_dir: Path, train: Path, steps: int, threads: int,
 
     stamps: list[tuple[float, float]] = []
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            stamps.append((time.perf_counter(), time.process_time()))
-
     out = tempfile.mkdtemp(prefix="trl-dpo-")
     targs = DPOConfig(
         output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
@@ -264,7 +222,7 @@ def worker_trl(row: str, model_dir: Path, train: Path, steps: int, threads: int,
         precompute_ref_log_probs=row == "precomputed")
     began = time.perf_counter()
     trainer = DPOTrainer(model=model, args=targs, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=LoraConfig(**LORA), callbacks=[Clock()])
+                         peft_config=LoraConfig(**LORA), callbacks=[benchlib.step_clock(stamps)])
 
     # The token ids TRL prepared against ours.
     ours, truncated = encoded(rows, tokenizer)
@@ -291,7 +249,7 @@ def worker_trl(row: str, model_dir: Path, train: Path, steps: int, threads: int,
     val, _ = encoded(val_rows, tokenizer)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return {
-        **step_figures(stamps, per_step),
+        **benchlib.step_figures(stamps, per_step),
         **held_out(trainer.model, val, tokenizer.pad_token_id, precision),
         "steps": len(stamps),
         "step_losses": losses,
@@ -370,7 +328,7 @@ def worker_objective(row: str, model_dir: Path, train: Path, steps: int, threads
 
     val, _ = encoded(val_rows, tokenizer)
     return {
-        **step_figures(stamps, tokens),
+        **benchlib.step_figures(stamps, tokens),
         **held_out(model, val, pad_id, precision),
         "steps": len(stamps),
         "step_losses": losses,
@@ -386,21 +344,14 @@ def worker_trainer(row: str, manifest: Path, steps: int, threads: int, seed: int
     records taken from the metrics it writes (each stamped when written, right after its optimizer step)."""
     import torch
 
-    from finetune_operator import manifests
-    from finetune_operator.contract import resolve
-    from finetune_trainer import entrypoint, local, train
+    from finetune_trainer import entrypoint, train
     from finetune_trainer.objectives import dpo
 
     torch.set_num_threads(threads)
     entrypoint.setup_logging()
-    doc = local.load_manifest(manifest)
-    for text in (f"hyperparameters.maxSteps={steps}", f"hyperparameters.seed={seed}",
-                 f"hyperparameters.precision={precision}", "hyperparameters.packing=false"):
-        local.set_path(doc, *local.parse_override(text))
-    loaded = manifests.validate_document(doc, str(manifest))
-    if not loaded.ok:
-        raise RuntimeError(f"{manifest} is not a valid FineTuneJob: " + "; ".join(map(str, loaded.issues)))
-    config = resolve(loaded.job, loaded.plan)
+    overrides = [f"hyperparameters.maxSteps={steps}", f"hyperparameters.seed={seed}",
+                 f"hyperparameters.precision={precision}", "hyperparameters.packing=false"]
+    config = benchlib.resolve_manifest(manifest, overrides)
 
     stamps: list[tuple[float, float]] = []
     records: list[dict[str, Any]] = []
@@ -451,7 +402,7 @@ def worker_trainer(row: str, manifest: Path, steps: int, threads: int, seed: int
     figures = held_out(PeftModel.from_pretrained(base, str(adapter)), val, tokenizer.pad_token_id, precision)
     shutil.rmtree(out, ignore_errors=True)
     return {
-        **step_figures(stamps, [r["tokens"] for r in steps_logged]),
+        **benchlib.step_figures(stamps, [r["tokens"] for r in steps_logged]),
         **figures,
         "steps": len(steps_logged),
         "step_losses": [r["loss"] for r in steps_logged],
@@ -466,13 +417,7 @@ def worker_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("side", choices=["trl", "objective", "trainer"])
     parser.add_argument("row", choices=ROWS)
-    parser.add_argument("--model", type=Path)
-    parser.add_argument("--train", type=Path)
-    parser.add_argument("--manifest", type=Path)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--seed", type=int, required=True)
-    parser.add_argument("--precision", choices=["bf16", "fp32"], required=True)
+    benchlib.add_worker_arguments(parser)
     args = parser.parse_args(argv)
     if args.side == "trl":
         result = worker_trl(args.row, args.model, args.train, args.steps, args.threads, args.seed, args.precision)
@@ -488,12 +433,6 @@ def worker_main(argv: list[str]) -> int:
 # ------------------------------------------------------------------------------------------------
 # Main
 # ------------------------------------------------------------------------------------------------
-
-
-def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The first run's figures with each throughput the best over `runs` (see throughput_bench.best_of)."""
-    return {**runs[0], **{key: max(r[key] for r in runs)
-                          for key in ("tokens_per_second", "tokens_per_second_total", "tokens_per_cpu_second")}}
 
 
 def losses_text(values: list[float]) -> str:
@@ -521,20 +460,20 @@ def main() -> int:
         parser.error(f"--rows: each of {', '.join(ROWS)}")
     if args.steps < 2:
         parser.error("--steps must be at least 2 (throughput is taken over steps 2..N)")
-    precision, precision_why = bench_precision(args.precision)
+    precision, precision_why = benchlib.bench_precision(args.precision)
     ours = args.ours
     if ours == "auto":
         ours = "trainer" if trainer_dispatches_objective() else "objective"
 
     start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="dpo-throughput-bench-"))
-    env = worker_env(args.threads, work)
-    try:
+    with benchlib.scratch_dir("dpo-throughput-bench-") as work:
+        env = benchlib.worker_env(args.threads, work)
         model, train, params = build_inputs(work, args.hidden, args.layers)
-        print(f"# machine: nproc={os.cpu_count()} cpu={cpu_model()!r} bf16 {native_bf16()[1]}; "
-              f"load_avg_at_start={os.getloadavg()[0]:.2f}")
-        print(f"# model: tiny Llama hidden={args.hidden} layers={args.layers} mlp={mlp_width(args.hidden)} "
-              f"vocab=2048 ({params / 1e6:.2f}M parameters); data: {PAIRS_FILE} minus a 10% validation split")
+        print(f"# machine: nproc={os.cpu_count()} cpu={benchlib.cpu_model()!r} "
+              f"bf16 {benchlib.native_bf16()[1]}; load_avg_at_start={os.getloadavg()[0]:.2f}")
+        print(f"# model: tiny Llama hidden={args.hidden} layers={args.layers} "
+              f"mlp={benchlib.mlp_width(args.hidden)} vocab=2048 ({params / 1e6:.2f}M parameters); "
+              f"data: {PAIRS_FILE} minus a 10% validation split")
         print(f"# settings: LoRA r16 alpha32 q,k,v,o (dropout off for DPO on both sides), sigmoid beta {BETA}, "
               f"lr {LEARNING_RATE} cosine warmup {WARMUP}, {BATCH} pairs x accumulation {ACCUMULATION}, "
               f"maxSeqLength {MAX_LEN}, gradient checkpointing, steps={args.steps}, threads={args.threads}, "
@@ -573,7 +512,7 @@ def main() -> int:
             first = runs["trl"][0]
             print(f"# {row} trl: prepared token ids identical to ours: {first['identical']}; pairs cut by max length: "
                   f"{first['truncated']}; longest pair row {first['longest']} tokens")
-            trl, mine = best_of(runs["trl"]), best_of(runs["ours"])
+            trl, mine = benchlib.best_of(runs["trl"]), benchlib.best_of(runs["ours"])
             print(f"# {row}, median-step tokens/s of each run: trl "
                   + " ".join(f"{r['tokens_per_second']:.0f}" for r in runs["trl"]) + ", ours "
                   + " ".join(f"{r['tokens_per_second']:.0f}" for r in runs["ours"]))
@@ -591,8 +530,6 @@ def main() -> int:
                 print(f"dpo_rss_mb_{side}_{row}={best['rss_mb']:.0f}")
             print(flush=True)
         print(f"# load_avg_at_end={os.getloadavg()[0]:.2f}; total {time.perf_counter() - start:.0f} s")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -50,12 +50,11 @@ import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import bench_precision, cpu_model, worker_env
+from benchlib import bench_precision, cpu_model, scratch_dir, worker_env
 
 BATCH, GLOBAL_EXAMPLES = 4, 16
 
@@ -207,9 +206,8 @@ def main() -> int:
     from throughput_bench import build_inputs, write_manifest
 
     start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="scaling-bench-"))
-    env = worker_env(1, work)
-    try:
+    with scratch_dir("scaling-bench-") as work:
+        env = worker_env(1, work)
         model, train, params = build_inputs(work, args.hidden, args.layers)
         manifest = write_manifest(work, model, train, params)
         print(f"# machine: nproc={os.cpu_count()} cpu={cpu_model()!r} load_avg_at_start={os.getloadavg()[0]:.2f}")
@@ -239,8 +237,6 @@ def main() -> int:
             print(f"busy_pct_2proc_{method}={100 * two['busy']:.0f}")
             print(f"# bound ({method}): {bound_line(method, one, two, params)}", flush=True)
         print(f"# load_avg_at_end={os.getloadavg()[0]:.2f}; total {time.perf_counter() - start:.0f} s")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -69,12 +69,11 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from benchlib import bench_precision, count_parameters, cpu_model, mlp_width
+from benchlib import bench_precision, count_parameters, cpu_model, mlp_width, scratch_dir
 
 MIB = 1024**2
 GIB = 1024**3
@@ -285,24 +284,23 @@ def main() -> int:
     gcs = [g == "on" for g in args.gc.split(",") if g]
 
     start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="sizing-bench-"))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("FT_")}
-    env.update({"OMP_NUM_THREADS": str(args.threads), "FT_CACHE_DIR": str(work / "cache"),
-                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "FT_LOG_LEVEL": "WARNING"})
-    if not args.malloc_default:
-        env.update({"MALLOC_MMAP_THRESHOLD_": str(1024 * 1024), "MALLOC_ARENA_MAX": "2"})
-    else:
-        env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
-    print(f"# machine: nproc={os.cpu_count()} cpu={cpu_model()!r} load_avg_at_start={os.getloadavg()[0]:.2f}")
-    print(f"# settings: batch {args.batch} x seq {args.seq} (every row truncated to seq), gradient accumulation 1, "
-          f"{args.steps} optimizer steps, {precision}, LoRA r=16 on q,k,v,o, threads={args.threads}; compared: "
-          "weights + trainable_state + activations (the memory model without its GPU overhead: 1.5 GiB + 10%); "
-          + ("glibc malloc defaults" if args.malloc_default else
-             "glibc MALLOC_MMAP_THRESHOLD_=1MiB, MALLOC_ARENA_MAX=2 (RSS follows live memory)"))
-    print(f"# precision: {precision_why}; predicted and measured alike", flush=True)
-    errors: dict[str, list[float]] = {m: [] for m in methods}
-    by_shape: dict[tuple[str, str], list[float]] = {}
-    try:
+    with scratch_dir("sizing-bench-") as work:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("FT_")}
+        env.update({"OMP_NUM_THREADS": str(args.threads), "FT_CACHE_DIR": str(work / "cache"),
+                    "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1", "FT_LOG_LEVEL": "WARNING"})
+        if not args.malloc_default:
+            env.update({"MALLOC_MMAP_THRESHOLD_": str(1024 * 1024), "MALLOC_ARENA_MAX": "2"})
+        else:
+            env = {k: v for k, v in env.items() if not k.startswith("MALLOC_")}
+        print(f"# machine: nproc={os.cpu_count()} cpu={cpu_model()!r} load_avg_at_start={os.getloadavg()[0]:.2f}")
+        print(f"# settings: batch {args.batch} x seq {args.seq} (every row truncated to seq), gradient accumulation 1, "
+              f"{args.steps} optimizer steps, {precision}, LoRA r=16 on q,k,v,o, threads={args.threads}; compared: "
+              "weights + trainable_state + activations (the memory model without its GPU overhead: 1.5 GiB + 10%); "
+              + ("glibc malloc defaults" if args.malloc_default else
+                 "glibc MALLOC_MMAP_THRESHOLD_=1MiB, MALLOC_ARENA_MAX=2 (RSS follows live memory)"))
+        print(f"# precision: {precision_why}; predicted and measured alike", flush=True)
+        errors: dict[str, list[float]] = {m: [] for m in methods}
+        by_shape: dict[tuple[str, str], list[float]] = {}
         data = work / "train.jsonl"
         write_data(data, rows=8 * args.batch * args.steps, seq=args.seq)
         for size, kind in itertools.product(sizes, shapes):
@@ -348,8 +346,6 @@ def main() -> int:
         print(f"sizing_configs_within_20pct={within}/{len(every)}")
         print(f"# every config within +-20%: {'yes' if within == len(every) else 'no'}")
         print(f"# load_avg_at_end={os.getloadavg()[0]:.2f}; total {time.perf_counter() - start:.0f} s")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -118,15 +118,26 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from benchlib import bench_precision, count_parameters, cpu_model, mlp_width, run_script_worker, worker_env
-
-REPO = Path(__file__).resolve().parents[1]
-EXAMPLE = REPO / "examples" / "healthcare-lora.yaml"
-SEED = 42
-MAX_LEN = 512
-VALIDATION_SPLIT = 0.1
-BATCH, ACCUMULATION = 4, 4
-
+from benchlib import (
+    ACCUMULATION,
+    BATCH,
+    EXAMPLE,
+    MAX_LEN,
+    SEED,
+    VALIDATION_SPLIT,
+    add_worker_arguments,
+    bench_precision,
+    best_of,
+    build_tiny_inputs,
+    cpu_model,
+    mlp_width,
+    resolve_manifest,
+    run_script_worker,
+    scratch_dir,
+    step_clock,
+    step_figures,
+    worker_env,
+)
 
 # ------------------------------------------------------------------------------------------------
 # Shared set-up (the parent process)
@@ -135,16 +146,7 @@ BATCH, ACCUMULATION = 4, 4
 
 def build_inputs(work: Path, hidden: int, layers: int) -> tuple[Path, Path, int]:
     """The tiny model and the training file under `work`; returns (model dir, data file, parameters)."""
-    from finetune_trainer import tiny
-
-    model = tiny.build_tiny_model(work / "model", seed=0, hidden_size=hidden, num_layers=layers,
-                                  num_heads=max(1, hidden // 64), intermediate_size=mlp_width(hidden),
-                                  vocab_size=2048, max_position_embeddings=2 * MAX_LEN)
-    data = work / "data"
-    data.mkdir()
-    train = data / "train.jsonl"
-    shutil.copy(tiny.DATA_DIR / "healthcare_train.jsonl", train)
-    return model, train, count_parameters(model)
+    return build_tiny_inputs(work, hidden, layers, "healthcare_train.jsonl")
 
 
 def write_manifest(work: Path, model: Path, train: Path, params: int) -> Path:
@@ -179,29 +181,6 @@ def split_rows(train: Path, seed: int) -> tuple[list[dict[str, Any]], list[dict[
     return [r.data for r in kept], [r.data for r in held]
 
 
-def step_figures(stamps: list[tuple[float, float]], tokens: list[int]) -> dict[str, Any]:
-    """Throughput over steps 2..N from each step's end (wall, CPU) stamps and its useful tokens."""
-    walls = [stamps[k][0] - stamps[k - 1][0] for k in range(1, len(stamps))]
-    cpus = [stamps[k][1] - stamps[k - 1][1] for k in range(1, len(stamps))]
-    counted = tokens[1:len(stamps)]
-    return {
-        "tokens": sum(counted),
-        "seconds": sum(walls),
-        "cpu_seconds": sum(cpus),
-        "tokens_per_second": statistics.median(t / w for t, w in zip(counted, walls, strict=True)),
-        "tokens_per_second_total": sum(counted) / sum(walls),
-        "tokens_per_cpu_second": sum(counted) / sum(cpus),
-    }
-
-
-def best_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The first run's figures with each throughput the best over `runs`: other work on the machine only ever
-    slows a run down, so the fastest run is the one it disturbed least (a median over the pooled steps of
-    two runs is not that when a burst of other work covers one of them)."""
-    return {**runs[0], **{key: max(r[key] for r in runs)
-                          for key in ("tokens_per_second", "tokens_per_second_total", "tokens_per_cpu_second")}}
-
-
 def each_run(runs: dict[str, list[dict[str, Any]]], key: str) -> str:
     """`key` of every run of every side, as text."""
     return ", ".join(side + " " + " ".join(f"{r[key]:.0f}" for r in done) for side, done in runs.items())
@@ -217,7 +196,6 @@ def worker_ref(method: str, model_dir: Path, train: Path, steps: int, threads: i
         AutoTokenizer,
         BitsAndBytesConfig,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
         default_data_collator,
         set_seed,
@@ -280,10 +258,6 @@ def worker_ref(method: str, model_dir: Path, train: Path, steps: int, threads: i
 
     stamps: list[tuple[float, float]] = []
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            stamps.append((time.perf_counter(), time.process_time()))
-
     out = tempfile.mkdtemp(prefix="ref-trainer-")
     targs = TrainingArguments(
         output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
@@ -291,7 +265,8 @@ def worker_ref(method: str, model_dir: Path, train: Path, steps: int, threads: i
         seed=seed, bf16=bf16, activation_checkpointing=True, activation_checkpointing_kwargs=gc_kwargs,
         max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
         use_cpu=True, disable_tqdm=True)
-    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collate, callbacks=[Clock()])
+    trainer = Trainer(model=model, args=targs, train_dataset=dataset, data_collator=collate,
+                      callbacks=[step_clock(stamps)])
     trainer.train()
     shutil.rmtree(out, ignore_errors=True)
 
@@ -328,7 +303,6 @@ def worker_trl(method: str, model_dir: Path, train: Path, steps: int, threads: i
         AutoModelForCausalLM,
         AutoTokenizer,
         BitsAndBytesConfig,
-        TrainerCallback,
         set_seed,
     )
     from trl import SFTConfig, SFTTrainer
@@ -368,10 +342,6 @@ def worker_trl(method: str, model_dir: Path, train: Path, steps: int, threads: i
 
     stamps: list[tuple[float, float]] = []
 
-    class Clock(TrainerCallback):
-        def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
-            stamps.append((time.perf_counter(), time.process_time()))
-
     out = tempfile.mkdtemp(prefix="trl-trainer-")
     variant_args: dict[str, Any] = {
         # padding_free without packing requires max_length=None: every row is at most MAX_LEN already (checked)
@@ -386,7 +356,7 @@ def worker_trl(method: str, model_dir: Path, train: Path, steps: int, threads: i
         max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
         use_cpu=True, disable_tqdm=True, completion_only_loss=True, dataset_num_proc=None, **variant_args)
     trainer = SFTTrainer(model=model, args=targs, train_dataset=dataset, processing_class=tokenizer,
-                         peft_config=peft_config, callbacks=[Clock()])
+                         peft_config=peft_config, callbacks=[step_clock(stamps)])
 
     # The token ids and loss mask TRL prepared, against ours (before packing; packing only concatenates them).
     identical = True
@@ -436,24 +406,16 @@ def worker_ours(method: str, manifest: Path, steps: int, packing: bool, seed: in
     """Ours: the manifest resolved as `finetune run --local` does, run by the trainer's entrypoint."""
     import torch
 
-    from finetune_operator import manifests
-    from finetune_operator.contract import resolve
-    from finetune_trainer import entrypoint, local, train
+    from finetune_trainer import entrypoint, train
 
     torch.set_num_threads(threads)
     entrypoint.setup_logging()
-    doc = local.load_manifest(manifest)
     overrides = [f"method={method}", f"hyperparameters.maxSteps={steps}",
                  f"hyperparameters.packing={'true' if packing else 'false'}", f"hyperparameters.seed={seed}",
                  f"hyperparameters.precision={precision}"]
     if method == "qlora" and precision == "fp32":  # QLoRA computes in the training precision (default bf16)
         overrides.append("quantization.computeDtype=float32")
-    for text in overrides:
-        local.set_path(doc, *local.parse_override(text))
-    loaded = manifests.validate_document(doc, str(manifest))  # what `finetune run --local` validates with
-    if not loaded.ok:
-        raise RuntimeError(f"{manifest} is not a valid FineTuneJob: " + "; ".join(map(str, loaded.issues)))
-    config = resolve(loaded.job, loaded.plan)
+    config = resolve_manifest(manifest, overrides)
 
     stamps: list[tuple[float, float]] = []
     records: list[dict[str, Any]] = []
@@ -503,14 +465,8 @@ def worker_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("side", choices=["ref", "ours", "trl"])
     parser.add_argument("method", choices=["full", "lora", "qlora"])
-    parser.add_argument("--model", type=Path)
-    parser.add_argument("--train", type=Path)
-    parser.add_argument("--manifest", type=Path)
-    parser.add_argument("--steps", type=int, required=True)
-    parser.add_argument("--threads", type=int, required=True)
-    parser.add_argument("--seed", type=int, required=True)
+    add_worker_arguments(parser)
     parser.add_argument("--packing", action="store_true")
-    parser.add_argument("--precision", choices=["bf16", "fp32"], required=True)
     parser.add_argument("--variant", choices=TRL_VARIANTS, default="padfree")
     args = parser.parse_args(argv)
     if args.side == "trl":
@@ -562,9 +518,8 @@ def main() -> int:
         parser.error("every step count must be at least 2 (throughput is taken over steps 2..N)")
 
     start = time.perf_counter()
-    work = Path(tempfile.mkdtemp(prefix="throughput-bench-"))
-    env = worker_env(args.threads, work)
-    try:
+    with scratch_dir("throughput-bench-") as work:
+        env = worker_env(args.threads, work)
         model, train, params = build_inputs(work, args.hidden, args.layers)
         manifest = write_manifest(work, model, train, params)
         print(f"# machine: nproc={os.cpu_count()} cpu={cpu_model()!r} load_avg_at_start={os.getloadavg()[0]:.2f}")
@@ -713,8 +668,6 @@ def main() -> int:
                 print(f"heldout_loss_trl_lora_packed={trl_packed['eval_loss']:.4f}")
                 print(f"# packed lora: ours saw about {packed['examples']} examples, trl {trl_packed['examples']}")
         print(f"# load_avg_at_end={os.getloadavg()[0]:.2f}; total {time.perf_counter() - start:.0f} s")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

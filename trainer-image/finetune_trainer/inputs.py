@@ -28,11 +28,13 @@ test set is kept twice: plain (`eval_items`, `test`) and with its top-k passages
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from finetune_operator.contract import DataStats, TrainerConfig
+from finetune_operator.spec import DatasetSpec
 from finetune_trainer import dataset as ds
 from finetune_trainer import retrieval as rag
 from finetune_trainer.errors import DataError
@@ -115,6 +117,21 @@ def _encode_pairs(rows: list[ds.Row], form: Any, tokenizer: Any, max_length: int
     return encoding
 
 
+def _split_validation(load: Callable[..., tuple[Any, list[tuple[Path, str]]]], data: DatasetSpec,
+                      rows: list[ds.Row], fmt: Any, seed: int,
+                      cache: Path) -> tuple[list[ds.Row], list[ds.Row], list[tuple[Path, str]], int]:
+    """(training rows, validation rows, files read, rows skipped): `dataset.validation` read by `load` (`_load`
+    for rows, `_load_pairs` for preference pairs) in the training data's format `fmt`, else a seeded
+    `dataset.validationSplit` of `rows`, else none."""
+    if data.validation:
+        val, files = load(data.validation, fmt, data.invalid_rows, cache, "spec.dataset.validation")
+        return rows, val.rows, files, len(val.skipped)
+    if data.validation_split:
+        kept, held = ds.split_holdout(rows, data.validation_split, seed)
+        return kept, held, [], 0
+    return rows, [], [], 0
+
+
 def load_preference_test(config: TrainerConfig, tokenizer: Any, cache: Path, form: str = "auto") -> tuple[list[Any], list[tuple[Path, str]], int]:
     """`evaluation.preferenceTestSet` encoded (pairs, files, skipped rows); nothing when it is unset."""
     spec = config.spec
@@ -136,12 +153,8 @@ def load_preference_inputs(config: TrainerConfig, tokenizer: Any, cache: Path) -
     train, files = _load_pairs(data.train, declared, data.invalid_rows, cache, "spec.dataset.train")
     form, rows, skipped = train.form, train.rows, len(train.skipped)
 
-    validation_rows: list[ds.Row] = []
-    if data.validation:
-        val, val_files = _load_pairs(data.validation, form, data.invalid_rows, cache, "spec.dataset.validation")
-        validation_rows, files, skipped = val.rows, files + val_files, skipped + len(val.skipped)
-    elif data.validation_split:
-        rows, validation_rows = ds.split_holdout(rows, data.validation_split, hp.seed)
+    rows, validation_rows, val_files, val_skipped = _split_validation(_load_pairs, data, rows, form, hp.seed, cache)
+    files, skipped = files + val_files, skipped + val_skipped
 
     held_rows: list[ds.Row] = []
     preference_test, test_files, test_skipped = load_preference_test(config, tokenizer, cache)
@@ -199,12 +212,8 @@ def load_inputs(config: TrainerConfig, tokenizer: Any, cache: Path) -> Inputs:
     rows = train.rows
     skipped = len(train.skipped)
 
-    validation_rows: list[ds.Row] = []
-    if data.validation:
-        val, val_files = _load(data.validation, fmt, data.invalid_rows, cache, "spec.dataset.validation")
-        validation_rows, files, skipped = val.rows, files + val_files, skipped + len(val.skipped)
-    elif data.validation_split:
-        rows, validation_rows = ds.split_holdout(rows, data.validation_split, hp.seed)
+    rows, validation_rows, val_files, val_skipped = _split_validation(_load, data, rows, fmt, hp.seed, cache)
+    files, skipped = files + val_files, skipped + val_skipped
 
     if ev.test_set:
         test_set, test_files = _load(ev.test_set, fmt, data.invalid_rows, cache, "spec.evaluation.testSet")
