@@ -262,6 +262,39 @@ def test_length_grouping_keeps_every_step_a_random_sample() -> None:
     assert ds.batch_plan(lengths, 2, seed=3, epoch=0, group_by_length=True) == plain
 
 
+def test_several_ranks_train_one_process_batches_with_balanced_tokens() -> None:
+    """With 2 ranks x 2 micro-batches a step, each step's 4 batches are the ones one process with 4 micro-batches
+    trains on, and the deal gives each rank about the same tokens (a rank idles at the gradient exchange while
+    the other computes)."""
+    import random
+
+    rng = random.Random(5)
+    lengths = [rng.randint(5, 300) for _ in range(400)]
+    one = ds.batch_plan(lengths, 4, seed=9, epoch=0, group_by_length=True, step_batches=4)
+    two = ds.batch_plan(lengths, 4, seed=9, epoch=0, group_by_length=True, step_batches=2, world=2)
+    ranks = [ds.shard(two, r, 2) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == len(one) // 2
+
+    def cost(batch: list[int]) -> int:
+        return max(lengths[i] for i in batch) * len(batch)
+
+    spread_dealt, spread_shuffled = [], []
+    shuffled = ds.batch_plan(lengths, 4, seed=9, epoch=0, group_by_length=True, step_batches=2)  # per-rank windows
+    for step in range(len(one) // 4):
+        mine = [ranks[r][2 * step:2 * step + 2] for r in range(2)]
+        assert sorted(map(sorted, mine[0] + mine[1])) == sorted(map(sorted, one[4 * step:4 * step + 4]))
+        loads = [sum(cost(b) for b in m) for m in mine]
+        spread_dealt.append(abs(loads[0] - loads[1]) / max(loads))
+        old = [shuffled[4 * step + r::2][:2] for r in range(2)]
+        loads = [sum(cost(b) for b in m) for m in old]
+        spread_shuffled.append(abs(loads[0] - loads[1]) / max(loads))
+    # measured: 0.10 dealt against 0.27 for the shuffled deal this replaced
+    assert sum(spread_dealt) / len(spread_dealt) < 0.15
+    assert sum(spread_dealt) < sum(spread_shuffled) / 2
+    # deterministic in (seed, epoch, world)
+    assert two == ds.batch_plan(lengths, 4, seed=9, epoch=0, group_by_length=True, step_batches=2, world=2)
+
+
 def test_shard_gives_every_rank_the_same_number_of_batches() -> None:
     batches = [[i] for i in range(7)]
     shards = [ds.shard(batches, r, 3) for r in range(3)]

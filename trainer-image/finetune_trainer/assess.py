@@ -63,7 +63,8 @@ def _scores(run: Run, model: Any, items: list[Any], test: list[Any], preference:
 
         glossary = evaluate.load_glossary(run.inputs.glossary) if run.inputs.glossary else None
         scores = evaluate.evaluate_model(model, run.tokenizer, _examples(items), run.spec.evaluation, glossary)
-    loss = mean_loss(model, test, run.hp.batch_size, run.tokenizer.pad_token_id, run.accelerator.device)
+    loss = mean_loss(model, test, run.hp.batch_size, run.tokenizer.pad_token_id, run.accelerator.device,
+                     run.method.selective_logits)
     if loss is not None:
         from finetune_trainer.evaluate import perplexity_from_loss
 

@@ -588,32 +588,58 @@ def pack(examples: Sequence[Encoded], max_length: int, seed: int) -> list[Packed
 
 
 def batch_plan(lengths: Sequence[int], batch_size: int, seed: int, epoch: int, group_by_length: bool,
-               step_batches: int = 1) -> list[list[int]]:
-    """The epoch's batches as lists of item indices, deterministic in (seed, epoch).
+               step_batches: int = 1, world: int = 1) -> list[list[int]]:
+    """The epoch's batches as lists of item indices, deterministic in (seed, epoch, world).
 
     Items are shuffled and cut into batches. With `group_by_length`, the shuffled order is first cut into
-    windows of `step_batches` batches (what one process trains in one optimizer step: the gradient
-    accumulation steps), each window is sorted by length and cut into batches, and the batches of a window
-    are shuffled (so no rank always gets the longest). Each batch then holds similar lengths and pads
-    little, while the examples of every optimizer step stay a uniform random sample: the step's loss is
-    token-weighted over all its micro-batches, so how a window is split changes only the padding. (Sorting
-    larger groups, across steps, pads even less but makes each step's examples alike in length, and so in
-    kind: measured, it trained to a higher loss in the same steps; see bench/throughput_bench.py.) With
-    several processes a step spans `world` consecutive windows (`shard`), so this holds there too.
+    windows of one optimizer step (`step_batches` batches per process, the gradient accumulation steps, times
+    `world` processes), each window is sorted by length and cut into batches. Each batch then holds similar
+    lengths and pads little, while the examples of every optimizer step stay a uniform random sample: the
+    step's loss is token-weighted over all its micro-batches, so how a window is split changes only the
+    padding. (Sorting larger groups, across steps, pads even less but makes each step's examples alike in
+    length, and so in kind: measured, it trained to a higher loss in the same steps; see
+    bench/throughput_bench.py.)
+
+    With one process the batches of a window are shuffled. With several, `shard` deals a step's batches to
+    the ranks in rounds of `world` consecutive batches, and the batches are ordered so that every rank gets
+    about the same tokens: sorted longest first, each to the rank with the fewest tokens so far (`_deal`). Ranks wait for each other at every step's gradient exchange,
+    so the step takes as long as its slowest rank: with a shuffled deal of the length-sorted batches the ranks
+    were busy 79-83% of the wall time (bench/results/scaling-2core-20261202.txt). The batches are those one
+    process would train on the same step's examples, whatever the world size.
     """
     rng = random.Random(seed * 1_000_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    if not group_by_length or step_batches <= 1:  # one batch per step: nothing to group
+    if not group_by_length or step_batches * world <= 1:  # one batch per step: nothing to group
         return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    window = batch_size * step_batches
+    window = batch_size * step_batches * world
     batches: list[list[int]] = []
     for start in range(0, len(order), window):
         ranked = sorted(order[start:start + window], key=lambda j: -lengths[j])
         chunk = [ranked[i:i + batch_size] for i in range(0, len(ranked), batch_size)]
-        rng.shuffle(chunk)
-        batches += chunk
+        if world == 1:
+            rng.shuffle(chunk)
+            batches += chunk
+        else:
+            batches += _deal(chunk, world, [max(lengths[j] for j in b) * len(b) for b in chunk], rng)
     return batches
+
+
+def _deal(chunk: list[list[int]], world: int, costs: list[int], rng: random.Random) -> list[list[int]]:
+    """`chunk`'s batches (longest first) reordered in rounds of `world`, one batch per rank (what `shard`
+    takes), so that every rank's padded tokens add up to about the same: each batch, longest first, goes to the
+    rank with the fewest tokens so far that still takes batches (every rank takes the same number); ranks are
+    visited in an order drawn per window, so no rank always gets the longest."""
+    ranks = list(range(world))
+    rng.shuffle(ranks)
+    room = -(-len(chunk) // world)
+    mine: dict[int, list[list[int]]] = {r: [] for r in ranks}
+    load = dict.fromkeys(ranks, 0)
+    for batch, cost in zip(chunk, costs, strict=True):
+        r = min((r for r in ranks if len(mine[r]) < room), key=lambda r: load[r])
+        mine[r].append(batch)
+        load[r] += cost
+    return [mine[r][k] for k in range(room) for r in range(world) if k < len(mine[r])]
 
 
 def shard(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:

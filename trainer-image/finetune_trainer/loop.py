@@ -117,6 +117,7 @@ class Loop:
 
     def __post_init__(self) -> None:
         self._lengths = [self.objective.length(item) for item in self.items]  # once: the plan of every epoch
+        self._epoch_batches: tuple[int, list[list[int]]] | None = None  # (epoch, this rank's batches)
 
     def _group(self) -> list[list[int]]:
         """This rank's micro-batches (item indices) of the next optimizer step."""
@@ -125,9 +126,12 @@ class Loop:
         state, hp = self.state, self.hp
         if state.batches_in_epoch >= self.per_rank:
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-        packed = self.objective.packable and hp.packing
-        plan = ds.batch_plan(self._lengths, hp.batch_size, hp.seed, state.epoch, not packed, hp.gradient_accumulation_steps)
-        mine = ds.shard(plan, self.rank, self.world)
+        if self._epoch_batches is None or self._epoch_batches[0] != state.epoch:  # the plan once per epoch
+            packed = self.objective.packable and hp.packing
+            plan = ds.batch_plan(self._lengths, hp.batch_size, hp.seed, state.epoch, not packed,
+                                 hp.gradient_accumulation_steps, self.world)
+            self._epoch_batches = (state.epoch, ds.shard(plan, self.rank, self.world))
+        mine = self._epoch_batches[1]
         return mine[state.batches_in_epoch:state.batches_in_epoch + hp.gradient_accumulation_steps]
 
     def _reduced(self, values: Any) -> Any:

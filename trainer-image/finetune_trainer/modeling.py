@@ -207,6 +207,51 @@ def full_weights_dtype(precision: Precision) -> Any:
     return torch.bfloat16 if precision.mixed == "bf16" else torch.float32
 
 
+#: The longest training row (tokens) up to which a CPU run uses transformers' `eager` attention instead of
+#: `sdpa`. On CPU, torch's SDPA runs its flash-attention kernel, whose backward is slow on short rows. Measured
+#: (bench/attention_bench.py, 2026-12-07, 2-core AMD EPYC with AVX512-BF16, one thread, bf16, the tiny Llama's
+#: whole forward + backward): eager took 0.87-0.93 of SDPA's time at micro-batch 4 x 64 to 4 x 512 tokens and
+#: 1.22 at 2 x 1,024; the attention kernels alone, 4 heads of 64, eager 1.4 / 4.9 ms against SDPA 8.0 / 17.2 ms
+#: at 4 x 60 / 4 x 150. Eager materializes the batch x heads x rows x rows scores, a few MiB per layer at these
+#: lengths; on a GPU SDPA (flash attention) stays, whatever the length.
+CPU_EAGER_ATTENTION_MAX_ROW = 512
+ENV_ATTENTION = "FT_ATTENTION"  # `sdpa` or `eager` forces one (benchmark A/B); unset or `auto`: the rule above
+
+
+def longest_row(items: Any) -> int:
+    """The widest row a training item makes: an example's or packed row's tokens, or a preference pair's
+    prompt plus its longer answer."""
+    widest = 0
+    for item in items:
+        if hasattr(item, "prompt_ids"):
+            widest = max(widest, len(item.prompt_ids) + max(len(item.chosen_ids), len(item.rejected_ids)))
+        else:
+            widest = max(widest, len(item.input_ids))
+    return widest
+
+
+def attention_implementation(device_type: str, longest: int) -> tuple[str, str]:
+    """(transformers attention implementation, why) for training rows of at most `longest` tokens."""
+    forced = os.environ.get(ENV_ATTENTION, "auto").strip() or "auto"
+    if forced in ("sdpa", "eager"):
+        return forced, f"{ENV_ATTENTION}={forced}"
+    if forced != "auto":
+        raise ConfigError(f"{ENV_ATTENTION}={forced!r} is not an attention choice; use sdpa, eager or auto")
+    if device_type == "cpu" and longest <= CPU_EAGER_ATTENTION_MAX_ROW:
+        return "eager", (f"CPU with rows of at most {longest} tokens (<= {CPU_EAGER_ATTENTION_MAX_ROW}): eager attention "
+                         "is faster there than SDPA's CPU flash kernel")
+    return "sdpa", "SDPA" + (" (flash attention)" if device_type == "cuda" else "")
+
+
+def use_attention(model: Any, device_type: str, items: Any) -> str:
+    """Set the model's attention implementation for training on `items` (see `attention_implementation`)."""
+    impl, why = attention_implementation(device_type, longest_row(items))
+    if getattr(model.config, "_attn_implementation", None) != impl:
+        model.set_attn_implementation(impl)
+    log.info("attention: %s (%s)", impl, why)
+    return impl
+
+
 def load_tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
