@@ -87,7 +87,8 @@ def inspector(model_dir: str | None, mounts: Mounts) -> Inspector:
 
 
 def _table(rows: list[Loaded], out: TextIO) -> None:
-    header = ["NAME", "NAMESPACE", "METHOD", "GPUS", "GPU-MEMORY", "NODES", "GPUS/NODE", "EST-MEMORY", "SOURCE"]
+    header = ["NAME", "NAMESPACE", "METHOD", "GPUS", "GPU-MEMORY", "NODES", "GPUS/NODE", "EST-MEMORY", "SOURCE",
+              "MICRO-BATCH", "CHECKPOINTING"]
     body = []
     for r in rows:
         p = r.plan
@@ -103,6 +104,9 @@ def _table(rows: list[Loaded], out: TextIO) -> None:
                 str(p.gpus_per_node),
                 f"{p.estimated_memory_gib:g}GiB",
                 p.source,
+                # the rung the trainer starts at (micro-batch x accumulation), as status.plan.rung
+                f"{p.rung.micro_batch}x{p.rung.grad_accum}" if p.rung else "-",
+                ("on" if p.rung.gradient_checkpointing else "off") if p.rung else "-",
             ]
         )
     widths = [max(len(x) for x in col) for col in zip(header, *body, strict=False)]

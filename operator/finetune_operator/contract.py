@@ -118,10 +118,24 @@ class TrainerConfig(_Model):
         "(recorded in provenance).")
 
     def start_rung(self) -> MemoryRung:
-        """Where training starts: the last adjustment's rung, else the spec's hyperparameters."""
+        """Where training starts: the last adjustment's rung, else the plan's (`sizing.choose_rung`), else, for a
+        snapshot of a plan made before plans chose a rung, the spec's hyperparameters."""
         if self.adjustments:
             return self.adjustments[-1].to
+        if self.plan.rung is not None:
+            return self.plan.rung
         return spec_rung(self.spec)
+
+    def gradient_checkpointing(self) -> bool:
+        """Whether this config trains with gradient checkpointing: the spec's, as the trainer sets it to the rung it
+        runs (`at_rung`); unset (the plan decides), the start rung's. Never unset-as-off."""
+        checkpointing = self.spec.hyperparameters.gradient_checkpointing
+        return checkpointing if checkpointing is not None else self.start_rung().gradient_checkpointing
+
+    def ladder_start(self) -> MemoryRung:
+        """Where the out-of-memory ladder began: the plan's rung (else the spec's), whatever adjustments followed.
+        `next_rung` turns gradient checkpointing on only below this rung's micro-batch."""
+        return self.plan.rung if self.plan.rung is not None else spec_rung(self.spec)
 
 
 class TrainerError(_Model):
@@ -252,10 +266,22 @@ class PreflightResult(_Model):
 
 
 def spec_rung(spec: FineTuneJobSpec) -> MemoryRung:
-    """The memory rung the spec asks for."""
+    """The memory rung the spec asks for, as it ran before plans chose one: gradientCheckpointing unset (the plan
+    decides) counts as on, its default then; where there is a plan, `TrainerConfig.start_rung` takes the plan's."""
     hp = spec.hyperparameters
+    checkpointing = hp.gradient_checkpointing if hp.gradient_checkpointing is not None else checkpointing_allowed(
+        spec.method)
     return MemoryRung(micro_batch=hp.batch_size, grad_accum=hp.gradient_accumulation_steps,
-                      gradient_checkpointing=hp.gradient_checkpointing)
+                      gradient_checkpointing=checkpointing)
+
+
+def at_rung(spec: FineTuneJobSpec, rung: MemoryRung) -> FineTuneJobSpec:
+    """`spec` with its hyperparameters' micro-batch, accumulation and gradient checkpointing those of `rung`: what
+    the memory model (`sizing.choose_rung`) and the trainer (`finetune_trainer.train`) read for that rung."""
+    hp = spec.hyperparameters.model_copy(update={
+        "batch_size": rung.micro_batch, "gradient_accumulation_steps": rung.grad_accum,
+        "gradient_checkpointing": rung.gradient_checkpointing})
+    return spec.model_copy(update={"hyperparameters": hp})
 
 
 def checkpointing_allowed(method: str) -> bool:
@@ -276,10 +302,9 @@ def next_rung(current: MemoryRung, start: MemoryRung, *, checkpointing: bool = T
     turn_on = checkpointing and not current.gradient_checkpointing
     if turn_on and current.micro_batch < start.micro_batch:
         return current.model_copy(update={"gradient_checkpointing": True})
-    if current.micro_batch > 1:
-        smaller = next(d for d in range(current.micro_batch // 2, 0, -1) if current.micro_batch % d == 0)
-        return current.model_copy(update={
-            "micro_batch": smaller, "grad_accum": current.grad_accum * (current.micro_batch // smaller)})
+    smaller = current.halved()
+    if smaller is not None:
+        return smaller
     if turn_on:
         return current.model_copy(update={"gradient_checkpointing": True})
     return None

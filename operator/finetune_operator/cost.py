@@ -6,14 +6,15 @@ model's tokenizer and reads the model's exact parameter count. From those and th
 - tokens per epoch: the training file's tokens, each example capped at `maxSeqLength` (the count is taken
   before truncation, so the cap is applied to the total: min(tokens, examples x maxSeqLength)), times the
   share of examples left after `dataset.validationSplit`;
-- optimizer steps, as the trainer counts them (`train.py`): micro-batches per rank =
-  ceil(sequences / (batchSize x ranks)) with ranks = the plan's GPUs and sequences = examples, or
-  ceil(tokens / maxSeqLength) with packing; steps per epoch = ceil(micro-batches / gradientAccumulationSteps);
+- optimizer steps, as the trainer counts them (`train.py`) at the plan's rung (status.plan.rung: the micro-batch
+  and accumulation it starts at; the spec's batchSize and gradientAccumulationSteps in a plan without one):
+  micro-batches per rank = ceil(sequences / (micro-batch x ranks)) with ranks = the plan's GPUs and sequences =
+  examples, or ceil(tokens / maxSeqLength) with packing; steps per epoch = ceil(micro-batches / accumulation);
   steps = maxSteps, else ceil(epochs x steps per epoch);
 - tokens trained: tokens per epoch x steps / steps per epoch;
 - FLOPs per token: 2N for the forward pass, 2N for the backward pass through the activations, 2N more for
   weight gradients when every weight trains (`full`), and 2N more for the recomputed forward pass with
-  gradient checkpointing (N = the parameter count; attention's sequence-length term is left out, small
+  gradient checkpointing at the plan's rung (N = the parameter count; attention's sequence-length term is left out, small
   below a few thousand tokens for these model sizes);
 - throughput: GPUs x the GPU class's peak x the method's assumed utilisation (tables below);
 - hours = tokens trained x FLOPs per token / throughput / 3600; GPU-hours = hours x GPUs. Evaluation, model
@@ -37,7 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from finetune_operator import sizing
+from finetune_operator import contract, sizing
 from finetune_operator.spec import CostEstimate, FineTuneJobSpec, Plan
 
 
@@ -91,14 +92,15 @@ def estimate(spec: FineTuneJobSpec, plan: Plan, *, parameters: int, examples: in
     tokens_epoch = round(capped * kept)
     ranks = plan.gpus
     sequences = math.ceil(tokens_epoch / hp.max_seq_length) if hp.packing else train_examples
-    micro_batches = math.ceil(sequences / (hp.batch_size * ranks))
-    steps_per_epoch = max(1, math.ceil(micro_batches / hp.gradient_accumulation_steps))
+    rung = plan.rung if plan.rung is not None else contract.spec_rung(spec)  # where the trainer starts
+    micro_batches = math.ceil(sequences / (rung.micro_batch * ranks))
+    steps_per_epoch = max(1, math.ceil(micro_batches / rung.grad_accum))
     steps = hp.max_steps or max(1, math.ceil(hp.epochs * steps_per_epoch))
     tokens_trained = round(tokens_epoch * steps / steps_per_epoch)
 
     gpu = gpu_class(plan.gpu_memory_gib)
     utilisation = UTILISATION[plan.method]
-    checkpointing = bool(hp.gradient_checkpointing)
+    checkpointing = rung.gradient_checkpointing
     per_token = flops_per_token(parameters, plan.method, checkpointing)
     reference = sizing.reference_kind(spec, plan.method)
     if reference == "adapter":

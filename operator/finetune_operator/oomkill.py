@@ -105,7 +105,7 @@ def decide(pod: Mapping[str, Any], config: contract.TrainerConfig, *, adjusted_a
     current = config.start_rung()
     if reported:
         current = contract.lower(current, reported[-1].to)
-    start = contract.spec_rung(config.spec)
+    start = config.ladder_start()
     lower = contract.next_rung(current, start, checkpointing=contract.checkpointing_allowed(config.method))
     if lower is None:
         tried = [start, *(a.to for a in (*config.adjustments, *reported))]

@@ -33,19 +33,45 @@ is untied:
   tiny: fp32 virtual tokens with gradients and moments, 16 bytes per parameter. Prompt tuning trains
   n*h parameters (n virtual tokens); prefix tuning n*2*L*h (a key and a value per layer), or with
   `projection` n*h + h^2 + 2*L*h^2 (the MLP's two layers; its hidden size is h).
-- activations (per GPU, not sharded): prompt tuning lengthens every sequence by its n virtual tokens;
-  prefix tuning adds its n keys and values per layer (2*L*b*n*h, 16-bit) and never checkpoints (the spec
-  refuses gradient checkpointing with prefix, so the default there is off). A layer's activations are
-  A = b*s*(34*h + 4*(kv - h) + 8*(I - 8/3 h)): the refitted 34*b*s*h of the default shape, less the 16-bit
-  keys and values GQA does not compute (2 tensors x 2 bytes per unit of key/value width below h), plus
-  the 16-bit gate, up, activation and product tensors of a wider or narrower MLP (4 x 2 bytes per unit of
-  I above 8/3 h). With gradient checkpointing each layer keeps its input (2*b*s*h bytes) and one layer at
-  a time is recomputed and back-propagated (its activations and their gradients, 2 x A); without it every
-  layer keeps A and the layer being back-propagated holds as much again in gradients (attention scores
-  are not materialized: SDPA/flash attention). Plus the loss path: 16-bit logits, their fp32 upcast, fp32
-  log-softmax and its gradient (16*b*s*V).
-  (Refitted against an H100: bench/results/gpu-h100.txt.)
-- overhead per GPU: 1.5 GiB (CUDA context, communication buffers) plus 10% of the rest (fragmentation).
+- activations (per GPU, not sharded; t = b*s positions, x = 2 bytes per element in a 16-bit run, 4 in fp32):
+  prompt tuning lengthens every sequence by its n virtual tokens; prefix tuning adds its n keys and values
+  per layer (2*L*b*n*h, 16-bit) and never checkpoints (the spec refuses gradient checkpointing with prefix).
+  One layer stores S = t*x/2*(24*h + 4*(kv - h) + 8*I) bytes: the two RMSNorms' float32 upcasts and 16-bit
+  outputs (12h), the queries and keys after RoPE, the values, the attention output and o_proj's input (10h:
+  SDPA/flash attention, no scores), the MLP's gate, up, SiLU and product (8*I), 2h of the rest (measured on
+  CPU 2026-12-07: 45.75*t*h at I = 2.69h in pure bf16, against 45.5 here); GQA stores its narrower keys and
+  values (4 bytes per unit of key/value width below h). LoRA adds 2 bytes per position and unit of each
+  adapted module's input width (the 16-bit copy of its input that autocast feeds each adapter), QLoRA
+  14 more per unit of h (k-bit preparation upcasts the embeddings and norms, so the residual stream and the
+  norms' outputs are float32, 2 x 2 bytes more, and each 4-bit projection they feed, q, k, v, gate and up,
+  casts its input to the compute dtype separately, 5 x 2). With gradient checkpointing each layer keeps its
+  input (t*h*x; float32 under QLoRA) and one layer at a time is recomputed and back-propagated
+  (S + t*I*x, the gradient of its widest activation, plus with adapters the float32 gradients of their
+  inputs, 4 bytes per unit of input width, and with QLoRA the float32 residual stream's gradient, t*h*4,
+  and one projection's weight dequantized to 16-bit, 2*h*I); without it every layer keeps S and the
+  backward adds as much. The loss (sft with full, lora, qlora: the trainer's fused loss, no vocabulary-wide
+  logits; `loss_path`):
+  a chunk of at most 256 MiB of logits and their gradient (measured 2026-12-07: the peak holds one), the final norm
+  and the head's input and its gradient (t*h*(4x + 4); float32 under QLoRA), and a 16-bit copy of a
+  float32 head (qlora); full fine-tuning also holds the head's gradient from the loss on (twice with more
+  than one chunk: the running sum and the chunk's product). Without the fused loss (prefix, prompt, dpo):
+  16-bit logits, their fp32 upcast, fp32 log-softmax and its gradient (16*t*V).
+  The peak is the larger of two moments (`MemoryEstimate.body`): the start of the backward (every stored
+  activation and the larger of the loss and the last layer's backward, before any gradient but the head's)
+  and its end (every gradient, the first layer's backward or AdamW's step temporaries: on CUDA torch's
+  foreach implementation, one moment-sized temporary, sharded; on CPU two of the largest parameter). Full
+  fine-tuning peaks at the end with checkpointing and at the start without; adapters always at the start.
+  Measured on CPU: bench/results/sizing-accuracy-*-2core-20261207.txt (0.1B, full/LoRA/QLoRA, bf16 and fp32).
+- overhead per GPU (`MemoryEstimate.per_gpu`): 1.5 GiB fixed, plus 41% of what each step allocates and
+  frees (activations, gradients, optimizer temporaries; weights and AdamW moments are allocated once): the
+  caching allocator's reserve. Fitted to the one GPU run (bench/results/gpu-h100.txt, H100, torch 2.11,
+  2026-11-24, the trainer before its fused loss) and not re-verified since (no GPU was lent): memory outside
+  the allocator (CUDA context, cuBLAS workspace) was 0.75 GiB in every row, leaving 0.75 GiB for
+  communication buffers on several GPUs; max_memory_reserved - max_memory_allocated was 6% to 41% of the
+  allocated peak less the weights over its five default-allocator rows (41%: QLoRA 7B at 4 x 512). With
+  the measured allocated peaks in place of the model's tensors, this overhead covers every row's footprint
+  (max_memory_reserved + memory outside the allocator); the old 10% of everything under-sized the run by
+  20-22%.
 
 Objective dpo (`objectives/dpo.py` in the trainer): the model-size table is the contract for `sft` only; a dpo
 plan always comes from the memory model (source `estimate`, the reason says so). Each example is a pair, and
@@ -69,7 +95,16 @@ in 12, 16, 24, 40, 48, 80 GiB. Full fine-tuning takes the layout with the least 
 fits (fewer GPUs on a tie): it shards anyway, so small GPUs are as good as large ones. LoRA and QLoRA take
 the fewest GPUs that fit, then the smallest class: adapters train best unsharded, and one GPU avoids
 communication; prefix and prompt therefore plan one GPU, and a base that does not fit one 80 GiB GPU is
-refused (use lora or qlora). `estimatedMemoryGiB` is the whole run's need on the chosen layout.
+refused (use lora or qlora). Layouts are chosen at the requested micro-batch with gradient checkpointing on
+(unless set off), and may fill the GPU; an estimated layout on which no rung (below) keeps the headroom is
+passed over for the next.
+
+The rung (`choose_rung`): on the chosen layout, the trainer starts at the first of `rung_candidates` whose
+per_gpu leaves `HEADROOM_FRACTION` of the GPU free: batchSize without checkpointing, smaller micro-batches
+without it (`MemoryRung.halved`, gradient accumulation multiplied so batchSize x accumulation stays), then
+the same with checkpointing on; with gradientCheckpointing set, only the micro-batch varies. Where none fits,
+the last (least memory) with a warning. `estimatedMemoryGiB`, `memoryPerGpuGiB` and `headroomGiB` are the
+run's need at that rung.
 """
 
 from __future__ import annotations
@@ -78,11 +113,13 @@ import math
 from dataclasses import dataclass
 
 from finetune_operator.architecture import Architecture
+from finetune_operator.contract import at_rung, checkpointing_allowed, describe
 from finetune_operator.quantity import parse_gpu_memory_gib
 from finetune_operator.spec import (
     AUTO_QLORA_BELOW_EXAMPLES,
     VIRTUAL_TOKEN_METHODS,
     FineTuneJobSpec,
+    MemoryRung,
     Plan,
     ResolvedMethod,
 )
@@ -92,7 +129,23 @@ GPU_CLASSES_GIB: tuple[int, ...] = (12, 16, 24, 40, 48, 80)
 MAX_GPUS = 4096
 VOCAB = 32_000
 OVERHEAD_FIXED_GIB = 1.5
-OVERHEAD_FRACTION = 0.10
+OVERHEAD_FRACTION = 0.41
+#: The trainer's fused loss chunk (finetune_trainer.fused_loss.CHUNK_BYTES; a trainer test checks they agree).
+FUSED_LOSS_CHUNK_BYTES = 256 << 20
+#: One decoder layer's stored activations per position, in 16-bit bytes per unit of hidden size, beside the
+#: MLP's 8 x I and the key/value correction (module docstring): measured on CPU 2026-12-07.
+LAYER_STORED_16BIT = 24.0
+#: LoRA: bytes per position and unit of an adapted module's input width, 16-bit run (module docstring).
+ADAPTER_STORED_16BIT = 2.0
+#: QLoRA, per position and unit of hidden size (16-bit run): k-bit preparation upcasts the norms and the
+#: embeddings, so the residual stream and the norms' outputs are float32 (2 x 2 bytes more), and each 4-bit
+#: projection they feed (q, k, v, gate, up) casts its input to the compute dtype separately (5 x 2 bytes).
+QLORA_EXTRA_16BIT = 14.0
+#: GPU memory the plan leaves free beyond the memory model's prediction (whose overhead term already counts the
+#: CUDA context and fragmentation): a rung, or an estimated layout, fits when per_gpu <= GiB x (1 - this). The
+#: prediction's error on a real GPU (bench/sizing_accuracy_bench.py) must stay within it, or the plan's first
+#: steps end in the out-of-memory ladder.
+HEADROOM_FRACTION = 0.05
 #: How far a nominal size may be from an inspected model's count before the plan warns (7B names 6.74B
 #: and 7.24B models; Gemma-7B's 8.5B is 22% above its name and warned about).
 NOMINAL_TOLERANCE = 0.15
@@ -168,12 +221,32 @@ class MemoryEstimate:
     reference: float = 0.0
     #: Rows of a micro-batch: batchSize, or 2 x batchSize for dpo (a chosen and a rejected sequence per pair).
     rows: int = 0
+    #: The gradients' share of trainable_state: they exist from the backward on (zeroed to None after each
+    #: step), so they are not held at the activations' peak at the start of the backward (`per_gpu`).
+    gradients: float = 0.0
+    #: The working memory held alongside every gradient at the end of the backward (the first layer's), not
+    #: sharded (`body`).
+    late_activations: float = 0.0
+    #: AdamW's temporaries in its step, alongside every gradient; sharded with the state (`body`).
+    optimizer_temporaries: float = 0.0
+
+    def body(self, gpus: int) -> float:
+        """GiB of tensors one GPU holds at the peak (no CUDA context, no allocator reserve): weights and
+        optimizer state, plus the larger of two moments: the start of the backward (every stored activation
+        and the loss; the gradients not made yet) and its end or the optimizer step (every gradient)."""
+        n = gpus if self.sharded else 1
+        shard = (self.weights + self.trainable_state - self.gradients) / n
+        late = self.gradients / n + max(self.late_activations, self.optimizer_temporaries / n)
+        return shard + max(self.activations, late) + self.reference
 
     def per_gpu(self, gpus: int) -> float:
-        """GiB one GPU needs when the run is spread over `gpus` GPUs."""
-        shard = (self.weights + self.trainable_state) / (gpus if self.sharded else 1)
-        body = shard + self.activations + self.reference
-        return body * (1 + OVERHEAD_FRACTION) + OVERHEAD_FIXED_GIB
+        """GiB one GPU needs when the run is spread over `gpus` GPUs: `body`, plus the caching allocator's
+        reserve on what each step allocates and frees (OVERHEAD_FRACTION of all but the weights and optimizer
+        moments, which are allocated once), plus the CUDA context and communication buffers
+        (OVERHEAD_FIXED_GIB)."""
+        body = self.body(gpus)
+        static = (self.weights + self.trainable_state - self.gradients) / (gpus if self.sharded else 1)
+        return body + (body - static) * OVERHEAD_FRACTION + OVERHEAD_FIXED_GIB
 
     def total(self, gpus: int) -> float:
         return self.per_gpu(gpus) * gpus
@@ -240,12 +313,53 @@ def virtual_token_parameters(spec: FineTuneJobSpec, method: ResolvedMethod, hidd
     return float(n * 2 * layers * hidden)
 
 
+def adapter_inputs(hidden: int, targets: list[str], dims: Dims) -> float:
+    """Summed input widths of the modules LoRA adapts in one layer: each adapter keeps its own copy of its
+    module's input (peft casts it to the adapter's fp32, drops it out and autocast casts it back)."""
+    names = set(targets)
+    if "all_linear" in names:
+        names = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    inputs = {"o_proj": dims.q_dim, "down_proj": dims.intermediate}
+    return float(sum(inputs.get(name, hidden) for name in names))
+
+
+def loss_path(spec: FineTuneJobSpec, method: ResolvedMethod, t: float, hidden: int, vocab: int, x: float) -> float:
+    """Bytes the loss holds at its peak for `t` positions. sft with lora, qlora or full computes it fused
+    (the trainer's `fused_loss`, the default on accelerators): a chunk of FUSED_LOSS_CHUNK_BYTES of logits
+    and their gradient (float32 logits, 16-bit logits and gradient; less when t rows are less), the
+    final norm's output and float32 upcast and the gathered head input and its gradient (4 x-byte copies of
+    t x hidden), and a 16-bit copy of a float32 head (qlora: k-bit preparation upcasts it). Everything else
+    (prefix and prompt tuning: transformers' loss on every position; dpo: log-probabilities of every label)
+    holds vocabulary-wide logits: 16-bit logits, their fp32 upcast, fp32 log-softmax and its gradient."""
+    if spec.objective == "dpo" or method in VIRTUAL_TOKEN_METHODS:
+        return 16.0 * t * vocab
+    # a chunk holds float32 logits and 16-bit logits and gradient (4 + 2x per element), never more than all t rows
+    chunk = min(FUSED_LOSS_CHUNK_BYTES, t * vocab * (4 + 2 * x))
+    head_copy = 2.0 * vocab * hidden if method == "qlora" and x == 2 else 0.0
+    stream = 4.0 if method == "qlora" else x  # qlora's residual stream and final norm are float32
+    return chunk + t * hidden * (4 * stream + 4) + head_copy
+
+
+def optimizer_temporaries(method: ResolvedMethod, trainable: float, dims: Dims, pure_bf16: bool,
+                          device: str) -> float:
+    """Bytes torch's AdamW (the trainer's, torch's default implementation) allocates in its step beyond its
+    state: on CUDA the foreach implementation, whose sqrt of the second moments is one temporary of the
+    moments' size for the whole group; on CPU the for-loop one, two temporaries (the square root and the
+    denominator) of one parameter at a time, the largest of which is the embeddings (full fine-tuning)."""
+    size = 2 if pure_bf16 else 4
+    if device == "cuda":
+        return trainable * size
+    largest = max(dims.vocab * dims.hidden, dims.hidden * dims.intermediate) if method == "full" else 0.0
+    return 2.0 * largest * size
+
+
 def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod,
-                    architecture: Architecture | None = None) -> MemoryEstimate:
+                    architecture: Architecture | None = None, device: str = "cuda") -> MemoryEstimate:
     """The memory model for a spec trained with `method` (see the module docstring).
 
     `architecture`: the model's real shape and exact parameter count (read from its files) instead of
-    `shape`'s guess from the spec's parameter count."""
+    `shape`'s guess from the spec's parameter count. `device`: "cuda" (every plan) or "cpu" (the trainer's
+    CPU runs, which bench/sizing_accuracy_bench.py measures): only AdamW's step temporaries differ."""
     dims = Dims.of(architecture) if architecture else Dims.guess(nominal_billions(spec))
     p, hidden, layers, vocab = dims.parameters, dims.hidden, dims.layers, dims.vocab
     hp = spec.hyperparameters
@@ -276,14 +390,37 @@ def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod,
     b, s = hp.batch_size * (2 if spec.objective == "dpo" else 1), hp.max_seq_length
     if method == "prompt":
         s += spec.resolved_prompt().virtual_tokens
-    per_layer = b * s * (34.0 * hidden + 4 * (dims.kv_dim - hidden) + 8 * (dims.intermediate - hidden * 8 / 3))
+    t = float(b * s)  # token positions of a micro-batch
+    x = 2.0 if bytes_16 == 2 else 4.0  # bytes of an activation element: 16-bit under autocast / pure bf16, else fp32
+    # One layer's stored activations (module docstring): norms, attention, MLP, in x-byte elements (the norms'
+    # float32 upcasts are already fp32 in an fp32 run: counted at 2x like the rest, a slight over-estimate).
+    per_layer = t * x / 2 * (LAYER_STORED_16BIT * hidden + 4 * (dims.kv_dim - hidden) + 8 * dims.intermediate)
+    if method in ("lora", "qlora"):
+        per_layer += t * x / 2 * ADAPTER_STORED_16BIT * adapter_inputs(hidden, spec.lora.target_modules, dims)
+    if method == "qlora":
+        per_layer += t * x / 2 * QLORA_EXTRA_16BIT * hidden
+    # One layer's backward (after its recompute, with checkpointing): the gradient of its widest activation
+    backward_transient = t * x * dims.intermediate
+    if method in ("lora", "qlora"):  # and the float32 gradients of the adapters' inputs (peft's upcast copies)
+        backward_transient += t * 4 * adapter_inputs(hidden, spec.lora.target_modules, dims)
+    if method == "qlora":  # the float32 residual stream's gradient, a 4-bit projection dequantized to 16-bit
+        backward_transient += t * hidden * 4 + 2.0 * hidden * dims.intermediate
+    # full: the fused loss makes the head's gradient in its forward, a running sum and each chunk's product
+    chunks = math.ceil(t * vocab * (4 + 2 * x) / FUSED_LOSS_CHUNK_BYTES)
+    head_gradient = (vocab * hidden * (2 if pure_bf16 else 4) * min(2, chunks)) if method == "full" else 0.0
+    loss = loss_path(spec, method, t, hidden, vocab, x) + head_gradient
     if hp.gradient_checkpointing:
-        activations = layers * 2.0 * b * s * hidden + 2 * per_layer
+        stored = layers * t * hidden * (4 if method == "qlora" else x)  # each layer's input (qlora: fp32 residual)
+        working = per_layer + backward_transient  # one layer recomputed, then back-propagated
     else:
-        activations = (layers + 1) * per_layer
-    activations += 16.0 * b * s * vocab
+        stored = layers * per_layer
+        working = backward_transient
+    activations = stored + max(loss, working)
     if method == "prefix":
         activations += 2.0 * layers * b * spec.resolved_prefix().virtual_tokens * hidden * bytes_16
+    # Alongside every gradient: the first layer's backward (its own input still stored) or AdamW's step
+    late = working + (stored / layers if layers else 0.0)  # the first layer's backward, its input still held
+    gradients = trainable * (2 if pure_bf16 else 4)
     reference = 0.0
     if reference_kind(spec, method) == "adapter":
         # under no_grad, while the policy's activations are held: one layer at a time, and its logits path
@@ -297,6 +434,9 @@ def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod,
         sharded=method not in VIRTUAL_TOKEN_METHODS,
         reference=reference / GIB,
         rows=b,
+        gradients=gradients / GIB,
+        late_activations=late / GIB,
+        optimizer_temporaries=optimizer_temporaries(method, trainable, dims, pure_bf16, device) / GIB,
     )
 
 
@@ -347,18 +487,111 @@ def _gpu_counts() -> list[int]:
     return counts
 
 
+def usable_gib(gib: float) -> float:
+    """What the plan lets the memory model's prediction use of a GPU of `gib`: all but the headroom."""
+    return gib * (1 - HEADROOM_FRACTION)
+
+
 def _fits(mem: MemoryEstimate, gpus: int, gib: float) -> bool:
+    """Whether `mem` fits `gpus` GPUs of `gib`, all of it: how layouts are chosen (at the requested rung, which
+    asks for more memory than the rungs below it; the rung then keeps the headroom)."""
     return mem.per_gpu(gpus) <= gib
+
+
+def _fits_with_headroom(mem: MemoryEstimate, gpus: int, gib: float) -> bool:
+    """Whether `mem` fits `gpus` GPUs of `gib` with the headroom (`HEADROOM_FRACTION`): how rungs are chosen."""
+    return mem.per_gpu(gpus) <= usable_gib(gib)
+
+
+def requested_rung(spec: FineTuneJobSpec, method: ResolvedMethod) -> MemoryRung:
+    """The rung layouts are chosen at: batchSize x gradientAccumulationSteps as set, gradient checkpointing as
+    set, or on where unset (the plan decides) and the method allows it: the least memory at the requested
+    micro-batch, so a layout is never larger than the job needs."""
+    hp = spec.hyperparameters
+    checkpointing = hp.gradient_checkpointing
+    if checkpointing is None:
+        checkpointing = checkpointing_allowed(method)
+    return MemoryRung(micro_batch=hp.batch_size, grad_accum=hp.gradient_accumulation_steps,
+                      gradient_checkpointing=checkpointing)
+
+
+def rung_candidates(spec: FineTuneJobSpec, method: ResolvedMethod) -> list[MemoryRung]:
+    """The rungs the plan tries, fastest first. gradientCheckpointing unset: off at batchSize, then each smaller
+    micro-batch (`MemoryRung.halved`) off, down to 1; then on, from batchSize down. Recomputing costs about a third
+    more compute on every step, while a smaller micro-batch with more accumulation trains the same examples per
+    optimizer step at a lower but, at sequence lengths like the default 2048, still large arithmetic intensity.
+    Set explicitly (or prefix, where unset means off): only the micro-batch varies."""
+    hp = spec.hyperparameters
+    settings = [hp.gradient_checkpointing] if hp.gradient_checkpointing is not None else (
+        [False, True] if checkpointing_allowed(method) else [False])
+    rungs: list[MemoryRung] = []
+    for checkpointing in settings:
+        rung: MemoryRung | None = MemoryRung(micro_batch=hp.batch_size, grad_accum=hp.gradient_accumulation_steps,
+                                             gradient_checkpointing=checkpointing)
+        while rung is not None:
+            rungs.append(rung)
+            rung = rung.halved()
+    return rungs
+
+
+@dataclass(frozen=True)
+class RungChoice:
+    """The plan's rung on a layout: the first of `rung_candidates` that fits with the headroom, or, where none
+    does, the last (the least memory) with `fits` False."""
+
+    rung: MemoryRung
+    memory: MemoryEstimate
+    per_gpu: float
+    fits: bool
+
+
+def choose_rung(spec: FineTuneJobSpec, method: ResolvedMethod, gpus: int, gib: float,
+                architecture: Architecture | None = None) -> RungChoice:
+    """The fastest rung of `rung_candidates` at which `spec` trained with `method` fits `gpus` GPUs of `gib` with
+    the headroom (`HEADROOM_FRACTION`). Pure: the memory model of the spec at each rung (`contract.at_rung`)."""
+    choice: RungChoice | None = None
+    for rung in rung_candidates(spec, method):
+        mem = estimate_memory(at_rung(spec, rung), method, architecture)
+        choice = RungChoice(rung, mem, mem.per_gpu(gpus), _fits_with_headroom(mem, gpus, gib))
+        if choice.fits:
+            return choice
+    assert choice is not None  # every spec has its requested rung
+    return choice
+
+
+def rung_words(choice: RungChoice, spec: FineTuneJobSpec, gib: float) -> str:
+    """The plan's rung in words for its reason: the rung, the memory per GPU, the headroom, what changed."""
+    hp, rung = spec.hyperparameters, choice.rung
+    free = gib - choice.per_gpu
+    words = (f"starts at {describe(rung)}: {_fmt(choice.per_gpu)} of {gib:g} GiB per GPU, {_fmt(free)} GiB "
+             f"({free / gib:.0%}) headroom")
+    if not choice.fits:
+        return words + f", less than the {HEADROOM_FRACTION:.0%} kept free at every rung"
+    changes = []
+    if rung.micro_batch != hp.batch_size:
+        changes.append(f"batchSize {hp.batch_size} lowered to {rung.micro_batch} with {rung.grad_accum} accumulation "
+                       f"steps, keeping {hp.batch_size * hp.gradient_accumulation_steps} examples per optimizer step "
+                       "on each GPU")
+    if hp.gradient_checkpointing is None:
+        changes.append("gradient checkpointing " + (
+            "on: no micro-batch fits without it" if rung.gradient_checkpointing else
+            "off: it fits without, which saves the recompute (about a third more compute per step)"))
+    return words + (f" ({'; '.join(changes)})" if changes else "")
+
+
+def fitting_layouts(mem: MemoryEstimate, method: ResolvedMethod) -> list[tuple[int, int]]:
+    """Every (GPUs, GiB per GPU) that `mem` fits, best first: least total memory for full, fewest GPUs for
+    adapters."""
+    fitting = [(g, c) for g in _gpu_counts() for c in GPU_CLASSES_GIB if _fits(mem, g, c)]
+    if method == "full":
+        return sorted(fitting, key=lambda gc: (gc[0] * gc[1], gc[0]))
+    return sorted(fitting, key=lambda gc: (gc[0], gc[1]))
 
 
 def choose_layout(mem: MemoryEstimate, method: ResolvedMethod) -> tuple[int, int] | None:
     """(GPUs, GiB per GPU) that fits: least total memory for full, fewest GPUs for adapters."""
-    fitting = [(g, c) for g in _gpu_counts() for c in GPU_CLASSES_GIB if _fits(mem, g, c)]
-    if not fitting:
-        return None
-    if method == "full":
-        return min(fitting, key=lambda gc: (gc[0] * gc[1], gc[0]))
-    return min(fitting, key=lambda gc: (gc[0], gc[1]))
+    layouts = fitting_layouts(mem, method)
+    return layouts[0] if layouts else None
 
 
 def _split_nodes(gpus: int, per_node_max: int) -> tuple[int, int]:
@@ -388,18 +621,58 @@ def shape_words(arch: Architecture) -> str:
             f"{arch.vocab_size:,}, {'tied' if arch.tied_embeddings else 'untied'} embeddings")
 
 
+def _parts(spec: FineTuneJobSpec, method: ResolvedMethod, mem: MemoryEstimate) -> str:
+    """The memory model's parts in words for a plan's reason."""
+    if method in VIRTUAL_TOKEN_METHODS:
+        projected = method == "prefix" and spec.resolved_prefix().projection
+        trained = (f"a trainable state {_fmt(mem.trainable_state)} GiB ({mem.trainable_parameters:,.0f} parameters: "
+                   "the virtual tokens and their projection MLP)" if projected else
+                   f"a tiny trainable state of {_fmt(mem.trainable_state * 1024)} MiB ({mem.trainable_parameters:,.0f} "
+                   "virtual-token parameters)")
+        parts = (
+            f"{method} tuning: frozen base weights {_fmt(mem.weights)} GiB plus {trained}, activations "
+            f"{_fmt(mem.activations)} GiB; the frozen base is replicated on each GPU, not sharded"
+        )
+    else:
+        parts = (f"weights {_fmt(mem.weights)}, trainable state {_fmt(mem.trainable_state)}, "
+                 f"activations {_fmt(mem.activations)} GiB")
+    if spec.objective == "dpo":
+        parts += f"; {_dpo_words(spec, method, mem)}"
+    return parts
+
+
+def _fitting_class(spec: FineTuneJobSpec, method: ResolvedMethod, mem: MemoryEstimate, gpus: int,
+                   architecture: Architecture | None) -> int:
+    """spec.resources.gpus without gpuMemory: the smallest class that fits at the requested rung and at some rung
+    with the headroom, else the largest."""
+    return next((c for c in GPU_CLASSES_GIB
+                 if _fits(mem, gpus, c) and choose_rung(spec, method, gpus, c, architecture).fits), GPU_CLASSES_GIB[-1])
+
+
+def _fitting_count(spec: FineTuneJobSpec, method: ResolvedMethod, mem: MemoryEstimate, gib: float,
+                   architecture: Architecture | None) -> int:
+    """spec.resources.gpuMemory without gpus: the fewest GPUs that fit at the requested rung and at some rung with
+    the headroom, else the most."""
+    return next((n for n in _gpu_counts()
+                 if _fits(mem, n, gib) and choose_rung(spec, method, n, gib, architecture).fits), MAX_GPUS)
+
+
 def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Plan:
-    """Plan the GPUs for a spec. Pure; raises PlanningError for specs that cannot be planned.
+    """Plan the GPUs for a spec, and the rung the trainer starts at on them. Pure; raises PlanningError for specs
+    that cannot be planned.
 
     `architecture` (read from the model's files by `finetune plan --inspect`) refines the memory model; the
-    model-size table still decides the spec's nominal 7B, 13B and 70B sizes."""
+    model-size table still decides the spec's nominal 7B, 13B and 70B sizes. The layout comes first (the table's
+    cell, else the memory model at the requested rung, `requested_rung`), then the fastest rung that fits it
+    with the headroom (`choose_rung`); a warning only where none does."""
     method, method_reason = resolve_method(spec)
     p_b = nominal_billions(spec, architecture)
     if spec.base_model.uri is None:
         # a chained stage before the operator resolved it (chain.apply sets the URI and the base job's count)
         method_reason += (f"; spec.baseModel.fromJob {spec.base_model.from_job}: sized from spec.baseModel.parameters "
                           "until that job succeeded")
-    mem = estimate_memory(spec, method, architecture)
+    asked = requested_rung(spec, method)
+    mem = estimate_memory(at_rung(spec, asked), method, architecture)
     res = spec.resources
     warnings: list[str] = []
     size = f"{p_b:g}B"
@@ -412,24 +685,8 @@ def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Pla
                 f"the spec's size {p_b:g}B (baseModel.parameters or the model name) is {abs(off):.0%} "
                 f"{'above' if off > 0 else 'below'} the {architecture.parameters:,} parameters in "
                 f"{_short_path(architecture.path)}; fix spec.baseModel.parameters")
-    parts = (
-        f"weights {_fmt(mem.weights)}, trainable state {_fmt(mem.trainable_state)}, "
-        f"activations {_fmt(mem.activations)} GiB"
-    )
-    if method in VIRTUAL_TOKEN_METHODS:
-        projected = method == "prefix" and spec.resolved_prefix().projection
-        trained = (f"a trainable state {_fmt(mem.trainable_state)} GiB ({mem.trainable_parameters:,.0f} parameters: "
-                   "the virtual tokens and their projection MLP)" if projected else
-                   f"a tiny trainable state of {_fmt(mem.trainable_state * 1024)} MiB ({mem.trainable_parameters:,.0f} "
-                   "virtual-token parameters)")
-        parts = (
-            f"{method} tuning: frozen base weights {_fmt(mem.weights)} GiB plus {trained}, activations "
-            f"{_fmt(mem.activations)} GiB; the frozen base is replicated on each GPU, not sharded"
-        )
-
+    parts = _parts(spec, method, mem)
     dpo = spec.objective == "dpo"
-    if dpo:
-        parts += f"; {_dpo_words(spec, method, mem)}"
     # The model-size table is the contract for sft: a dpo run (twice the rows, a reference) is always estimated.
     table_cell = TABLE.get(int(p_b), {}).get(method) if float(p_b).is_integer() and not dpo else None
     explicit_mem = parse_gpu_memory_gib(res.gpu_memory) if res.gpu_memory else None
@@ -437,40 +694,55 @@ def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Pla
     if res.gpus is None and explicit_mem is None:
         if table_cell is not None:
             gpus, gib = table_cell
+            gib_f = float(gib)
             source = "table"
             reason = f"{method_reason}; {size} {method} -> {gpus}x{gib}GiB from the model-size table"
-            if not _fits(mem, gpus, gib):
-                hp = spec.hyperparameters
-                needs = f"the memory model needs {_fmt(mem.per_gpu(gpus))} GiB per GPU, more than the table's {gib}GiB"
-                static = MemoryEstimate(mem.weights, mem.trainable_state, 0.0, mem.trainable_parameters)
-                if _fits(static, gpus, gib):
-                    advice = "lower hyperparameters.batchSize or maxSeqLength, or set spec.resources"
-                    needs = f"with batchSize {hp.batch_size} x maxSeqLength {hp.max_seq_length} {needs}"
-                else:
-                    advice = (
-                        f"its weights and optimizer state alone need {_fmt(static.per_gpu(gpus))} GiB per GPU; "
-                        "set spec.resources (more GPUs) or use a smaller method"
-                    )
-                warnings.append(f"{needs}; {advice}")
+            choice = choose_rung(spec, method, gpus, gib_f, architecture)
+            if not choice.fits:
+                warnings.append(_table_warning(spec, method, choice, gpus, gib))
         else:
-            layout = choose_layout(mem, method)
+            layouts = fitting_layouts(mem, method)
+            lowered_for_layout = False
+            if not layouts:
+                # Nothing holds the requested rung: the least-memory rung may fit (the plan lowers the micro-batch,
+                # and turns checkpointing on where it may, before it refuses).
+                lowest = rung_candidates(spec, method)[-1]
+                mem = estimate_memory(at_rung(spec, lowest), method, architecture)
+                layouts, asked, lowered_for_layout = fitting_layouts(mem, method), lowest, True
+                parts = _parts(spec, method, mem)
+            layout = layouts[0] if layouts else None
             if layout is None and not mem.sharded:
                 raise PlanningError(
                     "spec.method",
-                    f"{size} with method {method} needs {_fmt(mem.per_gpu(1))} GiB on every GPU ({parts}) and "
-                    f"does not fit one GPU of {GPU_CLASSES_GIB[-1]}GiB; use method lora or qlora, or lower "
-                    "hyperparameters.batchSize or maxSeqLength",
+                    f"{size} with method {method} needs {_fmt(mem.per_gpu(1))} GiB on every GPU even at "
+                    f"{describe(asked)} ({parts}), and does not fit one GPU of {GPU_CLASSES_GIB[-1]}GiB; use method "
+                    "lora or qlora, or lower hyperparameters.maxSeqLength",
                 )
             if layout is None:
-                advice = "lower hyperparameters.batchSize or maxSeqLength (activations are not sharded)"
+                advice = "lower hyperparameters.maxSeqLength (activations are not sharded)"
                 if method != "qlora":
                     advice = "use method qlora, or " + advice
                 raise PlanningError(
                     "spec.baseModel.parameters",
-                    f"{size} with method {method} needs {_fmt(mem.activations)} GiB of activations per GPU "
-                    f"and does not fit on {MAX_GPUS} GPUs of 80GiB; {advice}",
+                    f"{size} with method {method} needs {_fmt(mem.activations)} GiB of activations per GPU even at "
+                    f"{describe(asked)}, and does not fit on {MAX_GPUS} GPUs of 80GiB; {advice}",
                 )
-            gpus, gib = layout
+            # The best layout where some rung fits with the headroom (nearly always the first: a smaller micro-batch
+            # frees more than the headroom), else the first, with a warning.
+            choices = ((g, c, choose_rung(spec, method, g, c, architecture)) for g, c in layouts)
+            first = None
+            for gpus, gib, choice in choices:
+                first = first or (gpus, gib, choice)
+                if choice.fits:
+                    break
+            else:
+                assert first is not None
+                gpus, gib, choice = first
+                warnings.append(
+                    f"the memory model needs {_fmt(choice.per_gpu)} GiB per GPU on {gpus}x{gib}GiB even at "
+                    f"{describe(choice.rung)}, more than its {HEADROOM_FRACTION:.0%} headroom allows; expect "
+                    "out-of-memory, or set spec.resources")
+            gib_f = float(gib)
             source = "estimate"
             sized_by = "the memory model sized it"
             if architecture is not None:
@@ -480,37 +752,45 @@ def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Pla
             why = (f"objective dpo with {size} {method}: the model-size table is for sft, so {sized_by}" if dpo else
                    f"{size} {method} is not in the model-size table, so {sized_by}")
             reason = (
-                f"{method_reason}; {why}: "
+                f"{method_reason}; {why}: at {describe(asked)}, "
                 f"{parts}; {_fmt(mem.per_gpu(gpus))} GiB per GPU on {gpus} GPU(s) -> {gpus}x{gib}GiB, "
                 + ("the least total GPU memory that fits" if method == "full" else "the fewest GPUs that fit")
             )
+            if lowered_for_layout:
+                reason += f" (at batchSize {spec.hyperparameters.batch_size} none does)"
+            if (gpus, gib) != layouts[0]:
+                best_g, best_c = layouts[0]
+                reason += (f" with a rung that keeps {HEADROOM_FRACTION:.0%} of it free ({best_g}x{best_c}GiB holds "
+                           f"{_fmt(mem.per_gpu(best_g))} GiB per GPU, but no rung keeps that headroom there)")
     else:
         source = "table" if table_cell is not None else "estimate"
         if res.gpus is not None and explicit_mem is not None:
             gpus, gib_f = res.gpus, explicit_mem
         elif res.gpus is not None:
             gpus = res.gpus
-            fitting = [c for c in GPU_CLASSES_GIB if _fits(mem, gpus, c)]
-            gib_f = float(fitting[0] if fitting else GPU_CLASSES_GIB[-1])
+            gib_f = float(_fitting_class(spec, method, mem, gpus, architecture))
         else:
             assert explicit_mem is not None
             gib_f = explicit_mem
-            gpus = next((n for n in _gpu_counts() if _fits(mem, n, gib_f)), MAX_GPUS)
+            gpus = _fitting_count(spec, method, mem, gib_f, architecture)
         gib = math.ceil(gib_f)
+        choice = choose_rung(spec, method, gpus, gib_f, architecture)
         reason = (
             f"{method_reason}; spec.resources overrides the plan: {gpus}x{gib}GiB "
-            f"(memory model: {parts}; {_fmt(mem.per_gpu(gpus))} GiB per GPU)"
+            f"(memory model at the starting rung: {_parts(spec, method, choice.memory)})"
         )
-        if not _fits(mem, gpus, gib_f):
+        if not choice.fits:
             warnings.append(
-                f"spec.resources gives {gpus}x{gib}GiB but the memory model needs "
-                f"{_fmt(mem.per_gpu(gpus))} GiB per GPU; expect out-of-memory, or raise resources.gpus or gpuMemory"
+                f"spec.resources gives {gpus}x{gib}GiB but the memory model needs {_fmt(choice.per_gpu)} GiB per GPU "
+                f"even at {describe(choice.rung)}, its least-memory rung, and keeps {HEADROOM_FRACTION:.0%} of each GPU "
+                "free; expect out-of-memory, or raise resources.gpus or gpuMemory"
             )
         if table_cell is not None and (gpus, gib) != table_cell:
             warnings.append(
                 f"the model-size table gives {table_cell[0]}x{table_cell[1]}GiB for {size} {method}; "
                 f"spec.resources asks for {gpus}x{gib}GiB"
             )
+    reason += f"; {rung_words(choice, spec, gib_f)}"
 
     nodes, per_node = _split_nodes(gpus, res.gpus_per_node)
     return Plan(
@@ -519,8 +799,26 @@ def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Pla
         gpu_memory_gib=gib,
         nodes=nodes,
         gpus_per_node=per_node,
-        estimated_memory_gib=round(mem.total(gpus), 1),
+        estimated_memory_gib=round(choice.memory.total(gpus), 1),
         source=source,
         reason=reason,
+        rung=choice.rung,
+        memory_per_gpu_gib=round(choice.per_gpu, 1),
+        headroom_gib=round(gib_f - choice.per_gpu, 1),
         warnings=warnings,
     )
+
+
+def _table_warning(spec: FineTuneJobSpec, method: ResolvedMethod, choice: RungChoice, gpus: int, gib: int) -> str:
+    """Why no rung fits the table's cell, and what to change."""
+    hp, mem = spec.hyperparameters, choice.memory
+    needs = (f"the memory model needs {_fmt(choice.per_gpu)} GiB per GPU even at {describe(choice.rung)}, more than "
+             f"the table's {gib}GiB less its {HEADROOM_FRACTION:.0%} headroom")
+    static = MemoryEstimate(mem.weights, mem.trainable_state, 0.0, mem.trainable_parameters, sharded=mem.sharded)
+    if _fits(static, gpus, gib):
+        unset = (hp.gradient_checkpointing is False and checkpointing_allowed(method))
+        advice = ("lower hyperparameters.maxSeqLength" + (", unset (or set true) gradientCheckpointing" if unset else "")
+                  + ", or set spec.resources")
+        return f"with maxSeqLength {hp.max_seq_length} {needs}; {advice}"
+    return (f"{needs}; its weights and optimizer state alone need {_fmt(static.per_gpu(gpus))} GiB per GPU; "
+            "set spec.resources (more GPUs) or use a smaller method")

@@ -404,7 +404,11 @@ class Hyperparameters(_Model):
         description="Peak learning rate. Defaults to 2e-4 for lora and qlora, 2e-5 for full, 3e-2 for prefix "
         "and prompt.",
     )
-    batch_size: int = Field(default=4, ge=1, le=4096, description="Micro-batch per GPU. Defaults to 4.")
+    batch_size: int = Field(
+        default=4, ge=1, le=4096,
+        description="Micro-batch per GPU. The sizing plan may lower it to fit the planned GPU (never raise it), "
+        "multiplying gradientAccumulationSteps so batchSize x gradientAccumulationSteps, the examples per "
+        "optimizer step on each GPU, stays as set (status.plan.rung). Defaults to 4.")
     gradient_accumulation_steps: int = Field(
         default=4, ge=1, le=4096, description="Micro-batches per optimizer step. Defaults to 4."
     )
@@ -431,11 +435,13 @@ class Hyperparameters(_Model):
     precision: Precision = Field(
         default="bf16", description="Training precision: bf16, fp16 or fp32. Defaults to bf16."
     )
-    gradient_checkpointing: bool = Field(
-        default=True,
-        description="Recompute activations in the backward pass to save memory. Not with method prefix "
-        "(peft passes the prefix as a KV cache, which checkpointed layers drop). Defaults to true, and to "
-        "false with method prefix.",
+    gradient_checkpointing: bool | None = Field(
+        default=None,
+        description="Recompute activations in the backward pass to save memory, at about a third more compute "
+        "per step. Unset: the sizing plan decides (status.plan.rung): off where the job fits the planned GPU "
+        "without it, at batchSize or a smaller micro-batch with more accumulation; on only where nothing fits "
+        "otherwise. true or false: as set, and the plan varies only the micro-batch. Not with method prefix "
+        "(peft passes the prefix as a KV cache, which checkpointed layers drop): unset means off there.",
     )
 
     def learning_rate_for(self, method: ResolvedMethod) -> float:
@@ -1118,8 +1124,8 @@ class FineTuneJobSpec(_Model):
                 "per-example attention of packed rows (examples would attend to each other); set packing: false"
             )
         if method == "prefix":
-            if "gradient_checkpointing" not in hp.model_fields_set:
-                hp.gradient_checkpointing = False  # the documented default for prefix
+            if hp.gradient_checkpointing is None:
+                hp.gradient_checkpointing = False  # the documented default for prefix: the plan may not turn it on
             elif hp.gradient_checkpointing:
                 raise ValueError(
                     "spec.hyperparameters.gradientCheckpointing cannot be used with method prefix: peft passes the "
@@ -1222,6 +1228,25 @@ class CostEstimate(_Model):
                        "peak and utilisation.")
 
 
+class MemoryRung(_Model):
+    """One rung of the memory ladder: how a step's examples are split in memory (the plan's choice, and each step
+    of the out-of-memory ladder)."""
+
+    micro_batch: int = Field(ge=1, description="Examples per forward pass on each GPU (spec.hyperparameters.batchSize).")
+    grad_accum: int = Field(
+        ge=1, description="Micro-batches accumulated per optimizer step (spec.hyperparameters.gradientAccumulationSteps).")
+    gradient_checkpointing: bool = Field(description="Whether activations are recomputed in the backward pass.")
+
+    def halved(self) -> MemoryRung | None:
+        """The next smaller micro-batch, with the accumulation that keeps microBatch x gradAccum: the largest
+        divisor at most half of it (8 -> 4, 6 -> 3, 5 -> 1); None at a micro-batch of 1. Both the plan
+        (`sizing.choose_rung`) and the out-of-memory ladder (`contract.next_rung`) step down this way."""
+        if self.micro_batch <= 1:
+            return None
+        smaller = next(d for d in range(self.micro_batch // 2, 0, -1) if self.micro_batch % d == 0)
+        return self.model_copy(update={"micro_batch": smaller, "grad_accum": self.grad_accum * (self.micro_batch // smaller)})
+
+
 class Plan(_Model):
     """The sizing decision: how many GPUs of what memory, and why."""
 
@@ -1232,14 +1257,30 @@ class Plan(_Model):
     gpus_per_node: int = Field(ge=1, description="GPUs requested by each training pod.")
     estimated_memory_gib: float = Field(
         alias="estimatedMemoryGiB",
-        description="GPU memory the memory model predicts for the whole run, in GiB (all GPUs together).",
+        description="GPU memory the memory model predicts for the whole run at `rung`, in GiB (all GPUs together).",
     )
     source: Literal["table", "estimate"] = Field(
         description="`table`: the model-size table; `estimate`: the memory model (sizes not in the table)."
     )
     reason: str = Field(max_length=2048, description="Which rules fired, in words.")
+    rung: MemoryRung | None = Field(
+        default=None,
+        description="The micro-batch, gradient accumulation and gradient checkpointing the trainer starts at: the "
+        "fastest that fits the planned GPU with the headroom (spec.hyperparameters.batchSize lowered, never "
+        "raised, with gradientAccumulationSteps raised to keep their product; checkpointing off unless nothing "
+        "fits without it, or as spec.hyperparameters.gradientCheckpointing sets it). Unset in plans made before "
+        "the field existed: the trainer then starts at the spec's hyperparameters.")
+    memory_per_gpu_gib: float | None = Field(
+        default=None, alias="memoryPerGpuGiB",
+        description="GPU memory the memory model predicts for each GPU at `rung`, in GiB (its own allowance for "
+        "the CUDA context and fragmentation included).")
+    headroom_gib: float | None = Field(
+        default=None, alias="headroomGiB",
+        description="gpuMemoryGiB minus memoryPerGpuGiB: what is left on each GPU beyond the prediction, in GiB. "
+        "The plan keeps at least 5% of gpuMemoryGiB; negative where nothing fits (see warnings).")
     warnings: list[Annotated[str, Field(max_length=1024)]] = Field(
-        default_factory=list, max_length=16, description="Problems with explicit resources, such as too little memory."
+        default_factory=list, max_length=16, description="Problems with explicit resources, such as too little memory, "
+        "and a job that fits the planned GPU at no rung."
     )
     serving: ServingPlan | None = Field(
         default=None, description="What spec.serving serves (model, adapter, rank, manifests); unset without it.")
@@ -1369,15 +1410,6 @@ class ServingStatus(_Model):
     ready: bool | None = Field(default=None, description="Whether its Ready condition was True when the operator "
                                "last looked (it looks until it is Ready, then on later passes over the job).")
     url: str | None = Field(default=None, max_length=2048, description="Its address, once KServe reports one.")
-
-
-class MemoryRung(_Model):
-    """One rung of the out-of-memory ladder: how a step's examples are split in memory."""
-
-    micro_batch: int = Field(ge=1, description="Examples per forward pass on each GPU (spec.hyperparameters.batchSize).")
-    grad_accum: int = Field(
-        ge=1, description="Micro-batches accumulated per optimizer step (spec.hyperparameters.gradientAccumulationSteps).")
-    gradient_checkpointing: bool = Field(description="Whether activations are recomputed in the backward pass.")
 
 
 class Adjustment(_Model):

@@ -16,14 +16,16 @@ from typing import Any
 import pytest
 
 from finetune_operator.contract import EXIT_CONFIG_ERROR, REPORT_KEY, TrainerConfig, next_rung, spec_rung
+from finetune_operator.sizing import choose_rung
 from finetune_operator.spec import Adjustment, MemoryRung
 from tests.trainer import train_helpers as th
 
 LOSS_TOLERANCE = 1e-6
 
-#: 4 x 4 (16 examples per optimizer step), 4 steps, a checkpoint after step 2.
+#: 4 x 4 (16 examples per optimizer step), 4 steps, a checkpoint after step 2. Gradient checkpointing set: the
+#: plan of the tiny model (4 x 4 fits anything) then starts at 4 x 4 with it on, the rung these tests step down from.
 SPEC: dict[str, Any] = {
-    "hyperparameters": {"maxSteps": 4, "batchSize": 4, "gradientAccumulationSteps": 4},
+    "hyperparameters": {"maxSteps": 4, "batchSize": 4, "gradientAccumulationSteps": 4, "gradientCheckpointing": True},
     "checkpoint": {"everySteps": 2, "keep": 2},
     "evaluation": {"maxExamples": 2, "maxNewTokens": 4},
 }
@@ -144,6 +146,33 @@ def test_oom_steps_down_and_trains_the_same_losses(s3_env: Any, staged: th.Stage
     for step in (2, 4):
         saved = store.read_json(f"checkpoints/step-{step}/trainer_state.json")
         assert saved["rung"] == _wire(2, 8) and saved["adjustments"] == [adjustment]
+
+
+def test_the_trainer_starts_and_steps_down_from_the_plans_rung(s3_env: Any, staged: th.Staged,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """gradientCheckpointing unset: the plan decides. A plan that chose 2 x 8 without checkpointing (a GPU the
+    spec's 4 x 4 does not fit): the trainer starts there, and its ladder starts there too (the next rung halves:
+    checkpointing comes on only below the plan's micro-batch), whatever batchSize says."""
+    spec = th._merge(SPEC, {})
+    del spec["hyperparameters"]["gradientCheckpointing"]
+    config = th.make_config(staged, spec)
+    assert config.spec.hyperparameters.gradient_checkpointing is None
+    # the tiny model fits at the requested rung, checkpointing off: the plan's own choice
+    assert config.plan.rung == R(4, 4, False) == choose_rung(config.spec, "lora", 1, 12).rung
+    planned = config.model_copy(update={"plan": config.plan.model_copy(update={"rung": R(2, 8, False)})})
+    raised = inject(monkeypatch, at_micro_batch=2, from_step=1)
+    th.run_in_process(planned)
+    assert raised == [(2, 1)]  # no attempt at the spec's 4 x 4
+    store = th.store(config.spec.output.uri)
+    report = store.read_json(REPORT_KEY)
+    assert report["phase"] == "complete"
+    (adjustment,) = report["adjustments"]
+    assert adjustment["from"] == _wire(2, 8, False) and adjustment["to"] == _wire(1, 16, False)
+    card = store.read_bytes("README.md").decode()
+    assert "| batch size per GPU x accumulation | 1 x 16 |" in card and "| gradient checkpointing | no |" in card
+    provenance = store.read_json("provenance.json")["hyperparameters"]
+    assert (provenance["batchSize"], provenance["gradientAccumulationSteps"], provenance["gradientCheckpointing"]) == (
+        1, 16, False)
 
 
 def test_the_operators_adjustment_starts_one_rung_lower(s3_env: Any, staged: th.Staged,

@@ -12,15 +12,24 @@ from finetune_operator.manifests import load_file
 from finetune_operator.settings import OperatorSettings
 from finetune_operator.spec import Adjustment, MemoryRung
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "healthcare-lora.yaml"  # 4 x 4, checkpointing on
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "healthcare-lora.yaml"  # batchSize 4 x 4
 
 
-def config(**hyper: Any) -> contract.TrainerConfig:
+def rung(micro: int, accum: int, checkpointing: bool) -> MemoryRung:
+    return MemoryRung(micro_batch=micro, grad_accum=accum, gradient_checkpointing=checkpointing)
+
+
+#: The rung most tests start at: the example's batchSize with checkpointing on.
+START = rung(4, 4, True)
+
+
+def config(start: MemoryRung | None = START) -> contract.TrainerConfig:
+    """The example's snapshot with its plan's rung set to `start` (None: a plan made before plans chose a rung)."""
     (loaded,) = load_file(EXAMPLE)
     assert loaded.job is not None and loaded.plan is not None
-    job = loaded.job
-    job.spec.hyperparameters = job.spec.hyperparameters.model_copy(update=hyper)
-    return contract.resolve(job, loaded.plan)
+    cfg = contract.resolve(loaded.job, loaded.plan)
+    cfg.plan.rung = start
+    return cfg
 
 
 def pod(name: str = "healthcare-assistant-0-abcde", *, reason: str = "OOMKilled", created: str = "2026-12-02T10:00:00Z",
@@ -35,10 +44,6 @@ def pod(name: str = "healthcare-assistant-0-abcde", *, reason: str = "OOMKilled"
         "status": {"phase": "Failed", "containerStatuses": [
             {"name": render.CONTAINER_NAME, where: {"terminated": term}}]},
     }
-
-
-def rung(micro: int, accum: int, checkpointing: bool) -> MemoryRung:
-    return MemoryRung(micro_batch=micro, grad_accum=accum, gradient_checkpointing=checkpointing)
 
 
 def test_only_an_oom_killed_trainer_container_counts() -> None:
@@ -70,7 +75,7 @@ def test_one_rung_down_keeps_the_examples_per_step() -> None:
     (rung(1, 16, True), None),                # the bottom
 ])
 def test_the_ladder_continues_from_the_last_adjustment(start: MemoryRung, expected: MemoryRung | None) -> None:
-    cfg = config(gradient_checkpointing=False)
+    cfg = config(rung(4, 4, False))
     if start != rung(4, 4, False):
         cfg.adjustments.append(Adjustment.model_validate(
             {"step": 0, "from": rung(4, 4, False).model_dump(by_alias=True), "to": start.model_dump(by_alias=True),
@@ -82,6 +87,30 @@ def test_the_ladder_continues_from_the_last_adjustment(start: MemoryRung, expect
         assert "bottom of the out-of-memory ladder" in decision.message and "micro-batch 4 x 4" in decision.message
     else:
         assert decision.adjustment is not None and decision.adjustment.to == expected
+
+
+def test_the_ladder_starts_at_the_plans_rung() -> None:
+    (loaded,) = load_file(EXAMPLE)
+    assert loaded.job is not None and loaded.plan is not None and loaded.plan.rung is not None
+    cfg = contract.resolve(loaded.job, loaded.plan)
+    assert cfg.start_rung() == cfg.ladder_start() == loaded.plan.rung  # the plan's choice, not batchSize
+    # A plan that chose 2 x 8 without checkpointing for the example's batchSize 4 x 4: the first step down halves
+    # (from the spec's 4 x 4 it would turn checkpointing on at 2 x 8), then checkpointing comes on.
+    cfg = config(rung(2, 8, False))
+    first = oomkill.decide(pod(), cfg, adjusted_at=None)
+    assert first is not None and first.adjustment is not None
+    assert (first.adjustment.from_, first.adjustment.to) == (rung(2, 8, False), rung(1, 16, False))
+    cfg.adjustments.append(first.adjustment)
+    second = oomkill.decide(pod("healthcare-assistant-0-klmno", created="2026-12-02T10:05:20Z"), cfg,
+                            adjusted_at="2026-12-02T10:05:00Z")
+    assert second is not None and second.adjustment is not None and second.adjustment.to == rung(1, 16, True)
+
+
+def test_a_snapshot_without_a_planned_rung_starts_at_the_spec_with_unset_checkpointing_on() -> None:
+    cfg = config(None)  # a plan from before plans chose a rung
+    assert cfg.spec.hyperparameters.gradient_checkpointing is None
+    assert cfg.start_rung() == cfg.ladder_start() == rung(4, 4, True)  # unset was on then, never off by accident
+    assert cfg.gradient_checkpointing() is True
 
 
 def test_a_step_down_the_trainer_reported_is_where_the_pod_was() -> None:

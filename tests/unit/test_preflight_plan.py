@@ -21,7 +21,7 @@ from finetune_operator.contract import (
     TrainerError,
 )
 from finetune_operator.settings import OperatorSettings, SettingsError
-from finetune_operator.spec import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus, Plan
+from finetune_operator.spec import FineTuneJob, FineTuneJobSpec, FineTuneJobStatus, MemoryRung, Plan
 from finetune_operator.status import Children, PreflightView, compute_status, transition_events
 
 CREATED = "2026-03-01T10:00:00Z"
@@ -90,6 +90,24 @@ def test_estimate_by_hand() -> None:
     assert est.hours == pytest.approx(seconds / 3600, rel=1e-3)
     assert est.gpu_hours == est.hours
     assert "6N FLOPs per token" in est.basis and "A10" in est.basis and "25%" in est.basis
+
+
+def test_estimate_runs_at_the_plans_rung() -> None:
+    """The trainer starts at status.plan.rung: its checkpointing sets the FLOPs; the steps stay the spec's (the rung
+    keeps batchSize x gradientAccumulationSteps)."""
+    s = spec(method="lora", hyperparameters={"epochs": 1, "batchSize": 4, "gradientAccumulationSteps": 3,
+                                             "maxSeqLength": 512})
+    p = Plan(method="lora", gpus=1, gpu_memory_gib=24, nodes=1, gpus_per_node=1, estimated_memory_gib=20,
+             source="table", reason="r", rung=MemoryRung(micro_batch=1, grad_accum=12, gradient_checkpointing=False))
+    est = cost.estimate(s, p, parameters=7_000_000_000, examples=1001, tokens=300_000, sampled=False)
+    # 1,001 micro-batches of 1 in groups of 12: as many steps as 251 of 4 in groups of 3
+    assert est.steps == math.ceil(1001 / 12) == math.ceil(math.ceil(1001 / 4) / 3) == 84
+    assert "4N FLOPs per token" in est.basis and "gradient checkpointing" not in est.basis
+    without = cost.estimate(s, p.model_copy(update={"rung": None}), parameters=7_000_000_000, examples=1001,
+                            tokens=300_000, sampled=False)
+    assert "6N FLOPs per token" in without.basis and "gradient checkpointing" in without.basis  # unset: on, as before
+    assert without.steps == est.steps
+    assert est.hours == pytest.approx(without.hours * 4 / 6, rel=1e-3)
 
 
 def test_estimate_caps_tokens_splits_validation_and_counts_ranks() -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from finetune_operator import sizing
+from finetune_operator import contract, sizing
 from finetune_operator.architecture import Architecture
-from finetune_operator.spec import FineTuneJobSpec
+from finetune_operator.contract import at_rung
+from finetune_operator.spec import FineTuneJobSpec, MemoryRung, Plan
 
 
 def make(parameters: str, method: str = "lora", **overrides: object) -> FineTuneJobSpec:
@@ -20,6 +21,12 @@ def make(parameters: str, method: str = "lora", **overrides: object) -> FineTune
         section, _, field = key.partition("__")
         raw.setdefault(section, {})[field] = value
     return FineTuneJobSpec.model_validate(raw)
+
+
+def estimate(spec: FineTuneJobSpec, method: str, architecture: Architecture | None = None) -> sizing.MemoryEstimate:
+    """The memory model at the spec's requested rung (`sizing.requested_rung`: gradientCheckpointing unset counts
+    as on, as layouts are chosen): `estimate_memory` reads a resolved rung, and unset is not off."""
+    return sizing.estimate_memory(at_rung(spec, sizing.requested_rung(spec, method)), method, architecture)  # type: ignore[arg-type]
 
 
 TABLE = [
@@ -75,14 +82,19 @@ def test_other_sizes_are_estimated_and_ordered_by_method(size):
         assert "memory model" in plan.reason
     total = {m: p.gpus * p.gpu_memory_gib for m, p in plans.items()}
     assert total["qlora"] <= total["lora"] <= total["full"]
-    est = {m: p.estimated_memory_gib for m, p in plans.items()}
-    assert est["qlora"] < est["lora"] < est["full"]
+    # at one rung (the plans' rungs differ: each keeps its own headroom)
+    mems = {m: estimate(make(size, m), m) for m in plans}
+    assert mems["lora"].total(1) < mems["full"].total(1)
+    # QLoRA's 4-bit weights are smaller than LoRA's; its float32 residual stream costs activations, so its
+    # total is below LoRA's only where the weights dominate (not at 1B and 4 x 2048)
+    assert mems["qlora"].weights < mems["lora"].weights
 
 
 @pytest.mark.parametrize("method", ["qlora", "lora", "full"])
 def test_estimates_grow_with_size(method):
     plans = [sizing.plan(make(size, method)) for size in ESTIMATED]
-    estimates = [p.estimated_memory_gib for p in plans]
+    # at one rung (a plan's estimatedMemoryGiB is at its own rung, which may be lower for a larger model)
+    estimates = [estimate(make(size, method), method).total(1) for size in ESTIMATED]
     assert estimates == sorted(estimates) and len(set(estimates)) == len(estimates)
     totals = [p.gpus * p.gpu_memory_gib for p in plans]
     assert totals == sorted(totals)
@@ -94,22 +106,22 @@ def test_the_chosen_layout_fits_the_estimate():
         for method in ("qlora", "lora", "full"):
             spec = make(size, method)
             plan = sizing.plan(spec)
-            mem = sizing.estimate_memory(spec, plan.method)
+            mem = estimate(spec, plan.method)
             assert mem.per_gpu(plan.gpus) <= plan.gpu_memory_gib
 
 
 def test_memory_model_parts_respond_to_their_inputs():
-    base = sizing.estimate_memory(make("8B", "lora"), "lora")
-    longer = sizing.estimate_memory(make("8B", "lora", hyperparameters__maxSeqLength=8192), "lora")
-    no_ckpt = sizing.estimate_memory(make("8B", "lora", hyperparameters__gradientCheckpointing=False), "lora")
-    fp32 = sizing.estimate_memory(make("8B", "lora", hyperparameters__precision="fp32"), "lora")
+    base = estimate(make("8B", "lora"), "lora")
+    longer = estimate(make("8B", "lora", hyperparameters__maxSeqLength=8192), "lora")
+    no_ckpt = estimate(make("8B", "lora", hyperparameters__gradientCheckpointing=False), "lora")
+    fp32 = estimate(make("8B", "lora", hyperparameters__precision="fp32"), "lora")
     assert longer.activations > 3 * base.activations
     assert no_ckpt.activations > base.activations
     assert fp32.weights == pytest.approx(2 * base.weights)
-    full = sizing.estimate_memory(make("8B", "full"), "full")
+    full = estimate(make("8B", "full"), "full")
     assert full.trainable_parameters == pytest.approx(8e9)
     assert full.trainable_state == pytest.approx(8e9 * 6 / sizing.GIB)  # pure bf16: grads 2 + AdamW 2x2
-    full32 = sizing.estimate_memory(make("8B", "full", hyperparameters__precision="fp32"), "full")
+    full32 = estimate(make("8B", "full", hyperparameters__precision="fp32"), "full")
     assert full32.weights + full32.trainable_state == pytest.approx(8e9 * 16 / sizing.GIB)
     assert base.trainable_parameters < 0.01 * 8e9
 
@@ -137,7 +149,7 @@ def test_explicit_gpus_pick_the_smallest_class_that_fits():
     plan = sizing.plan(make("8B", "full", resources__gpus=8))
     assert plan.gpus == 8
     spec = make("8B", "full", resources__gpus=8)
-    mem = sizing.estimate_memory(spec, "full")
+    mem = estimate(spec, "full")
     smaller = [c for c in sizing.GPU_CLASSES_GIB if c < plan.gpu_memory_gib]
     assert all(mem.per_gpu(8) > c for c in smaller)
     assert not plan.warnings
@@ -173,24 +185,165 @@ def test_shape_widths_are_multiples_of_64():
 
 
 def test_a_run_whose_activations_fit_no_gpu_is_refused_with_advice():
-    spec = make("180B", "qlora", hyperparameters__batchSize=8, hyperparameters__maxSeqLength=4096)
+    # batch 8 x 4096 fits no layout: the plan lowers the micro-batch (keeping 8 x 4 per step) rather than refuse
+    lowered = sizing.plan(make("180B", "qlora", hyperparameters__batchSize=8, hyperparameters__maxSeqLength=4096))
+    assert lowered.rung is not None and lowered.rung.micro_batch < 8 and lowered.warnings == []
+    assert lowered.rung.micro_batch * lowered.rung.grad_accum == 32 and "(at batchSize 8 none does)" in lowered.reason
+    # not even micro-batch 1 with checkpointing fits: refused, and batchSize is no help
+    spec = make("180B", "qlora", hyperparameters__maxSeqLength=262144)
     with pytest.raises(sizing.PlanningError) as err:
         sizing.plan(spec)
     assert err.value.field == "spec.baseModel.parameters"
-    assert "lower hyperparameters.batchSize or maxSeqLength" in err.value.message
+    assert "even at micro-batch 1 x 16 accumulation, gradient checkpointing on" in err.value.message
+    assert "lower hyperparameters.maxSeqLength" in err.value.message and "batchSize" not in err.value.message
     assert "use method qlora" not in err.value.message
 
 
-def test_table_cells_warn_when_the_settings_need_more_memory():
+def test_table_cells_lower_the_rung_before_they_warn():
     fits = sizing.plan(make("7B", "qlora", hyperparameters__batchSize=4, hyperparameters__maxSeqLength=512))
     assert (fits.gpus, fits.gpu_memory_gib, fits.warnings) == (1, 12, [])
     tight = sizing.plan(make("7B", "qlora", hyperparameters__batchSize=4, hyperparameters__maxSeqLength=2048))
-    assert (tight.gpus, tight.gpu_memory_gib, tight.source) == (1, 12, "table")  # the table still rules
-    (warning,) = tight.warnings
-    assert "batchSize 4 x maxSeqLength 2048" in warning and "lower hyperparameters.batchSize" in warning
+    assert (tight.gpus, tight.gpu_memory_gib, tight.source, tight.warnings) == (1, 12, "table", [])  # the table rules
+    assert tight.rung is not None and tight.rung.gradient_checkpointing  # a rung that fits, not a warning
+    long = sizing.plan(make("7B", "qlora", hyperparameters__maxSeqLength=16384))
+    (warning,) = long.warnings  # not even micro-batch 1 with checkpointing fits: the lowest rung, and a warning
+    assert long.rung == rung(1, 16, True)
+    assert "maxSeqLength 16384" in warning and "even at micro-batch 1 x 16" in warning
+    assert "lower hyperparameters.maxSeqLength" in warning and "gradientCheckpointing" not in warning
+    assert long.headroom_gib is not None and long.headroom_gib < 12 * sizing.HEADROOM_FRACTION
+    off = sizing.plan(make("7B", "qlora", hyperparameters__maxSeqLength=16384, hyperparameters__gradientCheckpointing=False))
+    (warning,) = off.warnings
+    assert "unset (or set true) gradientCheckpointing" in warning
     weights = sizing.plan(make("70B", "lora", hyperparameters__batchSize=1, hyperparameters__maxSeqLength=512))
     (warning,) = weights.warnings
     assert "weights and optimizer state alone" in warning and "set spec.resources" in warning
+
+
+def rung(micro: int, accum: int, checkpointing: bool) -> MemoryRung:
+    return MemoryRung(micro_batch=micro, grad_accum=accum, gradient_checkpointing=checkpointing)
+
+
+def test_the_plan_tries_rungs_fastest_first_keeping_the_examples_per_step():
+    # checkpointing unset: off from batchSize down (largest divisor at most half), then on from batchSize down
+    spec = make("7B", "lora", hyperparameters__batchSize=6, hyperparameters__gradientAccumulationSteps=2)
+    assert sizing.rung_candidates(spec, "lora") == [
+        rung(6, 2, False), rung(3, 4, False), rung(1, 12, False), rung(6, 2, True), rung(3, 4, True), rung(1, 12, True)]
+    # set explicitly, only the micro-batch varies; prefix (unset means off) never turns it on
+    on = make("7B", "lora", hyperparameters__batchSize=4, hyperparameters__gradientCheckpointing=True)
+    assert sizing.rung_candidates(on, "lora") == [rung(4, 4, True), rung(2, 8, True), rung(1, 16, True)]
+    assert sizing.rung_candidates(make("7B", "prefix"), "prefix") == [rung(4, 4, False), rung(2, 8, False),
+                                                                      rung(1, 16, False)]
+
+
+#: (case, size, method, hyperparameters, layout, checkpointing, micro-batch lowered, warns); None: whatever the
+#: memory model's coefficients make it (the cases are chosen with wide margins, so that a recalibration moves the
+#: figures, not these outcomes). Every case also checks the rung is the first candidate that fits.
+RUNGS = [
+    # the issue's case: every default (batch 4 x 4 at 2048 tokens) on the table's 1x24GiB, which the memory model
+    # had 25.2 GiB for at 4 x 4 with checkpointing (a warning, before plans chose a rung)
+    ("default 7B lora: the table's layout and no warning", "7B", "lora", {}, (1, 24), None, None, False),
+    ("7B qlora at 2048 tokens on 12GiB: checkpointing on", "7B", "qlora", {}, (1, 12), True, None, False),
+    ("short sequences", "7B", "lora", {"maxSeqLength": 512}, (1, 24), None, None, False),
+    ("room to spare: the requested rung, no checkpointing", "1B", "lora", {"maxSeqLength": 512}, (1, 12), False,
+     False, False),
+    ("explicit checkpointing kept", "7B", "lora", {"maxSeqLength": 512, "gradientCheckpointing": True}, (1, 24),
+     True, False, False),
+    ("explicit no checkpointing that fits nowhere", "7B", "lora", {"gradientCheckpointing": False}, (1, 24), False,
+     True, True),
+    ("estimated layout, then the fastest rung", "8B", "lora", {}, None, None, None, False),
+    ("odd micro-batch and accumulation", "13B", "qlora", {"batchSize": 6, "gradientAccumulationSteps": 3}, (1, 24),
+     None, None, False),
+    ("nothing fits the table cell", "7B", "qlora", {"maxSeqLength": 16384}, (1, 12), True, True, True),
+]
+
+
+@pytest.mark.parametrize(("size", "method", "hyper", "layout", "checkpointing", "lowered", "warns"),
+                         [c[1:] for c in RUNGS], ids=[c[0] for c in RUNGS])
+def test_the_plan_starts_at_the_fastest_rung_that_fits_with_headroom(size, method, hyper, layout, checkpointing,
+                                                                     lowered, warns):
+    spec = make(size, method, **{f"hyperparameters__{k}": v for k, v in hyper.items()})
+    hp = spec.hyperparameters
+    plan = sizing.plan(spec)
+    rung_ = plan.rung
+    assert rung_ is not None and bool(plan.warnings) is warns
+    if layout is not None:
+        assert (plan.gpus, plan.gpu_memory_gib) == layout
+    if checkpointing is not None:
+        assert rung_.gradient_checkpointing is checkpointing
+    if lowered is not None:
+        assert (rung_.micro_batch < hp.batch_size) is lowered
+    # the effective batch the user asked for, always; the micro-batch never raised
+    assert rung_.micro_batch * rung_.grad_accum == hp.batch_size * hp.gradient_accumulation_steps
+    assert rung_.micro_batch <= hp.batch_size and hp.batch_size % rung_.micro_batch == 0
+    if hp.gradient_checkpointing is not None:
+        assert rung_.gradient_checkpointing is hp.gradient_checkpointing
+    # the plan's figures are the memory model's at that rung
+    at = sizing.estimate_memory(at_rung(spec, rung_), method)
+    assert plan.memory_per_gpu_gib == round(at.per_gpu(plan.gpus), 1)
+    assert plan.headroom_gib == round(plan.gpu_memory_gib - at.per_gpu(plan.gpus), 1)
+    assert plan.estimated_memory_gib == round(at.total(plan.gpus), 1)
+    usable = plan.gpu_memory_gib * (1 - sizing.HEADROOM_FRACTION)
+    assert (at.per_gpu(plan.gpus) <= usable) is not warns
+    # the first candidate that fits is taken (every faster one does not); where none fits, the last
+    candidates = sizing.rung_candidates(spec, method)
+    assert rung_ == (candidates[-1] if warns else rung_)
+    for faster in candidates[:candidates.index(rung_)]:
+        assert sizing.estimate_memory(at_rung(spec, faster), method).per_gpu(plan.gpus) > usable
+    assert f"{plan.headroom_gib:.1f} GiB" in plan.reason and contract.describe(rung_) in plan.reason
+    if rung_.micro_batch != hp.batch_size and not warns:
+        assert f"batchSize {hp.batch_size} lowered to {rung_.micro_batch}" in plan.reason
+
+
+def test_explicit_resources_get_a_rung_and_warn_only_where_none_fits():
+    small = sizing.plan(make("7B", "lora", resources__gpus=1, resources__gpuMemory="24Gi"))
+    assert small.rung is not None and small.warnings == []
+    tiny = sizing.plan(make("7B", "lora", resources__gpus=1, resources__gpuMemory="12Gi"))  # 13 GiB of weights
+    assert tiny.rung == rung(1, 16, True)  # the least memory
+    (warning,) = [w for w in tiny.warnings if "model-size table" not in w]
+    assert "spec.resources gives 1x12GiB" in warning and "even at micro-batch 1 x 16" in warning
+    roomy = sizing.plan(make("7B", "lora", hyperparameters__maxSeqLength=512, resources__gpus=1,
+                             resources__gpuMemory="80Gi"))
+    assert roomy.rung == rung(4, 4, False) and roomy.warnings == [w for w in roomy.warnings if "table" in w]
+
+
+def per_gpu(spec: FineTuneJobSpec, method: str, at: MemoryRung) -> float:
+    return sizing.estimate_memory(at_rung(spec, at), method).per_gpu(1)  # type: ignore[arg-type]
+
+
+def test_the_rung_is_where_the_gpus_memory_falls_between_the_rungs():
+    """GPU memory set between two rungs' needs (from the memory model, whatever its coefficients): the plan starts
+    at the faster rung that fits, and the effective batch stays 16."""
+    spec = make("7B", "lora", hyperparameters__maxSeqLength=2048)
+    off4, off2, off1 = (per_gpu(spec, "lora", rung(b, 16 // b, False)) for b in (4, 2, 1))
+    on4, on2, on1 = (per_gpu(spec, "lora", rung(b, 16 // b, True)) for b in (4, 2, 1))
+    assert on1 < on2 < on4 < off1 < off2 < off4  # checkpointing frees more than any micro-batch does, at 2048 tokens
+
+    def planned(need_below: float, need_above: float) -> Plan:
+        """1 GPU whose usable memory lies halfway between the two needs."""
+        usable = (need_below + need_above) / 2
+        gib = usable / (1 - sizing.HEADROOM_FRACTION)
+        return sizing.plan(make("7B", "lora", hyperparameters__maxSeqLength=2048, resources__gpus=1,
+                                resources__gpuMemory=f"{gib * 1024:.0f}Mi"))
+
+    smaller = planned(off2, off4)  # 4 without checkpointing does not fit, 2 does: no recompute at 2 x 8
+    assert smaller.rung == rung(2, 8, False) and "batchSize 4 lowered to 2 with 8 accumulation steps" in smaller.reason
+    assert "gradient checkpointing off: it fits without" in smaller.reason
+    recompute = planned(on4, off1)  # not even 1 fits without checkpointing: on, at the largest micro-batch, 4
+    assert recompute.rung == rung(4, 4, True) and "gradient checkpointing on: no micro-batch fits without it" in (
+        recompute.reason)
+    lowest = planned(on1, on2)
+    assert lowest.rung == rung(1, 16, True)
+    for plan in (smaller, recompute, lowest):
+        assert [w for w in plan.warnings if "model-size table" not in w] == []
+        assert plan.headroom_gib is not None and plan.headroom_gib >= round(
+            plan.gpu_memory_gib * sizing.HEADROOM_FRACTION, 1) - 0.1
+
+
+def test_the_headroom_is_what_the_spec_documents():
+    from finetune_operator.spec import Plan
+
+    described = Plan.model_fields["headroom_gib"].description
+    assert described is not None and f"{sizing.HEADROOM_FRACTION:.0%} of gpuMemoryGiB" in described
 
 
 # Prefix and prompt tuning: the memory model (source: estimate), frozen base weights plus a tiny trainable
@@ -198,11 +351,11 @@ def test_table_cells_warn_when_the_settings_need_more_memory():
 #: (size, method, block settings, maxSeqLength, GPUs, GiB, trainable parameters), bf16, batch 4. Shapes from
 #: sizing.shape: 1B h=2176 L=18; 7B h=4224 L=33; 13B h=5184 L=40.
 VIRTUAL = [
-    ("7B", "prompt", {}, 2048, 1, 40, 20 * 4224),  # n x h
-    ("7B", "prefix", {}, 2048, 1, 80, 20 * 2 * 33 * 4224),  # n x 2L x h; no checkpointing with prefix
+    ("7B", "prompt", {}, 2048, 1, 24, 20 * 4224),  # n x h
+    ("7B", "prefix", {}, 2048, 1, 40, 20 * 2 * 33 * 4224),  # n x 2L x h; no checkpointing with prefix
     ("7B", "prefix", {}, 512, 1, 40, 20 * 2 * 33 * 4224),
     ("13B", "prompt", {"virtualTokens": 100}, 2048, 1, 40, 100 * 5184),
-    ("1B", "prefix", {"virtualTokens": 30}, 2048, 1, 24, 30 * 2 * 18 * 2176),
+    ("1B", "prefix", {"virtualTokens": 30}, 2048, 1, 40, 30 * 2 * 18 * 2176),
     ("7B", "prefix", {"projection": True}, 512, 1, 48,  # + the MLP: Linear(h, h), Linear(h, 2Lh)
      20 * 4224 + 4224 * 4224 + 4224 + 4224 * 2 * 33 * 4224 + 2 * 33 * 4224),
 ]
@@ -213,24 +366,24 @@ def test_prefix_and_prompt_are_estimated_with_a_frozen_base(size, method, block,
     spec = make(size, method, hyperparameters__maxSeqLength=seq, **{f"{method}__{k}": v for k, v in block.items()})
     plan = sizing.plan(spec)
     assert (plan.method, plan.gpus, plan.gpu_memory_gib, plan.nodes, plan.source) == (method, gpus, gib, 1, "estimate")
-    mem = sizing.estimate_memory(spec, method)
+    mem = estimate(spec, method)
     assert mem.trainable_parameters == trainable
     assert mem.trainable_state == pytest.approx(trainable * 16 / sizing.GIB)  # fp32 tokens, grads, AdamW
-    lora = sizing.estimate_memory(make(size, "lora"), "lora")
+    lora = estimate(make(size, "lora"), "lora")
     assert mem.weights == pytest.approx(lora.weights)  # the same frozen 16-bit base as LoRA's
     assert not mem.sharded and mem.per_gpu(4) == mem.per_gpu(1)
-    assert mem.per_gpu(plan.gpus) <= plan.gpu_memory_gib
+    assert plan.memory_per_gpu_gib is not None and plan.memory_per_gpu_gib <= plan.gpu_memory_gib  # at its rung
     assert "frozen base weights" in plan.reason and "replicated on each GPU" in plan.reason
     assert ("a tiny trainable state" in plan.reason) is not block.get("projection", False)
 
 
 def test_virtual_token_memory_responds_to_its_settings():
-    prompt = sizing.estimate_memory(make("8B", "prompt"), "prompt")
-    longer = sizing.estimate_memory(make("8B", "prompt", prompt__virtualTokens=1000), "prompt")
+    prompt = estimate(make("8B", "prompt"), "prompt")
+    longer = estimate(make("8B", "prompt", prompt__virtualTokens=1000), "prompt")
     assert longer.trainable_parameters == 50 * prompt.trainable_parameters
     assert longer.activations > prompt.activations  # every sequence is 980 positions longer
-    prefix = sizing.estimate_memory(make("8B", "prefix"), "prefix")
-    checkpointed = sizing.estimate_memory(make("8B", "lora"), "lora")
+    prefix = estimate(make("8B", "prefix"), "prefix")
+    checkpointed = estimate(make("8B", "lora"), "lora")
     assert prefix.activations > 5 * checkpointed.activations  # prefix cannot checkpoint activations
 
 
@@ -275,13 +428,13 @@ def test_the_table_still_decides_nominal_sizes_with_an_architecture(method):
     (arch(**LLAMA3_8B), 13_631_488),  # Llama-3-8B: k and v are 1024 wide (8 KV heads of 128)
 ])
 def test_lora_adapters_follow_the_real_projection_widths(architecture, adapters):
-    mem = sizing.estimate_memory(make("6.5B", "lora"), "lora", architecture)
+    mem = estimate(make("6.5B", "lora"), "lora", architecture)
     assert mem.trainable_parameters == adapters
 
 
 def test_the_estimate_uses_the_exact_parameter_count():
     a = arch(**LLAMA3_8B)
-    full = sizing.estimate_memory(make("6.5B", "full"), "full", a)  # the spec's size is ignored for memory
+    full = estimate(make("6.5B", "full"), "full", a)  # the spec's size is ignored for memory
     assert full.weights == pytest.approx(8_030_261_248 * 2 / sizing.GIB)
     assert full.trainable_parameters == 8_030_261_248
     assert full.trainable_state == pytest.approx(8_030_261_248 * 6 / sizing.GIB)
@@ -291,14 +444,18 @@ def test_gqa_vocabulary_and_mlp_change_the_activations_by_their_terms():
     spec = make("8B", "lora", hyperparameters__batchSize=2, hyperparameters__maxSeqLength=1024,
                 hyperparameters__gradientCheckpointing=False)
     b_s = 2 * 1024
-    mha = sizing.estimate_memory(spec, "lora", arch())
-    gqa = sizing.estimate_memory(spec, "lora", arch(kv_heads=8))
-    vocab = sizing.estimate_memory(spec, "lora", arch(vocab_size=128256))
-    wide = sizing.estimate_memory(spec, "lora", arch(intermediate_size=14336))
-    layers_held = 32 + 1  # without checkpointing: every layer, and the one back-propagated again
-    assert (mha.activations - gqa.activations) * sizing.GIB == pytest.approx(layers_held * b_s * 4 * (4096 - 1024))
-    assert (vocab.activations - mha.activations) * sizing.GIB == pytest.approx(16 * b_s * (128256 - 32000))
-    assert (wide.activations - mha.activations) * sizing.GIB == pytest.approx(layers_held * b_s * 8 * (14336 - 11008))
+    mha = estimate(spec, "lora", arch())
+    gqa = estimate(spec, "lora", arch(kv_heads=8))
+    vocab = estimate(spec, "lora", arch(vocab_size=128256))
+    wide = estimate(spec, "lora", arch(intermediate_size=14336))
+    layers = 32  # without checkpointing every layer keeps its activations
+    # GQA: 16-bit keys and values 4 bytes narrower per unit of key/value width, in every layer
+    assert (mha.activations - gqa.activations) * sizing.GIB == pytest.approx(layers * b_s * 4 * (4096 - 1024))
+    # sft's fused loss holds a fixed chunk of logits, never vocabulary-wide ones: the vocabulary costs nothing here
+    assert vocab.activations == pytest.approx(mha.activations)
+    # a wider MLP: its 4 stored 16-bit tensors in every layer, and at most its gradient in the layer back-propagated
+    wider = (wide.activations - mha.activations) * sizing.GIB
+    assert layers * b_s * 8 * (14336 - 11008) <= wider <= (layers * 8 + 2) * b_s * (14336 - 11008)
 
 
 def test_the_default_shape_is_the_architecture_the_guess_assumes():
@@ -306,16 +463,16 @@ def test_the_default_shape_is_the_architecture_the_guess_assumes():
     guessed = arch(parameters=7_000_000_000, hidden_size=hidden, layers=layers, intermediate_size=hidden * 8 // 3,
                    head_dim=hidden // 32)
     for method in ("full", "lora", "qlora"):
-        a = sizing.estimate_memory(make("7B", method), method, guessed)
-        b = sizing.estimate_memory(make("7B", method), method)
+        a = estimate(make("7B", method), method, guessed)
+        b = estimate(make("7B", method), method)
         # the MLP width rounds down to a whole number: the only difference
         assert a.weights == pytest.approx(b.weights) and a.activations == pytest.approx(b.activations, rel=1e-3)
 
 
 def test_tied_embeddings_are_held_once_under_qlora():
-    untied = sizing.estimate_memory(make("1B", "qlora"), "qlora", arch(parameters=1_498_482_688, vocab_size=128256,
+    untied = estimate(make("1B", "qlora"), "qlora", arch(parameters=1_498_482_688, vocab_size=128256,
                                                                         hidden_size=2048, layers=16))
-    tied = sizing.estimate_memory(make("1B", "qlora"), "qlora", arch(parameters=1_235_814_400, vocab_size=128256,
+    tied = estimate(make("1B", "qlora"), "qlora", arch(parameters=1_235_814_400, vocab_size=128256,
                                                                       hidden_size=2048, layers=16,
                                                                       tied_embeddings=True))
     # the tied model has one V x h matrix fewer, and that matrix is fp32 under QLoRA: 4 bytes each
@@ -328,7 +485,7 @@ def test_an_estimate_from_an_architecture_says_where_the_numbers_came_from():
     assert "architecture read from /models/base/config.json and the safetensors headers" in plan.reason
     assert "8 of 32 KV heads" in plan.reason and "vocabulary 128,256" in plan.reason
     assert "8,030,261,248 parameters" in plan.reason
-    mem = sizing.estimate_memory(make("8.03B", "lora"), "lora", arch(**LLAMA3_8B))
+    mem = estimate(make("8.03B", "lora"), "lora", arch(**LLAMA3_8B))
     assert mem.per_gpu(plan.gpus) <= plan.gpu_memory_gib
 
 
@@ -349,3 +506,24 @@ def test_a_nominal_size_far_from_the_files_is_warned_about():
     assert "fix spec.baseModel.parameters" in warning
     warnings = sizing.plan(make("13B", "lora"), arch()).warnings
     assert any(w.startswith("the spec's size 13B") and "is 93% above the 6,738,415,616" in w for w in warnings)
+
+
+def test_the_loss_chunk_is_the_trainers():
+    # the memory model counts the fused loss's chunk of logits; the trainer's fused loss sets it
+    from finetune_trainer import fused_loss
+
+    assert sizing.FUSED_LOSS_CHUNK_BYTES == fused_loss.CHUNK_BYTES
+
+
+def test_full_fine_tuning_peaks_where_its_gradients_meet_its_activations():
+    # with checkpointing the activations are small and the peak is at the end of the backward or AdamW's
+    # step, every gradient held; without it at the start of the backward, before the layers' gradients exist
+    on = estimate(make("8B", "full"), "full")
+    off = estimate(make("8B", "full", hyperparameters__gradientCheckpointing=False), "full")
+    state = on.weights + on.trainable_state - on.gradients
+    assert on.body(1) == pytest.approx(state + on.gradients + max(on.late_activations, on.optimizer_temporaries))
+    assert off.body(1) == pytest.approx(state + off.activations)
+    # on CUDA AdamW's foreach temporaries are sharded with the state; on CPU two of the largest tensor
+    assert on.optimizer_temporaries == pytest.approx(on.gradients)
+    cpu = sizing.estimate_memory(make("8B", "full"), "full", device="cpu")
+    assert cpu.optimizer_temporaries < on.optimizer_temporaries / 10

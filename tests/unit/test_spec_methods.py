@@ -20,9 +20,9 @@ from .invalid_corpus import base_manifest
 
 
 def manifest(method: str, **spec: Any) -> dict[str, Any]:
-    doc = base_manifest()  # healthcare-lora.yaml: packing off, gradientCheckpointing: true, no saveMerged
+    doc = base_manifest()  # healthcare-lora.yaml: packing off, gradientCheckpointing unset, no saveMerged
     doc["spec"]["method"] = method
-    doc["spec"]["hyperparameters"].pop("gradientCheckpointing")
+    assert "gradientCheckpointing" not in doc["spec"]["hyperparameters"]
     for dotted, value in spec.items():
         *parents, last = dotted.split("__")
         node = doc["spec"]
@@ -107,12 +107,16 @@ def test_the_crd_refuses_them_at_admission(case: str, method: str, spec: dict[st
 def test_prefix_turns_gradient_checkpointing_off_by_default_and_the_snapshot_keeps_it() -> None:
     job = FineTuneJob.model_validate(manifest("prefix"))
     assert job.spec.hyperparameters.gradient_checkpointing is False
-    assert FineTuneJob.model_validate(manifest("prompt")).spec.hyperparameters.gradient_checkpointing is True
-    assert FineTuneJob.model_validate(manifest("lora")).spec.hyperparameters.gradient_checkpointing is True
-    config = contract.resolve(job, sizing.plan(job.spec))
+    # the other methods leave it to the plan (status.plan.rung)
+    assert FineTuneJob.model_validate(manifest("prompt")).spec.hyperparameters.gradient_checkpointing is None
+    assert FineTuneJob.model_validate(manifest("lora")).spec.hyperparameters.gradient_checkpointing is None
+    plan = sizing.plan(job.spec)
+    assert plan.rung is not None and plan.rung.gradient_checkpointing is False
+    config = contract.resolve(job, plan)
     snapshot = json.loads(contract.config_json(config))
     assert snapshot["spec"]["hyperparameters"]["gradientCheckpointing"] is False
-    assert TrainerConfig.model_validate(snapshot).spec.hyperparameters.gradient_checkpointing is False
+    again = TrainerConfig.model_validate(snapshot)
+    assert again.spec.hyperparameters.gradient_checkpointing is False and again.gradient_checkpointing() is False
 
 
 @pytest.mark.parametrize("method", ["prefix", "prompt"])

@@ -342,7 +342,7 @@ def render_model_card(
                 ("max sequence length", hp.max_seq_length),
                 ("packing", hp.packing),
                 ("precision", hp.precision),
-                ("gradient checkpointing", hp.gradient_checkpointing),
+                ("gradient checkpointing", config.gradient_checkpointing()),
                 ("weight decay", hp.weight_decay),
                 ("seed", hp.seed),
             ],

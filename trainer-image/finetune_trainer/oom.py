@@ -1,5 +1,7 @@
 """The out-of-memory ladder, in the trainer: step down and train again when the first steps run out of memory.
 
+Training starts at the plan's rung (status.plan.rung, `sizing.choose_rung`: the fastest rung the memory model
+fits on the planned GPU with headroom; `TrainerConfig.start_rung`), and the ladder steps down from there.
 The rule (`contract.next_rung`, shared with the operator): halve the micro-batch and double the gradient
 accumulation; once halved, turn gradient checkpointing on (not for prefix tuning); keep halving down to a
 micro-batch of 1. Every rung keeps micro-batch x accumulation, and `dataset.batch_plan` gives each optimizer
@@ -35,7 +37,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from finetune_operator.contract import checkpointing_allowed, describe, lower, next_rung, spec_rung
+from finetune_operator.contract import checkpointing_allowed, describe, lower, next_rung
 from finetune_operator.spec import Adjustment, MemoryRung
 from finetune_trainer.errors import OutOfMemory
 
@@ -77,7 +79,8 @@ class Ladder:
     raised came before its first checkpoint; `release()` drops the run's references to the failed attempt."""
 
     def __init__(self, config: Any, *, world: int, adjustments: list[Adjustment], step: Callable[[], int]):
-        self.start = spec_rung(config.spec)  # where the ladder began: gradient checkpointing comes after a halving
+        # where the ladder began (the plan's rung): gradient checkpointing comes after a halving below it
+        self.start = config.ladder_start()
         self.checkpointing = checkpointing_allowed(config.method)
         self.world = world
         self.adjustments = adjustments  # appended to in place (the run's list, reported as it grows)

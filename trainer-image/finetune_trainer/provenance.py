@@ -81,10 +81,14 @@ def library_versions() -> dict[str, str | None]:
 
 
 def resolved_hyperparameters(config: TrainerConfig) -> dict[str, Any]:
-    """The optimization settings as run: defaults filled in, learning rate resolved for the method."""
+    """The optimization settings as run: defaults filled in, learning rate resolved for the method, and the rung
+    (micro-batch, accumulation, gradient checkpointing) the trainer set (`train.Run._use_rung`); gradient
+    checkpointing is never left unset: the plan's choice (status.plan.rung, in `plan` too) where the spec left
+    it to the plan."""
     spec = config.spec
     hp = spec.hyperparameters.wire()
     hp["learningRate"] = spec.hyperparameters.learning_rate_for(config.method)
+    hp["gradientCheckpointing"] = config.gradient_checkpointing()
     resolved: dict[str, Any] = {"method": config.method, **hp}
     if config.method in ("lora", "qlora"):
         resolved["lora"] = spec.lora.wire()

@@ -52,7 +52,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from finetune_operator.contract import ENV_OUTPUT_URI, TrainerConfig, spec_rung
+from finetune_operator.contract import ENV_OUTPUT_URI, TrainerConfig, at_rung
 from finetune_operator.spec import Adjustment, CheckpointRecord, MemoryRung
 from finetune_trainer import checkpoint as ckpt
 from finetune_trainer import dataset as ds
@@ -130,12 +130,13 @@ class Run:
     def __init__(self, config: TrainerConfig, output_uri: str | None = None, *, work_dir: Path | None = None):
         from finetune_trainer import storage
 
-        #: The config as given; `self.config` is the one training runs with (`_use_rung`).
+        #: The config as given; `self.config` is the one training runs with (`_use_rung`): from the start at the
+        #: planned rung, so what reads it before the first attempt (provenance with provenanceRequired) records the
+        #: micro-batch and gradient checkpointing that run, never the spec's unset gradientCheckpointing.
         self.requested = config
-        self.config = config
-        self.spec = config.spec
+        self.adjustments = list(config.adjustments)
+        self._use_rung(config.start_rung())
         self.method = methods.get(config.method)
-        self.hp = config.spec.hyperparameters
         self.output_uri = output_uri or os.environ.get(ENV_OUTPUT_URI) or config.spec.output.uri
         self.store = storage.Store.for_uri(self.output_uri)
         self.cache = modeling.cache_dir()
@@ -229,12 +230,9 @@ class Run:
         gradient checkpointing (what the methods, the loop, the model card and provenance read), and the
         adjustments so far."""
         self.rung = rung
-        hp = self.requested.spec.hyperparameters.model_copy(update={
-            "batch_size": rung.micro_batch, "gradient_accumulation_steps": rung.grad_accum,
-            "gradient_checkpointing": rung.gradient_checkpointing})
-        spec = self.requested.spec.model_copy(update={"hyperparameters": hp})
+        spec = at_rung(self.requested.spec, rung)
         self.config = self.requested.model_copy(update={"spec": spec, "adjustments": list(self.adjustments)})
-        self.spec, self.hp = self.config.spec, hp
+        self.spec, self.hp = self.config.spec, spec.hyperparameters
 
     def _attempt(self, rung: MemoryRung) -> tuple[float | None, ckpt.Restored | None]:
         """Model, optimizer and data position at `rung` (from the newest checkpoint, if any), the base
@@ -252,7 +250,7 @@ class Run:
         if restored is not None:
             # The checkpoint's rung when it is lower: what fitted then fits again, what did not still does not.
             # (Checkpoints from before the ladder trained at the spec's rung.)
-            restored.state.rung = restored.state.rung or spec_rung(self.requested.spec).wire()
+            restored.state.rung = restored.state.rung or self.requested.ladder_start().wire()
             rung = oom.lower(rung, MemoryRung.model_validate(restored.state.rung))
             saved = [Adjustment.model_validate(a) for a in restored.state.adjustments]
             self.adjustments[:] = saved + [a for a in self.adjustments if a not in saved]
@@ -262,6 +260,7 @@ class Run:
         # A checkpoint holds the whole model (full) or an adapter to put on the base (the others).
         base_dir = restored.model_dir if restored is not None and not self.method.adapter else self.model_dir
         model = modeling.load_base(base_dir, self.config.method, precision, accelerator.device, self.config)
+        modeling.use_attention(model, accelerator.device.type, self.inputs.train)
         adapter = restored.model_dir if restored is not None and self.method.adapter else None
         model = modeling.prepare_for_training(model, self.config, adapter_dir=adapter)
         trainable, total = modeling.trainable_parameters(model)
@@ -356,7 +355,7 @@ class Run:
         lengths = [self.objective.length(item) for item in self.inputs.train]
         packed = self.objective.packable and self.hp.packing
         plan = ds.batch_plan(lengths, self.hp.batch_size, self.hp.seed, 0, not packed,
-                             self.hp.gradient_accumulation_steps)
+                             self.hp.gradient_accumulation_steps, self.world)
         per_rank = len(plan) // self.world
         if per_rank == 0:
             from finetune_trainer.errors import DataError

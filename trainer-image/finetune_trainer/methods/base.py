@@ -57,8 +57,9 @@ class TrainingMethod:
 
 
 def enable_checkpointing(model: Any, config: TrainerConfig) -> None:
-    """Activation checkpointing when `hyperparameters.gradientCheckpointing` asks for it."""
-    if config.spec.hyperparameters.gradient_checkpointing:
+    """Activation checkpointing at a rung with gradient checkpointing on (`TrainerConfig.gradient_checkpointing`:
+    the spec's as the trainer set it to the rung, else the plan's)."""
+    if config.gradient_checkpointing():
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=CHECKPOINTING_KWARGS)
 
 

@@ -31,7 +31,7 @@ def peft_config(config: TrainerConfig) -> Any:
 
 
 def prepare(model: Any, config: TrainerConfig, adapter_dir: Path | None) -> Any:
-    if config.spec.hyperparameters.gradient_checkpointing:  # the spec refuses it; a hand-written config may not
+    if config.gradient_checkpointing():  # the spec and the plan refuse it; a hand-written config may not
         raise ConfigError("spec.hyperparameters.gradientCheckpointing cannot be used with method prefix; set it "
                           "to false", reason="InvalidConfig")
     return virtual.wrap(model, peft_config(config), adapter_dir)

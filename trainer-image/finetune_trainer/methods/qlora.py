@@ -72,7 +72,7 @@ def prepare(model: Any, config: TrainerConfig, adapter_dir: Path | None) -> Any:
     from peft import prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=config.spec.hyperparameters.gradient_checkpointing,
+        model, use_gradient_checkpointing=config.gradient_checkpointing(),
         gradient_checkpointing_kwargs=CHECKPOINTING_KWARGS)
     keep_4bit_weights_unpacked(model)  # the model is evaluated before and during training
     return lora.add_adapters(model, config, adapter_dir)
