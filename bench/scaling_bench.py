@@ -71,7 +71,7 @@ def free_port() -> int:
 
 
 def worker(method: str, manifest: Path, steps: int, accumulation: int, seed: int, precision: str, fsdp: bool,
-           output: Path, report: Path) -> int:
+           output: Path, report: Path, barrier: Path | None = None) -> int:
     import torch
 
     from finetune_operator import manifests
@@ -104,6 +104,8 @@ def worker(method: str, manifest: Path, steps: int, accumulation: int, seed: int
 
     def timed_metric(self: Any, record: dict[str, Any]) -> None:
         if "loss" in record:
+            if barrier is not None and not stamps:
+                meet(barrier)
             stamps.append((time.perf_counter(), time.process_time()))
         records.append(record)
         metric(self, record)
@@ -115,6 +117,7 @@ def worker(method: str, manifest: Path, steps: int, accumulation: int, seed: int
 
     train.Run._metric = timed_metric  # type: ignore[method-assign]
     train.Run._stop_agreed = timed_stop  # type: ignore[method-assign]
+
     code = entrypoint.run(config, str(output))
     rank = int(os.environ.get("RANK", "0"))
     # boundaries[k] ends step k + 1 (the last step's checkpoint adds one more): steps 2..N
@@ -140,6 +143,18 @@ def worker(method: str, manifest: Path, steps: int, accumulation: int, seed: int
         })
     (report / f"rank-{rank}.json").write_text(json.dumps(result))
     return code
+
+
+def meet(barrier: Path, parties: int = 2, timeout: float = 300.0) -> None:
+    """Wait until `parties` processes reached this point (a file each under `barrier`): the uncoupled pair's
+    timed steps then run side by side, not one while the other is still loading."""
+    barrier.mkdir(parents=True, exist_ok=True)
+    (barrier / str(os.getpid())).touch()
+    deadline = time.monotonic() + timeout
+    while len(list(barrier.iterdir())) < parties:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the other process of the pair never reached its first step ({barrier})")
+        time.sleep(0.005)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,6 +191,34 @@ def run(procs: int, method: str, manifest: Path, steps: int, seed: int, precisio
             "rss_mb": max(r["rss_mb"] for r in ranks), "worker_seconds": time.perf_counter() - took}
 
 
+def run_uncoupled(method: str, manifest: Path, steps: int, seed: int, precision: str, work: Path,
+                  env: dict[str, str]) -> dict[str, Any]:
+    """The ceiling of two processes on this machine: two independent one-process runs at the same time, each on
+    what one rank of the two-process run trains per step (accumulation 2), with no communication at all (no
+    process group, no gradient exchange, nothing to wait for); their timed steps start together (`meet`).
+    Their summed throughput is what two processes can do here when distribution costs nothing."""
+    tag = f"{method}-uncoupled"
+    barrier = work / f"barrier-{tag}"
+    procs = []
+    for k in range(2):
+        report = work / f"report-{tag}-{k}"
+        report.mkdir()
+        args = [str(Path(__file__).resolve()), "--worker", method, "--manifest", str(manifest), "--steps", str(steps),
+                "--accumulation", str(GLOBAL_EXAMPLES // (BATCH * 2)), "--seed", str(seed), "--precision", precision,
+                "--output", str(work / f"out-{tag}-{k}"), "--report", str(report), "--barrier", str(barrier)]
+        procs.append((subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True), report))
+    results = []
+    for proc, report in procs:
+        out, _ = proc.communicate(timeout=1800)
+        files = list(report.glob("rank-*.json"))
+        if proc.returncode != 0 or not files:
+            raise RuntimeError(f"{tag} failed (exit {proc.returncode}):\n" + "\n".join(out.splitlines()[-30:]))
+        results.append(json.loads(files[0].read_text()))
+    return {"tokens_per_second": sum(r["tokens_per_second"] for r in results),
+            "busy": statistics.mean(r["busy"] for r in results)}
+
+
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         parser = argparse.ArgumentParser()
@@ -188,8 +231,10 @@ def main() -> int:
         parser.add_argument("--fsdp", action="store_true")
         parser.add_argument("--output", type=Path, required=True)
         parser.add_argument("--report", type=Path, required=True)
+        parser.add_argument("--barrier", type=Path)
         a = parser.parse_args(sys.argv[2:])
-        return worker(a.method, a.manifest, a.steps, a.accumulation, a.seed, a.precision, a.fsdp, a.output, a.report)
+        return worker(a.method, a.manifest, a.steps, a.accumulation, a.seed, a.precision, a.fsdp, a.output, a.report,
+                      a.barrier)
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=16, help="optimizer steps of every run (default 16)")
@@ -218,6 +263,7 @@ def main() -> int:
         for method in methods:
             one = run(1, method, manifest, args.steps, args.seed, precision, work, env)
             two = run(2, method, manifest, args.steps, args.seed, precision, work, env)
+            ceiling = run_uncoupled(method, manifest, args.steps, args.seed, precision, work, env)
             for procs, r in ((1, one), (2, two)):
                 how = "one process" if procs == 1 else \
                     "two processes, torchrun + gloo, " + ("FSDP2" if method == "full" else "DDP")
@@ -235,6 +281,11 @@ def main() -> int:
             print(f"heldout_loss_1proc_{method}={one['eval_loss']:.4f}")
             print(f"heldout_loss_2proc_{method}={two['eval_loss']:.4f}")
             print(f"busy_pct_2proc_{method}={100 * two['busy']:.0f}")
+            print(f"# {method}, two uncoupled processes (no communication, each a rank's share of a step, timed "
+                  f"steps side by side): {ceiling['tokens_per_second']:.0f} tokens/s together (sum of median steps); "
+                  f"busy {100 * ceiling['busy']:.0f}% of wall", flush=True)
+            print(f"ceiling_efficiency_2proc_{method}={ceiling['tokens_per_second'] / (2 * one['tokens_per_second']):.2f}")
+            print(f"scaling_vs_ceiling_2proc_{method}={two['tokens_per_second'] / ceiling['tokens_per_second']:.2f}")
             print(f"# bound ({method}): {bound_line(method, one, two, params)}", flush=True)
         print(f"# load_avg_at_end={os.getloadavg()[0]:.2f}; total {time.perf_counter() - start:.0f} s")
     return 0

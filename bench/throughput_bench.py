@@ -292,7 +292,7 @@ TRL_VARIANTS = ("padfree", "grouped", "packed")
 
 
 def worker_trl(method: str, model_dir: Path, train: Path, steps: int, threads: int, seed: int,
-               precision: str, variant: str) -> dict[str, Any]:
+               precision: str, variant: str, gc: bool = True) -> dict[str, Any]:
     """TRL's SFTTrainer on prompt-completion rows (completion-only loss), configured for speed by `variant`:
     `padfree` (padding_free=True: each micro-batch flattened into one row, example boundaries from
     position_ids), `grouped` (padded to each batch's longest row, length-grouped sampler), `packed`
@@ -335,7 +335,7 @@ def worker_trl(method: str, model_dir: Path, train: Path, steps: int, threads: i
         from peft import LoraConfig, prepare_model_for_kbit_training
 
         if method == "qlora":
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
                                                     gradient_checkpointing_kwargs=gc_kwargs)
         peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, bias="none",
                                  target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
@@ -352,7 +352,7 @@ def worker_trl(method: str, model_dir: Path, train: Path, steps: int, threads: i
     targs = SFTConfig(
         output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=ACCUMULATION,
         learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03, weight_decay=0.0, max_grad_norm=1.0,
-        seed=seed, bf16=bf16, gradient_checkpointing=True, gradient_checkpointing_kwargs=gc_kwargs,
+        seed=seed, bf16=bf16, gradient_checkpointing=gc, gradient_checkpointing_kwargs=gc_kwargs,
         max_steps=steps, logging_steps=1, save_strategy="no", report_to=[], dataloader_num_workers=0,
         use_cpu=True, disable_tqdm=True, completion_only_loss=True, dataset_num_proc=None, **variant_args)
     trainer = SFTTrainer(model=model, args=targs, train_dataset=dataset, processing_class=tokenizer,
@@ -402,7 +402,7 @@ def worker_trl(method: str, model_dir: Path, train: Path, steps: int, threads: i
 
 
 def worker_ours(method: str, manifest: Path, steps: int, packing: bool, seed: int, threads: int,
-                precision: str) -> dict[str, Any]:
+                precision: str, gc: str = "plan") -> dict[str, Any]:
     """Ours: the manifest resolved as `finetune run --local` does, run by the trainer's entrypoint."""
     import torch
 
@@ -415,7 +415,10 @@ def worker_ours(method: str, manifest: Path, steps: int, packing: bool, seed: in
                  f"hyperparameters.precision={precision}"]
     if method == "qlora" and precision == "fp32":  # QLoRA computes in the training precision (default bf16)
         overrides.append("quantization.computeDtype=float32")
+    if gc != "plan":  # else the plan decides (no recompute where the planned GPU has memory to spare)
+        overrides.append(f"hyperparameters.gradientCheckpointing={'true' if gc == 'on' else 'false'}")
     config = resolve_manifest(manifest, overrides)
+    rung = config.start_rung()  # where training starts: the plan's rung unless overridden above
 
     stamps: list[tuple[float, float]] = []
     records: list[dict[str, Any]] = []
@@ -444,6 +447,7 @@ def worker_ours(method: str, manifest: Path, steps: int, packing: bool, seed: in
         "eval_loss": [r for r in records if "eval_loss" in r][-1]["eval_loss"],
         "train_loss": statistics.mean(r["loss"] for r in steps_logged),
         "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "rung": rung.model_dump(by_alias=True),
     }
 
 
@@ -468,16 +472,18 @@ def worker_main(argv: list[str]) -> int:
     add_worker_arguments(parser)
     parser.add_argument("--packing", action="store_true")
     parser.add_argument("--variant", choices=TRL_VARIANTS, default="padfree")
+    parser.add_argument("--gc", choices=["on", "off", "plan"], default="plan",
+                        help="gradient checkpointing: ours `plan` lets the plan decide; TRL `plan` is its default (on)")
     args = parser.parse_args(argv)
     if args.side == "trl":
         result = worker_trl(args.method, args.model, args.train, args.steps, args.threads, args.seed,
-                            args.precision, args.variant)
+                            args.precision, args.variant, gc=args.gc != "off")
     elif args.side == "ref":
         result = worker_ref(args.method, args.model, args.train, args.steps, args.threads, args.seed,
                             args.precision)
     else:
         result = worker_ours(args.method, args.manifest, args.steps, args.packing, args.seed, args.threads,
-                             args.precision)
+                             args.precision, args.gc)
     print(json.dumps(result), flush=True)
     return 0
 
@@ -608,6 +614,23 @@ def main() -> int:
             print(f"# {method} vs trl: ratio of total wall-clock rates "
                   f"{ours['tokens_per_second_total'] / trl['tokens_per_second_total']:.2f}")
             print(f"tokens_per_second_trl_{method}={trl['tokens_per_second']:.0f}")
+            rung = ours["rung"]
+            print(f"# {method}: ours trained at micro-batch {rung['microBatch']} x {rung['gradAccum']}, gradient "
+                  f"checkpointing {'on' if rung['gradientCheckpointing'] else 'off'} (the plan's rung); TRL with its "
+                  "default gradient checkpointing (on)", flush=True)
+            if not rung["gradientCheckpointing"]:
+                # TRL again without recompute, as ours: the ratio at the same checkpointing setting.
+                same = [run_worker(["trl", method, "--steps", str(steps), "--threads", str(args.threads), "--seed",
+                                    str(args.seed), "--precision", precision, "--model", str(model), "--train",
+                                    str(train), "--variant", args.trl_variant, "--gc", "off"], env, timeout=1800)
+                        for _ in range(args.trl_repeats)]
+                trl_off = best_of(same)
+                print(f"# {method}: trl with gradient checkpointing off, {args.trl_repeats} run(s), median steps "
+                      + " ".join(f"{r['tokens_per_second']:.0f}" for r in same), flush=True)
+                print(f"throughput_ratio_vs_trl_same_gc_{method}="
+                      f"{ours['tokens_per_second'] / trl_off['tokens_per_second']:.2f}")
+                print(f"tokens_per_second_trl_nogc_{method}={trl_off['tokens_per_second']:.0f}")
+                print(f"heldout_loss_trl_nogc_{method}={trl_off['eval_loss']:.4f}")
             print(f"heldout_loss_trl_{method}={trl['eval_loss']:.4f}")
             print(f"heldout_loss_ours_{method}={ours['eval_loss']:.4f}")
             print(f"train_loss_trl_{method}={trl['train_loss']:.4f}")
