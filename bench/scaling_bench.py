@@ -2,7 +2,7 @@
 
 The same tiny Llama, rows, manifest and settings as `bench/throughput_bench.py` (examples/healthcare-lora.yaml
 with the base model and data at local files; batch 4 per micro-batch, 16 examples per optimizer step,
-maxSeqLength 512, gradient checkpointing, seed 42, precision chosen by `benchlib.bench_precision`: bf16 where
+maxSeqLength 512, gradient checkpointing as the plan chooses (off on this tiny model), seed 42, precision chosen by `benchlib.bench_precision`: bf16 where
 the CPU runs it natively, else fp32, printed as `# precision: ...`).
 
 - one process: `entrypoint.run` in the worker itself, gradient accumulation 4 (4 x 4 = 16 examples a step).
@@ -30,6 +30,13 @@ per rank in a step), in gloo's collectives, or for a core while other work ran. 
 tokens per CPU second of both ranks together / tokens per CPU second of the one process: the work that
 distribution adds (collectives, FSDP's gathers, smaller micro-batch groups), which other work on the
 machine disturbs far less than wall time. The `# bound:` line names what the measurements point to.
+
+The ceiling (`run_uncoupled`): two independent one-process runs at once, each training what one rank of the
+two-process run trains per step (accumulation 2), with no process group and nothing to wait for, their timed
+steps started together. `ceiling_efficiency_2proc_<method>` = their summed tokens/s / (2 x the one process's):
+what the second core can add on this machine when distribution costs nothing (two processes share the caches,
+the memory bandwidth and, on a 2-vCPU VM, possibly one physical core); `scaling_vs_ceiling_2proc_<method>` =
+the two-process run's tokens/s / the pair's, the share of that ceiling the trainer reaches.
 
 Runtime (measured 2026-12-02 on the README's 2-core Intel Xeon): 80 s wall, 99 s of CPU with bf16 (native
 there); with `--precision fp32`, what `auto` picks on a CPU without AVX512-BF16, 83 s wall and 103 s of CPU.

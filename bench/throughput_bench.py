@@ -8,7 +8,11 @@ All sides train the same tiny Llama (`finetune_trainer.tiny.build_tiny_model`; d
 (`dataset.split_holdout`, as the trainer does for `validationSplit: 0.1`). Settings are those of
 examples/healthcare-lora.yaml: LoRA r=16, alpha=32, dropout 0.05 on q,k,v,o; lr 2e-4 with the spec's
 default cosine schedule, warmup 0.03, weight decay 0 and gradient clipping at 1.0; batch 4 x gradient
-accumulation 4; maxSeqLength 512; gradient checkpointing (non-reentrant); seed 42; the precision below.
+accumulation 4; maxSeqLength 512; seed 42; the precision below. Gradient checkpointing (non-reentrant) as each
+side is run by its users: the reference recipe and TRL (whose `SFTConfig` defaults to it) with it; ours at the
+rung its plan chooses (`status.plan.rung`: on this tiny model there is memory to spare, so no recompute; printed
+as `# <method>: ours trained at ...`). Where ours ran without it, TRL runs again without it too
+(`throughput_ratio_vs_trl_same_gc_<method>`), so the ratio at equal checkpointing is there beside the other.
 QLoRA: bitsandbytes nf4, double quantization, `prepare_model_for_kbit_training`, on every side.
 
 Precision (`--precision`, default auto; printed as `# precision: ...`): the example's bf16 where this CPU
@@ -85,6 +89,8 @@ Figures (all from this run):
   `heldout_loss_ours_<method>`: the held-out loss of both after the same optimizer steps and examples.
   `throughput_ratio_vs_trl_lora_packed`: ours with packing / TRL as above; `loss_delta_vs_trl_lora_seeds`:
   the mean over the noise seeds of (ours - TRL) held-out loss (TRL runs at every noise seed too).
+- `throughput_ratio_vs_trl_same_gc_<method>`: ours / TRL with `gradient_checkpointing=False` (best of
+  `--trl-repeats` runs as well), printed when ours ran without recompute; `tokens_per_second_trl_nogc_<method>`.
 
 Runtime (`make bench` must finish within 30 minutes on a CPU without AVX512, where `auto` picks fp32):
 measured on a 2-core AMD EPYC standing in for such a CPU (`FT_BENCH_NO_NATIVE_BF16=1`, with
@@ -534,7 +540,8 @@ def main() -> int:
               "validation split")
         print(f"# settings: threads={args.threads} (OMP_NUM_THREADS and torch, both sides), steps={args.steps} "
               f"(qlora {args.qlora_steps}, packed {args.packed_steps}), batch {BATCH} x accumulation "
-              f"{ACCUMULATION}, maxSeqLength {MAX_LEN}, {precision}, gradient checkpointing, lr 2e-4 cosine, "
+              f"{ACCUMULATION}, maxSeqLength {MAX_LEN}, {precision}, gradient checkpointing as planned (ours) or on "
+              "(reference, TRL's default), lr 2e-4 cosine, "
               f"warmup 0.03, seed {args.seed}")
         print(f"# precision: {precision_why}; the same on both sides", flush=True)
         jobs: list[tuple[str, str, int, bool]] = []

@@ -113,7 +113,7 @@ import math
 from dataclasses import dataclass
 
 from finetune_operator.architecture import Architecture
-from finetune_operator.contract import at_rung, checkpointing_allowed, describe
+from finetune_operator.contract import checkpointing_allowed, describe
 from finetune_operator.quantity import parse_gpu_memory_gib
 from finetune_operator.spec import (
     AUTO_QLORA_BELOW_EXAMPLES,
@@ -354,12 +354,15 @@ def optimizer_temporaries(method: ResolvedMethod, trainable: float, dims: Dims, 
 
 
 def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod,
-                    architecture: Architecture | None = None, device: str = "cuda") -> MemoryEstimate:
+                    architecture: Architecture | None = None, device: str = "cuda",
+                    rung: MemoryRung | None = None) -> MemoryEstimate:
     """The memory model for a spec trained with `method` (see the module docstring).
 
     `architecture`: the model's real shape and exact parameter count (read from its files) instead of
     `shape`'s guess from the spec's parameter count. `device`: "cuda" (every plan) or "cpu" (the trainer's
-    CPU runs, which bench/sizing_accuracy_bench.py measures): only AdamW's step temporaries differ."""
+    CPU runs, which bench/sizing_accuracy_bench.py measures): only AdamW's step temporaries differ. `rung`: the
+    micro-batch and gradient checkpointing to count instead of the spec's (what `contract.at_rung` would set; the
+    plan tries many rungs, and copying the spec for each cost a quarter of its time)."""
     dims = Dims.of(architecture) if architecture else Dims.guess(nominal_billions(spec))
     p, hidden, layers, vocab = dims.parameters, dims.hidden, dims.layers, dims.vocab
     hp = spec.hyperparameters
@@ -387,7 +390,9 @@ def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod,
         state = trainable * 16
 
     # dpo: a micro-batch of b pairs is one forward of 2b rows (the chosen sequences, then the rejected ones)
-    b, s = hp.batch_size * (2 if spec.objective == "dpo" else 1), hp.max_seq_length
+    micro_batch = rung.micro_batch if rung is not None else hp.batch_size
+    checkpointing = rung.gradient_checkpointing if rung is not None else hp.gradient_checkpointing
+    b, s = micro_batch * (2 if spec.objective == "dpo" else 1), hp.max_seq_length
     if method == "prompt":
         s += spec.resolved_prompt().virtual_tokens
     t = float(b * s)  # token positions of a micro-batch
@@ -409,7 +414,7 @@ def estimate_memory(spec: FineTuneJobSpec, method: ResolvedMethod,
     chunks = math.ceil(t * vocab * (4 + 2 * x) / FUSED_LOSS_CHUNK_BYTES)
     head_gradient = (vocab * hidden * (2 if pure_bf16 else 4) * min(2, chunks)) if method == "full" else 0.0
     loss = loss_path(spec, method, t, hidden, vocab, x) + head_gradient
-    if hp.gradient_checkpointing:
+    if checkpointing:
         stored = layers * t * hidden * (4 if method == "qlora" else x)  # each layer's input (qlora: fp32 residual)
         working = per_layer + backward_transient  # one layer recomputed, then back-propagated
     else:
@@ -546,12 +551,17 @@ class RungChoice:
 
 
 def choose_rung(spec: FineTuneJobSpec, method: ResolvedMethod, gpus: int, gib: float,
-                architecture: Architecture | None = None) -> RungChoice:
+                architecture: Architecture | None = None,
+                estimates: dict[int, MemoryEstimate] | None = None) -> RungChoice:
     """The fastest rung of `rung_candidates` at which `spec` trained with `method` fits `gpus` GPUs of `gib` with
-    the headroom (`HEADROOM_FRACTION`). Pure: the memory model of the spec at each rung (`contract.at_rung`)."""
+    the headroom (`HEADROOM_FRACTION`). Pure: the memory model of the spec at each rung. `estimates`: a cache of
+    the rungs' estimates (by candidate index) shared by the layouts one plan tries (they do not depend on it)."""
     choice: RungChoice | None = None
-    for rung in rung_candidates(spec, method):
-        mem = estimate_memory(at_rung(spec, rung), method, architecture)
+    known = estimates if estimates is not None else {}
+    for k, rung in enumerate(rung_candidates(spec, method)):
+        if k not in known:
+            known[k] = estimate_memory(spec, method, architecture, rung=rung)
+        mem = known[k]
         choice = RungChoice(rung, mem, mem.per_gpu(gpus), _fits_with_headroom(mem, gpus, gib))
         if choice.fits:
             return choice
@@ -582,7 +592,10 @@ def rung_words(choice: RungChoice, spec: FineTuneJobSpec, gib: float) -> str:
 def fitting_layouts(mem: MemoryEstimate, method: ResolvedMethod) -> list[tuple[int, int]]:
     """Every (GPUs, GiB per GPU) that `mem` fits, best first: least total memory for full, fewest GPUs for
     adapters."""
-    fitting = [(g, c) for g in _gpu_counts() for c in GPU_CLASSES_GIB if _fits(mem, g, c)]
+    fitting = []
+    for g in _gpu_counts():
+        need = mem.per_gpu(g)  # once per count (`_fits` for every class)
+        fitting += [(g, c) for c in GPU_CLASSES_GIB if need <= c]
     if method == "full":
         return sorted(fitting, key=lambda gc: (gc[0] * gc[1], gc[0]))
     return sorted(fitting, key=lambda gc: (gc[0], gc[1]))
@@ -672,7 +685,7 @@ def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Pla
         method_reason += (f"; spec.baseModel.fromJob {spec.base_model.from_job}: sized from spec.baseModel.parameters "
                           "until that job succeeded")
     asked = requested_rung(spec, method)
-    mem = estimate_memory(at_rung(spec, asked), method, architecture)
+    mem = estimate_memory(spec, method, architecture, rung=asked)
     res = spec.resources
     warnings: list[str] = []
     size = f"{p_b:g}B"
@@ -707,7 +720,7 @@ def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Pla
                 # Nothing holds the requested rung: the least-memory rung may fit (the plan lowers the micro-batch,
                 # and turns checkpointing on where it may, before it refuses).
                 lowest = rung_candidates(spec, method)[-1]
-                mem = estimate_memory(at_rung(spec, lowest), method, architecture)
+                mem = estimate_memory(spec, method, architecture, rung=lowest)
                 layouts, asked, lowered_for_layout = fitting_layouts(mem, method), lowest, True
                 parts = _parts(spec, method, mem)
             layout = layouts[0] if layouts else None
@@ -729,7 +742,8 @@ def plan(spec: FineTuneJobSpec, architecture: Architecture | None = None) -> Pla
                 )
             # The best layout where some rung fits with the headroom (nearly always the first: a smaller micro-batch
             # frees more than the headroom), else the first, with a warning.
-            choices = ((g, c, choose_rung(spec, method, g, c, architecture)) for g, c in layouts)
+            estimates: dict[int, MemoryEstimate] = {}
+            choices = ((g, c, choose_rung(spec, method, g, c, architecture, estimates)) for g, c in layouts)
             first = None
             for gpus, gib, choice in choices:
                 first = first or (gpus, gib, choice)
