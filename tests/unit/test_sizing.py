@@ -527,3 +527,25 @@ def test_full_fine_tuning_peaks_where_its_gradients_meet_its_activations():
     assert on.optimizer_temporaries == pytest.approx(on.gradients)
     cpu = sizing.estimate_memory(make("8B", "full"), "full", device="cpu")
     assert cpu.optimizer_temporaries < on.optimizer_temporaries / 10
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora"])
+def test_adapter_input_copies_count_only_in_16_bit_runs(method):
+    """Each adapted module's 16-bit input copy (autocast) exists only in a 16-bit run: without checkpointing every
+    layer stores it, so adapting more modules adds it to a bf16 estimate, per layer, and nothing to an fp32 one
+    (whose adapters take the float32 input itself). At this size the loss path outweighs one layer's backward,
+    so only the stored activations move."""
+    rung = MemoryRung(micro_batch=4, grad_accum=4, gradient_checkpointing=False)
+
+    def activations(precision: str, targets: list[str]) -> float:
+        spec = make("1B", method, hyperparameters__precision=precision, hyperparameters__maxSeqLength=512,
+                    lora__targetModules=targets)
+        return sizing.estimate_memory(spec, method, rung=rung).activations * sizing.GIB  # type: ignore[arg-type]
+
+    dims = sizing.Dims.guess(1)
+    t = 4 * 512
+    grown_inputs = 3 * dims.hidden  # k_proj, v_proj and o_proj's inputs (o_proj's: the attention width, h here)
+    every = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert activations("fp32", every) - activations("fp32", ["q_proj"]) == pytest.approx(0)
+    assert activations("bf16", every) - activations("bf16", ["q_proj"]) == pytest.approx(
+        dims.layers * sizing.ADAPTER_STORED_16BIT * t * grown_inputs)
