@@ -40,9 +40,9 @@ is untied:
   outputs (12h), the queries and keys after RoPE, the values, the attention output and o_proj's input (10h:
   SDPA/flash attention, no scores), the MLP's gate, up, SiLU and product (8*I), 2h of the rest (measured on
   CPU 2026-12-07: 45.75*t*h at I = 2.69h in pure bf16, against 45.5 here); GQA stores its narrower keys and
-  values (4 bytes per unit of key/value width below h). LoRA adds 2 bytes per position and unit of each
-  adapted module's input width (the 16-bit copy of its input that autocast feeds each adapter), QLoRA
-  14 more per unit of h (k-bit preparation upcasts the embeddings and norms, so the residual stream and the
+  values (4 bytes per unit of key/value width below h). In a 16-bit run (not in fp32, where autocast is off and
+  the casts return their input), LoRA adds 2 bytes per position and unit of each adapted module's input width
+  (the 16-bit copy of its input that autocast feeds each adapter), QLoRA 14 more per unit of h (k-bit preparation upcasts the embeddings and norms, so the residual stream and the
   norms' outputs are float32, 2 x 2 bytes more, and each 4-bit projection they feed, q, k, v, gate and up,
   casts its input to the compute dtype separately, 5 x 2). With gradient checkpointing each layer keeps its
   input (t*h*x; float32 under QLoRA) and one layer at a time is recomputed and back-propagated
